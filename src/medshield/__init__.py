@@ -1,0 +1,3 @@
+"""medshield: stress-test and harden medical vision-language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""Run configurations: pydantic models loaded from YAML and overridable from the CLI.
+
+Overrides use dotted keys and YAML values, e.g. ``--set pretrain.epochs=1 --set
+data.modalities=[chest_xray,blood_cell]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medshield.errors import ConfigError
+
+EvalTask = Literal["zero_shot", "linear_probe", "retrieval", "vqa_closed"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Which images to use. ``modalities: available`` takes every modality found on disk."""
+
+    modalities: list[str] | Literal["available"] = "available"
+    train_per_class_cap: int | None = Field(400, ge=1)
+    data_dir: str | None = None
+
+
+class ModelConfig(_Strict):
+    """A registered backend and its arguments, or a saved medshield model directory."""
+
+    backend: str = "mini-clip"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+class PretrainConfig(_Strict):
+    """Contrastive (symmetric InfoNCE) pretraining.
+
+    ``image_layers`` / ``text_layers``: how many of the tower's last stages train
+    (-1 = all, 0 = frozen; projection heads and the logit scale always train).
+    """
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    tower_lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, le=1)
+    image_layers: int = Field(-1, ge=-1)
+    text_layers: int = Field(0, ge=-1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class EvaluateConfig(_Strict):
+    """Downstream evaluation on test splits."""
+
+    tasks: list[EvalTask] = Field(
+        default_factory=lambda: ["zero_shot", "linear_probe", "retrieval", "vqa_closed"]
+    )
+    max_test_items: int | None = Field(1000, ge=1)
+    linear_probe_max_train: int | None = Field(2000, ge=1)
+    retrieval_per_class_cap: int | None = Field(20, ge=1)
+    vqa_epochs: int = Field(30, ge=1)
+    bootstrap_resamples: int = Field(1000, ge=10)
+
+
+class RunConfig(_Strict):
+    """A whole run: what ``medshield pretrain``, ``evaluate`` and ``demo`` read."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

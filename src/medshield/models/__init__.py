@@ -1,0 +1,15 @@
+"""Models: the DualEncoder interface, the registered backends, save and load."""
+
+from medshield.models import mini_clip  # noqa: F401  (registration)
+from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, check_texts
+from medshield.models.io import create_model, load_model, save_model
+
+__all__ = [
+    "DualEncoder",
+    "ZeroShotClassifier",
+    "check_images",
+    "check_texts",
+    "create_model",
+    "load_model",
+    "save_model",
+]

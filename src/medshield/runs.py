@@ -1,0 +1,110 @@
+"""Run directories: resolved ``config.yaml``, ``results.json`` and ``samples.jsonl``.
+
+``samples.jsonl`` is the source of truth: one JSON row per evaluated item, appended and flushed
+as work finishes, so an interrupted run resumes without recomputing or losing finished rows.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from medshield.config import dump_config
+from medshield.errors import ConfigError
+
+VERSIONED_PACKAGES = (
+    "medshield",
+    "torch",
+    "transformers",
+    "open_clip_torch",
+    "accelerate",
+    "numpy",
+)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class Run:
+    """A run directory.
+
+    Opening a directory that already holds a run resumes it when its ``config.yaml`` equals the
+    new config; a different config is refused unless ``overwrite`` is set, so results from two
+    configurations are never mixed.
+    """
+
+    def __init__(self, directory: str | Path, config: BaseModel, overwrite: bool = False) -> None:
+        self.path = Path(directory)
+        self.config = config
+        self.started = time.time()
+        text = dump_config(config)
+        config_path = self.path / "config.yaml"
+        if config_path.exists() and not overwrite:
+            if config_path.read_text() != text:
+                raise ConfigError(
+                    f"{self.path} holds a run with a different config; pass --overwrite to "
+                    "replace it, or choose another --name/--output-dir"
+                )
+        elif overwrite and self.path.exists():
+            for name in ("samples.jsonl", "results.json"):
+                (self.path / name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(text)
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    def load_samples(self) -> list[dict[str, Any]]:
+        """Every finished row; a torn line left by a crash is skipped."""
+        if not self.samples_path.exists():
+            return []
+        rows = []
+        for line in self.samples_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def append_samples(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append rows and flush them to disk at once (after a torn line, on a new line)."""
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if self.samples_path.exists() and self.samples_path.stat().st_size:
+            with self.samples_path.open("rb") as f:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+        with self.samples_path.open("a") as f:
+            f.write(text)
+            f.flush()
+
+    def write_results(self, results: dict[str, Any], seed: int) -> dict[str, Any]:
+        full = {
+            **results,
+            "seed": seed,
+            "versions": library_versions(),
+            "wall_time_s": round(time.time() - self.started, 2),
+        }
+        (self.path / "results.json").write_text(json.dumps(full, indent=2) + "\n")
+        return full
+
+    def rewrite_samples(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Replace ``samples.jsonl`` (used to drop rows of a group a crash left unfinished)."""
+        tmp = self.samples_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.samples_path)
