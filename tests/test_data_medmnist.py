@@ -255,6 +255,7 @@ def _fake_medmnist(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> li
     module.INFO = {"breastmnist": {"python_class": "BreastMNIST"}}
     module.BreastMNIST = BreastMNIST
     monkeypatch.setitem(sys.modules, "medmnist", module)
+    monkeypatch.delenv("MEDSHIELD_OFFLINE")  # conftest forbids downloads; these fake one
     return calls
 
 
@@ -279,6 +280,16 @@ def test_no_download_when_disabled(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     with pytest.raises(DataError, match="no MedMNIST file"):
         load_split("breast_ultrasound", "val", tmp_path, download=False)
     assert available_modalities(tmp_path) == []
+    assert calls == []
+
+
+def test_offline_environment_disables_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls = _fake_medmnist(monkeypatch)
+    monkeypatch.setenv("MEDSHIELD_OFFLINE", "1")
+    with pytest.raises(DataError, match="no MedMNIST file"):
+        load_split("breast_ultrasound", "val", tmp_path)
     assert calls == []
 
 

@@ -93,7 +93,7 @@ class MedMNISTSplit:
 
 
 def load_split(
-    modality: str, split: str, data_dir: str | Path | None = None, *, download: bool = True
+    modality: str, split: str, data_dir: str | Path | None = None, *, download: bool | None = None
 ) -> MedMNISTSplit:
     """Load one split of a modality from the first local file that has it.
 
@@ -105,7 +105,8 @@ def load_split(
         download: when no local file has the split, ``<subset>.npz`` of the first subset is
             absent and the ``medmnist`` package is importable, download that file into
             ``<data root>/medmnist/`` (a partial file such as ``pathmnist_test718.npz`` does
-            not block the download of the full ``pathmnist.npz``).
+            not block the download of the full ``pathmnist.npz``). ``None`` (default): download
+            unless the environment sets ``MEDSHIELD_OFFLINE=1`` (the test suite and CI do).
 
     Raises:
         UnknownNameError: unknown modality.
@@ -125,6 +126,8 @@ def load_split(
         without_split.append((path, keys))
 
     full_file = directory / f"{subsets[0]}.npz"
+    if download is None:
+        download = os.environ.get("MEDSHIELD_OFFLINE", "0") in ("", "0")
     medmnist = _import_medmnist() if download and not full_file.exists() else None
     if medmnist is not None:
         path = _download(medmnist, subsets[0], split, directory)

@@ -30,14 +30,20 @@ def _module_device(module: nn.Module) -> torch.device:
 
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no gradients inside the block; the previous train/eval mode after it."""
-    was_training = module.training
+    """Eval mode and no gradients inside the block.
+
+    Afterwards every submodule gets back its own previous mode (``module.train(mode)`` would
+    not do: it is recursive, so it would undo a frozen tower's eval mode, or switch a model
+    that was in eval mode to train mode when it sits inside a fresh wrapper module).
+    """
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad():
             yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _run_batched(
@@ -58,6 +64,20 @@ def _run_batched(
     return torch.cat(outputs)
 
 
+def _run_on_images(
+    module: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    batch_size: int,
+    desc: str,
+) -> torch.Tensor:
+    images = check_images(images)
+    if len(images) == 0:
+        raise InputError(f"{desc}: got zero images")
+    device = _module_device(module)
+    return _run_batched(module, lambda batch: forward(batch.to(device)), images, batch_size, desc)
+
+
 def embed_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised image embeddings.
 
@@ -69,14 +89,7 @@ def embed_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 256
     Returns:
         float32 (N, D) tensor on the CPU.
     """
-    images = check_images(images)
-    if len(images) == 0:
-        raise InputError("embed_images needs at least one image")
-    device = _module_device(model)
-    return _run_batched(
-        model, lambda batch: model.encode_image(batch.to(device)), images, batch_size,
-        "embedding images",
-    )
+    return _run_on_images(model, model.encode_image, images, batch_size, "embedding images")
 
 
 def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -95,11 +108,4 @@ def classify_images(
     classifier: nn.Module, images: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
     """Logits of an images -> logits module (e.g. a ZeroShotClassifier) -> (N, K), CPU."""
-    images = check_images(images)
-    if len(images) == 0:
-        raise InputError("classify_images needs at least one image")
-    device = _module_device(classifier)
-    return _run_batched(
-        classifier, lambda batch: classifier(batch.to(device)), images, batch_size,
-        "classifying images",
-    )
+    return _run_on_images(classifier, classifier, images, batch_size, "classifying images")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-C_GRID = (0.01, 0.1, 1.0, 10.0)
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 MAX_ITER = 3000
 
 

@@ -3,7 +3,8 @@
 Every image of the given modalities gets one caption, drawn from its class's templates
 (:meth:`Modality.sample_caption`) with a ``random.Random`` seeded by ``seed`` and the modality
 name, so the captions do not depend on which other modalities are pooled. Image-to-text queries
-rank all captions of the pool, text-to-image queries rank all images.
+rank the distinct captions of the pool (a caption drawn for many images is one candidate, else a
+single wrong caption would fill every top-k slot); text-to-image queries rank all images.
 
 Correctness: captions are made from labels, so many images share a caption and a caption fits
 every image of its class equally well. A retrieved item is therefore **correct when it has the
@@ -70,14 +71,19 @@ def first_correct_rank(
     return ((sim >= best[:, None]) & ~correct).sum(axis=1).astype(np.int64)
 
 
-def _ranks(queries: torch.Tensor, candidates: torch.Tensor, keys: np.ndarray) -> np.ndarray:
+def _ranks(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query_keys: np.ndarray,
+    candidate_keys: np.ndarray,
+) -> np.ndarray:
     """First-correct ranks of every query against every candidate, in query blocks."""
     return np.concatenate(
         [
             first_correct_rank(
                 queries[start : start + QUERY_CHUNK] @ candidates.T,
-                keys[start : start + QUERY_CHUNK],
-                keys,
+                query_keys[start : start + QUERY_CHUNK],
+                candidate_keys,
             )
             for start in range(0, len(queries), QUERY_CHUNK)
         ]
@@ -136,8 +142,9 @@ def retrieval_rows(
     images = torch.cat(image_embeddings)
     texts = embed_texts(model, captions, batch_size)
     key_array = np.array(keys)
-    i2t = _ranks(images, texts, key_array)
-    t2i = _ranks(texts, images, key_array)
+    first = [captions.index(c) for c in dict.fromkeys(captions)]  # one row per distinct caption
+    i2t = _ranks(images, texts[first], key_array, key_array[first])
+    t2i = _ranks(texts, images, key_array, key_array)
     return [
         {"task": "retrieval_i2t", **m, "rank": int(r)}
         for m, r in zip(meta, i2t, strict=True)

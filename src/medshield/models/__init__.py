@@ -1,6 +1,6 @@
 """Models: the DualEncoder interface, the registered backends, save and load."""
 
-from medshield.models import mini_clip  # noqa: F401  (registration)
+from medshield.models import hf_clip, mini_clip, open_clip_backend  # noqa: F401  (registration)
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, check_texts
 from medshield.models.io import create_model, load_model, save_model
 

@@ -55,7 +55,7 @@ class HFClipDualEncoder(DualEncoder):
     backend = "hf-clip"
 
     def __init__(self, path: str, pretrained: bool = True) -> None:
-        from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+        from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         directory = Path(path).expanduser()
         if not directory.is_dir():
@@ -68,12 +68,13 @@ class HFClipDualEncoder(DualEncoder):
                 f"{directory} is a saved medshield model; load it with medshield.models.load_model"
             )
         try:
-            config = CLIPConfig.from_pretrained(directory)
+            config = AutoConfig.from_pretrained(directory)
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read a CLIP config and tokenizer from {directory}: {e}") from e
         if config.model_type != "clip":
             raise DataError(f"{directory} holds a {config.model_type!r} model, not 'clip'")
+        preprocessor = _read_preprocessor(directory)
         if pretrained:
             model = _load_weights(CLIPModel, directory, config)
         else:
@@ -84,7 +85,7 @@ class HFClipDualEncoder(DualEncoder):
         self.model = model
         self.tokenizer = tokenizer
         self.init_kwargs = {"path": str(path)}
-        self._preprocessor = _read_preprocessor(directory)
+        self._preprocessor = preprocessor
         self.image_size = int(config.vision_config.image_size)
         self.image_mean = tuple(float(m) for m in self._preprocessor["image_mean"])
         self.image_std = tuple(float(s) for s in self._preprocessor["image_std"])
@@ -144,9 +145,12 @@ class HFClipDualEncoder(DualEncoder):
 
 
 def _load_weights(model_cls: Any, directory: Path, config: Any) -> nn.Module:
-    """``from_pretrained`` that fails, instead of warning, when weights are missing or misfit."""
+    """``from_pretrained`` that raises, rather than warns and initialises randomly, when weights
+    are missing or do not fit the config."""
     try:
-        model, info = model_cls.from_pretrained(directory, config=config, output_loading_info=True)
+        model, info = model_cls.from_pretrained(
+            directory, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except (OSError, ValueError, RuntimeError) as e:
         raise DataError(f"cannot load CLIP weights from {directory}: {e}") from e
     bad = sorted(info["missing_keys"]) + sorted(str(k[0]) for k in info["mismatched_keys"])

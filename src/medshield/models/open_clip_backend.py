@@ -5,11 +5,14 @@ Three kinds of source, as in ``open_clip.create_model``:
 - a built-in architecture name (``"ViT-B-32"``, ``"RN50"``, ... see ``open_clip.list_models()``),
   optionally with a pretrained tag (``"laion2b_s34b_b79k"``) or a checkpoint file path;
 - ``"hf-hub:org/repo"``: config and weights from the Hugging Face Hub, e.g.
-  ``"hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"`` (its image tower needs
-  ``timm``);
+  ``"hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"`` (timm ViT image tower,
+  PubMedBERT text tower);
 - ``"local-dir:/path"``: a folder holding ``open_clip_config.json`` and the weights, e.g. a hub
   repo downloaded on a machine with internet. A relative ``text_cfg.hf_model_name`` in that
   config is resolved against the folder, so a Hugging Face text tower can ship with it.
+
+open_clip reads checkpoints as safetensors, or with ``torch.load(weights_only=True)`` for
+``.bin`` / ``.pth`` files, so no pickled code runs.
 
 Image size, mean and std come from the model's own preprocess config (the tag's or repo's), so
 the wrapper normalises exactly like open_clip does. The wrapper resizes the whole image to a
@@ -178,7 +181,8 @@ class OpenClipDualEncoder(DualEncoder):
 
     def image_blocks(self) -> list[nn.Module]:
         """ViT: [patch embedding stem, *residual blocks, final norm]; ResNet: [stem, 4 stages,
-        attention pool]; other towers (timm): the whole tower as one stage."""
+        attention pool]; timm trunk (BiomedCLIP): [stem, *blocks or stages, final norm];
+        other towers: the whole tower as one stage."""
         visual = self.model.visual
         if hasattr(visual, "transformer"):
             return [
@@ -189,6 +193,17 @@ class OpenClipDualEncoder(DualEncoder):
         if hasattr(visual, "layer4"):
             stages = [getattr(visual, f"layer{i}") for i in range(1, 5)]
             return [_stage(visual, _RESNET_STEM), *stages, visual.attnpool]
+        trunk = getattr(visual, "trunk", None)
+        body = next((n for n in ("blocks", "stages") if hasattr(trunk, n)), None)
+        if body is not None:  # timm registers children in forward order
+            children = [name for name, _ in trunk.named_children()]
+            before, after = children[: children.index(body)], children[children.index(body) + 1 :]
+            own = [name for name, _ in trunk.named_parameters(recurse=False)]  # cls/pos tokens
+            return [
+                _stage(trunk, (*own, *before)),
+                *getattr(trunk, body),
+                _stage(trunk, tuple(after)),
+            ]
         return [visual]
 
     def text_blocks(self) -> list[nn.Module]:
