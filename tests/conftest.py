@@ -12,7 +12,7 @@ SHARED_DATA = Path(os.environ.get("MEDSHIELD_DATA_DIR", REPO.parent / "shared" /
 
 os.environ.setdefault("MEDSHIELD_DATA_DIR", str(SHARED_DATA))
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["MEDSHIELD_OFFLINE"] = "1"  # never try to download MedMNIST, even with medmnist installed
+os.environ["MEDSHIELD_OFFLINE"] = "1"  # never download MedMNIST, even with medmnist installed
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 

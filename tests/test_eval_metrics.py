@@ -172,7 +172,10 @@ def test_bootstrap_rejects_bad_input() -> None:
 
 def test_metric_to_dict_is_strict_json() -> None:
     assert Metric(math.nan, math.nan, math.nan, 3).to_dict() == {
-        "value": None, "ci_low": None, "ci_high": None, "n": 3,
+        "value": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n": 3,
     }
     json.dumps(Metric(0.5, 0.25, 0.75, 4).to_dict(), allow_nan=False)
 
@@ -182,8 +185,12 @@ def test_metric_to_dict_is_strict_json() -> None:
 
 def classification_row(task: str, modality: str, index: int, label: int, probs: list[float]):
     return {
-        "task": task, "modality": modality, "index": index, "label": label,
-        "pred": int(np.argmax(probs)), "scores": probs,
+        "task": task,
+        "modality": modality,
+        "index": index,
+        "label": label,
+        "pred": int(np.argmax(probs)),
+        "scores": probs,
     }
 
 
@@ -200,14 +207,34 @@ def hand_made_rows() -> list[dict]:
         classification_row("zero_shot", "blood_cell", 7, 2, [0.1, 0.1, 0.8]),
         classification_row("linear_probe", "chest_xray", 0, 1, [0.3, 0.7]),
         classification_row("linear_probe", "chest_xray", 1, 0, [0.4, 0.6]),
-        {"task": "vqa_closed", "modality": "radiology", "qid": 1, "correct": True,
-         "majority_correct": False},
-        {"task": "vqa_closed", "modality": "radiology", "qid": 2, "correct": True,
-         "majority_correct": True},
-        {"task": "vqa_closed", "modality": "radiology", "qid": 3, "correct": False,
-         "majority_correct": True},
-        {"task": "vqa_closed", "modality": "radiology", "qid": 4, "correct": True,
-         "majority_correct": True},
+        {
+            "task": "vqa_closed",
+            "modality": "radiology",
+            "qid": 1,
+            "correct": True,
+            "majority_correct": False,
+        },
+        {
+            "task": "vqa_closed",
+            "modality": "radiology",
+            "qid": 2,
+            "correct": True,
+            "majority_correct": True,
+        },
+        {
+            "task": "vqa_closed",
+            "modality": "radiology",
+            "qid": 3,
+            "correct": False,
+            "majority_correct": True,
+        },
+        {
+            "task": "vqa_closed",
+            "modality": "radiology",
+            "qid": 4,
+            "correct": True,
+            "majority_correct": True,
+        },
     ]
     for modality, ranks in (("chest_xray", [0, 2, 7, 12]), ("blood_cell", [0, 0])):
         for direction in ("i2t", "t2i"):
@@ -224,8 +251,13 @@ def values(table: dict) -> dict:
 
 def test_summarize_hand_made_rows_exact_values() -> None:
     summary = summarize(hand_made_rows(), n_resamples=200)
-    assert list(summary) == ["zero_shot", "linear_probe", "retrieval_i2t", "retrieval_t2i",
-                             "vqa_closed"]
+    assert list(summary) == [
+        "zero_shot",
+        "linear_probe",
+        "retrieval_i2t",
+        "retrieval_t2i",
+        "vqa_closed",
+    ]
 
     zero_shot = summary["zero_shot"]
     assert list(zero_shot) == ["blood_cell", "chest_xray", "mean"]
@@ -270,8 +302,10 @@ def test_summarize_is_identical_after_json_round_trip_and_shuffle() -> None:
 def test_summarize_group_interval_does_not_depend_on_other_groups() -> None:
     rows = hand_made_rows()
     chest_only = [r for r in rows if r["modality"] == "chest_xray"]
-    assert (summarize(chest_only)["zero_shot"]["chest_xray"]
-            == summarize(rows)["zero_shot"]["chest_xray"])
+    assert (
+        summarize(chest_only)["zero_shot"]["chest_xray"]
+        == summarize(rows)["zero_shot"]["chest_xray"]
+    )
 
 
 def test_summarize_mean_skips_undefined_auc() -> None:

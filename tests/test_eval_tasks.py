@@ -93,8 +93,9 @@ def synthetic_split(name: str, split: str, counts: list[int], seed: int) -> MedM
     grey = levels[:, None, None] + rng.uniform(-0.02, 0.02, (len(labels), 28, 28))
     grey = np.clip(grey * 255, 0, 255).astype(np.uint8)[..., None]
     images = np.concatenate([grey, grey, np.zeros_like(grey)], -1) if name == "fundus" else grey
-    return MedMNISTSplit(images, labels.astype(np.int64), mod, mod.subsets[0], split,
-                         Path(f"/synthetic/{name}.npz"))
+    return MedMNISTSplit(
+        images, labels.astype(np.int64), mod, mod.subsets[0], split, Path(f"/synthetic/{name}.npz")
+    )
 
 
 SYNTHETIC = {
@@ -228,7 +229,10 @@ def test_retrieval_rows_pooled_over_modalities(model: OracleDual) -> None:
     assert all(r["rank"] == 0 for r in rows)  # the oracle retrieves its own class first
     summary = summarize(rows)
     assert summary["retrieval_t2i"]["all"]["R@1"] == {
-        "value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 28,
+        "value": 1.0,
+        "ci_low": 1.0,
+        "ci_high": 1.0,
+        "n": 28,
     }
     # captions depend on the modality and seed only, not on the other modalities pooled
     alone = retrieval_rows(model, ["fundus"], per_class_cap=4, seed=1)
@@ -265,8 +269,18 @@ def synthetic_vqa(n: int, seed: int) -> tuple[list[VQAItem], dict[str, torch.Ten
         images[path] = torch.full((1, 64, 64), 0.75 if bright else 0.25)
         question = f"is the image {'bright' if ask_bright else 'dark'}?"
         answer = "yes" if bright == ask_bright else "no"
-        items.append(VQAItem(seed * 1000 + i, Path(path), question, answer, "closed", "ATTRIB",
-                             "HEAD", "freeform"))
+        items.append(
+            VQAItem(
+                seed * 1000 + i,
+                Path(path),
+                question,
+                answer,
+                "closed",
+                "ATTRIB",
+                "HEAD",
+                "freeform",
+            )
+        )
     return items, images
 
 
@@ -274,10 +288,21 @@ def synthetic_vqa(n: int, seed: int) -> tuple[list[VQAItem], dict[str, torch.Ten
 def synthetic_vqa_data(monkeypatch: pytest.MonkeyPatch) -> None:
     train, train_images = synthetic_vqa(240, seed=1)
     test, test_images = synthetic_vqa(60, seed=2)
-    train.append(VQAItem(9999, train[0].image_path, "is the image dark?", "yes", "closed",
-                         "ATTRIB", "HEAD", "freeform"))  # one noisy label; "yes" stays a minority
-    test[0] = VQAItem(8888, test[0].image_path, "which side?", "left", "closed", "POS", "HEAD",
-                      "freeform")  # answer not in the vocabulary: always wrong
+    train.append(
+        VQAItem(
+            9999,
+            train[0].image_path,
+            "is the image dark?",
+            "yes",
+            "closed",
+            "ATTRIB",
+            "HEAD",
+            "freeform",
+        )
+    )  # one noisy label; "yes" stays a minority
+    test[0] = VQAItem(
+        8888, test[0].image_path, "which side?", "left", "closed", "POS", "HEAD", "freeform"
+    )  # answer not in the vocabulary: always wrong
     images = {**train_images, **test_images}
 
     def load_vqa_rad(split: str, data_dir: object = None, answer_type: str | None = None):
@@ -297,8 +322,16 @@ def test_vqa_head_learns_a_rule_that_needs_both_inputs(model: OracleDual) -> Non
     assert not torch.equal(questions[0], questions[1])
     rows = vqa_closed_rows(model, epochs=30, seed=0)
     assert len(rows) == 60
-    assert set(rows[0]) == {"task", "modality", "qid", "question", "answer", "pred", "correct",
-                            "majority_correct"}
+    assert set(rows[0]) == {
+        "task",
+        "modality",
+        "qid",
+        "question",
+        "answer",
+        "pred",
+        "correct",
+        "majority_correct",
+    }
     unknown = next(r for r in rows if r["qid"] == 8888)
     assert unknown["correct"] is False and unknown["pred"] in ("yes", "no")
     table = summarize(rows)["vqa_closed"]["radiology"]
@@ -310,7 +343,10 @@ def test_vqa_head_learns_a_rule_that_needs_both_inputs(model: OracleDual) -> Non
 
 def test_answer_vocabulary_and_fusion_head_shapes() -> None:
     assert answer_vocabulary(["yes", "no", "no", "left", "abnormal"]) == [
-        "no", "abnormal", "left", "yes",
+        "no",
+        "abnormal",
+        "left",
+        "yes",
     ]
     head = CoAttentionFusionHead(embed_dim=8, num_answers=3, num_tokens=2, hidden_dim=16)
     assert head(torch.randn(5, 8), torch.randn(5, 8)).shape == (5, 3)
@@ -332,8 +368,9 @@ def test_real_zero_shot_and_linear_probe_rows_match_the_files(data_dir: Path) ->
     assert [r["label"] for r in rows] == test_labels[[r["index"] for r in rows]].tolist()
     assert sorted(r["label"] for r in rows) == [0] * 20 + [1] * 20
 
-    probe = linear_probe_rows(model, "breast_ultrasound", max_train=60, max_test=30,
-                              data_dir=data_dir)
+    probe = linear_probe_rows(
+        model, "breast_ultrasound", max_train=60, max_test=30, data_dir=data_dir
+    )
     assert len(probe) == 30
     assert [r["label"] for r in probe] == test_labels[[r["index"] for r in probe]].tolist()
     table = summarize(probe)["linear_probe"]["breast_ultrasound"]
@@ -344,8 +381,9 @@ def test_real_zero_shot_and_linear_probe_rows_match_the_files(data_dir: Path) ->
 
 
 def test_real_retrieval_rows(data_dir: Path) -> None:
-    rows = retrieval_rows(OracleDual(), ["chest_xray", "colon_pathology"], per_class_cap=3,
-                          data_dir=data_dir)
+    rows = retrieval_rows(
+        OracleDual(), ["chest_xray", "colon_pathology"], per_class_cap=3, data_dir=data_dir
+    )
     assert len(rows) == 2 * (2 * 3 + 9 * 3)
     assert all(0 <= r["rank"] < 33 for r in rows)
 

@@ -20,11 +20,13 @@ def test_reopening_with_the_same_config_keeps_rows(tmp_path: Path) -> None:
 
 def test_a_different_config_is_refused_unless_overwriting(tmp_path: Path) -> None:
     Run(tmp_path, load_config(None, ["name=a"])).append_samples([{"i": 1}])
+    (tmp_path / "checkpoints").mkdir()
     other = load_config(None, ["name=a", "seed=1"])
     with pytest.raises(ConfigError, match="different config"):
         Run(tmp_path, other)
     run = Run(tmp_path, other, overwrite=True)
     assert run.load_samples() == []
+    assert not (tmp_path / "checkpoints").exists()  # an old checkpoint must not be resumed
     assert "seed: 1" in (tmp_path / "config.yaml").read_text()
 
 

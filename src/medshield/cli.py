@@ -27,7 +27,7 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config value, e.g. pretrain.epochs=1."),
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace a run of the same name with another config.")
+    bool, typer.Option("--overwrite", help="Delete a run of the same name and start afresh.")
 ]
 
 
@@ -49,18 +49,25 @@ def _fail(exc: Exception) -> None:
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    table = Table(title="downstream evaluation (95% bootstrap CI)")
-    for column in ("task", "modality", "metric", "value", "95% CI", "n"):
-        table.add_column(column)
+    """One table per task: a row per modality, a column per metric, value with its 95% CI."""
     for task, groups in metrics.items():
+        names = list(dict.fromkeys(n for values in groups.values() for n in values))
+        table = Table(title=f"{task} (95% bootstrap CI)", title_justify="left")
+        table.add_column("modality")
+        for name in names:
+            table.add_column(name, no_wrap=True)
+        table.add_column("n", justify="right")
         for modality, values in groups.items():
-            for name, m in values.items():
-                if m["value"] is None:
-                    table.add_row(task, modality, name, "n/a", "", str(m["n"]))
-                    continue
-                ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
-                table.add_row(task, modality, name, f"{m['value']:.3f}", ci, str(m["n"]))
-    console.print(table)
+            cells = []
+            for name in names:
+                m = values.get(name)
+                if m is None or m["value"] is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+            n = max(m["n"] for m in values.values())
+            table.add_row(modality, *cells, str(n))
+        console.print(table)
 
 
 @app.command()

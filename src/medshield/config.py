@@ -25,7 +25,7 @@ class DataConfig(_Strict):
     """Which images to use. ``modalities: available`` takes every modality found on disk."""
 
     modalities: list[str] | Literal["available"] = "available"
-    train_per_class_cap: int | None = Field(400, ge=1)
+    train_per_class_cap: int | None = Field(1000, ge=1)
     data_dir: str | None = None
 
 
@@ -47,7 +47,7 @@ class PretrainConfig(_Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
-    tower_lr: float = Field(2e-4, gt=0)
+    tower_lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, le=1)
     image_layers: int = Field(-1, ge=-1)
@@ -61,8 +61,8 @@ class EvaluateConfig(_Strict):
     tasks: list[EvalTask] = Field(
         default_factory=lambda: ["zero_shot", "linear_probe", "retrieval", "vqa_closed"]
     )
-    max_test_items: int | None = Field(1000, ge=1)
-    linear_probe_max_train: int | None = Field(2000, ge=1)
+    max_test_items: int | None = Field(None, ge=1)
+    linear_probe_max_train: int | None = Field(None, ge=1)
     retrieval_per_class_cap: int | None = Field(20, ge=1)
     vqa_epochs: int = Field(30, ge=1)
     bootstrap_resamples: int = Field(1000, ge=10)

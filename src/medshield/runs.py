@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from collections.abc import Iterable
 from importlib import metadata
@@ -43,8 +44,8 @@ class Run:
     """A run directory.
 
     Opening a directory that already holds a run resumes it when its ``config.yaml`` equals the
-    new config; a different config is refused unless ``overwrite`` is set, so results from two
-    configurations are never mixed.
+    new config; a different config is refused unless ``overwrite`` is set (which empties the
+    directory), so results and checkpoints from two configurations are never mixed.
     """
 
     def __init__(self, directory: str | Path, config: BaseModel, overwrite: bool = False) -> None:
@@ -60,8 +61,7 @@ class Run:
                     "replace it, or choose another --name/--output-dir"
                 )
         elif overwrite and self.path.exists():
-            for name in ("samples.jsonl", "results.json"):
-                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path)  # rows, checkpoints and models of the old config all go
         self.path.mkdir(parents=True, exist_ok=True)
         config_path.write_text(text)
 

@@ -50,8 +50,17 @@ class Modality:
 
 
 _ORGANS = (
-    "bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
-    "liver", "lung-left", "lung-right", "pancreas", "spleen",
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
 )
 
 MODALITIES: dict[str, Modality] = {
@@ -75,13 +84,22 @@ MODALITIES: dict[str, Modality] = {
             title="dermatoscopy",
             subsets=("dermamnist",),
             medmnist_labels=(
-                "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-                "benign keratosis-like lesions", "dermatofibroma", "melanoma",
-                "melanocytic nevi", "vascular lesions",
+                "actinic keratoses and intraepithelial carcinoma",
+                "basal cell carcinoma",
+                "benign keratosis-like lesions",
+                "dermatofibroma",
+                "melanoma",
+                "melanocytic nevi",
+                "vascular lesions",
             ),
             class_names=(
-                "actinic keratosis", "basal cell carcinoma", "benign keratosis",
-                "dermatofibroma", "melanoma", "a melanocytic nevus", "a vascular lesion",
+                "actinic keratosis",
+                "basal cell carcinoma",
+                "benign keratosis",
+                "dermatofibroma",
+                "melanoma",
+                "a melanocytic nevus",
+                "a vascular lesion",
             ),
             templates=(
                 "a dermatoscopic image of {}",
@@ -94,10 +112,15 @@ MODALITIES: dict[str, Modality] = {
             title="retinal OCT",
             subsets=("octmnist",),
             medmnist_labels=(
-                "choroidal neovascularization", "diabetic macular edema", "drusen", "normal",
+                "choroidal neovascularization",
+                "diabetic macular edema",
+                "drusen",
+                "normal",
             ),
             class_names=(
-                "choroidal neovascularization", "diabetic macular edema", "drusen",
+                "choroidal neovascularization",
+                "diabetic macular edema",
+                "drusen",
                 "a normal retina",
             ),
             templates=(
@@ -112,8 +135,10 @@ MODALITIES: dict[str, Modality] = {
             subsets=("retinamnist",),
             medmnist_labels=("0", "1", "2", "3", "4"),
             class_names=(
-                "no diabetic retinopathy", "mild diabetic retinopathy",
-                "moderate diabetic retinopathy", "severe diabetic retinopathy",
+                "no diabetic retinopathy",
+                "mild diabetic retinopathy",
+                "moderate diabetic retinopathy",
+                "severe diabetic retinopathy",
                 "proliferative diabetic retinopathy",
             ),
             templates=(
@@ -139,13 +164,24 @@ MODALITIES: dict[str, Modality] = {
             title="blood cell microscopy",
             subsets=("bloodmnist",),
             medmnist_labels=(
-                "basophil", "eosinophil", "erythroblast",
+                "basophil",
+                "eosinophil",
+                "erythroblast",
                 "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
-                "lymphocyte", "monocyte", "neutrophil", "platelet",
+                "lymphocyte",
+                "monocyte",
+                "neutrophil",
+                "platelet",
             ),
             class_names=(
-                "a basophil", "an eosinophil", "an erythroblast", "an immature granulocyte",
-                "a lymphocyte", "a monocyte", "a neutrophil", "a platelet",
+                "a basophil",
+                "an eosinophil",
+                "an erythroblast",
+                "an immature granulocyte",
+                "a lymphocyte",
+                "a monocyte",
+                "a neutrophil",
+                "a platelet",
             ),
             templates=(
                 "a microscopy image of a blood smear showing {}",
@@ -158,13 +194,25 @@ MODALITIES: dict[str, Modality] = {
             title="colon pathology",
             subsets=("pathmnist",),
             medmnist_labels=(
-                "adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-                "normal colon mucosa", "cancer-associated stroma",
+                "adipose",
+                "background",
+                "debris",
+                "lymphocytes",
+                "mucus",
+                "smooth muscle",
+                "normal colon mucosa",
+                "cancer-associated stroma",
                 "colorectal adenocarcinoma epithelium",
             ),
             class_names=(
-                "adipose tissue", "background", "debris", "lymphocytes", "mucus",
-                "smooth muscle", "normal colon mucosa", "cancer-associated stroma",
+                "adipose tissue",
+                "background",
+                "debris",
+                "lymphocytes",
+                "mucus",
+                "smooth muscle",
+                "normal colon mucosa",
+                "cancer-associated stroma",
                 "colorectal adenocarcinoma epithelium",
             ),
             templates=(
@@ -178,14 +226,24 @@ MODALITIES: dict[str, Modality] = {
             title="kidney cortex microscopy",
             subsets=("tissuemnist",),
             medmnist_labels=(
-                "Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule",
-                "Glomerular endothelial cells", "Interstitial endothelial cells", "Leukocytes",
-                "Podocytes", "Proximal Tubule Segments", "Thick Ascending Limb",
+                "Collecting Duct, Connecting Tubule",
+                "Distal Convoluted Tubule",
+                "Glomerular endothelial cells",
+                "Interstitial endothelial cells",
+                "Leukocytes",
+                "Podocytes",
+                "Proximal Tubule Segments",
+                "Thick Ascending Limb",
             ),
             class_names=(
-                "a collecting duct or connecting tubule", "a distal convoluted tubule",
-                "glomerular endothelial cells", "interstitial endothelial cells", "leukocytes",
-                "podocytes", "proximal tubule segments", "the thick ascending limb",
+                "a collecting duct or connecting tubule",
+                "a distal convoluted tubule",
+                "glomerular endothelial cells",
+                "interstitial endothelial cells",
+                "leukocytes",
+                "podocytes",
+                "proximal tubule segments",
+                "the thick ascending limb",
             ),
             templates=(
                 "a microscopy image of kidney cortex showing {}",
@@ -199,9 +257,17 @@ MODALITIES: dict[str, Modality] = {
             subsets=("organamnist", "organcmnist", "organsmnist"),
             medmnist_labels=_ORGANS,
             class_names=(
-                "the bladder", "the left femur", "the right femur", "the heart",
-                "the left kidney", "the right kidney", "the liver", "the left lung",
-                "the right lung", "the pancreas", "the spleen",
+                "the bladder",
+                "the left femur",
+                "the right femur",
+                "the heart",
+                "the left kidney",
+                "the right kidney",
+                "the liver",
+                "the left lung",
+                "the right lung",
+                "the pancreas",
+                "the spleen",
             ),
             templates=(
                 "an abdominal CT slice showing {}",
@@ -220,6 +286,4 @@ def get_modality(name: str) -> Modality:
     for m in MODALITIES.values():
         if name in m.subsets:
             return m
-    raise UnknownNameError(
-        f"unknown modality {name!r}; known modalities: {', '.join(MODALITIES)}"
-    )
+    raise UnknownNameError(f"unknown modality {name!r}; known modalities: {', '.join(MODALITIES)}")

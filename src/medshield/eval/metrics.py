@@ -265,7 +265,11 @@ def _group_estimates(
         pred = np.array([r["pred"] for r in rows], dtype=np.int64)
         scores, labels = _check_scores([r["scores"] for r in rows], labels)
         auc_samples = bootstrap_distribution(
-            _macro_auc_batched, scores, labels, n_resamples=n_resamples, seed=seed,
+            _macro_auc_batched,
+            scores,
+            labels,
+            n_resamples=n_resamples,
+            seed=seed,
             vectorized=True,
         )
         return {
@@ -277,8 +281,9 @@ def _group_estimates(
         return {f"R@{k}": _indicator_estimate(ranks < k, n_resamples, seed) for k in RECALL_KS}
     # vqa_closed
     estimates = {
-        "accuracy": _indicator_estimate(np.array([bool(r["correct"]) for r in rows]),
-                                        n_resamples, seed)
+        "accuracy": _indicator_estimate(
+            np.array([bool(r["correct"]) for r in rows]), n_resamples, seed
+        )
     }
     if all("majority_correct" in r for r in rows):
         majority = np.array([bool(r["majority_correct"]) for r in rows])
@@ -372,8 +377,9 @@ def summarize(
         if task not in groups:
             continue
         per_modality = {
-            modality: _group_estimates(task, groups[task][modality], n_resamples,
-                                       _seed(seed, task, modality))
+            modality: _group_estimates(
+                task, groups[task][modality], n_resamples, _seed(seed, task, modality)
+            )
             for modality in sorted(groups[task])
         }
         table = {
@@ -382,9 +388,9 @@ def summarize(
         }
         metric_names = list(dict.fromkeys(name for est in per_modality.values() for name in est))
         table["mean"] = {
-            name: _mean_estimate(
-                [est[name] for est in per_modality.values() if name in est]
-            ).metric(confidence).to_dict()
+            name: _mean_estimate([est[name] for est in per_modality.values() if name in est])
+            .metric(confidence)
+            .to_dict()
             for name in metric_names
         }
         if task.startswith("retrieval_"):

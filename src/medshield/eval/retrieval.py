@@ -146,8 +146,7 @@ def retrieval_rows(
     i2t = _ranks(images, texts[first], key_array, key_array[first])
     t2i = _ranks(texts, images, key_array, key_array)
     return [
-        {"task": "retrieval_i2t", **m, "rank": int(r)}
-        for m, r in zip(meta, i2t, strict=True)
+        {"task": "retrieval_i2t", **m, "rank": int(r)} for m, r in zip(meta, i2t, strict=True)
     ] + [
         {"task": "retrieval_t2i", **m, "caption": c, "rank": int(r)}
         for m, c, r in zip(meta, captions, t2i, strict=True)

@@ -147,8 +147,9 @@ def train_fusion_head(
         head.train()
         for _ in range(epochs):
             for batch in torch.randperm(len(targets)).split(batch_size):
-                loss = F.cross_entropy(head(image_embeddings[batch], text_embeddings[batch]),
-                                       targets[batch])
+                loss = F.cross_entropy(
+                    head(image_embeddings[batch], text_embeddings[batch]), targets[batch]
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

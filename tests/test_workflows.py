@@ -1,0 +1,117 @@
+"""End-to-end: the CLI over the workflows, run directories, and resuming an evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medshield import workflows
+from medshield.cli import app
+from medshield.config import load_config
+from medshield.runs import Run
+
+TINY = [
+    "data.modalities=[breast_ultrasound, chest_xray]",
+    "data.train_per_class_cap=8",
+    "pretrain.epochs=1",
+    "pretrain.batch_size=8",
+    "pretrain.image_layers=0",
+    "evaluate.tasks=[zero_shot, linear_probe, retrieval]",
+    "evaluate.max_test_items=20",
+    "evaluate.linear_probe_max_train=40",
+    "evaluate.retrieval_per_class_cap=5",
+    "evaluate.bootstrap_resamples=50",
+]
+
+runner = CliRunner()
+
+
+def _sets(extra: list[str]) -> list[str]:
+    return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
+
+
+def test_list_shows_registered_models_and_says_when_a_kind_is_empty() -> None:
+    result = runner.invoke(app, ["list", "models"])
+    assert result.exit_code == 0
+    for name in ("mini-clip", "open_clip", "hf-clip"):
+        assert name in result.output
+    empty = runner.invoke(app, ["list", "attacks"])
+    assert empty.exit_code == 0 and "no attacks registered yet" in empty.output
+    bad = runner.invoke(app, ["list", "gadgets"])
+    assert bad.exit_code == 2 and "unknown kind" in bad.output
+
+
+def test_demo_writes_a_complete_run_directory(tmp_path: Path, data_dir: Path) -> None:
+    result = runner.invoke(app, ["demo", *_sets([f"output_dir={tmp_path}"])])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "demo"
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml",
+        "results.json",
+        "samples.jsonl",
+        "model",
+        "checkpoints",
+    }
+    results = json.loads((run / "results.json").read_text())
+    metrics = results["evaluate"]["metrics"]
+    assert set(metrics) == {"zero_shot", "linear_probe", "retrieval_i2t", "retrieval_t2i"}
+    acc = metrics["zero_shot"]["chest_xray"]["accuracy"]
+    assert acc["ci_low"] <= acc["value"] <= acc["ci_high"] and acc["n"] == 20
+    assert results["pretrain"]["history"]["epochs"][0]["steps"] > 0
+    assert results["versions"]["torch"] and results["seed"] == 0
+    assert "zero_shot (95% bootstrap CI)" in result.output
+
+    # evaluating the saved model through the `evaluate` command gives the same zero-shot rows
+    again = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run / "model"),
+            *_sets([f"output_dir={tmp_path}", "name=eval"]),
+        ],
+    )
+    assert again.exit_code == 0, again.output
+
+    def zero_shot(path: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (path / "samples.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["task"] == "zero_shot"]
+
+    assert [r["pred"] for r in zero_shot(run)] == [r["pred"] for r in zero_shot(tmp_path / "eval")]
+
+
+def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--set", "pretrain.epochs=zero"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "epochs" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluation_resumes_and_recomputes_only_a_half_written_group(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(None, [*TINY, f"output_dir={tmp_path}", "evaluate.tasks=[zero_shot]"])
+    run = Run(tmp_path / "run", config)
+    model = workflows.build_model(config)
+    first = workflows.run_evaluate(config, run, model, log=lambda _: None)
+    rows = run.load_samples()
+    # a crash in the middle of writing chest_xray's rows: keep only part of that group
+    torn = [r for r in rows if r["group"] != "zero_shot/chest_xray"]
+    torn += [r for r in rows if r["group"] == "zero_shot/chest_xray"][:5]
+    run.rewrite_samples(torn)
+
+    calls: list[str] = []
+    original = workflows.zero_shot_rows
+
+    def counting(model, modality, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(modality)
+        return original(model, modality, **kwargs)
+
+    monkeypatch.setattr(workflows, "zero_shot_rows", counting)
+    second = workflows.run_evaluate(config, Run(tmp_path / "run", config), model, log=print)
+    assert calls == ["chest_xray"]  # breast_ultrasound's finished group was kept
+    assert second["metrics"] == first["metrics"]
+    assert len(run.load_samples()) == len(rows)
