@@ -68,13 +68,14 @@ def check_texts(texts: Any) -> list[str]:
 class DualEncoder(nn.Module, ABC):
     """A CLIP-style model: an image tower and a text tower embedding into one space.
 
-    Subclasses set ``image_size``, ``image_mean`` and ``image_std`` and implement
+    Subclasses set ``embed_dim``, ``image_size``, ``image_mean`` and ``image_std`` and implement
     ``_encode_pixels`` (normalised pixels -> unnormalised embeddings) and ``_encode_texts``.
     ``init_kwargs`` must hold the JSON-serialisable constructor arguments, so that
     :func:`medshield.models.save_model` / :func:`medshield.models.load_model` can rebuild it.
     """
 
     backend: str = ""
+    embed_dim: int
     image_size: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]

@@ -102,6 +102,7 @@ class MiniClip(DualEncoder):
             "image_size": image_size,
             "max_text_tokens": max_text_tokens,
         }
+        self.embed_dim = embed_dim
         self.image_size = image_size
         self.max_text_tokens = max_text_tokens
         self.image_tower = _efficientnet_lite0(image_size, pretrained)
