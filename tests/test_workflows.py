@@ -38,8 +38,11 @@ def test_list_shows_registered_models_and_says_when_a_kind_is_empty() -> None:
     assert result.exit_code == 0
     for name in ("mini-clip", "open_clip", "hf-clip"):
         assert name in result.output
-    empty = runner.invoke(app, ["list", "attacks"])
-    assert empty.exit_code == 0 and "no attacks registered yet" in empty.output
+    attacks = runner.invoke(app, ["list", "attacks"])
+    for name in ("fgsm", "pgd", "apgd-ce", "word-substitution"):
+        assert name in attacks.output
+    empty = runner.invoke(app, ["list", "judges"])
+    assert empty.exit_code == 0 and "no judges registered yet" in empty.output
     bad = runner.invoke(app, ["list", "gadgets"])
     assert bad.exit_code == 2 and "unknown kind" in bad.output
 

@@ -144,7 +144,8 @@ def list_(
     kind: Annotated[str, typer.Argument(help="models | attacks | methods | defenses | judges")],
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
-    import medshield.models  # noqa: F401  (registers the backends)
+    import medshield.attacks  # noqa: F401  (registration)
+    import medshield.models  # noqa: F401
     from medshield.registry import REGISTRIES
 
     if kind not in REGISTRIES:

@@ -1,0 +1,27 @@
+"""Attacks, one file each, registered by name in :data:`medshield.registry.ATTACKS`.
+
+Image attacks take [0, 1] NCHW images and a model that normalises them itself::
+
+    from medshield.attacks import PGD
+    adv = PGD(classifier, eps=4, alpha=1, steps=20)(images, labels)
+"""
+
+from medshield.attacks.apgd import APGD
+from medshield.attacks.base import Attack, attack_mode, cross_entropy_loss
+from medshield.attacks.fgsm import FGSM
+from medshield.attacks.pgd import PGD
+from medshield.attacks.sanity import SanityFlag, robust_accuracy, sanity_checks
+from medshield.attacks.text import WordSubstitutionAttack
+
+__all__ = [
+    "APGD",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "SanityFlag",
+    "WordSubstitutionAttack",
+    "attack_mode",
+    "cross_entropy_loss",
+    "robust_accuracy",
+    "sanity_checks",
+]

@@ -1,0 +1,119 @@
+"""PGD: projected gradient descent (ascent on the loss), L-inf and L2, with restarts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medshield.attacks.base import (
+    TINY,
+    Attack,
+    LossFn,
+    check_budget,
+    check_count,
+    check_norm,
+    per_example_norm,
+    project,
+    random_start,
+)
+from medshield.errors import InputError
+from medshield.registry import ATTACKS
+
+
+@ATTACKS.register(
+    "pgd", "Projected gradient descent, L-inf or L2, with restarts (Madry et al., 2018)"
+)
+class PGD(Attack):
+    r"""PGD in the paper 'Towards Deep Learning Models Resistant to Adversarial Attacks'
+    [https://arxiv.org/abs/1706.06083] (Madry, Makelov, Schmidt, Tsipras and Vladu, ICLR 2018).
+
+    Distance Measure : Linf or L2
+
+    ``steps`` iterations of ``x <- Proj_{B(x0, eps) and [0,1]}(x + alpha * d)``, with
+    ``d = sign(grad)`` for L-inf and ``d = grad / ||grad||_2`` for L2, from a uniformly random
+    point of the ball (``random_start``) or from the clean image. Each run returns its last
+    iterate; with ``restarts > 1`` the attack keeps, per example, the best run: a successful one
+    (misclassified, or classified as the target) over an unsuccessful one, else the one with the
+    higher loss. With ``restarts=1`` and ``random_start=False`` it computes exactly what
+    ``torchattacks.PGD`` computes.
+
+    Arguments:
+        model (nn.Module): model taking [0, 1] NCHW images (it normalises them itself).
+        eps (float): maximum perturbation in /255 units, for either norm. (Default: 8)
+        alpha (float): step size in /255 units. (Default: 2)
+        steps (int): number of steps. (Default: 10)
+        norm (str): "Linf" or "L2". (Default: "Linf")
+        random_start (bool): start from a random point of the eps-ball. (Default: True)
+        restarts (int): independent random starts; needs ``random_start``. (Default: 1)
+        loss_fn (callable): ``loss_fn(model_output, labels) -> (N,)`` losses to maximise.
+            (Default: cross-entropy on logits)
+
+    Shape:
+        - images: :math:`(N, C, H, W)` float in [0, 1], C = 1 or 3.
+        - labels: :math:`(N)` class indices (targeted: also ``target_labels`` :math:`(N)`).
+        - output: :math:`(N, C, H, W)`, same dtype and device, in [0, 1].
+
+    Examples::
+        >>> attack = medshield.attacks.PGD(model, eps=8, alpha=2, steps=10, restarts=3)
+        >>> adv_images = attack(images, labels)
+        >>> adv_images = attack(images, labels, target_labels)  # targeted
+    """
+
+    paper = (
+        "Madry, Makelov, Schmidt, Tsipras and Vladu. Towards Deep Learning Models Resistant to "
+        "Adversarial Attacks. ICLR 2018"
+    )
+    threat_model = "white-box, L-inf or L2, iterative"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8.0,
+        alpha: float = 2.0,
+        steps: int = 10,
+        norm: str = "Linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        super().__init__(model, eps, loss_fn)
+        self.alpha = check_budget(alpha, "alpha")
+        self.steps = check_count(steps, "steps")
+        self.norm = check_norm(norm)
+        self.random_start = bool(random_start)
+        self.restarts = check_count(restarts, "restarts")
+        if self.restarts > 1 and not self.random_start:
+            raise InputError("restarts > 1 needs random_start=True (the runs would be identical)")
+
+    def __repr__(self) -> str:
+        return (
+            f"PGD(eps={self.eps:g}/255, alpha={self.alpha:g}/255, steps={self.steps}, "
+            f"norm={self.norm}, random_start={self.random_start}, restarts={self.restarts})"
+        )
+
+    def perturb(
+        self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        best = self._run(images, labels, target_labels)
+        if self.restarts == 1:
+            return best
+        best_value, best_success = self.evaluate(best, labels, target_labels)
+        for _ in range(self.restarts - 1):
+            adv = self._run(images, labels, target_labels)
+            value, succeeded = self.evaluate(adv, labels, target_labels)
+            self.keep_best(best, best_value, best_success, adv, value, succeeded)
+        return best
+
+    def _run(
+        self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        eps, alpha = self.eps / 255, self.alpha / 255
+        adv = random_start(images, eps, self.norm) if self.random_start else images.clone()
+        for _ in range(self.steps):
+            _, _, grad = self.loss_and_grad(adv, labels, target_labels)
+            if self.norm == "Linf":
+                step = grad.sign()
+            else:
+                step = grad / (per_example_norm(grad) + TINY)
+            adv = project(adv + alpha * step, images, eps, self.norm)
+        return adv

@@ -1,0 +1,138 @@
+"""Sanity checks of attack evaluations: they pass on a sound attack and trigger on broken ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medshield.attacks import PGD, Attack, robust_accuracy, sanity_checks
+from medshield.attacks.sanity import (
+    accuracy_flag,
+    budget_flag,
+    range_flag,
+    stronger_flag,
+    zero_gradient_flag,
+)
+from medshield.errors import InputError
+from medshield.eval.metrics import bootstrap_ci
+
+
+def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes of 1x8x8 images: bright or dark, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = 0.4 + 0.2 * labels.view(-1, 1, 1, 1) + 0.1 * torch.randn(n, 1, 8, 8, generator=g)
+    return images.clamp(0, 1), labels
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    images, labels = make_data(200, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        opt.step()
+    test_images, test_labels = make_data(60, seed=1)
+    return model.eval(), test_images, test_labels
+
+
+class OverBudget(Attack):
+    """Broken on purpose: steps twice the budget and out of [0, 1]."""
+
+    def perturb(self, images, labels, target_labels):
+        return images + 2 * self.eps / 255
+
+
+class RoundedModel(nn.Module):
+    """Gradient masking: the input is quantised with ``torch.round``, whose gradient is zero."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(images * 8) / 8)
+
+
+def names(flags) -> dict[str, bool]:
+    return {flag.name: flag.passed for flag in flags}
+
+
+def test_a_sound_attack_passes_every_check(trained) -> None:
+    model, images, labels = trained
+    weak = PGD(model, eps=8, alpha=2, steps=2)
+    strong = PGD(model, eps=8, alpha=2, steps=10, restarts=2)
+    flags = sanity_checks(model, weak, images, labels, stronger=strong, batch_size=25)
+    assert names(flags) == {
+        "budget": True,
+        "range": True,
+        "robust<=clean": True,
+        "zero-gradients": True,
+        "stronger<=weaker": True,
+    }, [str(f) for f in flags]
+    assert all(f.detail for f in flags)
+
+
+def test_flags_trigger_on_an_attack_outside_budget_and_range(trained) -> None:
+    model, images, labels = trained
+    flags = names(sanity_checks(model, OverBudget(model, eps=128), images, labels))
+    assert flags["budget"] is False and flags["range"] is False
+
+
+def test_flags_trigger_on_zero_gradients(trained) -> None:
+    model, images, labels = trained
+    masked = RoundedModel(model)
+    flag = zero_gradient_flag(PGD(masked, eps=8), images, labels)
+    assert not flag.passed and "60 of 60" in flag.detail
+    assert zero_gradient_flag(PGD(model, eps=8), images, labels).passed
+
+
+def test_accuracy_and_strength_flags_from_rows() -> None:
+    def rows(clean: list[bool], adv: list[bool]) -> list[dict]:
+        return [
+            {"clean_correct": c, "adv_correct": a, "robust_correct": c and a}
+            for c, a in zip(clean, adv, strict=True)
+        ]
+
+    honest = rows([True, True, False, True], [False, True, False, False])
+    helpful = rows([True, False, False, True], [True, True, True, True])  # "attack" that helps
+    assert accuracy_flag(honest).passed and not accuracy_flag(helpful).passed
+    weaker = rows([True] * 4, [True, True, False, False])
+    assert stronger_flag(weaker, honest).passed
+    assert not stronger_flag(honest, weaker).passed
+    assert stronger_flag(honest, weaker, tolerance=0.25).passed
+    with pytest.raises(InputError):
+        stronger_flag(honest, weaker[:2])
+
+
+def test_budget_flag_uint8_allowance() -> None:
+    rows = [{"linf": 4.4, "l2": 10.0, "adv_min": 0.0, "adv_max": 1.0, "size": 64}]
+    assert not budget_flag(rows, eps=4).passed
+    assert budget_flag(rows, eps=4, uint8=True).passed  # 4 + 0.5 for 8-bit rounding
+    assert not budget_flag(rows, eps=8, norm="L2").passed
+    assert budget_flag(rows, eps=8, norm="L2", uint8=True).passed  # 8 + 0.5 * sqrt(64)
+    assert range_flag(rows).passed
+    assert not range_flag([{**rows[0], "adv_max": 1.01}]).passed
+
+
+def test_robust_accuracy_rows(trained) -> None:
+    model, images, labels = trained
+    rows = robust_accuracy(model, PGD(model, eps=16, alpha=4, steps=5), images, labels, 16)
+    assert [r["index"] for r in rows] == list(range(len(images)))
+    assert all(r["robust_correct"] == (r["clean_correct"] and r["adv_correct"]) for r in rows)
+    assert all(r["linf"] <= 16 + 1e-3 and 0 <= r["adv_min"] <= r["adv_max"] <= 1 for r in rows)
+    clean = np.mean([r["clean_correct"] for r in rows])
+    robust = np.array([r["robust_correct"] for r in rows], dtype=float)
+    assert robust.mean() < clean
+    lo, hi = bootstrap_ci(lambda c: c.mean(-1), robust, vectorized=True)
+    assert lo <= robust.mean() <= hi
+    with pytest.raises(InputError):
+        robust_accuracy(model, PGD(model), images, labels[:-1])
+    with pytest.raises(InputError):
+        robust_accuracy(model, PGD(model), images, labels, batch_size=0)
