@@ -116,6 +116,35 @@ def evaluate(
     console.print(f"results in [bold]{run.path}[/]")
 
 
+@app.command("craft-noise")
+def craft_noise(
+    config: ConfigOpt = None,
+    surrogate: Annotated[
+        Path | None, typer.Option(help="Saved medshield model to attack (model.checkpoint).")
+    ] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write a noisy upstream dataset: a fraction noise.ratio of the pairs made adversarial."""
+    _offline_default()
+    from medshield import workflows
+    from medshield.runs import Run
+
+    try:
+        cfg = _load(config, set_, **{"model.checkpoint": surrogate})
+        run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
+        result = workflows.run_craft_noise(cfg, run, log=console.print)
+        run.write_results({"craft_noise": result}, seed=cfg.seed)
+    except MedshieldError as exc:
+        _fail(exc)
+    console.print(
+        f"{result['perturbed']} of {result['rows']} pairs adversarial "
+        f"(max L-inf {result['max_linf_255']:.2f}/255 after uint8 rounding); dataset in "
+        f"[bold]{result['noisy_dataset']}[/]; pretrain on it with "
+        f"--set data.noisy_dataset={result['noisy_dataset']}"
+    )
+
+
 @app.command()
 def demo(config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """The main job on the built-in default: pretrain mini-clip, then evaluate it downstream."""

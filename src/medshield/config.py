@@ -22,11 +22,16 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Which images to use. ``modalities: available`` takes every modality found on disk."""
+    """Which images to use. ``modalities: available`` takes every modality found on disk.
+
+    ``noisy_dataset``: a directory written by ``medshield craft-noise``; pretraining then reads
+    its (partly adversarial) pairs instead of the clean ones.
+    """
 
     modalities: list[str] | Literal["available"] = "available"
     train_per_class_cap: int | None = Field(1000, ge=1)
     data_dir: str | None = None
+    noisy_dataset: str | None = None
 
 
 class ModelConfig(_Strict):
@@ -68,6 +73,19 @@ class EvaluateConfig(_Strict):
     bootstrap_resamples: int = Field(1000, ge=10)
 
 
+class NoiseConfig(_Strict):
+    """``medshield craft-noise``: replace a fraction ``ratio`` of the upstream pairs by
+    adversarial pairs crafted with a registered multimodal ``attack`` against the surrogate
+    (``model`` section: a trained ``checkpoint``, or a backend). ``eps`` is in /255 units."""
+
+    attack: str = "co-attack"
+    attack_kwargs: dict[str, Any] = Field(default_factory=dict)
+    eps: float = Field(2.0, ge=0)
+    ratio: float = Field(0.1, ge=0, le=1)
+    split: Literal["train", "val", "test"] = "train"
+    batch_size: int = Field(64, ge=1)
+
+
 class RunConfig(_Strict):
     """A whole run: what ``medshield pretrain``, ``evaluate`` and ``demo`` read."""
 
@@ -78,6 +96,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -6,22 +6,27 @@ only parses arguments and calls these, so everything here is importable and scri
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
+import medshield.attacks  # noqa: F401  (registers the attacks)
 from medshield.config import RunConfig
 from medshield.data import ImageCaptionDataset, available_modalities, get_modality
-from medshield.errors import DataError
+from medshield.errors import ConfigError, DataError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import summarize
 from medshield.eval.retrieval import retrieval_rows
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
+from medshield.noise import NoisyCaptionDataset, craft_noisy_dataset, file_sha256
+from medshield.registry import ATTACKS
 from medshield.runs import Run
 from medshield.train.pretrain import pretrain
 
@@ -49,6 +54,16 @@ def build_model(config: RunConfig) -> DualEncoder:
     return create_model(config.model.backend, **config.model.kwargs)
 
 
+def _clean_pairs(config: RunConfig, modalities: list[str], split: str) -> ImageCaptionDataset:
+    return ImageCaptionDataset(
+        modalities,
+        split=split,
+        seed=config.seed,
+        per_class_cap=config.data.train_per_class_cap,
+        data_dir=config.data.data_dir,
+    )
+
+
 def run_dir(config: RunConfig) -> Path:
     return Path(config.output_dir) / config.name
 
@@ -60,14 +75,16 @@ def run_pretrain(
 
     The final model is saved to ``<run>/model``; per-epoch rows go to ``samples.jsonl``.
     """
-    modalities = resolve_modalities(config, "train")
-    dataset = ImageCaptionDataset(
-        modalities,
-        split="train",
-        seed=config.seed,
-        per_class_cap=config.data.train_per_class_cap,
-        data_dir=config.data.data_dir,
-    )
+    if config.data.noisy_dataset:
+        dataset: Dataset = NoisyCaptionDataset(config.data.noisy_dataset)
+        modalities = list(dict.fromkeys(dataset.modality_of))
+        log(
+            f"using the noisy dataset {config.data.noisy_dataset} "
+            f"({int(dataset.perturbed.sum())} of {len(dataset)} pairs adversarial)"
+        )
+    else:
+        modalities = resolve_modalities(config, "train")
+        dataset = _clean_pairs(config, modalities, "train")
     log(
         f"pretraining {config.model.backend} on {len(dataset)} image-caption pairs "
         f"from {', '.join(modalities)}"
@@ -83,6 +100,51 @@ def run_pretrain(
         "train_pairs": len(dataset),
         "history": history,
         "model_dir": str(run.path / "model"),
+    }
+
+
+def run_craft_noise(config: RunConfig, run: Run, log: Log = print) -> dict[str, Any]:
+    """Write a noisy upstream dataset to ``<run>/noisy`` (resumes an interrupted crafting).
+
+    The surrogate is the configured model (normally a pretrained ``model.checkpoint``); the
+    clean pairs are those pretraining would read from ``noise.split``.
+    """
+    noise = config.noise
+    attack_class = ATTACKS.get(noise.attack)
+    try:
+        attack = attack_class(eps=noise.eps, **noise.attack_kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"noise.attack_kwargs do not fit {noise.attack!r}: {exc}") from None
+    modalities = resolve_modalities(config, noise.split)
+    clean = _clean_pairs(config, modalities, noise.split)
+    surrogate = build_model(config)
+    checksum = None
+    if config.model.checkpoint:
+        checksum = file_sha256(Path(config.model.checkpoint) / "model.safetensors")
+    log(
+        f"crafting {noise.attack} noise (ratio {noise.ratio}, eps {noise.eps}/255) on "
+        f"{len(clean)} pairs from {', '.join(modalities)}"
+    )
+    out = craft_noisy_dataset(
+        clean,
+        surrogate,
+        attack,
+        noise.ratio,
+        run.path / "noisy",
+        seed=config.seed,
+        batch_size=noise.batch_size,
+        surrogate_checksum=checksum,
+    )
+    noisy = NoisyCaptionDataset(out)
+    if not run.load_samples():
+        run.append_samples(json.loads(line) for line in (out / "rows.jsonl").open())
+    manifest = noisy.manifest
+    return {
+        "noisy_dataset": str(out),
+        "rows": len(noisy),
+        "perturbed": int(noisy.perturbed.sum()),
+        "max_linf_255": manifest["max_linf_255"],
+        "attack": manifest["attack"],
     }
 
 

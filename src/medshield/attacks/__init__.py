@@ -6,6 +6,7 @@ Image attacks take [0, 1] NCHW images and a model that normalises them itself::
     adv = PGD(classifier, eps=4, alpha=1, steps=20)(images, labels)
 """
 
+from medshield.attacks import co_attack, sga  # noqa: F401  (registers co-attack and sga)
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack, attack_mode, cross_entropy_loss
 from medshield.attacks.fgsm import FGSM

@@ -46,6 +46,7 @@ class ImageCaptionDataset(Dataset):
         images: float tensor (N, C, 28, 28) in [0, 1].
         labels: int64 array (N,), class index within each item's modality.
         modality_of: the modality name of each item.
+        per_class_cap: the cap the dataset was built with.
         source_indices: int64 array (N,), each item's row in its MedMNIST split.
         epoch: the epoch captions are drawn for (see :meth:`set_epoch`).
 
@@ -73,6 +74,7 @@ class ImageCaptionDataset(Dataset):
 
         self.split = split
         self.seed = seed
+        self.per_class_cap = per_class_cap
         self.epoch = 0
         self.skipped: dict[str, str] = {}
         self.modalities: list[str] = []
