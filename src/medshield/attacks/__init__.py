@@ -6,19 +6,25 @@ Image attacks take [0, 1] NCHW images and a model that normalises them itself::
     adv = PGD(classifier, eps=4, alpha=1, steps=20)(images, labels)
 """
 
-from medshield.attacks import co_attack, sga  # noqa: F401  (registers co-attack and sga)
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack, attack_mode, cross_entropy_loss
+from medshield.attacks.co_attack import CoAttack
 from medshield.attacks.fgsm import FGSM
+from medshield.attacks.multimodal import MultimodalAttack, MultimodalResult
 from medshield.attacks.pgd import PGD
 from medshield.attacks.sanity import SanityFlag, robust_accuracy, sanity_checks
+from medshield.attacks.sga import SGA
 from medshield.attacks.text import WordSubstitutionAttack
 
 __all__ = [
     "APGD",
     "FGSM",
     "PGD",
+    "SGA",
     "Attack",
+    "CoAttack",
+    "MultimodalAttack",
+    "MultimodalResult",
     "SanityFlag",
     "WordSubstitutionAttack",
     "attack_mode",
