@@ -17,25 +17,23 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def test_craft_noise_then_pretrain_on_it(tmp_path: Path, data_dir: Path) -> None:
-    craft = runner.invoke(
-        app,
-        [
-            "craft-noise",
-            *_sets(
-                [
-                    f"output_dir={tmp_path}",
-                    "name=noise",
-                    "data.modalities=[breast_ultrasound]",
-                    "data.train_per_class_cap=4",
-                    "noise.split=val",
-                    "noise.ratio=0.25",
-                    "noise.eps=2",
-                    "noise.batch_size=2",
-                    "noise.attack_kwargs={steps: 2, max_edits: 1}",
-                ]
-            ),
-        ],
-    )
+    craft_args = [
+        "craft-noise",
+        *_sets(
+            [
+                f"output_dir={tmp_path}",
+                "name=noise",
+                "data.modalities=[breast_ultrasound]",
+                "data.train_per_class_cap=4",
+                "noise.split=val",
+                "noise.ratio=0.25",
+                "noise.eps=2",
+                "noise.batch_size=2",
+                "noise.attack_kwargs={steps: 2, max_edits: 1}",
+            ]
+        ),
+    ]
+    craft = runner.invoke(app, craft_args)
     assert craft.exit_code == 0, craft.output
     noisy = tmp_path / "noise" / "noisy"
     manifest = json.loads((noisy / "manifest.json").read_text())
@@ -47,25 +45,7 @@ def test_craft_noise_then_pretrain_on_it(tmp_path: Path, data_dir: Path) -> None
     rows = (tmp_path / "noise" / "samples.jsonl").read_text().splitlines()
     assert len(rows) == 8
 
-    again = runner.invoke(
-        app,
-        [
-            "craft-noise",
-            *_sets(
-                [
-                    f"output_dir={tmp_path}",
-                    "name=noise",
-                    "data.modalities=[breast_ultrasound]",
-                    "data.train_per_class_cap=4",
-                    "noise.split=val",
-                    "noise.ratio=0.25",
-                    "noise.eps=2",
-                    "noise.batch_size=2",
-                    "noise.attack_kwargs={steps: 2, max_edits: 1}",
-                ]
-            ),
-        ],
-    )
+    again = runner.invoke(app, craft_args)
     assert again.exit_code == 0, again.output  # finished: a rerun only re-reads it
     assert len((tmp_path / "noise" / "samples.jsonl").read_text().splitlines()) == 8
 

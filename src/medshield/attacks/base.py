@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medshield.errors import InputError
-from medshield.models.base import DualEncoder, check_images
+from medshield.models.base import DualEncoder, check_images, eval_mode
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 """``loss_fn(model_output, labels) -> (N,)`` per-example losses."""
@@ -65,17 +65,13 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     ``requires_grad`` flag (a plain ``model.train(was_training)`` would flip submodules that
     were deliberately in another mode, e.g. a frozen tower in eval mode inside a training model).
     """
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             yield model
     finally:
-        for m, training in modes:
-            m.training = training
         for p, requires_grad in flags:
             p.requires_grad_(requires_grad)
 

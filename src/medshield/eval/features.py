@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medshield.errors import InputError
-from medshield.models.base import DualEncoder, check_images, check_texts
+from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
 
 PROGRESS_MIN_ITEMS = 2048
 
@@ -30,20 +30,9 @@ def _module_device(module: nn.Module) -> torch.device:
 
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no gradients inside the block.
-
-    Afterwards every submodule gets back its own previous mode (``module.train(mode)`` would
-    not do: it is recursive, so it would undo a frozen tower's eval mode, or switch a model
-    that was in eval mode to train mode when it sits inside a fresh wrapper module).
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield module
-    finally:
-        for m, training in modes:
-            m.training = training
+    """Eval mode (each submodule's own mode restored afterwards) and no gradients."""
+    with eval_mode(module), torch.no_grad():
+        yield module
 
 
 def _run_batched(

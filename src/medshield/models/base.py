@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from medshield.errors import InputError
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; afterwards every submodule gets back its *own* mode.
+
+    ``module.train(was_training)`` would not do: it is recursive, so it would undo a frozen
+    tower's eval mode inside a training model, or switch a model that was in eval mode to train
+    mode when it sits inside a fresh wrapper (e.g. a :class:`ZeroShotClassifier`).
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def check_images(images: Any) -> torch.Tensor:
