@@ -252,6 +252,25 @@ class Attack(ABC):
         return value.detach(), succeeded, grad.detach()
 
     # --- helpers ---------------------------------------------------------------------------------
+    def best_of_restarts(
+        self,
+        run: Callable[[], torch.Tensor],
+        restarts: int,
+        labels: torch.Tensor,
+        target_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Call ``run()`` ``restarts`` times and keep, per example, the best result
+        (see :meth:`keep_best`)."""
+        best = run()
+        if restarts == 1:
+            return best
+        best_value, best_success = self.evaluate(best, labels, target_labels)
+        for _ in range(restarts - 1):
+            adv = run()
+            value, succeeded = self.evaluate(adv, labels, target_labels)
+            self.keep_best(best, best_value, best_success, adv, value, succeeded)
+        return best
+
     @staticmethod
     def keep_best(
         best: torch.Tensor,

@@ -94,15 +94,9 @@ class PGD(Attack):
     def perturb(
         self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
     ) -> torch.Tensor:
-        best = self._run(images, labels, target_labels)
-        if self.restarts == 1:
-            return best
-        best_value, best_success = self.evaluate(best, labels, target_labels)
-        for _ in range(self.restarts - 1):
-            adv = self._run(images, labels, target_labels)
-            value, succeeded = self.evaluate(adv, labels, target_labels)
-            self.keep_best(best, best_value, best_success, adv, value, succeeded)
-        return best
+        return self.best_of_restarts(
+            lambda: self._run(images, labels, target_labels), self.restarts, labels, target_labels
+        )
 
     def _run(
         self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
