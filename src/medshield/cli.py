@@ -170,7 +170,7 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt 
 
 @app.command("list")
 def list_(
-    kind: Annotated[str, typer.Argument(help="models | attacks | methods | defenses | judges")],
+    kind: Annotated[str, typer.Argument(help="models | chat-models | attacks | methods | defenses | judges")],
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
     import medshield.attacks  # noqa: F401  (registration)

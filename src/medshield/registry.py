@@ -1,4 +1,4 @@
-"""Name -> implementation registries (models, attacks, methods, defenses, judges).
+"""Name -> implementation registries (models, chat models, attacks, methods, defenses, judges).
 
 A plugin registers itself with a decorator and a one-line description::
 
@@ -62,6 +62,7 @@ class Registry(Generic[T]):
 
 
 MODELS: Registry = Registry("model")
+CHAT_MODELS: Registry = Registry("chat model")
 ATTACKS: Registry = Registry("attack")
 METHODS: Registry = Registry("method")
 DEFENSES: Registry = Registry("defense")
@@ -69,6 +70,7 @@ JUDGES: Registry = Registry("judge")
 
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
+    "chat-models": CHAT_MODELS,
     "attacks": ATTACKS,
     "methods": METHODS,
     "defenses": DEFENSES,

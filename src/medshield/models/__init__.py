@@ -2,9 +2,23 @@
 
 from medshield.models import hf_clip, mini_clip, open_clip_backend  # noqa: F401  (registration)
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, check_texts
+from medshield.models.chat import (
+    ChatVLM,
+    Conversation,
+    Message,
+    check_conversation,
+    create_chat_model,
+    load_image,
+)
 from medshield.models.io import create_model, load_model, save_model
 
 __all__ = [
+    "ChatVLM",
+    "Conversation",
+    "Message",
+    "check_conversation",
+    "create_chat_model",
+    "load_image",
     "DualEncoder",
     "ZeroShotClassifier",
     "check_images",
