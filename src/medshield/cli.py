@@ -18,6 +18,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+study_app = typer.Typer(
+    help="Studies: many runs swept over a grid, aggregated into one table and plots.",
+    no_args_is_help=True,
+)
+app.add_typer(study_app, name="study")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML run config (see configs/).")
