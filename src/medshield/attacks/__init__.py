@@ -10,6 +10,7 @@ from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack, attack_mode, cross_entropy_loss
 from medshield.attacks.co_attack import CoAttack
 from medshield.attacks.fgsm import FGSM
+from medshield.attacks.jailbreak import FigStep, JailbreakAttack
 from medshield.attacks.multimodal import MultimodalAttack, MultimodalResult
 from medshield.attacks.pgd import PGD
 from medshield.attacks.sanity import SanityFlag, robust_accuracy, sanity_checks
@@ -23,6 +24,8 @@ __all__ = [
     "SGA",
     "Attack",
     "CoAttack",
+    "FigStep",
+    "JailbreakAttack",
     "MultimodalAttack",
     "MultimodalResult",
     "SanityFlag",
