@@ -1,0 +1,406 @@
+"""``hf``: a transformers image-text-to-text model from a local directory as a :class:`ChatVLM`.
+
+The directory is a Hugging Face checkpoint of a generative VLM that
+``AutoModelForImageTextToText`` and ``AutoProcessor`` can read: the LLaVA family
+(``llava-hf/llava-1.5-7b-hf``, LLaVA-Med ports), Qwen2-VL / Qwen2.5-VL, Gemma 3 / MedGemma, ...
+Fetch one on a machine with internet with ``huggingface-cli download REPO --local-dir DIR`` and
+pass ``DIR``; nothing is downloaded here and ``trust_remote_code`` is never enabled.
+
+How a conversation becomes model input
+--------------------------------------
+* Every :class:`~medshield.models.chat.Message` becomes ``{"role": ..., "content": [...]}`` with
+  one ``{"type": "image"}`` item per image (images first, then ``{"type": "text"}``), and the
+  model's **own chat template** (``processor.apply_chat_template``) renders the prompt with the
+  generation prompt appended. Text that already contains the model's image placeholder token is
+  rejected (it would desynchronise images and placeholders).
+* Images (tensors or files) go through :func:`~medshield.models.chat.load_image` to float
+  (3, H, W) tensors in [0, 1] and then through the model's own processor with
+  ``do_rescale=False``, so files and tensors follow one path.
+* Each conversation is encoded on its own and the batch is collated here: **left** padding for
+  :meth:`HFChatVLM.generate` (the model derives positions from the attention mask), **right**
+  padding for :meth:`HFChatVLM.score` (positions then equal those of a single conversation).
+
+Gradients through the pixels
+----------------------------
+transformers 5 image processors run on torch (torchvision backend): resize, centre crop, rescale
+and normalise are torch ops on the tensor. The processor's ``__call__`` however reads the processed
+pixels with numpy to count image placeholders, which fails on tensors that require grad. So each
+conversation is tokenised with *detached* copies of its images, and when any image requires grad
+the image processor alone is run again on the original tensors and its ``pixel_values`` (which
+keep the autograd graph back to the input tensors) replace the detached ones. The model's own
+weights are frozen (``requires_grad_(False)``), so the graph built by :meth:`HFChatVLM.score`
+reaches only the image tensors; without such images ``score`` runs under ``torch.no_grad``.
+
+Example::
+
+    vlm = create_chat_model("hf", path="/models/llava-1.5-7b-hf")
+    image = load_image("xray.png").requires_grad_(True)
+    [reply] = vlm.generate([[Message("user", "Which modality is this?", [image])]])
+    logp = vlm.score([[Message("user", "Describe it.", [image])]], ["Sure, here is"])
+    logp.sum().backward()  # image.grad now holds d log p / d pixels
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medshield.errors import DataError, InputError
+from medshield.models.chat import ChatVLM, Conversation, check_conversation, load_image
+from medshield.registry import CHAT_MODELS
+
+# Per-token inputs padded and extended with the text; every other tensor is per image.
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _read_template(template: str | Path) -> str:
+    """A Jinja template given as text or as the path of a file holding it."""
+    try:
+        is_file = "{" not in str(template) and Path(template).expanduser().is_file()
+    except OSError:  # a long template string is not a valid file name
+        is_file = False
+    if is_file:
+        return Path(template).expanduser().read_text(encoding="utf-8")
+    if not isinstance(template, str) or "{" not in template:
+        raise InputError(f"chat_template {template!r:.80} is neither a Jinja template nor a file")
+    return template
+
+
+@CHAT_MODELS.register(
+    "hf", "transformers image-text-to-text model from a local directory (LLaVA, Qwen2-VL, MedGemma)"
+)
+class HFChatVLM(ChatVLM):
+    """A transformers image-text-to-text model and its processor, loaded from a local directory.
+
+    Args:
+        path: directory of a Hugging Face checkpoint (config, weights, processor and tokenizer
+            files with a chat template).
+        device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the
+            checkpoint's dtype).
+        batch_size: conversations per forward pass; larger inputs are processed in chunks.
+        max_context: context length in tokens; defaults to the text model's
+            ``max_position_embeddings``.
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``, ``"sdpa"``).
+        chat_template: a Jinja chat template (string or ``.jinja`` file) that replaces the
+            checkpoint's; without one the processor's template is used, else the tokenizer's.
+
+    Raises:
+        DataError: ``path`` is not a directory or holds no readable image-text-to-text model.
+
+    Example::
+
+        vlm = HFChatVLM("/models/medgemma-4b-it", dtype="bfloat16", device="cuda")
+        replies = vlm.generate([[Message("user", "Is there a fracture?", ["hand.png"])]])
+    """
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        max_context: int | None = None,
+        attn_implementation: str | None = None,
+        chat_template: str | Path | None = None,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise DataError(
+                f"hf chat model path {directory} is not a directory; the hf backend loads local "
+                "Hugging Face folders (`huggingface-cli download REPO --local-dir DIR`)"
+            )
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            self.processor = AutoProcessor.from_pretrained(directory)
+            self.model = AutoModelForImageTextToText.from_pretrained(directory, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(
+                f"cannot load an image-text-to-text model and processor from {directory}: {e}"
+            ) from e
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is None or not hasattr(self.processor, "image_processor"):
+            raise DataError(f"the processor in {directory} has no tokenizer or image processor")
+        if chat_template is not None:
+            self.processor.chat_template = _read_template(chat_template)
+        elif not getattr(self.processor, "chat_template", None):
+            # older checkpoints keep the template in tokenizer_config.json only
+            self.processor.chat_template = getattr(self.tokenizer, "chat_template", None)
+        if not self.processor.chat_template:
+            raise DataError(
+                f"{directory} has no chat template (chat_template.jinja or in "
+                "tokenizer_config.json); pass chat_template="
+            )
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.path = directory
+        text_config = self.model.config.get_text_config()
+        self.max_context = int(max_context or getattr(text_config, "max_position_embeddings", 0))
+        if self.max_context <= 0:
+            raise DataError(f"cannot tell the context length of {directory}; pass max_context")
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        self.pad_token_id = int(pad) if pad is not None else 0
+        # image/video placeholders (Gemma 3: the processor's <start_of_image> and the
+        # tokenizer's <image_soft_token>); text containing them would misalign the images
+        candidates = [
+            getattr(owner, name, None)
+            for owner in (self.processor, self.tokenizer)
+            for name in ("image_token", "video_token")
+        ]
+        self._placeholders = list(dict.fromkeys(t for t in candidates if isinstance(t, str) and t))
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Answer each conversation with the model's chat template; greedy when temperature is 0.
+
+        New tokens are capped so prompt + answer fit the context (per chunk of ``batch_size``).
+
+        Raises:
+            InputError: a malformed conversation or image, ``max_new_tokens`` < 1, a negative
+                temperature, or a prompt that fills the model's context.
+
+        Example::
+
+            [answer] = vlm.generate([[Message("user", "What organ is shown?", [img])]], 32)
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise InputError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+            raise InputError(f"temperature must be a finite number, got {temperature!r}")
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {temperature}")
+        conversations = self._check_batch(conversations)
+        replies: list[str] = []
+        for start in range(0, len(conversations), self.batch_size):
+            chunk = conversations[start : start + self.batch_size]
+            encodings = [self._encode(c, start + i, keep_graph=False) for i, c in enumerate(chunk)]
+            longest = max(e["input_ids"].shape[1] for e in encodings)
+            room = self.max_context - longest
+            if room < 1:
+                i = max(range(len(encodings)), key=lambda j: encodings[j]["input_ids"].shape[1])
+                raise InputError(
+                    f"conversation {start + i}: the prompt is {longest} tokens, which fills the "
+                    f"model's context of {self.max_context} tokens"
+                )
+            batch = self._collate(encodings, side="left")
+            options: dict[str, Any] = {
+                "max_new_tokens": min(max_new_tokens, room),
+                "pad_token_id": self.pad_token_id,
+            }
+            if temperature > 0:
+                options.update(do_sample=True, temperature=float(temperature))
+            else:
+                options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                output = self.model.generate(**batch, **options)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            replies.extend(t.strip() for t in texts)
+        return replies
+
+    def score(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> torch.Tensor:
+        """Sum of token log-probabilities of each continuation as the assistant's reply.
+
+        The prompt is the chat template with the generation prompt; the continuation is tokenised
+        on its own (no special tokens) and appended, so its tokens are exactly those scored.
+        The result is a float32 (N,) tensor on the model's device; it carries the autograd graph
+        to every image tensor that requires grad (see the module docstring). An empty
+        continuation scores 0.
+
+        Raises:
+            InputError: mismatched lengths, a continuation that is not a string, a malformed
+                conversation or image, or prompt + continuation longer than the context.
+
+        Example::
+
+            image = load_image("ct.png").requires_grad_(True)
+            logp = vlm.score([[Message("user", "Explain.", [image])]], ["Sure, here is how"])
+            (-logp.sum()).backward()
+        """
+        conversations = self._check_batch(conversations)
+        if isinstance(continuations, str) or not isinstance(continuations, Sequence):
+            raise InputError("continuations must be a list of strings")
+        if len(continuations) != len(conversations):
+            raise InputError(
+                f"got {len(conversations)} conversations but {len(continuations)} continuations"
+            )
+        for i, text in enumerate(continuations):
+            if not isinstance(text, str):
+                raise InputError(f"continuation {i} is {type(text).__name__}, expected str")
+        scores: list[torch.Tensor] = []
+        for start in range(0, len(conversations), self.batch_size):
+            chunk = conversations[start : start + self.batch_size]
+            scores.append(
+                self._score_chunk(chunk, continuations[start : start + len(chunk)], start)
+            )
+        return torch.cat(scores)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_batch(self, conversations: Sequence[Conversation]) -> list[Conversation]:
+        if isinstance(conversations, str) or not isinstance(conversations, Sequence):
+            raise InputError("conversations must be a list of conversations (lists of Message)")
+        if not conversations:
+            raise InputError("no conversations given")
+        checked = []
+        for i, conversation in enumerate(conversations):
+            try:
+                checked.append(check_conversation(conversation))
+            except InputError as e:
+                raise InputError(f"conversation {i}: {e}") from None
+        return checked
+
+    def _encode(self, conversation: Conversation, index: int, keep_graph: bool) -> dict:
+        """One conversation -> processor outputs (batch of 1) on the model's device."""
+        messages, images = [], []
+        for m in conversation:
+            for token in self._placeholders:
+                if token in m.text:
+                    raise InputError(
+                        f"conversation {index}: message text contains the model's placeholder "
+                        f"token {token!r}; pass images through Message.images"
+                    )
+            content: list[dict[str, str]] = []
+            for image in m.images:
+                try:
+                    images.append(load_image(image))
+                except InputError as e:
+                    raise InputError(f"conversation {index}: {e}") from None
+                content.append({"type": "image"})
+            content.append({"type": "text", "text": m.text})
+            messages.append({"role": m.role, "content": content})
+        try:
+            prompt = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # jinja raises its own errors, e.g. "roles must alternate"
+            raise InputError(
+                f"conversation {index}: the model's chat template refused it: {e}"
+            ) from e
+        bos = self.tokenizer.bos_token
+        add_special = not (bos is not None and prompt.startswith(bos))
+        try:
+            encoding = self.processor(
+                text=[prompt],
+                images=[[im.detach() for im in images]] if images else None,
+                do_rescale=False,
+                add_special_tokens=add_special,
+                return_tensors="pt",
+            )
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise InputError(f"conversation {index}: the model's processor refused it: {e}") from e
+        encoding = dict(encoding)
+        if keep_graph and any(im.requires_grad for im in images):
+            self._attach_pixel_graph(encoding, images, index)
+        dtype = self.model.dtype
+        return {
+            k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in encoding.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    def _attach_pixel_graph(self, encoding: dict, images: list[torch.Tensor], index: int) -> None:
+        """Replace detached ``pixel_values`` with ones computed from the grad-carrying tensors."""
+        processed = self.processor.image_processor(images, do_rescale=False, return_tensors="pt")
+        for key, value in processed.items():
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                continue
+            old = encoding.get(key)
+            if old is None or old.shape != value.shape:
+                inside = None if old is None else tuple(old.shape)
+                raise InputError(
+                    f"conversation {index}: the image processor gave {key} of shape "
+                    f"{tuple(value.shape)} on its own but {inside} inside the processor; "
+                    "this model's pixels cannot be differentiated"
+                )
+            encoding[key] = value
+
+    def _collate(self, encodings: list[dict], side: str) -> dict[str, torch.Tensor]:
+        """Pad per-token tensors to one length (``side`` = "left"/"right"), concat the rest."""
+        length = max(e["input_ids"].shape[1] for e in encodings)
+        keys = list(dict.fromkeys(key for e in encodings for key in e))
+        batch: dict[str, torch.Tensor] = {}
+        for key in keys:
+            values = [e[key] for e in encodings if key in e]
+            if key in TOKEN_KEYS:
+                fill = self.pad_token_id if key == "input_ids" else 0
+                padded = []
+                for v in values:
+                    pad = v.new_full((1, length - v.shape[1]), fill)
+                    padded.append(torch.cat([pad, v] if side == "left" else [v, pad], dim=1))
+                batch[key] = torch.cat(padded)
+            else:  # per image (pixel_values, image_sizes, image_grid_thw, ...): in batch order
+                batch[key] = torch.cat(values)
+        return batch
+
+    def _score_chunk(
+        self, conversations: list[Conversation], continuations: Sequence[str], offset: int
+    ) -> torch.Tensor:
+        encodings, spans = [], []
+        for i, (conversation, text) in enumerate(zip(conversations, continuations, strict=True)):
+            encoding = self._encode(conversation, offset + i, keep_graph=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            n_prompt, n_cont = encoding["input_ids"].shape[1], len(ids)
+            if n_prompt + n_cont > self.max_context:
+                raise InputError(
+                    f"conversation {offset + i}: prompt ({n_prompt} tokens) + continuation "
+                    f"({n_cont} tokens) exceed the model's context of {self.max_context} tokens"
+                )
+            cont = torch.tensor([ids], dtype=encoding["input_ids"].dtype, device=self.device)
+            for key in TOKEN_KEYS:
+                if key in encoding:
+                    extra = cont if key == "input_ids" else torch.zeros_like(cont)
+                    if key == "attention_mask":
+                        extra = torch.ones_like(cont)
+                    encoding[key] = torch.cat([encoding[key], extra], dim=1)
+            encodings.append(encoding)
+            spans.append((n_prompt, n_cont))
+        batch = self._collate(encodings, side="right")
+        needs_graph = torch.is_grad_enabled() and any(
+            v.requires_grad for v in batch.values() if v.is_floating_point()
+        )
+        with torch.set_grad_enabled(needs_graph):
+            logits = self.model(**batch).logits
+            scores = []
+            for row, (n_prompt, n_cont) in enumerate(spans):
+                if n_cont == 0:
+                    scores.append(logits.new_zeros((), dtype=torch.float32))
+                    continue
+                step = logits[row, n_prompt - 1 : n_prompt + n_cont - 1].float()
+                target = batch["input_ids"][row, n_prompt : n_prompt + n_cont]
+                logp = torch.log_softmax(step, dim=-1).gather(1, target[:, None])
+                scores.append(logp.sum())
+            return torch.stack(scores)
