@@ -75,6 +75,16 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         console.print(table)
 
 
+def _print_sanity(sanity: dict[str, list[dict[str, Any]]]) -> None:
+    """One line per modality: how many robustness sanity flags passed, and each failure."""
+    for modality, flags in sanity.items():
+        failed = [f for f in flags if not f["passed"]]
+        status = "[green]all passed[/]" if not failed else f"[red]{len(failed)} FAILED[/]"
+        console.print(f"sanity flags robust_zero_shot/{modality}: {len(flags)} checks, {status}")
+        for f in failed:
+            console.print(f"  [red]{f['name']}[/]: {f['detail']}")
+
+
 @app.command()
 def pretrain(
     config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
@@ -104,7 +114,7 @@ def evaluate(
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Zero-shot, linear-probe, retrieval and VQA-RAD evaluation with 95% CIs."""
+    """Zero-shot, linear probe, robust accuracy, retrieval (clean, attacked), VQA-RAD; 95% CIs."""
     _offline_default()
     from medshield import workflows
     from medshield.runs import Run
@@ -118,6 +128,7 @@ def evaluate(
     except MedshieldError as exc:
         _fail(exc)
     _print_metrics(result["metrics"])
+    _print_sanity(result["sanity"])
     console.print(f"results in [bold]{run.path}[/]")
 
 
@@ -167,18 +178,132 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt 
     except MedshieldError as exc:
         _fail(exc)
     _print_metrics(ev["metrics"])
+    _print_sanity(ev["sanity"])
     console.print(
         f"demo finished in {results['wall_time_s']:.0f} s; run directory [bold]{run.path}[/] "
         "(config.yaml, results.json, samples.jsonl, model/)"
     )
 
 
+@app.command("train-vlm")
+def train_vlm(
+    config: ConfigOpt = None,
+    clip: Annotated[
+        Path | None, typer.Option(help="Saved mini-clip directory for the image tower.")
+    ] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Instruction-tune mini-llava and report VQA-RAD closed accuracy with/without the image."""
+    _offline_default()
+    from medshield.runs import Run
+    from medshield.train.vlm import load_vlm_config, run_train_vlm
+
+    try:
+        extra = [f"clip={clip}"] if clip is not None else []
+        cfg = load_vlm_config(config, [*(set_ or []), *extra])
+        run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
+        result = run_train_vlm(cfg, run)
+        run.write_results({"train_vlm": result}, seed=cfg.seed)
+    except MedshieldError as exc:
+        _fail(exc)
+    ev = result["vqa_rad_closed"]
+    for cond in ("image", "no_image", "shuffled_image", "majority_no"):
+        m = ev[cond]
+        console.print(
+            f"VQA-RAD closed ({ev['n']} yes/no) {cond}: {m['accuracy']:.3f} "
+            f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+        )
+    console.print(f"model saved to [bold]{result['model_dir']}[/]; run in {run.path}")
+
+
+@study_app.command("noise")
+def study_noise(
+    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+) -> None:
+    """Noise-level study: pretrain at each noise ratio x eps x seed, evaluate, aggregate."""
+    _offline_default()
+    from medshield.runs import Run
+    from medshield.studies.noise import load_noise_study_config, run_noise_study
+
+    try:
+        cfg = load_noise_study_config(config, set_)
+        run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
+        result = run_noise_study(cfg, run, log=console.print)
+        run.write_results(result, seed=cfg.base.seed)
+    except MedshieldError as exc:
+        _fail(exc)
+    console.print((run.path / "table.md").read_text())
+    console.print(f"study in [bold]{run.path}[/] (results.json, table.md, plots/, cells/)")
+
+
+@app.command()
+def finetune(
+    config: ConfigOpt = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Saved base model directory (model.checkpoint).")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="finetune.method, e.g. ran, lora.")] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Fine-tune one method on one modality; clean + PGD/APGD robust accuracy with 95% CIs."""
+    _offline_default()
+    from medshield.runs import Run
+    from medshield.train.finetune.workflow import (
+        finetune_run_dir,
+        load_finetune_config,
+        run_finetune,
+    )
+
+    try:
+        extra = [f"model.checkpoint={checkpoint}"] if checkpoint is not None else []
+        extra += [f"finetune.method={method}"] if method is not None else []
+        cfg = load_finetune_config(config, [*(set_ or []), *extra])
+        run = Run(finetune_run_dir(cfg), cfg, overwrite=overwrite)
+        result = run_finetune(cfg, run, log=console.print)
+        run.write_results({"finetune": result}, seed=cfg.seed)
+    except MedshieldError as exc:
+        _fail(exc)
+    for name, m in result["metrics"].items():
+        console.print(f"{name}: {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+    report = result["report"]
+    console.print(
+        f"trainable parameters {report['trainable_params']:,}, training {report['train_wall_s']}"
+        f" s, FLOPs x{report['overhead']['flops_ratio']:.4f}, latency "
+        f"x{report['overhead']['latency_ratio']:.2f}; run in [bold]{run.path}[/]"
+    )
+
+
+@study_app.command("finetune")
+def study_finetune(
+    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+) -> None:
+    """Fine-tuning comparison: checkpoints x methods x modalities x seeds, table and plots."""
+    _offline_default()
+    from medshield.runs import Run
+    from medshield.studies.finetune import load_study_config, run_study_finetune, study_run_dir
+
+    try:
+        cfg = load_study_config(config, set_)
+        run = Run(study_run_dir(cfg), cfg, overwrite=overwrite)
+        result = run_study_finetune(cfg, run, log=console.print)
+        run.write_results(result, seed=cfg.seeds[0])
+    except MedshieldError as exc:
+        _fail(exc)
+    console.print((run.path / "table.md").read_text())
+    console.print(f"study in [bold]{run.path}[/] (results.json, table.md/csv, plots, cells/)")
+
+
 @app.command("list")
 def list_(
-    kind: Annotated[str, typer.Argument(help="models | chat-models | attacks | methods | defenses | judges")],
+    kind: Annotated[
+        str, typer.Argument(help="models | chat-models | attacks | methods | defenses | judges")
+    ],
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
     import medshield.attacks  # noqa: F401  (registration)
+    import medshield.eval.judges  # noqa: F401
     import medshield.models  # noqa: F401
     from medshield.registry import REGISTRIES
 
@@ -189,6 +314,74 @@ def list_(
         console.print(f"no {kind} registered yet")
     for entry in entries:
         console.print(f"[bold]{entry.name}[/]  {entry.description}")
+
+
+# --- judges (medshield judges calibrate) ------------------------------------------------------
+judges_app = typer.Typer(
+    help="Response judges: agreement with the labelled response set.", no_args_is_help=True
+)
+app.add_typer(judges_app, name="judges")
+
+
+@judges_app.command("calibrate")
+def judges_calibrate(
+    judge: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--judge", "-j", help="Judge to calibrate (repeatable); default keyword, embedding."
+        ),
+    ] = None,
+    llm_model: Annotated[
+        str | None,
+        typer.Option("--llm-model", help="Chat-model backend for the llm judge (adds it)."),
+    ] = None,
+    llm_arg: Annotated[
+        list[str] | None,
+        typer.Option("--llm-arg", help="key=value argument of the llm judge's chat backend."),
+    ] = None,
+    labelled: Annotated[
+        Path | None,
+        typer.Option("--labelled", help="Labelled responses (jsonl); default: the shipped set."),
+    ] = None,
+) -> None:
+    """Accuracy and Cohen's kappa of each judge on the held-out labelled responses."""
+    _offline_default()
+    from medshield.eval.judges import create_judge, judge_agreement, load_labelled_responses
+
+    names = list(judge or ["keyword", "embedding"])
+    if llm_model and "llm" not in names:
+        names.append("llm")
+    try:
+        held_out = load_labelled_responses("heldout", labelled)
+        train = load_labelled_responses("train", labelled) if labelled else None
+        results = []
+        for name in names:
+            kwargs: dict[str, Any] = {}
+            if name == "embedding" and train is not None:
+                kwargs["train"] = train
+            if name == "llm":
+                if not llm_model:
+                    raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
+                import medshield.models  # noqa: F401  (registers the chat backends)
+
+                extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
+                kwargs.update(model=llm_model, **extra)
+            results.append(judge_agreement(create_judge(name, **kwargs), held_out))
+    except MedshieldError as exc:
+        _fail(exc)
+    table = Table(title=f"judge agreement on {len(held_out)} held-out labelled responses")
+    for column in ("judge", "accuracy", "Cohen's kappa", "refusal acc.", "refusal kappa", "n"):
+        table.add_column(column, justify="left" if column == "judge" else "right")
+    for r in results:
+        table.add_row(
+            r.judge,
+            f"{r.accuracy:.3f}",
+            f"{r.kappa:.3f}",
+            f"{r.refusal_accuracy:.3f}",
+            f"{r.refusal_kappa:.3f}",
+            str(r.n),
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,18 @@ data.modalities=[chest_xray,blood_cell]``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medshield.errors import ConfigError
 
-EvalTask = Literal["zero_shot", "linear_probe", "retrieval", "vqa_closed"]
+M = TypeVar("M", bound=BaseModel)
+
+EvalTask = Literal[
+    "zero_shot", "linear_probe", "robust_zero_shot", "retrieval", "retrieval_adv", "vqa_closed"
+]
 
 
 class _Strict(BaseModel):
@@ -61,16 +65,47 @@ class PretrainConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    """Downstream evaluation on test splits."""
+    """Downstream evaluation on test splits.
+
+    ``robust_zero_shot``: zero-shot accuracy under L-inf PGD at each of ``robust_eps`` (/255)
+    with ``attack_steps`` steps on ``robust_max_items`` images per modality, with sanity flags.
+    ``retrieval_adv``: retrieval with each query's image-caption pair perturbed by the
+    registered multimodal ``retrieval_attack`` (``retrieval_attack_kwargs``, e.g. ``eps``).
+    ``vqa_attack_eps``: VQA-RAD closed questions are also answered on PGD-perturbed images
+    (None: clean only).
+    """
 
     tasks: list[EvalTask] = Field(
-        default_factory=lambda: ["zero_shot", "linear_probe", "retrieval", "vqa_closed"]
+        default_factory=lambda: [
+            "zero_shot",
+            "linear_probe",
+            "robust_zero_shot",
+            "retrieval",
+            "retrieval_adv",
+            "vqa_closed",
+        ]
     )
     max_test_items: int | None = Field(None, ge=1)
     linear_probe_max_train: int | None = Field(None, ge=1)
     retrieval_per_class_cap: int | None = Field(20, ge=1)
     vqa_epochs: int = Field(30, ge=1)
     bootstrap_resamples: int = Field(1000, ge=10)
+    robust_eps: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
+    robust_max_items: int | None = Field(200, ge=1)
+    attack_steps: int = Field(10, ge=1)
+    retrieval_attack: str = "co-attack"
+    retrieval_attack_kwargs: dict[str, Any] = Field(default_factory=lambda: {"eps": 2.0})
+    retrieval_adv_per_class_cap: int | None = Field(5, ge=1)
+    vqa_attack_eps: float | None = Field(2.0, gt=0, le=255)
+
+    @field_validator("robust_eps")
+    @classmethod
+    def _budgets(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v <= 255 for v in values) or len(set(values)) != len(values):
+            raise ValueError(
+                f"robust_eps must be distinct budgets in (0, 255] /255 units: {values}"
+            )
+        return sorted(values)
 
 
 class NoiseConfig(_Strict):
@@ -116,8 +151,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
+def load_yaml_model(
+    model: type[M], path: str | Path | None = None, overrides: list[str] | None = None
+) -> M:
+    """Read a YAML file into the pydantic ``model`` (defaults when ``path`` is None), after
+    applying ``key.sub=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -131,10 +169,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
+    return load_yaml_model(RunConfig, path, overrides)
 
 
 def dump_config(config: BaseModel) -> str:

@@ -7,6 +7,7 @@ only parses arguments and calls these, so everything here is importable and scri
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-import medshield.attacks  # noqa: F401  (registers the attacks)
+from medshield.attacks import MultimodalAttack  # also registers the attacks
 from medshield.config import RunConfig
 from medshield.data import ImageCaptionDataset, available_modalities, get_modality
-from medshield.errors import ConfigError, DataError
+from medshield.errors import ConfigError, DataError, InputError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import summarize
-from medshield.eval.retrieval import retrieval_rows
+from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
+from medshield.eval.robust import robust_flags, robust_zero_shot_rows
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
@@ -69,14 +71,23 @@ def run_dir(config: RunConfig) -> Path:
 
 
 def run_pretrain(
-    config: RunConfig, run: Run, model: DualEncoder, log: Log = print
+    config: RunConfig,
+    run: Run,
+    model: DualEncoder,
+    log: Log = print,
+    dataset: Dataset | None = None,
+    save: bool = True,
 ) -> dict[str, Any]:
     """Pretrain ``model`` on the train splits of the configured modalities, resumably.
 
-    The final model is saved to ``<run>/model``; per-epoch rows go to ``samples.jsonl``.
+    ``dataset`` replaces the configured data (e.g. a :class:`~medshield.noise.NoisyMix`). The
+    final model is saved to ``<run>/model`` when ``save``; per-epoch rows go to
+    ``samples.jsonl``.
     """
-    if config.data.noisy_dataset:
-        dataset: Dataset = NoisyCaptionDataset(config.data.noisy_dataset)
+    if dataset is not None:
+        modalities = list(dict.fromkeys(dataset.modality_of))
+    elif config.data.noisy_dataset:
+        dataset = NoisyCaptionDataset(config.data.noisy_dataset)
         modalities = list(dict.fromkeys(dataset.modality_of))
         log(
             f"using the noisy dataset {config.data.noisy_dataset} "
@@ -94,13 +105,19 @@ def run_pretrain(
     run.append_samples(
         {"task": "pretrain", **e} for e in history["epochs"] if e["epoch"] not in done
     )
-    save_model(model, run.path / "model")
+    if save:
+        save_model(model, run.path / "model")
     return {
         "modalities": modalities,
         "train_pairs": len(dataset),
         "history": history,
-        "model_dir": str(run.path / "model"),
+        "model_dir": str(run.path / "model") if save else None,
     }
+
+
+def remove_checkpoints(run_path: Path) -> None:
+    """Delete a finished run's training checkpoints (the saved model and rows stay)."""
+    shutil.rmtree(run_path / "checkpoints", ignore_errors=True)
 
 
 def run_craft_noise(config: RunConfig, run: Run, log: Log = print) -> dict[str, Any]:
@@ -110,11 +127,7 @@ def run_craft_noise(config: RunConfig, run: Run, log: Log = print) -> dict[str, 
     clean pairs are those pretraining would read from ``noise.split``.
     """
     noise = config.noise
-    attack_class = ATTACKS.get(noise.attack)
-    try:
-        attack = attack_class(eps=noise.eps, **noise.attack_kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"noise.attack_kwargs do not fit {noise.attack!r}: {exc}") from None
+    attack = build_multimodal_attack(noise.attack, {"eps": noise.eps, **noise.attack_kwargs})
     modalities = resolve_modalities(config, noise.split)
     clean = _clean_pairs(config, modalities, noise.split)
     surrogate = build_model(config)
@@ -192,6 +205,21 @@ def run_evaluate(config: RunConfig, run: Run, model: DualEncoder, log: Log = pri
                     ),
                 )
             )
+        if "robust_zero_shot" in ev.tasks:
+            jobs.append(
+                (
+                    f"robust_zero_shot/{m}",
+                    lambda m=m: robust_zero_shot_rows(
+                        model,
+                        m,
+                        eps_values=ev.robust_eps,
+                        steps=ev.attack_steps,
+                        max_items=ev.robust_max_items,
+                        seed=seed,
+                        data_dir=data_dir,
+                    ),
+                )
+            )
     if "retrieval" in ev.tasks:
         jobs.append(
             (
@@ -205,11 +233,33 @@ def run_evaluate(config: RunConfig, run: Run, model: DualEncoder, log: Log = pri
                 ),
             )
         )
+    if "retrieval_adv" in ev.tasks:
+        attack = build_multimodal_attack(ev.retrieval_attack, ev.retrieval_attack_kwargs)
+        jobs.append(
+            (
+                "retrieval_adv/all",
+                lambda: adversarial_retrieval_rows(
+                    model,
+                    modalities,
+                    attack,
+                    per_class_cap=ev.retrieval_adv_per_class_cap,
+                    seed=seed,
+                    data_dir=data_dir,
+                ),
+            )
+        )
     if "vqa_closed" in ev.tasks:
         jobs.append(
             (
                 "vqa_closed/radiology",
-                lambda: vqa_closed_rows(model, epochs=ev.vqa_epochs, seed=seed, data_dir=data_dir),
+                lambda: vqa_closed_rows(
+                    model,
+                    epochs=ev.vqa_epochs,
+                    seed=seed,
+                    data_dir=data_dir,
+                    attack_eps=ev.vqa_attack_eps,
+                    attack_steps=ev.attack_steps,
+                ),
             )
         )
 
@@ -229,4 +279,32 @@ def run_evaluate(config: RunConfig, run: Run, model: DualEncoder, log: Log = pri
 
     rows = [r for r in run.load_samples() if "group" in r]
     metrics = summarize(rows, n_resamples=ev.bootstrap_resamples)
-    return {"modalities": modalities, "metrics": metrics, "skipped": skipped}
+    sanity = robust_sanity(rows)
+    for modality, flags in sanity.items():
+        for flag in flags:
+            if not flag["passed"]:
+                log(f"  SANITY FAIL robust_zero_shot/{modality} {flag['name']}: {flag['detail']}")
+    return {"modalities": modalities, "metrics": metrics, "sanity": sanity, "skipped": skipped}
+
+
+def robust_sanity(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Sanity flags of the robust zero-shot rows, per modality (JSON-ready)."""
+    by_modality: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("task") == "robust_zero_shot":
+            by_modality.setdefault(r["modality"], []).append(r)
+    return {
+        m: [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in robust_flags(group)]
+        for m, group in sorted(by_modality.items())
+    }
+
+
+def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:
+    """The registered multimodal attack ``name`` built with ``kwargs``, or a ConfigError."""
+    attack_class = ATTACKS.get(name)
+    if not (isinstance(attack_class, type) and issubclass(attack_class, MultimodalAttack)):
+        raise ConfigError(f"{name!r} is not a multimodal (image-text pair) attack")
+    try:
+        return attack_class(**kwargs)
+    except (TypeError, InputError) as exc:
+        raise ConfigError(f"the arguments {kwargs} do not fit attack {name!r}: {exc}") from None

@@ -26,8 +26,11 @@ from medshield.errors import InputError
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "zero_shot": ("label", "pred", "scores"),
     "linear_probe": ("label", "pred", "scores"),
+    "robust_zero_shot": ("clean_correct", "robust_correct"),
     "retrieval_i2t": ("rank",),
     "retrieval_t2i": ("rank",),
+    "retrieval_i2t_adv": ("rank",),
+    "retrieval_t2i_adv": ("rank",),
     "vqa_closed": ("correct",),
 }
 RECALL_KS = (1, 5, 10)
@@ -276,7 +279,17 @@ def _group_estimates(
             "accuracy": _indicator_estimate(pred == labels, n_resamples, seed),
             "macro_auc": _Estimate(macro_auc(scores, labels), auc_samples, len(rows)),
         }
-    if task in ("retrieval_i2t", "retrieval_t2i"):
+    if task == "robust_zero_shot":
+        estimates = {
+            "clean_accuracy": _indicator_estimate(
+                np.array([bool(r["clean_correct"]) for r in rows]), n_resamples, seed
+            )
+        }
+        for key in sorted(rows[0]["robust_correct"], key=float):
+            robust = np.array([bool(r["robust_correct"][key]) for r in rows])
+            estimates[f"robust_accuracy@{key}"] = _indicator_estimate(robust, n_resamples, seed)
+        return estimates
+    if task.startswith("retrieval_"):
         ranks = np.array([r["rank"] for r in rows], dtype=np.int64)
         return {f"R@{k}": _indicator_estimate(ranks < k, n_resamples, seed) for k in RECALL_KS}
     # vqa_closed
@@ -288,6 +301,9 @@ def _group_estimates(
     if all("majority_correct" in r for r in rows):
         majority = np.array([bool(r["majority_correct"]) for r in rows])
         estimates["majority_baseline"] = _indicator_estimate(majority, n_resamples, seed)
+    if all("robust_correct" in r for r in rows):
+        robust = np.array([bool(r["robust_correct"]) for r in rows])
+        estimates["robust_accuracy"] = _indicator_estimate(robust, n_resamples, seed)
     return estimates
 
 
@@ -350,9 +366,14 @@ def summarize(
 
     - ``zero_shot``, ``linear_probe``: ``accuracy`` and ``macro_auc`` (rows need ``label``,
       ``pred``, ``scores``);
-    - ``retrieval_i2t``, ``retrieval_t2i``: ``R@1``, ``R@5``, ``R@10`` (rows need ``rank``);
+    - ``robust_zero_shot``: ``clean_accuracy`` and ``robust_accuracy@<eps>`` per budget (rows
+      need ``clean_correct`` and a ``robust_correct`` dict keyed by budget, see
+      :mod:`medshield.eval.robust`);
+    - ``retrieval_i2t``, ``retrieval_t2i`` and their ``_adv`` versions (queries under a
+      multimodal attack): ``R@1``, ``R@5``, ``R@10`` (rows need ``rank``);
     - ``vqa_closed``: ``accuracy`` (rows need ``correct``) and, when every row has
-      ``majority_correct``, ``majority_baseline``.
+      ``majority_correct``, ``majority_baseline``; when every row has ``robust_correct``,
+      ``robust_accuracy``.
 
     Each task also gets ``"mean"``: the unweighted mean over its modalities (modalities where a
     metric is undefined are left out of that metric's mean; the interval is a stratified

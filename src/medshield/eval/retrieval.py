@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from medshield import data
+from medshield.attacks.multimodal import MultimodalAttack
 from medshield.errors import InputError
 from medshield.eval.features import embed_images, embed_texts
 from medshield.models.base import DualEncoder
@@ -90,6 +92,61 @@ def _ranks(
     )
 
 
+def _pool(
+    modalities: Sequence[str],
+    split: str,
+    per_class_cap: int | None,
+    seed: int,
+    data_dir: str | Path | None,
+) -> tuple[list[dict[str, Any]], list[torch.Tensor], list[str], np.ndarray]:
+    """Row metadata, [0, 1] images per modality (channel counts differ between modalities),
+    one caption per image and (modality, label) keys."""
+    if isinstance(modalities, str) or not modalities:
+        raise InputError("modalities must be a non-empty list of modality names")
+    meta: list[dict[str, Any]] = []
+    images, captions, keys = [], [], []
+    key_ids: dict[tuple[str, int], int] = {}
+    seen: set[str] = set()
+    for name in modalities:
+        samples = data.load_split(name, split, data_dir)
+        mod = samples.modality
+        if mod.name in seen:
+            raise InputError(f"modality {mod.name!r} is given twice in {list(modalities)}")
+        seen.add(mod.name)
+        indices = data.class_balanced_indices(samples.labels, per_class_cap, seed)
+        rng = random.Random(f"{seed}:{mod.name}")
+        for index, label in zip(indices, samples.labels[indices], strict=True):
+            captions.append(mod.sample_caption(int(label), rng))
+            keys.append(key_ids.setdefault((mod.name, int(label)), len(key_ids)))
+            meta.append({"modality": mod.name, "index": int(index), "label": int(label)})
+        images.append(samples.tensor(indices))
+    return meta, images, captions, np.array(keys)
+
+
+def _rows(
+    task: str,
+    meta: list[dict[str, Any]],
+    image_queries: torch.Tensor,
+    text_queries: torch.Tensor,
+    image_gallery: torch.Tensor,
+    text_gallery: torch.Tensor,
+    captions: list[str],
+    keys: np.ndarray,
+    extra: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    first = [captions.index(c) for c in dict.fromkeys(captions)]  # one row per distinct caption
+    i2t = _ranks(image_queries, text_gallery[first], keys, keys[first])
+    t2i = _ranks(text_queries, image_gallery, keys, keys)
+    extra = extra or [{} for _ in meta]
+    return [
+        {"task": f"retrieval_i2t{task}", **m, "rank": int(r)}
+        for m, r in zip(meta, i2t, strict=True)
+    ] + [
+        {"task": f"retrieval_t2i{task}", **m, "caption": c, **e, "rank": int(r)}
+        for m, c, e, r in zip(meta, captions, extra, t2i, strict=True)
+    ]
+
+
 def retrieval_rows(
     model: DualEncoder,
     modalities: Sequence[str],
@@ -118,36 +175,70 @@ def retrieval_rows(
         InputError: no modality, or a modality given twice.
         DataError: a split cannot be loaded.
     """
-    if isinstance(modalities, str) or not modalities:
-        raise InputError("modalities must be a non-empty list of modality names")
-    meta: list[dict[str, Any]] = []
-    image_embeddings, captions, keys = [], [], []
-    key_ids: dict[tuple[str, int], int] = {}
-    seen: set[str] = set()
-    for name in modalities:
-        samples = data.load_split(name, split, data_dir)
-        mod = samples.modality
-        if mod.name in seen:
-            raise InputError(f"modality {mod.name!r} is given twice in {list(modalities)}")
-        seen.add(mod.name)
-        indices = data.class_balanced_indices(samples.labels, per_class_cap, seed)
-        rng = random.Random(f"{seed}:{mod.name}")
-        for index, label in zip(indices, samples.labels[indices], strict=True):
-            caption = mod.sample_caption(int(label), rng)
-            captions.append(caption)
-            keys.append(key_ids.setdefault((mod.name, int(label)), len(key_ids)))
-            meta.append({"modality": mod.name, "index": int(index), "label": int(label)})
-        image_embeddings.append(embed_images(model, samples.tensor(indices), batch_size))
+    meta, images, captions, keys = _pool(modalities, split, per_class_cap, seed, data_dir)
+    image_embeddings = torch.cat([embed_images(model, x, batch_size) for x in images])
+    text_embeddings = embed_texts(model, captions, batch_size)
+    return _rows(
+        "",
+        meta,
+        image_embeddings,
+        text_embeddings,
+        image_embeddings,
+        text_embeddings,
+        captions,
+        keys,
+    )
 
-    images = torch.cat(image_embeddings)
-    texts = embed_texts(model, captions, batch_size)
-    key_array = np.array(keys)
-    first = [captions.index(c) for c in dict.fromkeys(captions)]  # one row per distinct caption
-    i2t = _ranks(images, texts[first], key_array, key_array[first])
-    t2i = _ranks(texts, images, key_array, key_array)
-    return [
-        {"task": "retrieval_i2t", **m, "rank": int(r)} for m, r in zip(meta, i2t, strict=True)
-    ] + [
-        {"task": "retrieval_t2i", **m, "caption": c, "rank": int(r)}
-        for m, c, r in zip(meta, captions, t2i, strict=True)
-    ]
+
+def adversarial_retrieval_rows(
+    model: DualEncoder,
+    modalities: Sequence[str],
+    attack: MultimodalAttack,
+    split: str = "test",
+    per_class_cap: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Retrieval with every query attacked by a multimodal attack on its image-caption pair.
+
+    Each (image, caption) pair of the pool (the same pool and captions as
+    :func:`retrieval_rows` with the same arguments) is perturbed together by ``attack``, as in
+    the Co-Attack and SGA papers' retrieval evaluation: image-to-text queries are the
+    adversarial images, ranked against the clean distinct captions; text-to-image queries are
+    the adversarial captions, ranked against the clean images. Rows have tasks
+    ``retrieval_i2t_adv`` / ``retrieval_t2i_adv``; text rows also record ``adv_caption``.
+
+    Args:
+        model: the dual encoder attacked and evaluated (white-box).
+        modalities, split, per_class_cap, seed, data_dir: as in :func:`retrieval_rows`.
+        attack: a multimodal attack, e.g. :class:`~medshield.attacks.CoAttack`.
+        batch_size: pairs per attack call.
+    """
+    meta, images, captions, keys = _pool(modalities, split, per_class_cap, seed, data_dir)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    device = next(model.parameters()).device
+    batches = [(x, start) for x in images for start in range(0, len(x), batch_size)]
+    adv_embeddings, adv_captions = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for x, start in tqdm(batches, desc=f"retrieval under {attack.name}", unit="batch"):
+            batch = x[start : start + batch_size]
+            first = len(adv_captions)  # batches run in pool order, so captions line up
+            result = attack(model, batch.to(device), captions[first : first + len(batch)])
+            adv_embeddings.append(embed_images(model, result.images.detach().cpu()))
+            adv_captions.extend(result.captions)
+    clean_images = torch.cat([embed_images(model, x) for x in images])
+    clean_texts = embed_texts(model, captions)
+    return _rows(
+        "_adv",
+        meta,
+        torch.cat(adv_embeddings),
+        embed_texts(model, adv_captions),
+        clean_images,
+        clean_texts,
+        captions,
+        keys,
+        extra=[{"adv_caption": c} for c in adv_captions],
+    )

@@ -175,8 +175,15 @@ def vqa_closed_rows(
     data_dir: str | Path | None = None,
     image_size: int = 64,
     batch_size: int = 256,
+    attack_eps: float | None = None,
+    attack_steps: int = 10,
 ) -> list[dict[str, Any]]:
     """Train a fusion head on VQA-RAD closed train questions; one row per closed test question.
+
+    With ``attack_eps``, every test question is also answered on its image perturbed by L-inf
+    PGD (white-box through the image tower and the trained head, untargeted on the true answer,
+    step ``eps / 4``, random start); rows then hold ``adv_pred``, ``adv_correct`` and
+    ``robust_correct`` (right both clean and adversarial), and ``attack_eps``.
 
     Args:
         model: the frozen dual encoder (left in the train/eval mode it was in).
@@ -185,6 +192,8 @@ def vqa_closed_rows(
         data_dir: data root (see :func:`medshield.data.load_vqa_rad`).
         image_size: side the radiology images are loaded at before the model resizes them.
         batch_size: items per embedding forward pass.
+        attack_eps: L-inf budget in /255 units of the image attack; None: no attack.
+        attack_steps: PGD iterations of the image attack.
 
     Raises:
         DataError: VQA-RAD missing or without closed questions in a split.
@@ -203,7 +212,7 @@ def vqa_closed_rows(
     test_images, test_texts = _embed_items(model, test, image_size, batch_size)
     with evaluating(head):
         preds = head(test_images, test_texts).argmax(dim=1).tolist()
-    return [
+    rows = [
         {
             "task": "vqa_closed",
             "modality": "radiology",
@@ -216,3 +225,61 @@ def vqa_closed_rows(
         }
         for item, p in zip(test, preds, strict=True)
     ]
+    if attack_eps is None:
+        return rows
+    # An answer never seen in training cannot be right; attack the predicted one instead.
+    labels = torch.tensor(
+        [answer_index.get(r["answer"], p) for r, p in zip(rows, preds, strict=True)]
+    )
+    images = torch.stack([data.load_vqa_image(item.image_path, size=image_size) for item in test])
+    adv_preds = _attacked_predictions(
+        model, head, images, test_texts, labels, attack_eps, attack_steps, seed
+    )
+    for row, p in zip(rows, adv_preds, strict=True):
+        row["attack_eps"] = float(attack_eps)
+        row["adv_pred"] = vocabulary[p]
+        row["adv_correct"] = vocabulary[p] == row["answer"]
+        row["robust_correct"] = row["correct"] and row["adv_correct"]
+    return rows
+
+
+class _AnswerClassifier(nn.Module):
+    """Images -> answer logits for a fixed batch of question embeddings (set per batch)."""
+
+    def __init__(self, model: DualEncoder, head: CoAttentionFusionHead) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+        self.questions: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.questions is None or len(self.questions) != len(images):
+            raise InputError("set .questions to one question embedding per image first")
+        return self.head(self.model.encode_image(images), self.questions)
+
+
+def _attacked_predictions(
+    model: DualEncoder,
+    head: CoAttentionFusionHead,
+    images: torch.Tensor,
+    questions: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+) -> list[int]:
+    from medshield.attacks.pgd import PGD  # attacks import eval.features: avoid a cycle
+
+    classifier = _AnswerClassifier(model, head)
+    attack = PGD(classifier, eps=eps, alpha=eps / 4, steps=steps, random_start=True)
+    device = next(model.parameters()).device
+    preds: list[int] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(images), batch_size):
+            classifier.questions = questions[start : start + batch_size].to(device)
+            x = images[start : start + batch_size].to(device)
+            adv = attack(x, labels[start : start + batch_size].to(device))
+            with evaluating(classifier):
+                preds.extend(classifier(adv).argmax(dim=1).tolist())
+    return preds

@@ -7,9 +7,11 @@ from medshield.noise.craft import (
     state_dict_sha256,
 )
 from medshield.noise.dataset import NoisyCaptionDataset
+from medshield.noise.mix import NoisyMix
 
 __all__ = [
     "NoisyCaptionDataset",
+    "NoisyMix",
     "choose_perturbed",
     "craft_noisy_dataset",
     "file_sha256",

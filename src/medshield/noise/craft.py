@@ -88,8 +88,10 @@ def choose_perturbed(modality_of: list[str], ratio: float, seed: int) -> list[in
     """The sorted row indices to perturb: exactly ``ratio * N`` rounded half up, stratified.
 
     Each modality gets its share of the total by largest remainder (ties: modality order of
-    first appearance), and its rows are drawn without replacement by a generator seeded with
-    ``seed``.
+    first appearance), and its rows are the first ones of a permutation drawn by a generator
+    seeded with ``seed``. So for one seed the choice is nested: the rows chosen at a smaller
+    ratio are among those chosen at a larger one (a noise-ratio sweep adds noise, it does not
+    draw a new sample at every ratio).
 
     Raises:
         InputError: ``ratio`` outside [0, 1].
@@ -111,7 +113,7 @@ def choose_perturbed(modality_of: list[str], ratio: float, seed: int) -> list[in
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     for name, rows in groups.items():
-        chosen.extend(int(i) for i in rng.choice(rows, size=counts[name], replace=False))
+        chosen.extend(int(i) for i in rng.permutation(rows)[: counts[name]])
     return sorted(chosen)
 
 
@@ -198,7 +200,7 @@ def craft_noisy_dataset(
     if (out / MANIFEST).exists():
         return out
 
-    captions = _epoch0_captions(clean)
+    captions = epoch0_captions(clean)
     budget_255 = float(eps) + ROUNDING_SLACK_255
     batches = [perturbed[i : i + batch_size] for i in range(0, len(perturbed), batch_size)]
     todo = [b for b in range(len(batches)) if not (out / SHARD_PATTERN.format(b)).exists()]
@@ -264,7 +266,7 @@ def _start_or_resume(out: Path, args: dict[str, Any]) -> None:
     _write_atomic(progress_path, (json.dumps(args, indent=2) + "\n").encode())
 
 
-def _epoch0_captions(clean: ImageCaptionDataset) -> list[str]:
+def epoch0_captions(clean: ImageCaptionDataset) -> list[str]:
     """Every item's caption at epoch 0, leaving the dataset's own epoch as it was."""
     epoch = clean.epoch
     clean.set_epoch(0)
