@@ -1,0 +1,403 @@
+"""External safety sets loaded from their files, for transfer evaluation.
+
+Files under the data root (see :func:`medshield.data.data_root`), as in ``shared/data``:
+
+- ``medsafetybench/{train,test}/{gpt4,llama2}/med_safety_demonstrations_category_<k>.csv``
+  (columns ``harmful_medical_request``, ``safe_response``) and
+  ``medsafetybench/med_harm_llama3/category_<k>.txt`` (one request per line); k = 1..9 are the
+  AMA medical-ethics principles the requests violate (Han et al., MedSafetyBench, 2024);
+- ``figstep/safebench.csv`` and ``figstep/SafeBench-Tiny.csv`` (columns ``category_name``,
+  ``question``, ``instruction``, ...) and ``figstep/benign_sentences_without_harmful_phase.csv``
+  (column ``sentence``) (Gong et al., FigStep, 2023);
+- ``jailbreakbench/harmful-behaviors.csv`` and ``jailbreakbench/benign-behaviors.csv`` (columns
+  ``goal``, ``target``, ``behavior``, ``category``, any capitalisation; Chao et al., 2024). The two
+  files are aligned row by row (benign behaviour i is the matched twin of harmful behaviour i), so
+  items loaded together carry each other's id in ``twin_id``.
+
+These requests are text only; each item is paired with an image of a *stated* modality (the
+``modality`` argument): the test image at index ``crc32(text) mod N``, so the pairing is stable.
+Categories are kept from the source, prefixed with its name (``"jailbreakbench:Malware/Hacking"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medshield.data.medmnist import data_root, load_split
+from medshield.data.modalities import get_modality
+from medshield.data.safety.benchmark import (
+    RADIOLOGY,
+    ImageRef,
+    SafetyItem,
+    build_benchmark,
+    item_id,
+)
+from medshield.data.vqa_rad import load_vqa_rad
+from medshield.errors import DataError, InputError, UnknownNameError
+
+DEFAULT_MODALITY = "chest_xray"
+SOURCES = (
+    "medshield",
+    "medsafetybench",
+    "figstep",
+    "figstep-tiny",
+    "figstep-benign",
+    "jailbreakbench",
+)
+MEDSAFETYBENCH_SPLITS = ("train", "test", "med_harm_llama3")
+_OPTIONS: dict[str, set[str]] = {
+    "medsafetybench": {"split", "generators", "limit_per_category"},
+    "figstep": {"include_benign"},
+    "figstep-tiny": {"include_benign"},
+}
+MEDSAFETYBENCH_GENERATORS = ("gpt4", "llama2")
+
+
+# --- file reading --------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a csv file with lower-cased, stripped column names; every required column present
+    and non-empty in every row."""
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found. Set MEDSHIELD_DATA_DIR to a directory holding the safety data "
+            "files (see shared/data/SOURCES.md for where each file comes from)."
+        )
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            records = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(
+            f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a "
+            "UTF-8 csv file. Replace it with a fresh copy."
+        ) from exc
+    if header is None:
+        raise DataError(f"{path} is empty; expected a csv header with {', '.join(required)}")
+    columns = [c.strip().lower() for c in header]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path} lacks the column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}"
+        )
+    rows = []
+    for line, record in enumerate(records, start=2):
+        if not any(cell.strip() for cell in record):
+            continue
+        if len(columns) == 1 and len(record) > 1:  # a one-column file with unquoted commas
+            record = [",".join(record)]
+        if len(record) != len(columns):
+            raise DataError(
+                f"{path}, line {line}: {len(record)} fields but the header has {len(columns)}"
+            )
+        row = {c: cell.strip() for c, cell in zip(columns, record, strict=True)}
+        empty = [c for c in required if not row[c]]
+        if empty:
+            raise DataError(f"{path}, line {line}: empty {', '.join(empty)}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path} has a header but no rows")
+    return rows
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    if "\x00" in text:
+        raise DataError(f"{path} contains NUL bytes; it is not a text file")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path} holds no requests")
+    return lines
+
+
+# --- image pairing -------------------------------------------------------------------------------
+
+
+def _image_picker(modality: str, data_dir: str | Path | None) -> Callable[[str], ImageRef]:
+    """A function text -> the test image of ``modality`` paired with it (stable hash pairing)."""
+    if modality == RADIOLOGY:
+        names = sorted({(q.image_path.name, q.qid) for q in load_vqa_rad("test", data_dir)})
+        by_name = dict(names[::-1])  # smallest qid per image
+        images = sorted(by_name)
+
+        def pick_vqa(text: str) -> ImageRef:
+            name = images[zlib.crc32(text.encode()) % len(images)]
+            return ImageRef("vqa_rad", RADIOLOGY, "test", by_name[name], name)
+
+        return pick_vqa
+    name = get_modality(modality).name
+    size = len(load_split(name, "test", data_dir, download=False))
+    if size == 0:
+        raise DataError(f"the {name} test split is empty; cannot pair requests with its images")
+
+    def pick(text: str) -> ImageRef:
+        return ImageRef("medmnist", name, "test", zlib.crc32(text.encode()) % size)
+
+    return pick
+
+
+def _item(
+    source: str,
+    kind: str,
+    category: str,
+    text: str,
+    image: ImageRef,
+    meta: dict[str, Any],
+    template: str = "",
+) -> SafetyItem:
+    return SafetyItem(
+        id=item_id("x", source, kind, category, image.modality, image.key(), text),
+        kind=kind,  # type: ignore[arg-type]
+        category=category,
+        modality=image.modality,
+        text=text,
+        image=image,
+        twin_id=None,
+        answer=None,
+        source=source,
+        template=template,
+        meta=meta,
+    )
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+
+def load_medsafetybench(
+    split: str = "test",
+    generators: Sequence[str] = MEDSAFETYBENCH_GENERATORS,
+    modality: str = DEFAULT_MODALITY,
+    data_dir: str | Path | None = None,
+    limit_per_category: int | None = None,
+) -> list[SafetyItem]:
+    """MedSafetyBench harmful medical requests (all harmful; category ``medsafetybench:<k>``).
+
+    Args:
+        split: ``"train"`` or ``"test"`` (the csv demonstrations, ``meta["safe_response"]`` holds
+            the reference refusal), or ``"med_harm_llama3"`` (about 8000 requests per category,
+            so ``limit_per_category`` is advised).
+        generators: for the csv splits, which generator folders (``gpt4``, ``llama2``) to read.
+        modality: modality of the images the requests are paired with.
+        data_dir: data root.
+        limit_per_category: keep the first n requests of each category (per generator).
+
+    Raises:
+        DataError: missing directory or files, corrupt file, bad split or generator.
+    """
+    if split not in MEDSAFETYBENCH_SPLITS:
+        raise DataError(
+            f"unknown MedSafetyBench split {split!r}; expected one of "
+            f"{', '.join(MEDSAFETYBENCH_SPLITS)}"
+        )
+    unknown = [g for g in generators if g not in MEDSAFETYBENCH_GENERATORS]
+    if unknown or not generators:
+        raise DataError(
+            f"unknown MedSafetyBench generator(s) {unknown or list(generators)}; expected a "
+            f"non-empty subset of {', '.join(MEDSAFETYBENCH_GENERATORS)}"
+        )
+    _check_limit(limit_per_category)
+    root = data_root(data_dir) / "medsafetybench"
+    if not root.is_dir():
+        raise DataError(
+            f"MedSafetyBench directory {root} not found. Set MEDSHIELD_DATA_DIR to a directory "
+            "whose medsafetybench/ folder holds the files of AI4LIFE-GROUP/med-safety-bench."
+        )
+    pick = _image_picker(modality, data_dir)
+    items: list[SafetyItem] = []
+    for k in range(1, 10):
+        category = f"medsafetybench:{k}"
+        if split == "med_harm_llama3":
+            lines = _read_lines(root / split / f"category_{k}.txt")[:limit_per_category]
+            for i, text in enumerate(lines):
+                meta = {"file": f"{split}/category_{k}.txt", "row": i}
+                items.append(_item("medsafetybench", "harmful", category, text, pick(text), meta))
+            continue
+        for gen in generators:
+            path = root / split / gen / f"med_safety_demonstrations_category_{k}.csv"
+            rows = _read_csv(path, ("harmful_medical_request", "safe_response"))
+            for i, row in enumerate(rows[:limit_per_category]):
+                text = row["harmful_medical_request"]
+                meta = {
+                    "file": f"{split}/{gen}/{path.name}",
+                    "row": i,
+                    "safe_response": row["safe_response"],
+                }
+                items.append(_item("medsafetybench", "harmful", category, text, pick(text), meta))
+    return items
+
+
+def load_figstep(
+    tiny: bool = False, modality: str = DEFAULT_MODALITY, data_dir: str | Path | None = None
+) -> list[SafetyItem]:
+    """FigStep SafeBench harmful questions (500, or the 50 of SafeBench-Tiny).
+
+    ``meta["instruction"]`` holds FigStep's declarative rephrasing ("Steps to ...") that the
+    FigStep attack renders into the image; category ``figstep:<category_name>``.
+
+    Raises:
+        DataError: missing or corrupt file.
+    """
+    name = "SafeBench-Tiny.csv" if tiny else "safebench.csv"
+    path = data_root(data_dir) / "figstep" / name
+    rows = _read_csv(path, ("category_name", "question", "instruction"))
+    pick = _image_picker(modality, data_dir)
+    source = "figstep-tiny" if tiny else "figstep"
+    items = []
+    for i, row in enumerate(rows):
+        meta = {"row": i, "instruction": row["instruction"], "task_id": row.get("task_id", "")}
+        category = f"figstep:{row['category_name']}"
+        items.append(
+            _item(source, "harmful", category, row["question"], pick(row["question"]), meta)
+        )
+    return items
+
+
+def load_figstep_benign(
+    modality: str = DEFAULT_MODALITY, data_dir: str | Path | None = None
+) -> list[SafetyItem]:
+    """FigStep's benign sentences (``"Steps to make *."``: the harmful phrase removed).
+
+    Raises:
+        DataError: missing or corrupt file.
+    """
+    path = data_root(data_dir) / "figstep" / "benign_sentences_without_harmful_phase.csv"
+    rows = _read_csv(path, ("sentence",))
+    pick = _image_picker(modality, data_dir)
+    return [
+        _item(
+            "figstep-benign",
+            "benign",
+            "figstep:benign",
+            r["sentence"],
+            pick(r["sentence"]),
+            {"row": i},
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
+def load_jailbreakbench(
+    kinds: Sequence[str] = ("harmful", "benign"),
+    modality: str = DEFAULT_MODALITY,
+    data_dir: str | Path | None = None,
+) -> list[SafetyItem]:
+    """JailbreakBench (JBB-Behaviors) harmful and/or benign behaviours.
+
+    Text is the behaviour's goal; ``meta`` holds ``target`` (the affirmative prefix), ``behavior``
+    and the source ``index``. When both kinds are loaded, row i of each file are twins.
+
+    Raises:
+        DataError: missing or corrupt file, an unknown kind.
+    """
+    bad = [k for k in kinds if k not in ("harmful", "benign")]
+    if bad or not kinds:
+        raise DataError(f"kinds must be a non-empty subset of harmful, benign; got {list(kinds)}")
+    root = data_root(data_dir) / "jailbreakbench"
+    pick = _image_picker(modality, data_dir)
+    loaded: dict[str, list[SafetyItem]] = {}
+    for kind in ("harmful", "benign"):
+        if kind not in kinds:
+            continue
+        rows = _read_csv(root / f"{kind}-behaviors.csv", ("goal", "target", "behavior", "category"))
+        loaded[kind] = [
+            _item(
+                "jailbreakbench",
+                kind,
+                f"jailbreakbench:{row['category']}",
+                row["goal"],
+                pick(row["goal"]),
+                {"index": i, "target": row["target"], "behavior": row["behavior"]},
+            )
+            for i, row in enumerate(rows)
+        ]
+    if len(loaded) == 2 and len(loaded["harmful"]) == len(loaded["benign"]):
+        from dataclasses import replace
+
+        harmful = [
+            replace(h, twin_id=b.id)
+            for h, b in zip(loaded["harmful"], loaded["benign"], strict=True)
+        ]
+        benign = [
+            replace(b, twin_id=h.id)
+            for h, b in zip(loaded["harmful"], loaded["benign"], strict=True)
+        ]
+        loaded = {"harmful": harmful, "benign": benign}
+    return [item for kind in ("harmful", "benign") for item in loaded.get(kind, [])]
+
+
+def load_safety_items(
+    source: str,
+    *,
+    kind: str | None = None,
+    modality: str | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    **options: Any,
+) -> list[SafetyItem]:
+    """Load safety items from one source: the entry point the red-teaming workflow uses.
+
+    Args:
+        source: one of :data:`SOURCES`: ``"medshield"`` (the query benchmark),
+            ``"medsafetybench"``, ``"figstep"``, ``"figstep-tiny"``, ``"figstep-benign"``,
+            ``"jailbreakbench"``. For ``"figstep"``, ``include_benign=True`` also loads the
+            benign sentences when their file is present.
+        kind: keep only ``"harmful"`` or ``"benign"`` items (None: both).
+        modality: for the benchmark, restrict to this modality; for external sets, the modality
+            of the paired images (default :data:`DEFAULT_MODALITY`).
+        data_dir: data root.
+        limit: keep the first ``limit`` items (after the ``kind`` filter).
+        options: passed on to the source's loader (e.g. ``split="train"`` for MedSafetyBench).
+
+    Raises:
+        UnknownNameError: unknown source.
+        DataError: missing or corrupt files; bad ``kind`` or ``limit``.
+    """
+    if kind not in (None, "harmful", "benign"):
+        raise DataError(f"kind must be 'harmful', 'benign' or None, got {kind!r}")
+    _check_limit(limit)
+    allowed = _OPTIONS.get(source, set())
+    unexpected = sorted(set(options) - allowed)
+    if source in SOURCES and unexpected:
+        raise InputError(
+            f"unexpected option(s) {', '.join(unexpected)} for source {source!r}; it takes "
+            f"{', '.join(sorted(allowed)) or 'no options'}"
+        )
+    image_modality = modality or DEFAULT_MODALITY
+    if source == "medshield":
+        items = build_benchmark(data_dir, [modality] if modality else None)
+    elif source == "medsafetybench":
+        items = load_medsafetybench(modality=image_modality, data_dir=data_dir, **options)
+    elif source in ("figstep", "figstep-tiny"):
+        include_benign = bool(options.pop("include_benign", False))
+        items = load_figstep(source == "figstep-tiny", image_modality, data_dir)
+        benign_file = data_root(data_dir) / "figstep" / "benign_sentences_without_harmful_phase.csv"
+        if include_benign and benign_file.is_file():
+            items += load_figstep_benign(image_modality, data_dir)
+    elif source == "figstep-benign":
+        items = load_figstep_benign(image_modality, data_dir)
+    elif source == "jailbreakbench":
+        kinds = (kind,) if kind else ("harmful", "benign")
+        items = load_jailbreakbench(kinds, image_modality, data_dir)
+    else:
+        raise UnknownNameError(
+            f"unknown safety source {source!r}; known sources: {', '.join(SOURCES)}"
+        )
+    if kind is not None:
+        items = [item for item in items if item.kind == kind]
+    return items[:limit]
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive integer or None, got {limit!r}")
