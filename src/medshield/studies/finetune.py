@@ -1,0 +1,415 @@
+"""``medshield study finetune``: the robust fine-tuning comparison (RAN against the baselines).
+
+Every cell (checkpoint x method x modality x seed) is one ``medshield finetune`` run (see
+:mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same epochs,
+data and adversary for every method (matched budgets). A cell with a ``results.json`` is done
+and kept; an interrupted cell resumes from its own ``samples.jsonl``; the study resumes per
+cell. ``ran_ablations`` adds RAN variants with one loss term switched off each
+(``ran-no_<term>``).
+
+The study directory gets ``table.csv`` / ``table.md`` (per checkpoint, method and modality:
+clean accuracy, robust accuracy per attack and budget and the per-image worst case over the
+attacks, each pooled over seeds with a 95% bootstrap CI from
+:func:`medshield.eval.metrics.bootstrap_ci`; trainable parameters, training wall time, FLOPs
+and latency ratio to the base zero-shot classifier; failed sanity flags), ``results.json``
+and one plot per checkpoint and budget, ``robust_vs_clean_<checkpoint>_eps<eps>.png``
+(worst-case robust accuracy against clean accuracy, one point per method with CI bars).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medshield import data
+from medshield.config import ModelConfig, apply_overrides
+from medshield.errors import ConfigError, DataError
+from medshield.eval.metrics import bootstrap_ci
+from medshield.models.io import META_FILE as MODEL_META_FILE
+from medshield.runs import Run
+from medshield.train.finetune.common import RAN_TERMS, parse_finetune_config
+from medshield.train.finetune.workflow import FineTuneRunConfig, RobustEvalConfig, run_finetune
+
+Log = Callable[[str], None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodSpec(_Strict):
+    """One compared method: a registered ``method``, its ``kwargs``, RAN weight overrides,
+    per-method ``finetune`` overrides (e.g. a smaller ``lr`` for full fine-tuning) and a
+    ``label`` for the table (default: the method name)."""
+
+    method: str
+    label: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    ran: dict[str, float] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+
+class StudyFinetuneConfig(_Strict):
+    """The comparison study.
+
+    Attributes:
+        checkpoints: label -> saved base model directory (e.g. pretrained at a clean, a
+            moderate and a heavy noise ratio by the noise study); ``null`` builds ``model``
+            from its backend instead.
+        methods: the compared methods.
+        ran_ablations: RAN loss terms to switch off one at a time (``all`` = every term).
+        modalities: modality names or ``available``.
+        seeds: one cell per seed.
+        finetune: shared fine-tuning settings (epochs, batch size, lr, items, adversary, ...).
+        robust: clean / robust evaluation settings.
+    """
+
+    name: str = "study_finetune"
+    output_dir: str = "runs"
+    data_dir: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    checkpoints: dict[str, str | None] = Field(default_factory=lambda: {"base": None})
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: [
+            MethodSpec(method=m)
+            for m in ("linear-probe", "full", "lora", "adapter", "tecoa", "fare", "ran")
+        ]
+    )
+    ran_ablations: list[str] | Literal["all"] = Field(default_factory=list)
+    modalities: list[str] | Literal["available"] = "available"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    robust: RobustEvalConfig = Field(default_factory=RobustEvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyFinetuneConfig:
+        if not self.methods or not self.seeds or not self.checkpoints:
+            raise ValueError("a study needs at least one checkpoint, method and seed")
+        for key in ("method", "kwargs"):
+            if key in self.finetune:
+                raise ValueError(f"finetune.{key} is set per method under `methods`, not shared")
+        ablations = RAN_TERMS if self.ran_ablations == "all" else self.ran_ablations
+        unknown = set(ablations) - set(RAN_TERMS)
+        if unknown:
+            raise ValueError(f"unknown RAN terms {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}")
+        names = [m.name for m in self.expanded_methods()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method labels must be unique, got {names}")
+        return self
+
+    def expanded_methods(self) -> list[MethodSpec]:
+        """The methods, with one RAN variant per ablated term right after the first ``ran``
+        spec (the ablations are built on it)."""
+        ablations = RAN_TERMS if self.ran_ablations == "all" else self.ran_ablations
+        specs: list[MethodSpec] = []
+        base = next((m for m in self.methods if m.method == "ran"), None)
+        for spec in self.methods:
+            specs.append(spec)
+            if spec is base:
+                specs.extend(_ablations(spec, ablations))
+        if base is None:
+            specs.extend(_ablations(MethodSpec(method="ran"), ablations))
+        return specs
+
+
+def _ablations(ran: MethodSpec, terms: Sequence[str]) -> list[MethodSpec]:
+    return [
+        MethodSpec(
+            method="ran",
+            label=f"{ran.name}-no_{term}",
+            kwargs=ran.kwargs,
+            ran={**ran.ran, term: 0.0},
+            finetune=ran.finetune,
+        )
+        for term in terms
+    ]
+
+
+def load_study_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> StudyFinetuneConfig:
+    """Read the study YAML and overrides, and validate every cell's fine-tuning config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = StudyFinetuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid study configuration:\n{exc}") from None
+    for spec in config.expanded_methods():
+        _finetune_config(config, spec)  # every method's config fails now, not mid-study
+    return config
+
+
+def _finetune_config(config: StudyFinetuneConfig, spec: MethodSpec) -> Any:
+    raw = {**config.finetune, **spec.finetune, "method": spec.method, "kwargs": spec.kwargs}
+    if spec.ran:
+        raw["ran"] = {**config.finetune.get("ran", {}), **spec.ran}
+    try:
+        return parse_finetune_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"method {spec.name!r}: {exc}") from None
+
+
+def _check_checkpoints(config: StudyFinetuneConfig) -> None:
+    for label, path in config.checkpoints.items():
+        if path is not None and not (Path(path) / MODEL_META_FILE).is_file():
+            raise DataError(
+                f"checkpoint {label!r}: {path} is not a saved medshield model "
+                f"({MODEL_META_FILE} missing); pretrain one with `medshield pretrain`"
+            )
+
+
+def _modalities(config: StudyFinetuneConfig) -> list[str]:
+    if config.modalities == "available":
+        train = set(data.available_modalities(config.data_dir, split="train"))
+        found = [m for m in data.available_modalities(config.data_dir, "test") if m in train]
+        if not found:
+            raise DataError("no modality has both a train and a test split under the data dir")
+        return found
+    return [data.get_modality(m).name for m in config.modalities]
+
+
+def cell_config(
+    config: StudyFinetuneConfig, checkpoint: str, spec: MethodSpec, modality: str, seed: int
+) -> FineTuneRunConfig:
+    model = config.model.model_copy(update={"checkpoint": config.checkpoints[checkpoint]})
+    return FineTuneRunConfig(
+        name=f"{checkpoint}__{spec.name}__{modality}__seed{seed}",
+        output_dir="",
+        seed=seed,
+        modality=modality,
+        data_dir=config.data_dir,
+        model=model,
+        finetune=_finetune_config(config, spec),
+        robust=config.robust,
+    )
+
+
+def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) -> dict[str, Any]:
+    """Run (or resume) every cell, then write the table, plots and aggregated results."""
+    _check_checkpoints(config)
+    modalities = _modalities(config)
+    specs = config.expanded_methods()
+    cells_dir = run.path / "cells"
+    done = {r["cell"] for r in run.load_samples() if "cell" in r}
+    cells: list[dict[str, Any]] = []
+    total = len(config.checkpoints) * len(specs) * len(modalities) * len(config.seeds)
+    for checkpoint in config.checkpoints:
+        for spec in specs:
+            for modality in modalities:
+                for seed in config.seeds:
+                    cfg = cell_config(config, checkpoint, spec, modality, seed)
+                    path = cells_dir / cfg.name
+                    results_path = path / "results.json"
+                    if cfg.name in done and results_path.is_file():
+                        result = json.loads(results_path.read_text())
+                    else:
+                        log(f"[{len(cells) + 1}/{total}] {cfg.name}")
+                        cell_run = Run(path, cfg)
+                        result = run_finetune(cfg, cell_run, log=log)
+                        result = cell_run.write_results(result, seed=seed)
+                        run.append_samples([{"cell": cfg.name, "results": str(results_path)}])
+                    cells.append(
+                        {
+                            "cell": cfg.name,
+                            "checkpoint": checkpoint,
+                            "method": spec.name,
+                            "modality": modality,
+                            "seed": seed,
+                            "result": result,
+                            "rows": Run(path, cfg).load_samples(),
+                        }
+                    )
+    table = aggregate(cells, config.robust)
+    write_table(table, run.path)
+    plots = plot_robust_vs_clean(table, config.robust.eps, run.path)
+    return {
+        "modalities": modalities,
+        "methods": [s.name for s in specs],
+        "checkpoints": list(config.checkpoints),
+        "cells": len(cells),
+        "table": table,
+        "plots": [str(p) for p in plots],
+    }
+
+
+def _pooled(values: list[bool], resamples: int) -> dict[str, float | int]:
+    arr = np.asarray(values, dtype=np.float64)
+    low, high = bootstrap_ci(
+        lambda a: a.mean(-1), arr, n_resamples=resamples, seed=0, vectorized=True
+    )
+    return {"value": float(arr.mean()), "ci_low": low, "ci_high": high, "n": len(arr)}
+
+
+def _worst(rows: list[dict[str, Any]], eps: float) -> list[bool]:
+    per: dict[int, bool] = {}
+    for r in rows:
+        group = r.get("group", "")
+        if group.endswith(f"@{eps:g}") and not group.startswith("zero-grad") and "index" in r:
+            per[r["index"]] = per.get(r["index"], True) and bool(r["robust_correct"])
+    return [per[i] for i in sorted(per)]
+
+
+def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[str, Any]]:
+    """One table row per (checkpoint, method, modality): metrics pooled over seeds' items."""
+    keys = list(dict.fromkeys((c["checkpoint"], c["method"], c["modality"]) for c in cells))
+    table = []
+    for key in keys:
+        group = [c for c in cells if (c["checkpoint"], c["method"], c["modality"]) == key]
+        rows = [r for c in group for r in c["rows"]]
+        entry: dict[str, Any] = {
+            "checkpoint": key[0],
+            "method": key[1],
+            "modality": key[2],
+            "seeds": len(group),
+        }
+        entry["clean_accuracy"] = _pooled(
+            [r["correct"] for r in rows if r.get("group") == "clean"], ev.bootstrap_resamples
+        )
+        attack_groups = sorted(
+            {
+                r["group"]
+                for r in rows
+                if "robust_correct" in r and not r["group"].startswith("zero-grad")
+            }
+        )
+        for g in attack_groups:
+            entry[f"robust/{g}"] = _pooled(
+                [r["robust_correct"] for r in rows if r.get("group") == g], ev.bootstrap_resamples
+            )
+        for eps in ev.eps:
+            worst = [v for c in group for v in _worst(c["rows"], eps)]
+            if worst:
+                entry[f"robust/worst@{eps:g}"] = _pooled(worst, ev.bootstrap_resamples)
+        reports = [c["result"]["report"] for c in group]
+        entry["trainable_params"] = int(np.mean([r["trainable_params"] for r in reports]))
+        entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in reports]))
+        entry["flops_ratio"] = float(np.mean([r["overhead"]["flops_ratio"] for r in reports]))
+        entry["latency_ratio"] = float(np.mean([r["overhead"]["latency_ratio"] for r in reports]))
+        failed = sorted(
+            {
+                f"{f['name']}({f['group']})"
+                for c in group
+                for f in c["result"].get("sanity", [])
+                if not f["passed"]
+            }
+        )
+        entry["sanity_failed"] = failed
+        table.append(entry)
+    return table
+
+
+def _fmt(metric: Any) -> str:
+    if not isinstance(metric, dict):
+        return str(metric)
+    value, low, high = metric["value"], metric["ci_low"], metric["ci_high"]
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def write_table(table: list[dict[str, Any]], directory: Path) -> None:
+    """``table.csv`` (values and CI ends in columns) and ``table.md`` (value [CI])."""
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    with (directory / "table.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        header = []
+        for c in columns:
+            if any(isinstance(row.get(c), dict) for row in table):
+                header += [c, f"{c} ci_low", f"{c} ci_high"]
+            else:
+                header.append(c)
+        writer.writerow(header)
+        for row in table:
+            out = []
+            for c in columns:
+                v = row.get(c)
+                if any(isinstance(r.get(c), dict) for r in table):
+                    out += [v["value"], v["ci_low"], v["ci_high"]] if v else ["", "", ""]
+                else:
+                    out.append(";".join(v) if isinstance(v, list) else v)
+            writer.writerow(out)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            if isinstance(v, float):
+                cells.append(f"{v:.3g}")
+            elif isinstance(v, list):
+                cells.append(", ".join(v) or "ok")
+            else:
+                cells.append(_fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    (directory / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_robust_vs_clean(
+    table: list[dict[str, Any]], eps_list: list[float], directory: Path
+) -> list[Path]:
+    """One scatter per checkpoint and budget: worst-case robust vs clean accuracy per method
+    (pooled over modalities' rows shown as separate markers), with 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
+        for eps in eps_list:
+            key = f"robust/worst@{eps:g}"
+            rows = [r for r in table if r["checkpoint"] == checkpoint and key in r]
+            if not rows:
+                continue
+            fig, ax = plt.subplots(figsize=(5.5, 4.5))
+            for r in rows:
+                clean, robust = r["clean_accuracy"], r[key]
+                ax.errorbar(
+                    clean["value"],
+                    robust["value"],
+                    xerr=[[clean["value"] - clean["ci_low"]], [clean["ci_high"] - clean["value"]]],
+                    yerr=[
+                        [robust["value"] - robust["ci_low"]],
+                        [robust["ci_high"] - robust["value"]],
+                    ],
+                    fmt="o",
+                    capsize=3,
+                    label=f"{r['method']} ({r['modality']})",
+                )
+            ax.set_xlabel("clean accuracy")
+            ax.set_ylabel(f"robust accuracy, worst of attacks, eps {eps:g}/255")
+            ax.set_title(f"{checkpoint}: robust vs clean (95% CI)")
+            ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+            ax.legend(fontsize=7, loc="best")
+            fig.tight_layout()
+            path = directory / f"robust_vs_clean_{checkpoint}_eps{eps:g}.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def study_run_dir(config: StudyFinetuneConfig) -> Path:
+    return Path(config.output_dir) / config.name

@@ -1,0 +1,40 @@
+"""Fine-tuning methods, one file each, registered in :data:`medshield.registry.METHODS`.
+
+``linear-probe``, ``full``, ``lora``, ``adapter``, ``tecoa``, ``fare`` and ``ran``; see
+:mod:`medshield.train.finetune.common` for the shared classifier, loop and save/load.
+"""
+
+from medshield.train.finetune import (  # noqa: F401  (registration)
+    adapter,
+    fare,
+    full,
+    linear_probe,
+    lora,
+    ran,
+    tecoa,
+)
+from medshield.train.finetune.common import (
+    FineTuneConfig,
+    FineTunedClassifier,
+    FineTuneMethod,
+    FineTuneResult,
+    RANWeights,
+    count_flops,
+    finetune,
+    load_finetuned,
+    measure_overhead,
+    save_finetuned,
+)
+
+__all__ = [
+    "FineTuneConfig",
+    "FineTuneMethod",
+    "FineTuneResult",
+    "FineTunedClassifier",
+    "RANWeights",
+    "count_flops",
+    "finetune",
+    "load_finetuned",
+    "measure_overhead",
+    "save_finetuned",
+]

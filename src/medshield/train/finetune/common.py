@@ -1,0 +1,682 @@
+"""What every fine-tuning method shares: config, classifier, training loop, overhead, save/load.
+
+A fine-tuning method (one file each, registered in :data:`medshield.registry.METHODS`) turns a
+pretrained :class:`~medshield.models.DualEncoder` into a downstream classifier, an ``nn.Module``
+mapping [0, 1] NCHW images to (N, num_classes) logits, and reports what it cost.
+
+Every method starts from the base model's zero-shot classifier: :class:`FineTunedClassifier`
+computes ``logit_scale * normalize(rectifier(z)) @ C.T + b`` where ``z`` is the unnormalised
+image embedding, ``C`` the class-prompt embeddings (prompt ensembling as in
+:class:`~medshield.models.ZeroShotClassifier`) and ``b`` a bias. Before training it returns
+exactly the zero-shot logits, so all methods are compared from the same starting point. The head
+``C`` is one of
+
+- ``"fixed"``: the class-prompt embeddings of the base text tower, a buffer;
+- ``"learned"``: a parameter initialised from them (linear probe, RAN);
+- ``"live"``: recomputed by the text tower at every training step (methods that train the
+  text tower: full fine-tuning, LoRA, adapters), and frozen into a buffer after training by
+  :meth:`FineTunedClassifier.refresh_class_embeddings`, which first drops the mini-clip text
+  cache so no stale pre-training text feature is ever served.
+
+:func:`finetune` runs the shared loop (AdamW, epochs of shuffled mini-batches from one MedMNIST
+train split, tqdm progress, seeded), then measures the inference overhead against the base
+model's zero-shot classifier in the same process. :func:`save_finetuned` /
+:func:`load_finetuned` store the base model reference, the method's state (only the tensors that
+differ from the base model) as safetensors and the config as JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import statistics
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+import medshield
+from medshield import data
+from medshield.errors import ConfigError, DataError, InputError
+from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, eval_mode
+from medshield.registry import METHODS
+
+FORMAT = 1
+STATE_FILE = "method.safetensors"
+META_FILE = "finetune.json"
+
+Log = Callable[[str], None]
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdversaryConfig(_Strict):
+    """On-the-fly PGD adversary used while training (TeCoA, FARE, RAN), L-inf, /255 units.
+
+    ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al., 2018).
+    """
+
+    eps: float = Field(2.0, gt=0)
+    steps: int = Field(2, ge=1)
+    alpha: float | None = Field(None, gt=0)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+
+
+class RANWeights(_Strict):
+    """Weights of the RAN loss terms (see :mod:`medshield.train.finetune.ran`).
+
+    A weight of 0 switches its term off (an ablation); negative weights are refused, and so is
+    switching off both task terms (nothing would then teach the downstream task).
+    """
+
+    task_clean: float = Field(1.0, ge=0)
+    task_adv: float = Field(1.0, ge=0)
+    keep: float = Field(1.0, ge=0)
+    align: float = Field(1.0, ge=0)
+    cov: float = Field(0.1, ge=0)
+    svd: float = Field(0.1, ge=0)
+    contrastive: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_task(self) -> RANWeights:
+        if self.task_clean == 0 and self.task_adv == 0:
+            raise ValueError(
+                "RAN needs a task loss: task_clean and task_adv cannot both be 0 (an ablation "
+                "switches off one of them at most)"
+            )
+        return self
+
+
+RAN_TERMS = tuple(RANWeights.model_fields)
+
+
+class FineTuneConfig(_Strict):
+    """How to fine-tune: method, optimisation budget, per-method kwargs, RAN weights, adversary.
+
+    Attributes:
+        method: a name registered in :data:`medshield.registry.METHODS`.
+        epochs: passes over the training items.
+        batch_size: items per step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_train_items: class-balanced subsample of the train split (None: all).
+        kwargs: method-specific options, validated by the method (unknown keys are refused).
+        ran: RAN loss weights (used by ``ran`` only).
+        adversary: PGD used to craft training examples on the fly (TeCoA, FARE, RAN).
+    """
+
+    method: str = "ran"
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_train_items: int | None = Field(512, ge=2)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    ran: RANWeights = Field(default_factory=RANWeights)
+    adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> FineTuneConfig:
+        import medshield.train.finetune  # noqa: F401  (registers the methods)
+
+        if self.method not in METHODS:
+            known = ", ".join(METHODS.names())
+            raise ValueError(f"unknown fine-tuning method {self.method!r}; registered: {known}")
+        METHODS.get(self.method).Options.model_validate(self.kwargs)
+        return self
+
+    @property
+    def options(self) -> BaseModel:
+        """The method's validated ``kwargs``."""
+        return METHODS.get(self.method).Options.model_validate(self.kwargs)
+
+
+def parse_finetune_config(raw: dict[str, Any] | FineTuneConfig) -> FineTuneConfig:
+    """Validate a fine-tuning config; every problem becomes a :class:`ConfigError`."""
+    if isinstance(raw, FineTuneConfig):
+        return raw
+    try:
+        return FineTuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid fine-tuning config:\n{exc}") from None
+
+
+# --- the classifier -----------------------------------------------------------------------------
+
+
+def clear_text_cache(model: nn.Module) -> None:
+    """Drop cached text features (mini-clip caches them while its text tower is frozen)."""
+    cache = getattr(model, "_text_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
+
+
+def prompt_embeddings(model: DualEncoder, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(K, D) unit class embeddings: the mean of each class's prompt embeddings, renormalised.
+
+    Runs with gradients when the text tower has trainable parameters (the "live" head).
+    """
+    texts = [t for prompts in class_prompts for t in prompts]
+    emb = model.encode_text(texts)
+    rows, start = [], 0
+    for prompts in class_prompts:
+        rows.append(F.normalize(emb[start : start + len(prompts)].mean(0), dim=-1))
+        start += len(prompts)
+    return torch.stack(rows)
+
+
+HeadMode = Literal["fixed", "learned", "live"]
+
+
+class FineTunedClassifier(nn.Module):
+    """Images in [0, 1] NCHW -> (N, K) logits, from a dual encoder (see the module docstring).
+
+    Args:
+        model: the dual encoder (modified in place by the method: adapters, LoRA, ...).
+        class_prompts: per class, the prompt strings whose embeddings are averaged.
+        head: ``"fixed"``, ``"learned"`` or ``"live"``.
+        rectifier: optional module applied to the unnormalised image embedding (RAN).
+    """
+
+    def __init__(
+        self,
+        model: DualEncoder,
+        class_prompts: Sequence[Sequence[str]],
+        head: HeadMode = "fixed",
+        rectifier: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if head not in ("fixed", "learned", "live"):
+            raise InputError(f"head must be fixed, learned or live, got {head!r}")
+        self.model = model
+        self.class_prompts = [list(p) for p in class_prompts]
+        self.head = head
+        self.rectifier = rectifier
+        with torch.no_grad(), eval_mode(model):
+            clear_text_cache(model)
+            zero_shot = prompt_embeddings(model, self.class_prompts).detach()
+        self.register_buffer("zero_shot_embeddings", zero_shot.clone())
+        if head == "learned":
+            self.class_weight = nn.Parameter(zero_shot.clone())
+        else:
+            self.register_buffer("class_weight", zero_shot.clone())
+        self.bias = nn.Parameter(torch.zeros(len(self.class_prompts)), requires_grad=False)
+        if head == "learned":
+            self.bias.requires_grad_(True)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_prompts)
+
+    def image_embeddings(self, images: torch.Tensor, rectify: bool = True) -> torch.Tensor:
+        """Unit-norm image embeddings, rectified when a rectifier is present and ``rectify``."""
+        z = self.model._encode_pixels(self.model.preprocess(images))
+        if rectify and self.rectifier is not None:
+            z = self.rectifier(z)
+        return F.normalize(z, dim=-1)
+
+    def class_embeddings(self) -> torch.Tensor:
+        if self.head == "live" and self.training and torch.is_grad_enabled():
+            clear_text_cache(self.model)  # the text tower changes every step
+            return prompt_embeddings(self.model, self.class_prompts)
+        return self.class_weight
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from unit image embeddings."""
+        return self.model.logit_scale.exp() * features @ self.class_embeddings().T + self.bias
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.image_embeddings(images))
+
+    @torch.no_grad()
+    def refresh_class_embeddings(self) -> None:
+        """Recompute a live head's buffer from the current text tower (after training)."""
+        clear_text_cache(self.model)
+        if self.head == "live":
+            with eval_mode(self.model):
+                self.class_weight.copy_(prompt_embeddings(self.model, self.class_prompts))
+        clear_text_cache(self.model)
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+class NoOptions(_Strict):
+    """A method without options."""
+
+
+@dataclass
+class TrainData:
+    """The training split of one modality, as tensors."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    modality: str
+    class_prompts: list[list[str]]
+
+
+class FineTuneMethod(ABC):
+    """A fine-tuning method. Subclasses register with ``@METHODS.register(name, description)``.
+
+    Class attributes:
+        name: registry name.
+        paper: the paper the method follows.
+        Options: pydantic model validating ``FineTuneConfig.kwargs``.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, config: FineTuneConfig) -> None:
+        self.config = config
+        self.options = config.options
+
+    def check(self, model: DualEncoder) -> None:
+        """Refuse a model this method cannot adapt (raise a medshield error) before training."""
+        if not isinstance(model, DualEncoder):
+            raise InputError(f"fine-tuning needs a DualEncoder, got {type(model).__name__}")
+
+    @abstractmethod
+    def build(self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]) -> nn.Module:
+        """Modify ``model`` in place as the method needs, set ``requires_grad`` on exactly the
+        parameters that train, and return the classifier (usually a FineTunedClassifier)."""
+
+    @abstractmethod
+    def loss(
+        self, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on one batch and its parts (for the log)."""
+
+    def prepare(self, classifier: nn.Module, train: TrainData) -> None:  # noqa: B027
+        """Hook run once before the first step (e.g. keep a frozen copy)."""
+
+    def finalize(self, classifier: nn.Module) -> nn.Module:
+        """Turn the trained classifier into the inference classifier (fold, refresh buffers)."""
+        if isinstance(classifier, FineTunedClassifier):
+            classifier.refresh_class_embeddings()
+        return classifier
+
+    def restore_structure(self, classifier: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """Re-apply what :meth:`finalize` changed in the module structure (for loading)."""
+        return classifier
+
+
+def method_for(config: FineTuneConfig) -> FineTuneMethod:
+    """The registered method of ``config``."""
+    return METHODS.get(config.method)(config)
+
+
+# --- shared helpers -----------------------------------------------------------------------------
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter values (shared tensors counted once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def set_train_modes(module: nn.Module) -> None:
+    """Train mode, except submodules with no trainable parameter (frozen BatchNorm statistics,
+    no dropout in frozen parts)."""
+    module.train()
+    for m in module.modules():
+        if not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def count_flops(module: nn.Module, images: torch.Tensor) -> int:
+    """FLOPs of one forward pass, counted by :class:`torch.utils.flop_counter.FlopCounterMode`."""
+    with eval_mode(module), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            module(images)
+    return int(counter.get_total_flops())
+
+
+def measure_overhead(
+    base: nn.Module, tuned: nn.Module, images: torch.Tensor, repeats: int = 5
+) -> dict[str, float | int]:
+    """Inference cost of ``tuned`` relative to ``base`` on the same images, in one process.
+
+    FLOPs come from :func:`count_flops`; latency is the median of ``repeats`` interleaved timed
+    forward passes of each (one warm-up pass each first), so load from other processes hits
+    both alike.
+    """
+    base_flops, tuned_flops = count_flops(base, images), count_flops(tuned, images)
+    times: dict[str, list[float]] = {"base": [], "tuned": []}
+    with torch.no_grad(), eval_mode(base), eval_mode(tuned):
+        base(images)
+        tuned(images)
+        for _ in range(repeats):
+            for key, module in (("base", base), ("tuned", tuned)):
+                start = time.perf_counter()
+                module(images)
+                times[key].append(time.perf_counter() - start)
+    base_t, tuned_t = statistics.median(times["base"]), statistics.median(times["tuned"])
+    return {
+        "base_flops": base_flops,
+        "flops": tuned_flops,
+        "flops_ratio": tuned_flops / base_flops if base_flops else math.nan,
+        "base_latency_s": base_t,
+        "latency_s": tuned_t,
+        "latency_ratio": tuned_t / base_t if base_t else math.nan,
+        "batch": len(images),
+    }
+
+
+def load_train_data(
+    modality: str,
+    max_items: int | None,
+    seed: int,
+    data_dir: str | Path | None = None,
+    split: str = "train",
+) -> TrainData:
+    """A class-balanced subsample of about ``max_items`` rows of one modality's split."""
+    samples = data.load_split(modality, split, data_dir)
+    mod = samples.modality
+    cap = None if max_items is None else max(1, max_items // mod.num_classes)
+    idx = data.class_balanced_indices(samples.labels, cap, seed)
+    return TrainData(
+        images=samples.tensor(idx),
+        labels=torch.as_tensor(samples.labels[idx], dtype=torch.long),
+        modality=mod.name,
+        class_prompts=mod.prompts(),
+    )
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FineTuneResult:
+    """A fine-tuned classifier and its report.
+
+    Attributes:
+        classifier: images in [0, 1] NCHW -> logits, in eval mode.
+        report: ``trainable_params``, ``total_params``, ``train_wall_s``, ``overhead``
+            (see :func:`measure_overhead`), ``history`` (per-epoch mean loss and parts).
+        config: the fine-tuning config.
+        modality: the downstream modality.
+        base_state: the base model's tensors before training (for saving only the change).
+    """
+
+    classifier: nn.Module
+    report: dict[str, Any]
+    config: FineTuneConfig
+    modality: str
+    seed: int
+    base_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    base_ref: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def finetune(
+    model: DualEncoder,
+    config: FineTuneConfig | dict[str, Any],
+    modality: str,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    train: TrainData | None = None,
+    base_ref: dict[str, Any] | None = None,
+    overhead_batch: int = 8,
+    latency_repeats: int = 5,
+    log: Log | None = None,
+    progress: bool = True,
+) -> FineTuneResult:
+    """Fine-tune ``model`` (modified in place) on one modality's train split.
+
+    Everything that can be wrong with the config or the model (unknown method, bad weight,
+    LoRA target that matches nothing, a model the method cannot adapt) raises before the
+    first step.
+
+    Args:
+        model: the pretrained dual encoder.
+        config: a :class:`FineTuneConfig` or a dict for one.
+        modality: the downstream modality (its MedMNIST train split is read).
+        seed: seeds the subsample, the batch order, new modules and the adversary.
+        data_dir: data root.
+        train: training data given directly (skips reading the split).
+        base_ref: how to rebuild the base model when loading (see :func:`save_finetuned`).
+        overhead_batch: images per pass when measuring the inference overhead.
+        latency_repeats: timed passes per model for the latency ratio.
+        log: progress messages.
+        progress: show a tqdm bar.
+
+    Returns:
+        A :class:`FineTuneResult`.
+    """
+    config = parse_finetune_config(config)
+    method = method_for(config)
+    method.check(model)
+    if train is None:
+        train = load_train_data(modality, config.max_train_items, seed, data_dir)
+    check_images(train.images)
+    if len(train.images) < 2:
+        raise DataError(f"fine-tuning needs at least 2 training items, got {len(train.images)}")
+
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = copy.deepcopy(model).eval()
+    torch.manual_seed(seed)
+    classifier = method.build(model, train.class_prompts)
+    trainable = [p for p in classifier.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError(f"method {config.method!r} left no trainable parameter")
+    method.prepare(classifier, train)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    n_trainable = sum(p.numel() for p in trainable)
+    if log:
+        log(
+            f"fine-tuning {config.method} on {len(train.images)} {train.modality} items, "
+            f"{n_trainable:,} trainable parameters"
+        )
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        batches = _batches(len(train.images), config.batch_size, generator)
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches = batches[:-1]  # a 1-item batch breaks BatchNorm and batch statistics
+        sums: dict[str, float] = {}
+        bar = tqdm(batches, desc=f"{config.method} epoch {epoch + 1}", disable=not progress)
+        for idx in bar:
+            set_train_modes(classifier)
+            loss, parts = method.loss(classifier, train.images[idx], train.labels[idx])
+            if not torch.isfinite(loss):
+                raise InputError(f"{config.method}: the training loss became {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            parts = {"loss": float(loss.detach()), **parts}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
+        history.append({"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}})
+    train_wall = time.perf_counter() - start
+    classifier.eval()
+    classifier = method.finalize(classifier)
+    freeze(classifier)
+    classifier.eval()
+
+    probe = train.images[:overhead_batch]
+    base_classifier = ZeroShotClassifier(base, train.class_prompts)
+    overhead = measure_overhead(base_classifier, classifier, probe, repeats=latency_repeats)
+    report = {
+        "method": config.method,
+        "paper": method.paper,
+        "trainable_params": n_trainable,
+        "total_params": count_parameters(classifier),
+        "base_params": count_parameters(base),
+        "train_items": len(train.images),
+        "train_wall_s": round(train_wall, 3),
+        "overhead": overhead,
+        "history": history,
+    }
+    return FineTuneResult(
+        classifier, report, config, train.modality, seed, base_state, dict(base_ref or {})
+    )
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+
+def _base_key(key: str) -> str:
+    """State key of the unmodified base model for a key of the classifier (LoRA wraps layers)."""
+    return key.removeprefix("model.").replace(".base_layer", "")
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes and bytes of a state dict (identifies a base model)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(
+            tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        )
+    return digest.hexdigest()
+
+
+def save_finetuned(result: FineTuneResult, directory: str | Path) -> Path:
+    """Write ``method.safetensors`` (the tensors that differ from the base model) and
+    ``finetune.json`` (base reference, config, report) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, value in result.classifier.state_dict().items():
+        base_value = result.base_state.get(_base_key(key)) if key.startswith("model.") else None
+        if (
+            base_value is None
+            or base_value.shape != value.shape
+            or not torch.equal(base_value, value.detach().cpu())
+        ):
+            state[key] = value.detach().cpu().contiguous()
+    save_file(state, str(directory / STATE_FILE))
+    meta = {
+        "format": FORMAT,
+        "medshield_version": medshield.__version__,
+        "method": result.config.method,
+        "config": result.config.model_dump(mode="json"),
+        "modality": result.modality,
+        "seed": result.seed,
+        "base": result.base_ref,
+        "base_fingerprint": state_fingerprint(result.base_state),
+        "structure": getattr(result.classifier, "structure_meta", {}),
+        "report": result.report,
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def build_base(base_ref: dict[str, Any]) -> DualEncoder:
+    """Rebuild a base model from a reference: ``{"checkpoint": dir}`` or
+    ``{"backend": name, "kwargs": {...}, "seed": int}`` (new heads seeded as in training)."""
+    from medshield.models import create_model, load_model
+
+    if base_ref.get("checkpoint"):
+        return load_model(base_ref["checkpoint"])
+    if "backend" not in base_ref:
+        raise DataError(f"base model reference {base_ref} names neither a checkpoint nor a backend")
+    torch.manual_seed(int(base_ref.get("seed", 0)))
+    return create_model(base_ref["backend"], **base_ref.get("kwargs", {}))
+
+
+def read_finetuned_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise DataError(f"{directory} is not a fine-tuned medshield model: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not a format-{FORMAT} fine-tuning record")
+    return meta
+
+
+def load_finetuned(
+    directory: str | Path, model: DualEncoder | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a classifier saved by :func:`save_finetuned`, in eval mode.
+
+    Args:
+        directory: the saved directory.
+        model: the base model, when the caller already has it; by default it is rebuilt from
+            the saved reference. It must be the same base the method was trained from.
+
+    Returns:
+        (classifier, metadata from ``finetune.json``).
+
+    Raises:
+        DataError: missing or malformed files, a base model other than the one trained from,
+            or saved tensors that do not fit the rebuilt architecture.
+    """
+    directory = Path(directory)
+    meta = read_finetuned_meta(directory)
+    config = parse_finetune_config(meta["config"])
+    if model is None:
+        model = build_base(meta.get("base") or {})
+    fingerprint = state_fingerprint(model.state_dict())
+    if fingerprint != meta.get("base_fingerprint"):
+        raise DataError(
+            f"the base model given for {directory} is not the one {meta['method']!r} was "
+            "fine-tuned from (its weights differ); pass the original base checkpoint"
+        )
+    method = method_for(config)
+    method.check(model)
+    prompts = data.get_modality(meta["modality"]).prompts()
+    torch.manual_seed(int(meta.get("seed", 0)))
+    classifier = method.build(model, prompts)
+    classifier = method.restore_structure(classifier, meta.get("structure", {}))
+    try:
+        state = load_file(str(directory / STATE_FILE))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise DataError(f"cannot read {directory / STATE_FILE}: {exc}") from exc
+    try:
+        result = classifier.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise DataError(f"tensors in {directory} do not fit the rebuilt classifier: {exc}") from exc
+    if result.unexpected_keys:
+        raise DataError(
+            f"{directory / STATE_FILE} holds tensors the rebuilt {meta['method']!r} classifier "
+            f"does not have: {result.unexpected_keys[:5]}"
+        )
+    clear_text_cache(model)
+    freeze(classifier)
+    return classifier.eval(), meta

@@ -1,0 +1,80 @@
+"""``fare``: unsupervised adversarial fine-tuning of the image tower (Schlarmann et al., 2024).
+
+Schlarmann, Singh, Croce and Hein, "Robust CLIP: Unsupervised Adversarial Fine-Tuning of Vision
+Embeddings for Robust Large Vision-Language Models", ICML 2024. The loss is
+
+    || phi(x_adv) - phi_orig(x) ||_2^2,
+    x_adv = argmax_{||d||_inf <= eps} || phi(x + d) - phi_orig(x) ||_2^2
+
+with ``phi`` the (unnormalised) image embedding being trained and ``phi_orig`` a frozen copy of
+the original model; the maximisation is PGD (``FineTuneConfig.adversary``). No labels are used,
+and the text tower is untouched, so the classifier is the zero-shot classifier with the base
+class-prompt embeddings. The labels of the downstream split are ignored (FARE is unsupervised).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medshield.attacks.pgd import PGD
+from medshield.models.base import DualEncoder
+from medshield.registry import METHODS
+from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, TrainData, freeze
+from medshield.train.finetune.tecoa import image_side_trainable
+
+
+class ImageEmbedder(nn.Module):
+    """[0, 1] images -> unnormalised image embeddings of a dual encoder."""
+
+    def __init__(self, model: DualEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model._encode_pixels(self.model.preprocess(images))
+
+
+def squared_l2(embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example squared L2 distance, (N, D) x (N, D) -> (N,)."""
+    return ((embeddings - targets) ** 2).sum(dim=-1)
+
+
+@METHODS.register("fare", "unsupervised adversarial fine-tuning, L2 to frozen clean embeddings")
+class FARE(FineTuneMethod):
+    name = "fare"
+    paper = "Schlarmann et al. ICML 2024 (FARE)"
+
+    def build(
+        self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
+    ) -> FineTunedClassifier:
+        image_side_trainable(model)
+        return FineTunedClassifier(model, class_prompts, head="fixed")
+
+    def prepare(self, classifier: nn.Module, train: TrainData) -> None:
+        self.original = ImageEmbedder(copy.deepcopy(classifier.model)).eval()  # still untrained
+        freeze(self.original)
+        self.embedder = ImageEmbedder(classifier.model)
+
+    def loss(
+        self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            targets = self.original(images)
+        adv_cfg = self.config.adversary
+        attack = PGD(
+            self.embedder,
+            eps=adv_cfg.eps,
+            alpha=adv_cfg.step_size,
+            steps=adv_cfg.steps,
+            loss_fn=squared_l2,
+        )
+        adv = attack(images, targets)
+        return squared_l2(self.embedder(adv), targets).mean(), {}
+
+    def finalize(self, classifier: nn.Module) -> nn.Module:
+        self.original = None  # type: ignore[assignment]  # free the frozen copy
+        return super().finalize(classifier)

@@ -1,0 +1,107 @@
+"""Fine-tuning configs: bad methods, weights, options and LoRA targets fail before training."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medshield.config import ModelConfig
+from medshield.errors import ConfigError, DataError
+from medshield.models import save_model
+from medshield.models.mini_clip import MiniClip
+from medshield.runs import Run
+from medshield.train.finetune import finetune
+from medshield.train.finetune.common import (
+    TrainData,
+    load_train_data,
+    parse_finetune_config,
+)
+from medshield.train.finetune.workflow import FineTuneRunConfig, run_finetune
+
+FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
+torch.set_num_threads(1)  # the suite shares two cores
+
+
+@pytest.fixture(scope="module")
+def base() -> MiniClip:
+    torch.manual_seed(0)
+    return MiniClip(embed_dim=64, image_size=32, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def train(data_dir: Path) -> TrainData:
+    return load_train_data("chest_xray", 8, seed=0, data_dir=data_dir)
+
+
+def _run(base: MiniClip, train: TrainData, method: str, **extra):
+    model = copy.deepcopy(base)
+    cfg = {**FAST, "method": method, **extra}
+    result = finetune(
+        model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
+    )
+    return model, result
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"method": "no-such-method"}, "unknown fine-tuning method"),
+        ({"method": "ran", "ran": {"cov": -1}}, "greater than or equal to 0"),
+        ({"method": "ran", "ran": {"task_clean": 0, "task_adv": 0}}, "needs a task loss"),
+        ({"method": "lora", "kwargs": {"rnk": 4}}, "rnk"),
+        ({"method": "ran", "lr": 0}, "greater than 0"),
+        ({"method": "tecoa", "adversary": {"eps": 0}}, "greater than 0"),
+    ],
+)
+def test_bad_configs_are_clear_config_errors(raw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_finetune_config(raw)
+
+
+def test_lora_target_matching_nothing_fails_before_training(
+    base: MiniClip, train: TrainData
+) -> None:
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="matches no Conv2d or Linear"):
+        finetune(
+            model,
+            {**FAST, "method": "lora", "kwargs": {"text_targets": r"text_tower\.nothing"}},
+            train.modality,
+            train=train,
+            progress=False,
+        )
+    assert set(model.state_dict()) == set(before)  # nothing injected, nothing trained
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_of_the_wrong_architecture_fails_before_training(
+    base: MiniClip, tmp_path: Path, data_dir: Path
+) -> None:
+    save_model(base, tmp_path / "base")
+    meta_path = tmp_path / "base" / "medshield_model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["init_kwargs"]["embed_dim"] = 48  # the weights are 64-d
+    meta_path.write_text(json.dumps(meta))
+    cfg = FineTuneRunConfig(
+        name="ft",
+        output_dir=str(tmp_path),
+        data_dir=str(data_dir),
+        model={"checkpoint": str(tmp_path / "base")},
+        finetune={**FAST, "method": "ran"},
+    )
+    with pytest.raises(DataError, match="do not fit"):
+        run_finetune(cfg, Run(tmp_path / "ft", cfg))
+    assert not (tmp_path / "ft" / "finetuned").exists()
+    # a fine-tuned directory given as the base checkpoint is refused with its own message
+    (tmp_path / "ft" / "finetuned").mkdir()
+    (tmp_path / "ft" / "finetuned" / "finetune.json").write_text("{}")
+    wrong = cfg.model_copy(
+        update={"model": ModelConfig(checkpoint=str(tmp_path / "ft" / "finetuned"))}
+    )
+    with pytest.raises(DataError, match="fine-tuned classifier, not a base"):
+        run_finetune(wrong, Run(tmp_path / "ft2", wrong))

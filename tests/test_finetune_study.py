@@ -1,0 +1,79 @@
+"""`medshield study finetune`: cells, the aggregated table with CIs, plots, resume, bad config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medshield.errors import ConfigError
+from medshield.runs import Run
+from medshield.studies.finetune import load_study_config, run_study_finetune
+
+torch.set_num_threads(1)  # the suite shares two cores
+
+TINY_MODEL = {
+    "backend": "mini-clip",
+    "kwargs": {"embed_dim": 32, "image_size": 32, "pretrained": False},
+}
+TINY_FT = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
+TINY_EVAL = {
+    "eps": [2],
+    "pgd_steps": [1, 2],
+    "restarts": 1,
+    "apgd_steps": 2,
+    "max_test_items": 4,
+    "batch_size": 4,
+    "bootstrap_resamples": 20,
+}
+
+
+def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "name": "study",
+                "output_dir": str(tmp_path),
+                "data_dir": str(data_dir),
+                "model": TINY_MODEL,
+                "checkpoints": {"base": None},
+                "methods": [
+                    {"method": "linear-probe"},
+                    {"method": "ran", "kwargs": {"rectifier": "linear", "rank": 4}},
+                ],
+                "ran_ablations": ["svd"],
+                "modalities": ["chest_xray"],
+                "seeds": [0],
+                "finetune": TINY_FT,
+                "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False},
+            }
+        )
+    )
+    cfg = load_study_config(config)
+    run = Run(tmp_path / "study", cfg)
+    result = run_study_finetune(cfg, run, log=lambda _: None)
+    table = {row["method"]: row for row in result["table"]}
+    assert set(table) == {"linear-probe", "ran", "ran-no_svd"}
+    for row in table.values():
+        clean = row["clean_accuracy"]
+        assert clean["n"] == 4 and clean["ci_low"] <= clean["value"] <= clean["ci_high"]
+        assert "robust/pgd1@2" in row and "robust/worst@2" in row
+    assert table["ran"]["flops_ratio"] == pytest.approx(1.0)  # folded linear rectifier
+    assert table["ran"]["trainable_params"] < 10_000
+    assert (tmp_path / "study" / "table.md").is_file() and (
+        tmp_path / "study" / "table.csv"
+    ).is_file()
+    assert (tmp_path / "study" / "robust_vs_clean_base_eps2.png").stat().st_size > 1000
+    logs: list[str] = []
+    again = run_study_finetune(cfg, Run(tmp_path / "study", cfg), log=logs.append)
+    assert logs == [] and again["table"] == result["table"]
+
+    bad = config.read_text().replace('"svd"', '"spectrum"')
+    config.write_text(bad)
+    with pytest.raises(ConfigError, match="unknown RAN terms"):
+        load_study_config(config)

@@ -1,0 +1,108 @@
+"""The `medshield finetune` workflow and `medshield study finetune`: rows, CIs, sanity flags,
+resume, a wrong checkpoint refused before training, the study table and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medshield.errors import ConfigError, DataError
+from medshield.runs import Run
+from medshield.train.finetune.workflow import (
+    FineTuneRunConfig,
+    load_finetune_config,
+    run_finetune,
+)
+
+torch.set_num_threads(1)  # the suite shares two cores
+
+TINY_MODEL = {
+    "backend": "mini-clip",
+    "kwargs": {"embed_dim": 32, "image_size": 32, "pretrained": False},
+}
+TINY_FT = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
+TINY_EVAL = {
+    "eps": [2],
+    "pgd_steps": [1, 2],
+    "restarts": 1,
+    "apgd_steps": 2,
+    "max_test_items": 4,
+    "batch_size": 4,
+    "bootstrap_resamples": 20,
+}
+
+
+def _config(tmp_path: Path, data_dir: Path, **extra) -> FineTuneRunConfig:
+    raw = {
+        "name": "ft",
+        "output_dir": str(tmp_path),
+        "modality": "chest_xray",
+        "data_dir": str(data_dir),
+        "model": TINY_MODEL,
+        "finetune": {**TINY_FT, "method": "linear-probe"},
+        "robust": TINY_EVAL,
+        **extra,
+    }
+    return FineTuneRunConfig.model_validate(raw)
+
+
+def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data_dir: Path) -> None:
+    cfg = _config(tmp_path, data_dir)
+    run = Run(tmp_path / "ft", cfg)
+    logs: list[str] = []
+    result = run_finetune(cfg, run, log=logs.append)
+    rows = run.load_samples()
+    groups = {r["group"] for r in rows}
+    assert groups == {"clean", "pgd1@2", "pgd2@2", "apgd-ce@2", "zero-grad@2"}
+    assert sum(r["group"] == "clean" for r in rows) == 4
+    m = result["metrics"]
+    assert (
+        m["clean_accuracy"]["ci_low"]
+        <= m["clean_accuracy"]["value"]
+        <= m["clean_accuracy"]["ci_high"]
+    )
+    for name in ("robust_accuracy/pgd2@2", "robust_accuracy/apgd-ce@2", "robust_accuracy/worst@2"):
+        assert m[name]["value"] <= m["clean_accuracy"]["value"]
+    names = {f["name"] for f in result["sanity"]}
+    assert {"budget", "range", "robust<=clean", "stronger<=weaker", "zero-gradients"} <= names
+    assert all(f["passed"] for f in result["sanity"] if f["name"] in ("budget", "range"))
+    assert result["report"]["overhead"]["flops_ratio"] == pytest.approx(1.0)
+    assert (tmp_path / "ft" / "finetuned" / "method.safetensors").is_file()
+
+    # resume: a half-written group is recomputed, finished groups and the model are kept
+    kept = [r for r in rows if r["group"] != "apgd-ce@2"]
+    run.rewrite_samples([*kept, next(r for r in rows if r["group"] == "apgd-ce@2")])
+    logs.clear()
+    again = run_finetune(cfg, Run(tmp_path / "ft", cfg), log=logs.append)
+    assert any("loading the fine-tuned" in line for line in logs)
+    assert [line.strip() for line in logs if line.strip().endswith("...")] == ["apgd-ce@2 ..."]
+    assert len(Run(tmp_path / "ft", cfg).load_samples()) == len(rows)
+    assert again["metrics"]["clean_accuracy"] == result["metrics"]["clean_accuracy"]
+
+
+def test_wrong_checkpoint_and_bad_config_fail_before_training(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    cfg = _config(tmp_path, data_dir, model={"checkpoint": str(tmp_path / "missing")})
+    with pytest.raises(DataError, match="does not exist"):
+        run_finetune(cfg, Run(tmp_path / "ft", cfg))
+    assert not (tmp_path / "ft" / "finetuned").exists()
+    with pytest.raises(ConfigError, match="unknown fine-tuning method"):
+        load_finetune_config(None, ["finetune.method=lorax"])
+    with pytest.raises(ConfigError, match="needs a task loss"):
+        load_finetune_config(None, ["finetune.ran.task_clean=0", "finetune.ran.task_adv=0"])
+
+
+def test_cli_refuses_an_unknown_method_with_a_clear_message(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medshield.cli import app
+
+    result = CliRunner().invoke(
+        app, ["finetune", "--method", "lorax", "--set", f"output_dir={tmp_path}"]
+    )
+    assert result.exit_code == 2
+    assert "unknown fine-tuning method 'lorax'" in result.output
+    assert not any(tmp_path.iterdir())
