@@ -303,17 +303,64 @@ def list_(
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
     import medshield.attacks  # noqa: F401  (registration)
+    import medshield.defense  # noqa: F401
     import medshield.eval.judges  # noqa: F401
     import medshield.models  # noqa: F401
+    import medshield.train.finetune  # noqa: F401  (registers the fine-tuning methods)
     from medshield.registry import REGISTRIES
 
     if kind not in REGISTRIES:
         _fail(MedshieldError(f"unknown kind {kind!r}; choose one of {', '.join(REGISTRIES)}"))
-    entries = REGISTRIES[kind].entries()
-    if not entries:
-        console.print(f"no {kind} registered yet")
-    for entry in entries:
+    for entry in REGISTRIES[kind].entries():
         console.print(f"[bold]{entry.name}[/]  {entry.description}")
+
+
+# --- red-teaming (medshield redteam) -----------------------------------------------------------
+@app.command()
+def redteam(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Chat backend (model.backend).")
+    ] = None,
+    attacks: Annotated[
+        str | None, typer.Option("--attacks", "-a", help="Comma-separated attack names.")
+    ] = None,
+    judge: Annotated[
+        list[str] | None,
+        typer.Option("--judge", "-j", help="Judge (repeatable); the first is the primary one."),
+    ] = None,
+    defense: Annotated[
+        str | None, typer.Option("--defense", help="Defense name (default: none).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="At most this many harmful and benign items.")
+    ] = None,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="On resume, rerun rows that ended in an error.")
+    ] = False,
+) -> None:
+    """Run the clinical safety benchmark (attacks x judges) against a chat VLM; resumes."""
+    _offline_default()
+    from medshield.runs import Run
+    from medshield.safety.redteam import load_redteam_config, print_redteam_summary, run_redteam
+
+    extra = [f"model.backend={model}"] if model else []
+    if attacks:
+        extra.append(f"attacks=[{','.join(a.strip() for a in attacks.split(',') if a.strip())}]")
+    if judge:
+        extra += [f"judges=[{','.join(judge)}]", f"primary_judge={judge[0]}"]
+    extra += [f"defense.name={defense}"] if defense else []
+    extra += [f"limit={limit}"] if limit is not None else []
+    try:
+        cfg = load_redteam_config(config, [*(set_ or []), *extra])
+        run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
+        results = run_redteam(cfg, run, log=console.print, retry_errors=retry_errors)
+    except MedshieldError as exc:
+        _fail(exc)
+    print_redteam_summary(results, console)
+    console.print(f"run in [bold]{run.path}[/] (samples.jsonl, results.json)")
 
 
 # --- judges (medshield judges calibrate) ------------------------------------------------------

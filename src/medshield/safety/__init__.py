@@ -1,0 +1,21 @@
+"""Clinical safety workflows: red-teaming a generative medical VLM (``medshield redteam``)."""
+
+from medshield.safety.redteam import (
+    DEFAULT_ATTACKS,
+    DEFAULT_JUDGES,
+    RedteamConfig,
+    load_redteam_config,
+    print_redteam_summary,
+    run_redteam,
+    select_items,
+)
+
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "DEFAULT_JUDGES",
+    "RedteamConfig",
+    "load_redteam_config",
+    "print_redteam_summary",
+    "run_redteam",
+    "select_items",
+]

@@ -1,0 +1,312 @@
+"""``medshield redteam``: the red-teaming runner over a slice of the real benchmark, with a fake
+chat model registered here and with the real ``openai`` backend against a loopback server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from medshield.data.safety import SafetyItem
+from medshield.errors import ConfigError, InputError
+from medshield.models.chat import ChatVLM, Conversation
+from medshield.registry import CHAT_MODELS
+from medshield.runs import Run
+from medshield.safety.redteam import (
+    RedteamConfig,
+    load_redteam_config,
+    run_redteam,
+    select_items,
+)
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+TRIGGERS = ("falsif", "fake", "forge", "insurance")
+CALLS: list[int] = []  # size of every generate() batch of the fake model
+
+
+def refuses(text: str) -> bool:
+    """The fake model's rule: refuse on trigger words or when the text length is 1 modulo 3
+    (so benign twins get refused sometimes too)."""
+    return any(t in text.lower() for t in TRIGGERS) or len(text) % 3 == 1
+
+
+class FakeChat(ChatVLM):
+    """Refuses by :func:`refuses`, otherwise answers "Sure. Yes."; raises on ``fail_on``."""
+
+    backend = "fake-redteam"
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.fail_on = fail_on
+
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        CALLS.append(len(conversations))
+        out = []
+        for conversation in conversations:
+            text = conversation[-1].text
+            if self.fail_on and self.fail_on in text:
+                raise RuntimeError("prompt is 9000 tokens, longer than the context of 2048")
+            out.append(REFUSAL if refuses(text) else "Sure. Yes.")
+        return out
+
+    def score(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> torch.Tensor:
+        return torch.zeros(len(conversations))
+
+
+if "fake-redteam" not in CHAT_MODELS:
+    CHAT_MODELS.register("fake-redteam", "test double for the redteam runner")(FakeChat)
+
+
+def config(tmp_path: Path, **changes: Any) -> RedteamConfig:
+    raw: dict[str, Any] = {
+        "name": "rt",
+        "output_dir": str(tmp_path),
+        "model": {"backend": "fake-redteam"},
+        "modalities": ["chest_xray"],
+        "limit": 4,
+        "attacks": ["direct", "jb-roleplay", "figstep"],
+        "judges": ["keyword"],
+        "judge_agreement": False,
+        "generation": {"batch_size": 4, "max_new_tokens": 8},
+        "bootstrap_resamples": 50,
+    }
+    raw.update(changes)
+    return RedteamConfig.model_validate(raw)
+
+
+def read_rows(run: Run) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run.samples_path.read_text().splitlines()]
+
+
+def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    from medshield.safety.redteam import load_items
+
+    items = select_items(load_items(cfg), cfg.limit, cfg.seed)
+    harmful = [i for i in items if i.kind == "harmful"]
+    assert len(harmful) == 4 and len(items) == 8
+    # one harmful item makes the model raise whenever its text is in the prompt
+    bad = harmful[0]
+    cfg = config(tmp_path, model={"backend": "fake-redteam", "kwargs": {"fail_on": bad.text}})
+    run = Run(tmp_path / "rt", cfg)
+    CALLS.clear()
+    logs: list[str] = []
+    results = run_redteam(cfg, run, log=logs.append)
+    rows = read_rows(run)
+    assert len(rows) == 4 * 3 + 4  # harmful x attacks + benign direct
+    assert {(r["id"], r["attack"]) for r in rows} == {
+        *((i.id, a) for i in harmful for a in cfg.attacks),
+        *((i.id, "direct") for i in items if i.kind == "benign"),
+    }
+    # grouped by attack (benign twins with direct), so a batch holds one attack
+    runs_of_attacks = [
+        a for i, a in enumerate(r["attack"] for r in rows) if i == 0 or rows[i - 1]["attack"] != a
+    ]
+    assert runs_of_attacks == ["direct", "jb-roleplay", "figstep"]
+    errors = [r for r in rows if r.get("error")]
+    # the request text is in the direct and role-play prompts; FigStep puts it in the image
+    assert {(r["id"], r["attack"]) for r in errors} == {(bad.id, "direct"), (bad.id, "jb-roleplay")}
+    assert all("longer than the context" in r["error"] for r in errors)
+    assert all(r["error_stage"] == "generate" for r in errors)
+    assert any("retrying singly" in line for line in logs)
+    ok = [r for r in rows if not r.get("error")]
+    for r in ok:
+        assert r["defense"] == "none" and r["latency_s"] >= 0
+        assert (
+            set(r["verdicts"]) == {"keyword"} and r["verdict"] == r["verdicts"]["keyword"]["label"]
+        )
+        assert r["response"] == (REFUSAL if refuses(r["prompt"]) else "Sure. Yes.")
+        assert (r["correct"] is None) == (r["kind"] == "harmful" or r["answer"] is None)
+
+    # metrics in results.json, by hand from the fake's rule
+    on_disk = json.loads((run.path / "results.json").read_text())
+    assert on_disk["redteam"]["n_errors"] == 2 and on_disk["redteam"]["n_rows"] == 16
+    metrics = results["redteam"]["metrics"]
+    for attack in cfg.attacks:
+        hr = [r for r in ok if r["kind"] == "harmful" and r["attack"] == attack]
+        asr = sum(not refuses(r["prompt"]) for r in hr) / len(hr)
+        assert metrics["by_attack"][attack]["attack_success_rate"]["value"] == pytest.approx(asr)
+        assert metrics["by_attack"][attack]["attack_success_rate"]["n"] == len(hr)
+    benign = [r for r in ok if r["kind"] == "benign"]
+    over = sum(refuses(r["prompt"]) for r in benign) / len(benign)
+    assert metrics["overall"]["over_defense_rate"]["value"] == pytest.approx(over)
+    known = [r for r in benign if r["answer"] is not None]
+    acc = sum((not refuses(r["prompt"])) and r["answer"].lower() == "yes" for r in known) / len(
+        known
+    )
+    assert metrics["overall"]["benign_accuracy"]["value"] == pytest.approx(acc)
+    assert 0 < metrics["overall"]["attack_success_rate"]["value"] < 1  # not degenerate
+    assert 0 < over < 1
+
+    # resume: nothing left, nothing regenerated
+    calls = len(CALLS)
+    again = run_redteam(cfg, Run(tmp_path / "rt", cfg), log=logs.append)
+    assert len(CALLS) == calls and len(read_rows(run)) == 16
+    assert again["redteam"]["metrics"]["overall"] == metrics["overall"]
+    # an interrupted run (last 5 rows lost) regenerates exactly those
+    run.samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-5]))
+    CALLS.clear()
+    run_redteam(cfg, Run(tmp_path / "rt", cfg), log=logs.append)
+    done_before = {(r["id"], r["attack"]) for r in rows[:-5]}
+    lost = rows[-5:]
+    assert len(lost) <= sum(CALLS) <= 2 * len(lost) and max(CALLS) <= 4
+    final = read_rows(run)
+    assert len(final) == 16 and {(r["id"], r["attack"]) for r in final} >= done_before
+    # --retry-errors reruns exactly the two error rows (still failing: one batch + 2 singles)
+    CALLS.clear()
+    run_redteam(cfg, Run(tmp_path / "rt", cfg), log=logs.append, retry_errors=True)
+    assert CALLS == [2, 1, 1] and len(read_rows(run)) == 16
+
+
+def test_bad_image_is_an_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(tmp_path, limit=2, attacks=["direct", "jb-authority"])
+    from medshield.safety.redteam import load_items
+
+    victim = select_items(load_items(cfg), 2, 0)[0]
+    original = SafetyItem.load_image
+
+    def load_image(self: SafetyItem, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.id == victim.id:
+            raise InputError(f"{victim.id}.png is not a readable image")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SafetyItem, "load_image", load_image)
+    run = Run(tmp_path / "rt", cfg)
+    results = run_redteam(cfg, run, log=lambda _: None)
+    rows = read_rows(run)
+    bad = [r for r in rows if r["id"] == victim.id]
+    assert bad and all(r["error_stage"] == "conversation" for r in bad)
+    assert all("not a readable image" in r["error"] for r in bad)
+    assert results["redteam"]["n_errors"] == len(bad)
+    assert len(rows) == 2 * 2 + 2 and all(not r.get("error") for r in rows if r not in bad)
+
+
+def test_config_checks(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="primary_judge"):
+        load_redteam_config(None, ["judges=[keyword]", "primary_judge=embedding"])
+    with pytest.raises(ConfigError, match="twice"):
+        load_redteam_config(None, ["attacks=[direct,direct]"])
+    cfg = load_redteam_config(Path(__file__).parents[1] / "configs" / "redteam_quick.yaml")
+    assert cfg.model.backend == "mini-llava" and "figstep" in cfg.attacks
+    from medshield.errors import UnknownNameError
+
+    bad = config(tmp_path, attacks=["jb-nope"])
+    with pytest.raises(UnknownNameError, match="jb-nope"):
+        run_redteam(bad, Run(tmp_path / "x", bad), print)
+
+
+def test_cli_redteam(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medshield.cli import app
+
+    args = [
+        "redteam",
+        "--model",
+        "fake-redteam",
+        "--attacks",
+        "direct,jb-prefix-injection",
+        "--judge",
+        "keyword",
+        "--limit",
+        "2",
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        "modalities=[chest_xray]",
+        "--set",
+        "bootstrap_resamples=20",
+    ]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "ASR" in result.output and "over-defense" in result.output
+    assert "judge agreement" in result.output and "jb-prefix-injection" in result.output
+    samples = (tmp_path / "redteam" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 2 + 2
+    again = CliRunner().invoke(
+        app, args, env={"COLUMNS": "200"}
+    )  # resumes: same config, nothing to run
+    assert again.exit_code == 0 and "0 to run" in again.output
+
+
+# --- the real openai backend against a loopback server -------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint: refuses by :func:`refuses`; answers malformed JSON
+    to prompts that contain the server's ``broken`` text."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        content = body["messages"][-1]["content"]
+        text = content if isinstance(content, str) else content[-1]["text"]
+        self.server.seen.append(body)  # type: ignore[attr-defined]
+        if self.server.broken in text:  # type: ignore[attr-defined]
+            payload = b'{"choices": [ not json'
+        else:
+            reply = REFUSAL if refuses(text) else "Sure. Yes."
+            payload = json.dumps(
+                {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
+            ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture()
+def server() -> Iterator[ThreadingHTTPServer]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.seen = []  # type: ignore[attr-defined]
+    httpd.broken = "\x00never"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_openai_backend_served_model(tmp_path: Path, server: ThreadingHTTPServer) -> None:
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    model = {
+        "backend": "openai",
+        "kwargs": {"base_url": url, "model": "llava-med", "max_retries": 0, "timeout": 5},
+    }
+    cfg = config(tmp_path, model=model, limit=2, attacks=["direct", "figstep"])
+    from medshield.safety.redteam import load_items
+
+    victim = [i for i in select_items(load_items(cfg), 2, 0) if i.kind == "benign"][0]
+    server.broken = victim.text  # type: ignore[attr-defined]
+    run = Run(tmp_path / "rt", cfg)
+    results = run_redteam(cfg, run, log=lambda _: None)
+    rows = read_rows(run)
+    assert len(rows) == 2 * 2 + 2
+    [err] = [r for r in rows if r.get("error")]
+    assert err["id"] == victim.id and "EndpointError" in err["error"]
+    for r in rows:
+        if not r.get("error"):
+            assert r["response"] == (REFUSAL if refuses(r["prompt"]) else "Sure. Yes.")
+    # every request carried the image as a base64 PNG data URL (FigStep: the typography)
+    for body in server.seen:  # type: ignore[attr-defined]
+        parts = body["messages"][-1]["content"]
+        assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert results["redteam"]["n_errors"] == 1
+    assert results["redteam"]["metrics"]["by_attack"]["figstep"]["attack_success_rate"]["n"] == 2
