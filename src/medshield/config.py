@@ -21,11 +21,13 @@ EvalTask = Literal[
 ]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section that refuses unknown keys (a typo is an error, not a silent default)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Which images to use. ``modalities: available`` takes every modality found on disk.
 
     ``noisy_dataset``: a directory written by ``medshield craft-noise``; pretraining then reads
@@ -38,7 +40,7 @@ class DataConfig(_Strict):
     noisy_dataset: str | None = None
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """A registered backend and its arguments, or a saved medshield model directory."""
 
     backend: str = "mini-clip"
@@ -46,7 +48,7 @@ class ModelConfig(_Strict):
     checkpoint: str | None = None
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(StrictModel):
     """Contrastive (symmetric InfoNCE) pretraining.
 
     ``image_layers`` / ``text_layers``: how many of the tower's last stages train
@@ -64,7 +66,7 @@ class PretrainConfig(_Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(StrictModel):
     """Downstream evaluation on test splits.
 
     ``robust_zero_shot``: zero-shot accuracy under L-inf PGD at each of ``robust_eps`` (/255)
@@ -108,7 +110,7 @@ class EvaluateConfig(_Strict):
         return sorted(values)
 
 
-class NoiseConfig(_Strict):
+class NoiseConfig(StrictModel):
     """``medshield craft-noise``: replace a fraction ``ratio`` of the upstream pairs by
     adversarial pairs crafted with a registered multimodal ``attack`` against the surrogate
     (``model`` section: a trained ``checkpoint``, or a backend). ``eps`` is in /255 units."""
@@ -121,7 +123,7 @@ class NoiseConfig(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """A whole run: what ``medshield pretrain``, ``evaluate`` and ``demo`` read."""
 
     name: str = "run"

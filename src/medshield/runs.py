@@ -10,7 +10,7 @@ import json
 import platform
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,9 @@ from pydantic import BaseModel
 
 from medshield.config import dump_config
 from medshield.errors import ConfigError
+
+Log = Callable[[str], None]
+"""Where workflows report progress: ``print``, or ``rich.console.Console.print``."""
 
 VERSIONED_PACKAGES = (
     "medshield",
@@ -108,3 +111,15 @@ class Run:
         tmp = self.samples_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(self.samples_path)
+
+
+def swap_directory(new: Path, directory: Path) -> None:
+    """Replace ``directory`` by the finished folder ``new`` (a checkpoint written aside), so a
+    crash leaves either the old or the new checkpoint, never a half-written one."""
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        directory.rename(old)
+        new.rename(directory)
+        shutil.rmtree(old)
+    else:
+        new.rename(directory)

@@ -29,10 +29,8 @@ from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
 from medshield.noise import NoisyCaptionDataset, craft_noisy_dataset, file_sha256
 from medshield.registry import ATTACKS
-from medshield.runs import Run
+from medshield.runs import Log, Run
 from medshield.train.pretrain import pretrain
-
-Log = Callable[[str], None]
 
 
 def resolve_modalities(config: RunConfig, split: str) -> list[str]:

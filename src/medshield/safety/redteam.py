@@ -45,16 +45,16 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from medshield.config import _Strict, load_yaml_model
+from medshield.config import StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.runs import Run
+from medshield.runs import Log, Run
 
 DEFAULT_ATTACKS = (
     "direct",
@@ -73,10 +73,8 @@ BENIGN_ATTACK = "direct"
 SUMMARY_GROUPS = ("modality", "category", "attack")
 IMAGE_CACHE = 1024  # item images kept in memory (each attack reuses them)
 
-Log = Callable[[str], None]
 
-
-class ChatModelConfig(_Strict):
+class ChatModelConfig(StrictModel):
     """A registered chat backend (``medshield list chat-models``) and its arguments, e.g.
     ``{backend: mini-llava, kwargs: {checkpoint: runs/vlm/model}}`` or
     ``{backend: openai, kwargs: {base_url: http://localhost:8000/v1, model: llava}}``."""
@@ -85,7 +83,7 @@ class ChatModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class DefenseConfig(_Strict):
+class DefenseConfig(StrictModel):
     """A registered defense (``medshield list defenses``) and its arguments; ``none`` sends
     conversations unchanged."""
 
@@ -93,7 +91,7 @@ class DefenseConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     """Decoding: ``temperature`` 0 is greedy; ``batch_size`` conversations per ``generate``."""
 
     max_new_tokens: int = Field(128, ge=1)
@@ -101,7 +99,7 @@ class GenerationConfig(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
-class RedteamConfig(_Strict):
+class RedteamConfig(StrictModel):
     """What ``medshield redteam`` runs.
 
     Attributes:

@@ -21,31 +21,24 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from medshield import data
-from medshield.config import ModelConfig, apply_overrides
+from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import bootstrap_ci
 from medshield.models.io import META_FILE as MODEL_META_FILE
-from medshield.runs import Run
+from medshield.runs import Log, Run
 from medshield.train.finetune.common import RAN_TERMS, parse_finetune_config
 from medshield.train.finetune.workflow import FineTuneRunConfig, RobustEvalConfig, run_finetune
 
-Log = Callable[[str], None]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MethodSpec(_Strict):
+class MethodSpec(StrictModel):
     """One compared method: a registered ``method``, its ``kwargs``, RAN weight overrides,
     per-method ``finetune`` overrides (e.g. a smaller ``lr`` for full fine-tuning) and a
     ``label`` for the table (default: the method name)."""
@@ -61,7 +54,7 @@ class MethodSpec(_Strict):
         return self.label or self.method
 
 
-class StudyFinetuneConfig(_Strict):
+class StudyFinetuneConfig(StrictModel):
     """The comparison study.
 
     Attributes:
@@ -141,22 +134,7 @@ def load_study_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> StudyFinetuneConfig:
     """Read the study YAML and overrides, and validate every cell's fine-tuning config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        config = StudyFinetuneConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid study configuration:\n{exc}") from None
+    config = load_yaml_model(StudyFinetuneConfig, path, overrides)
     for spec in config.expanded_methods():
         _finetune_config(config, spec)  # every method's config fails now, not mid-study
     return config

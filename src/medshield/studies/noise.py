@@ -30,17 +30,15 @@ import numpy as np
 from pydantic import Field, field_validator
 from scipy import stats
 
-from medshield.config import RunConfig, _Strict, load_yaml_model
+from medshield.config import RunConfig, StrictModel, load_yaml_model
 from medshield.data import ImageCaptionDataset
 from medshield.errors import ConfigError
 from medshield.models import load_model, save_model
 from medshield.noise import NoisyCaptionDataset, NoisyMix, craft_noisy_dataset, file_sha256
-from medshield.runs import Run
-
-Log = Any
+from medshield.runs import Log, Run
 
 
-class NoiseStudyConfig(_Strict):
+class NoiseStudyConfig(StrictModel):
     """The grid and the shared run settings of the noise-level study.
 
     ``base`` is an ordinary run config (data, model, pretrain, evaluate; ``noise.attack``,

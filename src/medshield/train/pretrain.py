@@ -33,6 +33,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medshield.config import PretrainConfig
 from medshield.models.base import DualEncoder
 from medshield.models.io import save_model
+from medshield.runs import swap_directory
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -265,15 +266,7 @@ def _save_checkpoint(
         tmp / "trainer_state.pt",
     )
     (tmp / "history.json").write_text(json.dumps(history, indent=2))
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        directory.rename(old)
-        tmp.rename(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(directory)
+    swap_directory(tmp, directory)
 
 
 def _peak_memory_mb() -> float:

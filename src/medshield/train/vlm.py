@@ -39,25 +39,24 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from medshield.config import StrictModel, load_yaml_model
 from medshield.data import available_modalities, get_modality, load_split, load_vqa_rad
 from medshield.data.vqa_rad import load_vqa_image
 from medshield.errors import DataError
 from medshield.eval.metrics import bootstrap_ci
 from medshield.models.chat import Message
 from medshield.models.mini_llava import WEIGHTS_FILE, MiniLlava
-from medshield.runs import Run
+from medshield.runs import Run, swap_directory
 
 CONDITIONS = ("image", "no_image", "shuffled_image")
 
 
-class VLMTrainConfig(BaseModel):
+class VLMTrainConfig(StrictModel):
     """``medshield train-vlm``: data, model, optimisation and evaluation settings."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = "mini-llava"
     output_dir: str = "runs"
@@ -279,15 +278,7 @@ def _save_checkpoint(
         tmp / "trainer_state.pt",
     )
     (tmp / "history.json").write_text(json.dumps(history))
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        directory.rename(old)
-        tmp.rename(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(directory)
+    swap_directory(tmp, directory)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -409,28 +400,7 @@ def load_vlm_config(path: str | Path | None, overrides: list[str] | None) -> VLM
     Raises:
         ConfigError: missing or invalid file, or invalid values.
     """
-    import yaml
-    from pydantic import ValidationError
-
-    from medshield.config import apply_overrides
-    from medshield.errors import ConfigError
-
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return VLMTrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid train-vlm configuration:\n{exc}") from None
+    return load_yaml_model(VLMTrainConfig, path, overrides)
 
 
 def run_train_vlm(config: VLMTrainConfig, run: Run, progress: bool = True) -> dict[str, Any]:

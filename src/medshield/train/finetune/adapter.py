@@ -24,19 +24,19 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from medshield.config import StrictModel
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder, eval_mode
 from medshield.registry import METHODS
 from medshield.train.finetune.common import (
     FineTunedClassifier,
     FineTuneMethod,
-    _Strict,
     clear_text_cache,
     freeze,
 )
 
 
-class AdapterOptions(_Strict):
+class AdapterOptions(StrictModel):
     """``reduction``: bottleneck = max(``min_bottleneck``, width // reduction);
     ``image_layers`` / ``text_layers``: adapt the last n blocks (-1 all, 0 none)."""
 

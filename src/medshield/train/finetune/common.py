@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 import medshield
 from medshield import data
+from medshield.config import StrictModel
 from medshield.errors import ConfigError, DataError, InputError
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, eval_mode
 from medshield.registry import METHODS
@@ -64,11 +65,7 @@ Log = Callable[[str], None]
 # --- configuration ------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AdversaryConfig(_Strict):
+class AdversaryConfig(StrictModel):
     """On-the-fly PGD adversary used while training (TeCoA, FARE, RAN), L-inf, /255 units.
 
     ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al., 2018).
@@ -83,7 +80,7 @@ class AdversaryConfig(_Strict):
         return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
 
 
-class RANWeights(_Strict):
+class RANWeights(StrictModel):
     """Weights of the RAN loss terms (see :mod:`medshield.train.finetune.ran`).
 
     A weight of 0 switches its term off (an ablation); negative weights are refused, and so is
@@ -111,7 +108,7 @@ class RANWeights(_Strict):
 RAN_TERMS = tuple(RANWeights.model_fields)
 
 
-class FineTuneConfig(_Strict):
+class FineTuneConfig(StrictModel):
     """How to fine-tune: method, optimisation budget, per-method kwargs, RAN weights, adversary.
 
     Attributes:
@@ -262,7 +259,7 @@ class FineTunedClassifier(nn.Module):
 # --- methods ------------------------------------------------------------------------------------
 
 
-class NoOptions(_Strict):
+class NoOptions(StrictModel):
     """A method without options."""
 
 

@@ -33,10 +33,11 @@ from peft.tuners.lora import LoraLayer
 from pydantic import Field
 from torch import nn
 
+from medshield.config import StrictModel
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
-from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, _Strict, freeze
+from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, freeze
 
 DEFAULT_IMAGE_TARGETS = r"image_tower\.(_blocks\.\d+\._(expand|project)_conv|_conv_head)"
 DEFAULT_TEXT_TARGETS = (
@@ -44,7 +45,7 @@ DEFAULT_TEXT_TARGETS = (
 )
 
 
-class LoraOptions(_Strict):
+class LoraOptions(StrictModel):
     """LoRA options: ``rank`` r, ``alpha`` (scaling alpha / r), ``dropout``, target patterns
     (None switches a tower off), ``merge`` (fold ``B A`` into the weights after training with
     peft's ``merge()``, so inference costs what the base model costs)."""

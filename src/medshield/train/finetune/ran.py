@@ -45,6 +45,7 @@ from pydantic import Field
 from torch import nn
 
 from medshield.attacks.pgd import PGD
+from medshield.config import StrictModel
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
@@ -52,13 +53,12 @@ from medshield.train.finetune.common import (
     FineTunedClassifier,
     FineTuneMethod,
     RANWeights,
-    _Strict,
     freeze,
 )
 from medshield.train.pretrain import contrastive_loss
 
 
-class RANOptions(_Strict):
+class RANOptions(StrictModel):
     """``rectifier``: linear | mlp; ``rank`` (linear, null = full), ``hidden`` (mlp),
     ``svd_top_k`` (null = number of classes), ``fold`` (fold a linear rectifier after training)."""
 

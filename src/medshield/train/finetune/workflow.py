@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from medshield import data
 from medshield.attacks.apgd import APGD
@@ -42,13 +41,13 @@ from medshield.attacks.sanity import (
     stronger_flag,
     zero_gradient_flag,
 )
-from medshield.config import ModelConfig, apply_overrides
-from medshield.errors import ConfigError, DataError
+from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.errors import DataError
 from medshield.eval.features import classify_images
 from medshield.eval.metrics import bootstrap_ci
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder
-from medshield.runs import Run
+from medshield.runs import Log, Run
 from medshield.train.finetune.common import (
     META_FILE,
     FineTuneConfig,
@@ -58,14 +57,8 @@ from medshield.train.finetune.common import (
     save_finetuned,
 )
 
-Log = Callable[[str], None]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RobustEvalConfig(_Strict):
+class RobustEvalConfig(StrictModel):
     """Clean and robust evaluation after fine-tuning (budgets and step sizes in /255)."""
 
     eps: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
@@ -78,7 +71,7 @@ class RobustEvalConfig(_Strict):
     bootstrap_resamples: int = Field(1000, ge=10)
 
 
-class FineTuneRunConfig(_Strict):
+class FineTuneRunConfig(StrictModel):
     """A ``medshield finetune`` run: base model, modality, fine-tuning and evaluation."""
 
     name: str = "finetune"
@@ -95,22 +88,7 @@ def load_finetune_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> FineTuneRunConfig:
     """Read a YAML ``medshield finetune`` config (defaults when ``path`` is None) + overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return FineTuneRunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid fine-tuning configuration:\n{exc}") from None
+    return load_yaml_model(FineTuneRunConfig, path, overrides)
 
 
 def base_reference(config: FineTuneRunConfig) -> dict[str, Any]:

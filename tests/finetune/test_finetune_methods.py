@@ -3,43 +3,18 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from finetune_support import FAST, run_method
 
 from medshield.models.base import ZeroShotClassifier
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune import finetune
 from medshield.train.finetune.common import (
     FineTuneConfig,
     TrainData,
-    load_train_data,
     method_for,
 )
-
-FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
-torch.set_num_threads(1)  # the suite shares two cores
-
-
-@pytest.fixture(scope="module")
-def base() -> MiniClip:
-    torch.manual_seed(0)
-    return MiniClip(embed_dim=64, image_size=32, pretrained=False).eval()
-
-
-@pytest.fixture(scope="module")
-def train(data_dir: Path) -> TrainData:
-    return load_train_data("chest_xray", 8, seed=0, data_dir=data_dir)
-
-
-def _run(base: MiniClip, train: TrainData, method: str, **extra):
-    model = copy.deepcopy(base)
-    cfg = {**FAST, "method": method, **extra}
-    result = finetune(
-        model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
-    )
-    return model, result
 
 
 def test_adapters_train_in_both_towers_and_start_as_identity(
@@ -50,7 +25,7 @@ def test_adapters_train_in_both_towers_and_start_as_identity(
     with torch.no_grad():
         expected = ZeroShotClassifier(base, train.class_prompts)(train.images[:2])
         torch.testing.assert_close(clf.eval()(train.images[:2]), expected, atol=1e-4, rtol=1e-4)
-    _, result = _run(base, train, "adapter", lr=1e-2)
+    _, result = run_method(base, train, "adapter", lr=1e-2)
     state = result.classifier.state_dict()
     ups = [k for k in state if k.endswith("adapter.up.weight")]
     assert any("image_tower" in k for k in ups) and any("text_tower" in k for k in ups)
@@ -59,7 +34,7 @@ def test_adapters_train_in_both_towers_and_start_as_identity(
 
 
 def test_linear_probe_trains_only_the_head(base: MiniClip, train: TrainData) -> None:
-    model, result = _run(base, train, "linear-probe", lr=1e-2)
+    model, result = run_method(base, train, "linear-probe", lr=1e-2)
     k, d = len(train.class_prompts), base.embed_dim
     assert result.report["trainable_params"] == k * d + k
     assert all(torch.equal(base.state_dict()[n], v) for n, v in model.state_dict().items())
@@ -69,7 +44,7 @@ def test_linear_probe_trains_only_the_head(base: MiniClip, train: TrainData) -> 
 
 def test_tecoa_and_fare_train_the_image_side_only(base: MiniClip, train: TrainData) -> None:
     for method in ("tecoa", "fare"):
-        model, result = _run(base, train, method, lr=1e-3)
+        model, result = run_method(base, train, method, lr=1e-3)
         state = model.state_dict()
         ref = base.state_dict()
         assert not torch.equal(state["image_proj.weight"], ref["image_proj.weight"]), method

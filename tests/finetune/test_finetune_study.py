@@ -6,28 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from finetune_support import FAST, TINY_EVAL, TINY_MODEL
 
 from medshield.errors import ConfigError
 from medshield.runs import Run
 from medshield.studies.finetune import load_study_config, run_study_finetune
-
-torch.set_num_threads(1)  # the suite shares two cores
-
-TINY_MODEL = {
-    "backend": "mini-clip",
-    "kwargs": {"embed_dim": 32, "image_size": 32, "pretrained": False},
-}
-TINY_FT = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
-TINY_EVAL = {
-    "eps": [2],
-    "pgd_steps": [1, 2],
-    "restarts": 1,
-    "apgd_steps": 2,
-    "max_test_items": 4,
-    "batch_size": 4,
-    "bootstrap_resamples": 20,
-}
 
 
 def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
@@ -49,7 +32,7 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
                 "ran_ablations": ["svd"],
                 "modalities": ["chest_xray"],
                 "seeds": [0],
-                "finetune": TINY_FT,
+                "finetune": FAST,
                 "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False},
             }
         )

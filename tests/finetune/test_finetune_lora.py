@@ -7,38 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_support import FAST, run_method
 
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune import finetune, load_finetuned, save_finetuned
+from medshield.train.finetune import load_finetuned, save_finetuned
 from medshield.train.finetune.common import (
     FineTuneConfig,
     TrainData,
-    load_train_data,
     method_for,
 )
-
-FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
-torch.set_num_threads(1)  # the suite shares two cores
-
-
-@pytest.fixture(scope="module")
-def base() -> MiniClip:
-    torch.manual_seed(0)
-    return MiniClip(embed_dim=64, image_size=32, pretrained=False).eval()
-
-
-@pytest.fixture(scope="module")
-def train(data_dir: Path) -> TrainData:
-    return load_train_data("chest_xray", 8, seed=0, data_dir=data_dir)
-
-
-def _run(base: MiniClip, train: TrainData, method: str, **extra):
-    model = copy.deepcopy(base)
-    cfg = {**FAST, "method": method, **extra}
-    result = finetune(
-        model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
-    )
-    return model, result
 
 
 def test_lora_modules_in_both_towers_get_gradients_and_change(
@@ -58,7 +35,7 @@ def test_lora_modules_in_both_towers_get_gradients_and_change(
     grads = dict(clf.named_parameters())
     assert grads[text_b].grad.abs().sum() > 0 and grads[image_b].grad.abs().sum() > 0
 
-    model, result = _run(base, train, "lora", lr=1e-2)
+    model, result = run_method(base, train, "lora", lr=1e-2)
     state = result.classifier.state_dict()
     assert state[text_b].abs().sum() > 0 and state[image_b].abs().sum() > 0
     assert result.report["trainable_params"] == sum(

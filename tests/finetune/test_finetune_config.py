@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_support import FAST
 
 from medshield.config import ModelConfig
 from medshield.errors import ConfigError, DataError
@@ -17,33 +18,9 @@ from medshield.runs import Run
 from medshield.train.finetune import finetune
 from medshield.train.finetune.common import (
     TrainData,
-    load_train_data,
     parse_finetune_config,
 )
 from medshield.train.finetune.workflow import FineTuneRunConfig, run_finetune
-
-FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
-torch.set_num_threads(1)  # the suite shares two cores
-
-
-@pytest.fixture(scope="module")
-def base() -> MiniClip:
-    torch.manual_seed(0)
-    return MiniClip(embed_dim=64, image_size=32, pretrained=False).eval()
-
-
-@pytest.fixture(scope="module")
-def train(data_dir: Path) -> TrainData:
-    return load_train_data("chest_xray", 8, seed=0, data_dir=data_dir)
-
-
-def _run(base: MiniClip, train: TrainData, method: str, **extra):
-    model = copy.deepcopy(base)
-    cfg = {**FAST, "method": method, **extra}
-    result = finetune(
-        model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
-    )
-    return model, result
 
 
 @pytest.mark.parametrize(

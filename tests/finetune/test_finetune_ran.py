@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_support import FAST, run_method
 
 from medshield.errors import DataError
 from medshield.models.base import ZeroShotClassifier
@@ -14,40 +15,15 @@ from medshield.models.mini_clip import MiniClip
 from medshield.train.finetune import (
     FineTunedClassifier,
     count_flops,
-    finetune,
     load_finetuned,
     save_finetuned,
 )
 from medshield.train.finetune.common import (
     FineTuneConfig,
     TrainData,
-    load_train_data,
     method_for,
 )
 from medshield.train.finetune.ran import LinearRectifier, fold_linear_rectifier
-
-FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
-torch.set_num_threads(1)  # the suite shares two cores
-
-
-@pytest.fixture(scope="module")
-def base() -> MiniClip:
-    torch.manual_seed(0)
-    return MiniClip(embed_dim=64, image_size=32, pretrained=False).eval()
-
-
-@pytest.fixture(scope="module")
-def train(data_dir: Path) -> TrainData:
-    return load_train_data("chest_xray", 8, seed=0, data_dir=data_dir)
-
-
-def _run(base: MiniClip, train: TrainData, method: str, **extra):
-    model = copy.deepcopy(base)
-    cfg = {**FAST, "method": method, **extra}
-    result = finetune(
-        model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
-    )
-    return model, result
 
 
 def test_ran_linear_rectifier_folds_with_same_logits_params_and_flops(
@@ -76,7 +52,7 @@ def test_ran_linear_rectifier_folds_with_same_logits_params_and_flops(
 def test_ran_mlp_costs_under_two_percent_flops_and_ablation_drops_terms(
     base: MiniClip, train: TrainData
 ) -> None:
-    _, result = _run(base, train, "ran", ran={"svd": 0, "contrastive": 0})
+    _, result = run_method(base, train, "ran", ran={"svd": 0, "contrastive": 0})
     ratio = result.report["overhead"]["flops_ratio"]
     assert 1.0 < ratio < 1.02
     parts = set(result.report["history"][0])
@@ -92,7 +68,7 @@ def test_ran_mlp_costs_under_two_percent_flops_and_ablation_drops_terms(
 def test_save_and_load_round_trip_and_refuse_another_base(
     base: MiniClip, train: TrainData, tmp_path: Path
 ) -> None:
-    _, result = _run(base, train, "ran", kwargs={"rectifier": "linear"}, lr=1e-2)
+    _, result = run_method(base, train, "ran", kwargs={"rectifier": "linear"}, lr=1e-2)
     save_finetuned(result, tmp_path / "ran")
     loaded, meta = load_finetuned(tmp_path / "ran", model=copy.deepcopy(base))
     assert meta["method"] == "ran" and meta["structure"] == {"folded": True}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from finetune_support import FAST, TINY_EVAL, TINY_MODEL
 
 from medshield.errors import ConfigError, DataError
 from medshield.runs import Run
@@ -16,23 +16,6 @@ from medshield.train.finetune.workflow import (
     run_finetune,
 )
 
-torch.set_num_threads(1)  # the suite shares two cores
-
-TINY_MODEL = {
-    "backend": "mini-clip",
-    "kwargs": {"embed_dim": 32, "image_size": 32, "pretrained": False},
-}
-TINY_FT = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
-TINY_EVAL = {
-    "eps": [2],
-    "pgd_steps": [1, 2],
-    "restarts": 1,
-    "apgd_steps": 2,
-    "max_test_items": 4,
-    "batch_size": 4,
-    "bootstrap_resamples": 20,
-}
-
 
 def _config(tmp_path: Path, data_dir: Path, **extra) -> FineTuneRunConfig:
     raw = {
@@ -41,7 +24,7 @@ def _config(tmp_path: Path, data_dir: Path, **extra) -> FineTuneRunConfig:
         "modality": "chest_xray",
         "data_dir": str(data_dir),
         "model": TINY_MODEL,
-        "finetune": {**TINY_FT, "method": "linear-probe"},
+        "finetune": {**FAST, "method": "linear-probe"},
         "robust": TINY_EVAL,
         **extra,
     }
