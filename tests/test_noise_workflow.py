@@ -71,6 +71,49 @@ def test_craft_noise_then_pretrain_on_it(tmp_path: Path, data_dir: Path) -> None
     assert (tmp_path / "pre" / "model" / "model.safetensors").exists()
 
 
+def test_interrupted_craft_noise_resumes_from_its_shards(tmp_path: Path, data_dir: Path) -> None:
+    """A run stopped after some batches (shards on disk, no manifest) finishes where it stopped:
+    the finished shards are not recomputed and the dataset equals an uninterrupted one."""
+
+    def craft(name: str) -> Path:
+        args = [
+            f"output_dir={tmp_path}",
+            f"name={name}",
+            "data.modalities=[breast_ultrasound]",
+            "data.train_per_class_cap=4",
+            "noise.split=val",
+            "noise.ratio=0.25",
+            "noise.eps=2",
+            "noise.batch_size=1",
+            "noise.attack_kwargs={steps: 2, max_edits: 1}",
+        ]
+        result = runner.invoke(app, ["craft-noise", *_sets(args)])
+        assert result.exit_code == 0, result.output
+        return tmp_path / name / "noisy"
+
+    full = craft("full")
+    shards = sorted(full.glob("perturbed-*.safetensors"))
+    assert len(shards) == 2  # 0.25 of 8 pairs, one per batch
+
+    # simulate an interruption after one batch: the later shard and the final files never written
+    partial = tmp_path / "partial" / "noisy"
+    craft("partial")
+    for path in partial.iterdir():
+        if path.name not in {"progress.json", shards[0].name}:
+            path.unlink()
+    kept = (partial / shards[0].name).stat().st_mtime_ns
+    (tmp_path / "partial" / "results.json").unlink()
+
+    resumed = craft("partial")
+    assert (resumed / shards[0].name).stat().st_mtime_ns == kept  # the finished shard not redone
+    for shard in shards:
+        assert (resumed / shard.name).read_bytes() == shard.read_bytes()
+    ours = json.loads((resumed / "manifest.json").read_text())
+    theirs = json.loads((full / "manifest.json").read_text())
+    assert ours["perturbed_indices"] == theirs["perturbed_indices"]
+    assert ours["files"] == theirs["files"]  # byte-identical shards, rows and clean images
+
+
 def test_unknown_attack_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
     result = runner.invoke(
         app,
