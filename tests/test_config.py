@@ -8,26 +8,34 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from medshield.config import RunConfig, load_config
+from medshield.config import load_config
 from medshield.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_shipped_demo_config_equals_the_built_in_default() -> None:
-    assert load_config(CONFIGS / "demo.yaml") == RunConfig(name="demo")
+    from medshield.demo import DemoConfig, load_demo_config
+
+    assert load_demo_config(CONFIGS / "demo.yaml") == DemoConfig()
 
 
 def _loader(path: Path) -> Callable[[Path], BaseModel]:
     """Each shipped config validates against the model of the command that reads it."""
+    from medshield.demo import load_demo_config
     from medshield.safety.redteam import load_redteam_config
+    from medshield.serve import load_serve_config
+    from medshield.studies.defense import load_defense_study_config
     from medshield.studies.finetune import load_study_config
     from medshield.studies.noise import load_noise_study_config
 
     special = {
+        "demo.yaml": load_demo_config,
         "study_noise.yaml": load_noise_study_config,
         "study_finetune.yaml": load_study_config,
+        "study_defense.yaml": load_defense_study_config,
         "redteam_quick.yaml": load_redteam_config,
+        "serve.yaml": load_serve_config,
     }
     return special.get(path.name, load_config)
 

@@ -185,13 +185,16 @@ def test_real_gguf_conversion_is_cached(tmp_path, monkeypatch) -> None:
     )
 
 
-def test_prefix_cache_matches_full_run(model: MiniLlava, monkeypatch) -> None:
+def test_prefix_cache_matches_full_run(model: MiniLlava) -> None:
     assert model._uses_prefix_cache()
     conts = ["yes", "fine thanks", "in colour"]
     with torch.no_grad():
         cached = model.score(convs(), conts)
         answers = model.generate(convs(), max_new_tokens=6)
-        monkeypatch.setattr(MiniLlava, "_uses_prefix_cache", lambda self: False)
-        full = model.score(convs(), conts)
-        assert model.generate(convs(), max_new_tokens=6) == answers
+        model.prefix_cache = False  # the public switch (constructor argument prefix_cache)
+        try:
+            full = model.score(convs(), conts)
+            assert model.generate(convs(), max_new_tokens=6) == answers
+        finally:
+            model.prefix_cache = True
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)

@@ -85,6 +85,13 @@ def _print_sanity(sanity: dict[str, list[dict[str, Any]]]) -> None:
             console.print(f"  [red]{f['name']}[/]: {f['detail']}")
 
 
+def _report(run_path: Path) -> None:
+    """Write ``report.html`` into a finished run; a rendering failure is only a warning."""
+    from medshield.report import report_after_run
+
+    report_after_run(run_path, log=lambda line: console.print(line, markup=False, highlight=False))
+
+
 @app.command()
 def pretrain(
     config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
@@ -130,6 +137,7 @@ def evaluate(
     _print_metrics(result["metrics"])
     _print_sanity(result["sanity"])
     console.print(f"results in [bold]{run.path}[/]")
+    _report(run.path)
 
 
 @app.command("craft-noise")
@@ -162,27 +170,58 @@ def craft_noise(
 
 
 @app.command()
-def demo(config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
-    """The main job on the built-in default: pretrain mini-clip, then evaluate it downstream."""
+def demo(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache", help="Train every stage in the run directory; do not use the cache."
+        ),
+    ] = False,
+) -> None:
+    """Both halves end to end on the built-in models (configs/demo.yaml): pretrain mini-clip,
+    craft noisy data, pretrain on it, fine-tune RAN vs LoRA, train mini-llava, red-team it
+    with and without synthetic demonstrations; one report linking every stage."""
     _offline_default()
-    from medshield import workflows
+    from medshield.demo import load_demo_config, run_demo
     from medshield.runs import Run
 
+    def log(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
     try:
-        cfg = _load(config, ["name=demo", *(set_ or [])] if config is None else set_)
-        run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
-        model = workflows.build_model(cfg)
-        pre = workflows.run_pretrain(cfg, run, model, log=console.print)
-        ev = workflows.run_evaluate(cfg, run, model, log=console.print)
-        results = run.write_results({"pretrain": pre, "evaluate": ev}, seed=cfg.seed)
+        cfg = load_demo_config(config, [*(set_ or []), *(["cache=false"] if no_cache else [])])
+        run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
+        results = run_demo(cfg, run, log=log)
     except MedshieldError as exc:
         _fail(exc)
-    _print_metrics(ev["metrics"])
-    _print_sanity(ev["sanity"])
-    console.print(
-        f"demo finished in {results['wall_time_s']:.0f} s; run directory [bold]{run.path}[/] "
-        "(config.yaml, results.json, samples.jsonl, model/)"
+    _print_demo_summary(results, run.path)
+
+
+def _print_demo_summary(results: dict[str, Any], run_path: Path) -> None:
+    """The demo's final table: per stage its wall time, where its trained artifact came from
+    and its headline figures; then where the report is."""
+    from rich.text import Text
+
+    from medshield.report.kinds.demo import CACHE_LABELS
+
+    table = Table(
+        title=f"medshield demo: {results['wall_time_s']:.0f} s (95% bootstrap CIs)",
+        title_justify="left",
     )
+    for column in ("stage", "wall s", "trained artifact", "headline"):
+        table.add_column(column, justify="right" if column == "wall s" else "left", overflow="fold")
+    for stage in results["demo"]["stages"]:
+        table.add_row(
+            stage["stage"],
+            f"{stage['seconds']:.0f}",
+            CACHE_LABELS.get(stage["cache"]["status"], "-"),
+            Text(stage["text"]),
+        )
+    console.print(table)
+    console.print(f"report: [bold]{run_path / 'report.html'}[/] (links every stage's report)")
 
 
 @app.command("train-vlm")
@@ -235,6 +274,7 @@ def study_noise(
         _fail(exc)
     console.print((run.path / "table.md").read_text())
     console.print(f"study in [bold]{run.path}[/] (results.json, table.md, plots/, cells/)")
+    _report(run.path)
 
 
 @app.command()
@@ -247,7 +287,8 @@ def finetune(
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fine-tune one method on one modality; clean + PGD/APGD robust accuracy with 95% CIs."""
+    """Fine-tune one method on one modality or vqa_rad_closed; clean + PGD/APGD robust accuracy
+    and retrieval under Co-Attack, with 95% CIs."""
     _offline_default()
     from medshield.runs import Run
     from medshield.train.finetune.workflow import (
@@ -279,7 +320,7 @@ def finetune(
 def study_finetune(
     config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
 ) -> None:
-    """Fine-tuning comparison: checkpoints x methods x modalities x seeds, table and plots."""
+    """Fine-tuning comparison: checkpoints x methods x tasks (modalities, VQA-RAD) x seeds."""
     _offline_default()
     from medshield.runs import Run
     from medshield.studies.finetune import load_study_config, run_study_finetune, study_run_dir
@@ -293,6 +334,46 @@ def study_finetune(
         _fail(exc)
     console.print((run.path / "table.md").read_text())
     console.print(f"study in [bold]{run.path}[/] (results.json, table.md/csv, plots, cells/)")
+    _report(run.path)
+
+
+@study_app.command("defense")
+def study_defense(
+    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+) -> None:
+    """Defense study: demonstration budgets x selection strategies, and the baselines, against
+    every attack; ASR, over-defense and benign accuracy with 95% CIs, plots, claims decided."""
+    _offline_default()
+    from medshield.runs import Run
+    from medshield.studies.defense import load_defense_study_config, run_defense_study
+
+    try:
+        cfg = load_defense_study_config(config, set_)
+        run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
+        result = run.write_results(run_defense_study(cfg, run, log=console.print), cfg.redteam.seed)
+    except MedshieldError as exc:
+        _fail(exc)
+    for claim in result["claims"].values():
+        console.print(f"{claim['statement']}: [bold]{claim['verdict']}[/]")
+    console.print(f"study in [bold]{run.path}[/] (table.md, results.json, plots/, cells/)")
+    _report(run.path)
+
+
+@app.command("report")
+def report_(
+    run_dir: Annotated[Path, typer.Argument(help="A run or study directory (with results.json).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output file (default RUN_DIR/report.html).")
+    ] = None,
+) -> None:
+    """Render a run directory to one self-contained HTML file (tables, plots, samples)."""
+    from medshield.report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except MedshieldError as exc:
+        _fail(exc)
+    console.print(f"report written to [bold]{path}[/] ({path.stat().st_size / 1024:.0f} KiB)")
 
 
 @app.command("list")
@@ -361,6 +442,41 @@ def redteam(
         _fail(exc)
     print_redteam_summary(results, console)
     console.print(f"run in [bold]{run.path}[/] (samples.jsonl, results.json)")
+    _report(run.path)
+
+
+# --- serving (medshield serve) ----------------------------------------------------------------
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Chat backend (model.backend).")
+    ] = None,
+    defense: Annotated[
+        str | None, typer.Option("--defense", help="Defense name (defense.name).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on.")] = None,
+    log_content: Annotated[
+        bool, typer.Option("--log-content", help="Log request text and replies (debugging).")
+    ] = False,
+) -> None:
+    """Serve a chat backend behind a defense as an OpenAI-compatible API (/v1/chat/completions)."""
+    _offline_default()
+    try:
+        from medshield.serve import load_serve_config, run_server
+    except ImportError as exc:
+        _fail(MedshieldError(f"medshield serve needs: pip install 'medshield[serve]' ({exc})"))
+    extra = [f"model.backend={model}"] if model else []
+    extra += [f"defense.name={defense}"] if defense else []
+    extra += [f"host={host}"] if host else []
+    extra += [f"port={port}"] if port is not None else []
+    extra += ["log_content=true"] if log_content else []
+    try:
+        run_server(load_serve_config(config, [*(set_ or []), *extra]), log=console.print)
+    except MedshieldError as exc:
+        _fail(exc)
 
 
 # --- judges (medshield judges calibrate) ------------------------------------------------------

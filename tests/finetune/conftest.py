@@ -1,4 +1,5 @@
-"""Fixtures of the fine-tuning tests: a tiny random mini-clip and a small chest X-ray set."""
+"""Fixtures of the fine-tuning tests: a tiny random mini-clip, a small chest X-ray set and a
+small set of VQA-RAD closed yes/no questions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune.common import TrainData, load_train_data
+from medshield.train.finetune.common import VQA_TASK, TrainData, load_train_data
 
 torch.set_num_threads(1)  # the suite shares two cores
 
@@ -22,3 +23,8 @@ def base() -> MiniClip:
 @pytest.fixture(scope="module")
 def train(data_dir: Path) -> TrainData:
     return load_train_data("chest_xray", 8, seed=0, data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def vqa_train(data_dir: Path) -> TrainData:
+    return load_train_data(VQA_TASK, 8, seed=0, data_dir=data_dir)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 from medshield.models.mini_clip import MiniClip
 from medshield.train.finetune import finetune
 from medshield.train.finetune.common import TrainData
+from medshield.train.finetune.workflow import FineTuneRunConfig
 
 FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
 TINY_MODEL = {
@@ -22,6 +25,8 @@ TINY_EVAL = {
     "max_test_items": 4,
     "batch_size": 4,
     "bootstrap_resamples": 20,
+    "retrieval_per_class_cap": 2,
+    "retrieval_attack_kwargs": {"eps": 2, "steps": 2, "max_edits": 1},
 }
 
 
@@ -33,3 +38,38 @@ def run_method(base: MiniClip, train: TrainData, method: str, **extra: Any):
         model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
     )
     return model, result
+
+
+def run_config(tmp_path: Path, data_dir: Path, **extra: Any) -> FineTuneRunConfig:
+    """A tiny ``medshield finetune`` config (linear probe on chest X-ray); ``extra`` replaces
+    top-level fields."""
+    raw = {
+        "name": "ft",
+        "output_dir": str(tmp_path),
+        "modality": "chest_xray",
+        "data_dir": str(data_dir),
+        "model": TINY_MODEL,
+        "finetune": {**FAST, "method": "linear-probe"},
+        "robust": TINY_EVAL,
+        **extra,
+    }
+    return FineTuneRunConfig.model_validate(raw)
+
+
+def write_study_config(tmp_path: Path, data_dir: Path, **extra: Any) -> Path:
+    """A tiny study config file (one seed, the base model, fast attacks); ``extra`` replaces
+    top-level fields."""
+    raw = {
+        "name": "study",
+        "output_dir": str(tmp_path),
+        "data_dir": str(data_dir),
+        "model": TINY_MODEL,
+        "checkpoints": {"base": None},
+        "seeds": [0],
+        "finetune": FAST,
+        "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False},
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(raw))
+    return path

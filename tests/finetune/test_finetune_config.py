@@ -1,4 +1,5 @@
-"""Fine-tuning configs: bad methods, weights, options and LoRA targets fail before training."""
+"""Fine-tuning configs: bad methods, weights, options, LoRA targets and retrieval settings fail
+before training."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from medshield.errors import ConfigError, DataError
 from medshield.models import save_model
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
+from medshield.studies.finetune import load_study_config
 from medshield.train.finetune import finetune
 from medshield.train.finetune.common import (
     TrainData,
     parse_finetune_config,
 )
-from medshield.train.finetune.workflow import FineTuneRunConfig, run_finetune
+from medshield.train.finetune.workflow import (
+    FineTuneRunConfig,
+    load_finetune_config,
+    run_finetune,
+)
 
 
 @pytest.mark.parametrize(
@@ -82,3 +88,29 @@ def test_checkpoint_of_the_wrong_architecture_fails_before_training(
     )
     with pytest.raises(DataError, match="fine-tuned classifier, not a base"):
         run_finetune(wrong, Run(tmp_path / "ft2", wrong))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["robust.retrieval_attack=pgd"], "not a multimodal"),
+        (["robust.retrieval_attack=no-such-attack"], "unknown attack"),
+        (["robust.retrieval_attack_kwargs={eps: -1}"], "do not fit"),
+        (["robust.retrieval_attack_kwargs={epsilon: 2}"], "do not fit"),
+        (["robust.retrieval_per_class_cap=0"], "greater than or equal to 1"),
+        (["robust.retrieval=maybe"], "valid boolean"),
+    ],
+)
+def test_bad_retrieval_settings_are_clear_config_errors(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_finetune_config(None, overrides)
+    with pytest.raises(ConfigError, match=match):
+        load_study_config(None, overrides)
+
+
+def test_retrieval_switched_off_ignores_its_attack_and_vqa_flag_is_a_bool() -> None:
+    cfg = load_finetune_config(None, ["robust.retrieval=false", "robust.retrieval_attack=pgd"])
+    assert cfg.robust.retrieval is False
+    assert load_study_config(None, ["vqa_closed=false"]).vqa_closed is False
+    with pytest.raises(ConfigError, match="valid boolean"):
+        load_study_config(None, ["vqa_closed=perhaps"])

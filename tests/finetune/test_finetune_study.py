@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from finetune_support import FAST, TINY_EVAL, TINY_MODEL
+from finetune_support import write_study_config
 
 from medshield.errors import ConfigError
 from medshield.runs import Run
@@ -16,26 +15,16 @@ from medshield.studies.finetune import load_study_config, run_study_finetune
 def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    config = tmp_path / "study.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "name": "study",
-                "output_dir": str(tmp_path),
-                "data_dir": str(data_dir),
-                "model": TINY_MODEL,
-                "checkpoints": {"base": None},
-                "methods": [
-                    {"method": "linear-probe"},
-                    {"method": "ran", "kwargs": {"rectifier": "linear", "rank": 4}},
-                ],
-                "ran_ablations": ["svd"],
-                "modalities": ["chest_xray"],
-                "seeds": [0],
-                "finetune": FAST,
-                "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False},
-            }
-        )
+    config = write_study_config(
+        tmp_path,
+        data_dir,
+        methods=[
+            {"method": "linear-probe"},
+            {"method": "ran", "kwargs": {"rectifier": "linear", "rank": 4}},
+        ],
+        ran_ablations=["svd"],
+        modalities=["chest_xray"],
+        vqa_closed=False,
     )
     cfg = load_study_config(config)
     run = Run(tmp_path / "study", cfg)
@@ -46,12 +35,17 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
         clean = row["clean_accuracy"]
         assert clean["n"] == 4 and clean["ci_low"] <= clean["value"] <= clean["ci_high"]
         assert "robust/pgd1@2" in row and "robust/worst@2" in row
+        for task in ("retrieval_i2t", "retrieval_i2t_adv", "retrieval_t2i", "retrieval_t2i_adv"):
+            recall = row[f"{task}/R@1"]
+            assert recall["n"] == 4 and recall["ci_low"] <= recall["value"] <= recall["ci_high"]
     assert table["ran"]["flops_ratio"] == pytest.approx(1.0)  # folded linear rectifier
     assert table["ran"]["trainable_params"] < 10_000
     assert (tmp_path / "study" / "table.md").is_file() and (
         tmp_path / "study" / "table.csv"
     ).is_file()
     assert (tmp_path / "study" / "robust_vs_clean_base_eps2.png").stat().st_size > 1000
+    assert (tmp_path / "study" / "retrieval_i2t_base.png").stat().st_size > 1000
+    assert "retrieval_t2i_adv/R@1" in (tmp_path / "study" / "table.md").read_text()
     logs: list[str] = []
     again = run_study_finetune(cfg, Run(tmp_path / "study", cfg), log=logs.append)
     assert logs == [] and again["table"] == result["table"]

@@ -6,39 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from finetune_support import FAST, TINY_EVAL, TINY_MODEL
+from finetune_support import run_config
 
 from medshield.errors import ConfigError, DataError
 from medshield.runs import Run
-from medshield.train.finetune.workflow import (
-    FineTuneRunConfig,
-    load_finetune_config,
-    run_finetune,
-)
-
-
-def _config(tmp_path: Path, data_dir: Path, **extra) -> FineTuneRunConfig:
-    raw = {
-        "name": "ft",
-        "output_dir": str(tmp_path),
-        "modality": "chest_xray",
-        "data_dir": str(data_dir),
-        "model": TINY_MODEL,
-        "finetune": {**FAST, "method": "linear-probe"},
-        "robust": TINY_EVAL,
-        **extra,
-    }
-    return FineTuneRunConfig.model_validate(raw)
+from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 
 def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data_dir: Path) -> None:
-    cfg = _config(tmp_path, data_dir)
+    cfg = run_config(tmp_path, data_dir)
     run = Run(tmp_path / "ft", cfg)
     logs: list[str] = []
     result = run_finetune(cfg, run, log=logs.append)
     rows = run.load_samples()
     groups = {r["group"] for r in rows}
-    assert groups == {"clean", "pgd1@2", "pgd2@2", "apgd-ce@2", "zero-grad@2"}
+    assert groups == {
+        "clean",
+        "pgd1@2",
+        "pgd2@2",
+        "apgd-ce@2",
+        "zero-grad@2",
+        "retrieval",
+        "retrieval_adv",
+    }
     assert sum(r["group"] == "clean" for r in rows) == 4
     m = result["metrics"]
     assert (
@@ -68,7 +58,7 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
 def test_wrong_checkpoint_and_bad_config_fail_before_training(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    cfg = _config(tmp_path, data_dir, model={"checkpoint": str(tmp_path / "missing")})
+    cfg = run_config(tmp_path, data_dir, model={"checkpoint": str(tmp_path / "missing")})
     with pytest.raises(DataError, match="does not exist"):
         run_finetune(cfg, Run(tmp_path / "ft", cfg))
     assert not (tmp_path / "ft" / "finetuned").exists()

@@ -31,6 +31,26 @@ keep the autograd graph back to the input tensors) replace the detached ones. Th
 weights are frozen (``requires_grad_(False)``), so the graph built by :meth:`HFChatVLM.score`
 reaches only the image tensors; without such images ``score`` runs under ``torch.no_grad``.
 
+Prefix caching
+--------------
+Every conversation is split at the start of its last user turn; the KV cache of what comes
+before it (a system prompt, an earlier dialogue, the synthetic demonstrations of the
+``demonstrations`` defense with their images) is computed once per distinct prefix (token ids +
+image digests, see :mod:`medshield.models.prefix_cache`) and reused: only the rest runs, batched
+behind the cached prefixes (``generate`` passes them to ``model.generate`` as
+``past_key_values`` with the tail's ids and an attention mask over prefix + tail; ``score`` runs
+the tails with explicit position ids). The prefix boundary is where the model's own template,
+rendered for the turns before the last user turn, ends in the prompt's token ids; a row whose
+ids do not start that way, or whose prefix holds an image that requires grad, runs in full.
+
+Only families whose images enter as one ``pixel_values`` row per image replacing placeholder
+tokens, with 1-D positions and causal attention everywhere, can be cached this way: the
+``llava`` model type (LLaVA-1.5, LLaVA-Med ports) without sliding-window attention. Others fall
+back to full runs, with the reason in :attr:`HFChatVLM.prefix_cache_unsupported`: Qwen2-VL's
+M-RoPE positions depend on every image of the sequence, Gemma 3 / MedGemma attend
+bidirectionally inside images (``token_type_ids``), LLaVA-NeXT splits an image into a variable
+number of tiles. ``prefix_cache=False`` turns caching off.
+
 Example::
 
     vlm = create_chat_model("hf", path="/models/llava-1.5-7b-hf")
@@ -43,7 +63,9 @@ Example::
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +73,15 @@ import torch
 
 from medshield.errors import DataError, InputError
 from medshield.models.chat import ChatVLM, Conversation, check_conversation, load_image
+from medshield.models.prefix_cache import (
+    MIN_PREFIX_TOKENS,
+    PrefixCache,
+    PrefixKV,
+    batch_prefix_cache,
+    image_digest,
+    kv_of,
+    weights_fingerprint,
+)
 from medshield.registry import CHAT_MODELS
 
 # Per-token inputs padded and extended with the text; every other tensor is per image.
@@ -61,6 +92,21 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+PREFIX_CACHE_FAMILIES = ("llava",)  # model types whose prefixes can be cached (module docstring)
+HEAD_MEMO = 64  # rendered prefixes whose token ids are remembered (oldest dropped first)
+
+
+@dataclass
+class _Encoded:
+    """One conversation's processor outputs (batch of 1, on the model's device), its loaded
+    images, and its cacheable prefix: ``prefix`` tokens holding the first ``prefix_images``
+    images (0: none), with those images' digests."""
+
+    inputs: dict[str, torch.Tensor]
+    images: list[torch.Tensor]
+    prefix: int = 0
+    prefix_images: int = 0
+    digests: tuple[bytes, ...] = ()
 
 
 def _read_template(template: str | Path) -> str:
@@ -94,6 +140,8 @@ class HFChatVLM(ChatVLM):
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``, ``"sdpa"``).
         chat_template: a Jinja chat template (string or ``.jinja`` file) that replaces the
             checkpoint's; without one the processor's template is used, else the tokenizer's.
+        prefix_cache: reuse the KV cache of the turns before the last user turn across requests
+            where the model family allows it (see the module docstring); False recomputes it.
 
     Raises:
         DataError: ``path`` is not a directory or holds no readable image-text-to-text model.
@@ -115,6 +163,7 @@ class HFChatVLM(ChatVLM):
         max_context: int | None = None,
         attn_implementation: str | None = None,
         chat_template: str | Path | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -171,6 +220,24 @@ class HFChatVLM(ChatVLM):
             for name in ("image_token", "video_token")
         ]
         self._placeholders = list(dict.fromkeys(t for t in candidates if isinstance(t, str) and t))
+        self.prefix_cache = prefix_cache
+        self.prefix_cache_unsupported = self._prefix_cache_support()
+        self._prefix_kv = PrefixCache()
+        self._head_ids: OrderedDict[tuple[str, tuple[bytes, ...]], list[int]] = OrderedDict()
+
+    def _prefix_cache_support(self) -> str | None:
+        """Why this model's prefixes cannot be cached (None: they can)."""
+        config = self.model.config
+        if config.model_type not in PREFIX_CACHE_FAMILIES:
+            return (
+                f"model type {config.model_type!r} is not one of {PREFIX_CACHE_FAMILIES} "
+                "(see the hf_chat module docstring)"
+            )
+        text = config.get_text_config()
+        layer_types = getattr(text, "layer_types", None) or ()
+        if getattr(text, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
+            return "the language model uses sliding-window attention"
+        return None
 
     # ------------------------------------------------------------------ public API
 
@@ -205,15 +272,16 @@ class HFChatVLM(ChatVLM):
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start : start + self.batch_size]
             encodings = [self._encode(c, start + i, keep_graph=False) for i, c in enumerate(chunk)]
-            longest = max(e["input_ids"].shape[1] for e in encodings)
-            room = self.max_context - longest
+            lengths = [e.inputs["input_ids"].shape[1] for e in encodings]
+            room = self.max_context - max(lengths)
             if room < 1:
-                i = max(range(len(encodings)), key=lambda j: encodings[j]["input_ids"].shape[1])
+                i = max(range(len(encodings)), key=lengths.__getitem__)
                 raise InputError(
-                    f"conversation {start + i}: the prompt is {longest} tokens, which fills the "
-                    f"model's context of {self.max_context} tokens"
+                    f"conversation {start + i}: the prompt is {lengths[i]} tokens, which fills "
+                    f"the model's context of {self.max_context} tokens"
                 )
-            batch = self._collate(encodings, side="left")
+            # with cached prefixes: the tails' ids, a mask over prefix + tail, and the cache
+            batch, _, past = self._behind_prefixes(encodings, side="left")
             options: dict[str, Any] = {
                 "max_new_tokens": min(max_new_tokens, room),
                 "pad_token_id": self.pad_token_id,
@@ -222,6 +290,8 @@ class HFChatVLM(ChatVLM):
                 options.update(do_sample=True, temperature=float(temperature))
             else:
                 options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if past is not None:
+                options["past_key_values"] = past
             with torch.no_grad():
                 output = self.model.generate(**batch, **options)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -283,8 +353,9 @@ class HFChatVLM(ChatVLM):
                 raise InputError(f"conversation {i}: {e}") from None
         return checked
 
-    def _encode(self, conversation: Conversation, index: int, keep_graph: bool) -> dict:
-        """One conversation -> processor outputs (batch of 1) on the model's device."""
+    def _encode(self, conversation: Conversation, index: int, keep_graph: bool) -> _Encoded:
+        """One conversation -> processor outputs (batch of 1) on the model's device, its images
+        and, while prefixes are cached, its prefix."""
         messages, images = [], []
         for m in conversation:
             for token in self._placeholders:
@@ -312,25 +383,139 @@ class HFChatVLM(ChatVLM):
             ) from e
         bos = self.tokenizer.bos_token
         add_special = not (bos is not None and prompt.startswith(bos))
+        encoding = self._process(prompt, images, add_special, index)
+        if keep_graph and any(im.requires_grad for im in images):
+            self._attach_pixel_graph(encoding, images, index)
+        dtype = self.model.dtype
+        inputs = {
+            k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in encoding.items()
+            if isinstance(v, torch.Tensor)
+        }
+        encoded = _Encoded(inputs, images)
+        if self._uses_prefix_cache():
+            self._split_prefix(encoded, messages, prompt, add_special, index)
+        return encoded
+
+    def _process(
+        self, prompt: str, images: list[torch.Tensor], add_special: bool, index: int
+    ) -> dict[str, Any]:
+        """The processor's outputs for one rendered prompt and its images (detached)."""
         try:
             encoding = self.processor(
                 text=[prompt],
                 images=[[im.detach() for im in images]] if images else None,
                 do_rescale=False,
                 add_special_tokens=add_special,
+                truncation=False,  # a tokenizer.json may carry truncation; the context check rules
                 return_tensors="pt",
             )
         except (ValueError, TypeError, RuntimeError) as e:
             raise InputError(f"conversation {index}: the model's processor refused it: {e}") from e
-        encoding = dict(encoding)
-        if keep_graph and any(im.requires_grad for im in images):
-            self._attach_pixel_graph(encoding, images, index)
-        dtype = self.model.dtype
-        return {
-            k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
-            for k, v in encoding.items()
-            if isinstance(v, torch.Tensor)
-        }
+        return dict(encoding)
+
+    def _uses_prefix_cache(self) -> bool:
+        """Prefixes are cached only when enabled, supported, and no weight requires grad."""
+        return (
+            self.prefix_cache
+            and self.prefix_cache_unsupported is None
+            and not any(p.requires_grad for p in self.model.parameters())
+        )
+
+    def _split_prefix(
+        self, encoded: _Encoded, messages: list[dict], prompt: str, add_special: bool, index: int
+    ) -> None:
+        """Set ``encoded``'s prefix: the tokens the prompt shares with the template rendered for
+        the turns before the last user turn, if they hold whole images that do not require grad.
+        """
+        if len(messages) < 2:
+            return
+        try:
+            head = self.processor.apply_chat_template(messages[:-1], tokenize=False)
+        except Exception:  # a template that refuses a conversation ending with the assistant
+            return
+        count = sum(item["type"] == "image" for m in messages[:-1] for item in m["content"])
+        images = encoded.images[:count]
+        if not prompt.startswith(head) or any(im.requires_grad for im in images):
+            return
+        digests = tuple(image_digest(im) for im in images)
+        head_ids = self._head_ids.get((head, digests))
+        if head_ids is None:
+            head_ids = self._process(head, images, add_special, index)["input_ids"][0].tolist()
+            if len(self._head_ids) >= HEAD_MEMO:
+                self._head_ids.popitem(last=False)
+            self._head_ids[(head, digests)] = head_ids
+        ids = encoded.inputs["input_ids"][0].tolist()
+        length, most = 0, min(len(head_ids), len(ids) - 1)  # at least one token left to run
+        while length < most and ids[length] == head_ids[length]:
+            length += 1
+        image_token = self.model.config.image_token_id
+        per_image = ids.count(image_token) // max(len(encoded.images), 1)
+        if (
+            length >= MIN_PREFIX_TOKENS
+            and ids.count(image_token) == per_image * len(encoded.images)
+            and ids[:length].count(image_token) == per_image * count
+        ):
+            encoded.prefix, encoded.prefix_images, encoded.digests = length, count, digests
+
+    def _cached_prefixes(self, encodings: list[_Encoded]) -> list[tuple[PrefixKV, int, int] | None]:
+        """Per conversation, (KV cache of its prefix, prefix tokens, prefix images), computing
+        and keeping prefixes not cached yet; None for a conversation without a prefix."""
+        self._prefix_kv.check(weights_fingerprint(self.model))
+        found: list[tuple[PrefixKV, int, int] | None] = []
+        for e in encodings:
+            if not e.prefix:
+                found.append(None)
+                continue
+            ids = e.inputs["input_ids"][:, : e.prefix]
+            key = (tuple(ids[0].tolist()), e.digests)
+            kv = self._prefix_kv.get(key)
+            if kv is None:
+                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                if e.prefix_images:
+                    inputs |= {
+                        k: v[: e.prefix_images] for k, v in e.inputs.items() if k not in TOKEN_KEYS
+                    }
+                with torch.no_grad():
+                    out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+                kv = kv_of(out.past_key_values)
+                self._prefix_kv.put(key, kv)
+            found.append((kv, e.prefix, e.prefix_images))
+        return found
+
+    def _behind_prefixes(
+        self, encodings: list[_Encoded], side: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+        """Collate ``encodings`` (``side`` padding) behind their cached prefixes.
+
+        Returns the batch of the tails (a conversation without a cached prefix is all tail) with
+        an attention mask over prefix + tail, each row's prefix length (its tail's position
+        offset), and the prefixes' KV cache (None when no row has one: then the batch is the
+        plain collated one).
+        """
+        if any(e.prefix for e in encodings):
+            hits = self._cached_prefixes(encodings)
+        else:
+            hits = [None] * len(encodings)
+        tails = []
+        for e, hit in zip(encodings, hits, strict=True):
+            if hit is None:
+                tails.append(e.inputs)
+                continue
+            tail = {}
+            for key, value in e.inputs.items():
+                if key in TOKEN_KEYS:
+                    tail[key] = value[:, e.prefix :]
+                elif len(value) > e.prefix_images:  # per image: the tail's images
+                    tail[key] = value[e.prefix_images :]
+            tails.append(tail)
+        batch = self._collate(tails, side)
+        past, prefix_mask = batch_prefix_cache(
+            [None if hit is None else hit[0] for hit in hits], self.model.config, self.device
+        )
+        batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
+        offsets = torch.tensor([0 if hit is None else hit[1] for hit in hits], device=self.device)
+        return batch, offsets, past
 
     def _attach_pixel_graph(self, encoding: dict, images: list[torch.Tensor], index: int) -> None:
         """Replace detached ``pixel_values`` with ones computed from the grad-carrying tensors."""
@@ -371,8 +556,9 @@ class HFChatVLM(ChatVLM):
     ) -> torch.Tensor:
         encodings, spans = [], []
         for i, (conversation, text) in enumerate(zip(conversations, continuations, strict=True)):
-            encoding = self._encode(conversation, offset + i, keep_graph=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            encoded = self._encode(conversation, offset + i, keep_graph=True)
+            encoding = encoded.inputs
+            ids = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
             n_prompt, n_cont = encoding["input_ids"].shape[1], len(ids)
             if n_prompt + n_cont > self.max_context:
                 raise InputError(
@@ -386,14 +572,17 @@ class HFChatVLM(ChatVLM):
                     if key == "attention_mask":
                         extra = torch.ones_like(cont)
                     encoding[key] = torch.cat([encoding[key], extra], dim=1)
-            encodings.append(encoding)
-            spans.append((n_prompt, n_cont))
-        batch = self._collate(encodings, side="right")
+            encodings.append(encoded)
+            spans.append((n_prompt - encoded.prefix, n_cont))
+        batch, offsets, past = self._behind_prefixes(encodings, side="right")
         needs_graph = torch.is_grad_enabled() and any(
             v.requires_grad for v in batch.values() if v.is_floating_point()
         )
+        if past is not None:  # positions continue from each row's cached prefix
+            tail_mask = batch["attention_mask"][:, -batch["input_ids"].shape[1] :]
+            batch["position_ids"] = (tail_mask.cumsum(-1) - 1).clamp(min=0) + offsets[:, None]
         with torch.set_grad_enabled(needs_graph):
-            logits = self.model(**batch).logits
+            logits = self.model(**batch, past_key_values=past).logits
             scores = []
             for row, (n_prompt, n_cont) in enumerate(spans):
                 if n_cont == 0:

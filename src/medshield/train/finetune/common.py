@@ -18,7 +18,23 @@ exactly the zero-shot logits, so all methods are compared from the same starting
   :meth:`FineTunedClassifier.refresh_class_embeddings`, which first drops the mini-clip text
   cache so no stale pre-training text feature is ever served.
 
-:func:`finetune` runs the shared loop (AdamW, epochs of shuffled mini-batches from one MedMNIST
+**Question-conditioned prompts (the VQA-RAD closed task).** When the class prompts hold the
+placeholder ``{question}`` (:data:`VQA_CLASS_PROMPTS`: ``"{question} no"`` and
+``"{question} yes"``), every item brings its own question and its class embeddings are those of
+its own prompts, ``C_i = [emb("<question_i> no"), emb("<question_i> yes")]``; the classifier is
+told the questions of each batch with :meth:`FineTunedClassifier.set_questions` before it sees
+the images. The three heads keep their meaning: ``"fixed"`` uses the base text tower's
+embeddings, ``"live"`` recomputes them with gradients while training, and ``"learned"`` adds a
+trained (K, D) offset to them (zero at first). So every method again starts from the base
+model's zero-shot answer and trains exactly what it trains on a modality, and attacks see an
+ordinary images -> logits module. :data:`VQA_TASK` names this task wherever a modality is
+expected; its data are the closed VQA-RAD questions answered "yes" or "no" (:func:`load_train_data`;
+the few closed questions with another answer are left out).
+
+:func:`adapted_encoder` gives the fine-tuned dual encoder itself (adapted towers, RAN's rectifier
+on the image path) for retrieval and multimodal attacks.
+
+:func:`finetune` runs the shared loop (AdamW, epochs of shuffled mini-batches from one task's
 train split, tqdm progress, seeded), then measures the inference overhead against the base
 model's zero-shot classifier in the same process. :func:`save_finetuned` /
 :func:`load_finetuned` store the base model reference, the method's state (only the tensors that
@@ -39,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -52,12 +69,19 @@ import medshield
 from medshield import data
 from medshield.config import StrictModel
 from medshield.errors import ConfigError, DataError, InputError
-from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, eval_mode
+from medshield.eval.zero_shot import balanced_subset
+from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
 from medshield.registry import METHODS
 
 FORMAT = 1
 STATE_FILE = "method.safetensors"
 META_FILE = "finetune.json"
+
+QUESTION_FIELD = "{question}"
+VQA_TASK = "vqa_rad_closed"
+VQA_ANSWERS = ("no", "yes")
+VQA_CLASS_PROMPTS = [[f"{QUESTION_FIELD} {answer}"] for answer in VQA_ANSWERS]
+VQA_IMAGE_SIZE = 64  # side VQA-RAD images are loaded at, as in medshield.eval.vqa
 
 Log = Callable[[str], None]
 
@@ -183,6 +207,28 @@ def prompt_embeddings(model: DualEncoder, class_prompts: Sequence[Sequence[str]]
     return torch.stack(rows)
 
 
+def is_question_conditioned(class_prompts: Sequence[Sequence[str]]) -> bool:
+    """Whether the prompts hold the ``{question}`` placeholder (all of them, or none may)."""
+    flags = {QUESTION_FIELD in p for prompts in class_prompts for p in prompts}
+    if len(flags) > 1:
+        raise InputError(
+            f"either every class prompt holds {QUESTION_FIELD} or none does, got {class_prompts}"
+        )
+    return flags == {True}
+
+
+def question_prompt_embeddings(
+    model: DualEncoder, class_prompts: Sequence[Sequence[str]], questions: Sequence[str]
+) -> torch.Tensor:
+    """(N, K, D) unit class embeddings of each question's prompts (:func:`prompt_embeddings`)."""
+    filled = [
+        [p.replace(QUESTION_FIELD, question) for p in prompts]
+        for question in questions
+        for prompts in class_prompts
+    ]
+    return prompt_embeddings(model, filled).view(len(questions), len(class_prompts), -1)
+
+
 HeadMode = Literal["fixed", "learned", "live"]
 
 
@@ -191,7 +237,9 @@ class FineTunedClassifier(nn.Module):
 
     Args:
         model: the dual encoder (modified in place by the method: adapters, LoRA, ...).
-        class_prompts: per class, the prompt strings whose embeddings are averaged.
+        class_prompts: per class, the prompt strings whose embeddings are averaged; with the
+            ``{question}`` placeholder the classifier is question-conditioned and needs
+            :meth:`set_questions` before every batch.
         head: ``"fixed"``, ``"learned"`` or ``"live"``.
         rectifier: optional module applied to the unnormalised image embedding (RAN).
     """
@@ -210,14 +258,20 @@ class FineTunedClassifier(nn.Module):
         self.class_prompts = [list(p) for p in class_prompts]
         self.head = head
         self.rectifier = rectifier
-        with torch.no_grad(), eval_mode(model):
-            clear_text_cache(model)
-            zero_shot = prompt_embeddings(model, self.class_prompts).detach()
-        self.register_buffer("zero_shot_embeddings", zero_shot.clone())
-        if head == "learned":
-            self.class_weight = nn.Parameter(zero_shot.clone())
+        self.conditioned = is_question_conditioned(self.class_prompts)
+        self.questions: list[str] | None = None
+        self._question_cache: torch.Tensor | None = None
+        if self.conditioned:  # class_weight is an offset added to each question's embeddings
+            init = torch.zeros(len(self.class_prompts), int(model.embed_dim))
         else:
-            self.register_buffer("class_weight", zero_shot.clone())
+            with torch.no_grad(), eval_mode(model):
+                clear_text_cache(model)
+                init = prompt_embeddings(model, self.class_prompts).detach()
+            self.register_buffer("zero_shot_embeddings", init.clone())
+        if head == "learned":
+            self.class_weight = nn.Parameter(init.clone())
+        else:
+            self.register_buffer("class_weight", init.clone())
         self.bias = nn.Parameter(torch.zeros(len(self.class_prompts)), requires_grad=False)
         if head == "learned":
             self.bias.requires_grad_(True)
@@ -233,27 +287,107 @@ class FineTunedClassifier(nn.Module):
             z = self.rectifier(z)
         return F.normalize(z, dim=-1)
 
+    def set_questions(self, questions: Sequence[str]) -> None:
+        """The questions of the next batch, one per image (question-conditioned prompts only)."""
+        if not self.conditioned:
+            raise InputError("set_questions needs class prompts with the {question} placeholder")
+        self.questions = check_texts(questions)
+        self._question_cache = None
+
+    def _question_embeddings(self) -> torch.Tensor:
+        if self.questions is None:
+            raise InputError("call set_questions with the batch's questions before its images")
+        if self.head == "live" and self.training and torch.is_grad_enabled():
+            clear_text_cache(self.model)  # the text tower changes every step
+            return question_prompt_embeddings(self.model, self.class_prompts, self.questions)
+        if self._question_cache is None:
+            with torch.no_grad(), eval_mode(self.model):
+                self._question_cache = question_prompt_embeddings(
+                    self.model, self.class_prompts, self.questions
+                )
+        return self._question_cache
+
     def class_embeddings(self) -> torch.Tensor:
+        """(K, D) class embeddings, or (N, K, D) per question when question-conditioned."""
+        if self.conditioned:
+            return self._question_embeddings() + self.class_weight
         if self.head == "live" and self.training and torch.is_grad_enabled():
             clear_text_cache(self.model)  # the text tower changes every step
             return prompt_embeddings(self.model, self.class_prompts)
         return self.class_weight
 
+    def label_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N, D) fixed text embedding of each item's class (its question's prompt when
+        question-conditioned), without gradients: the targets of RAN's contrastive term."""
+        if not self.conditioned:
+            return self.zero_shot_embeddings[labels]
+        with torch.no_grad(), eval_mode(self.model):
+            embeddings = self._question_embeddings()
+        if len(embeddings) != len(labels):
+            raise InputError(f"{len(labels)} labels for {len(embeddings)} questions")
+        return embeddings[torch.arange(len(labels)), labels]
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from unit image embeddings."""
-        return self.model.logit_scale.exp() * features @ self.class_embeddings().T + self.bias
+        classes, scale = self.class_embeddings(), self.model.logit_scale.exp()
+        if classes.ndim == 2:
+            return scale * features @ classes.T + self.bias
+        if len(classes) != len(features):
+            raise InputError(
+                f"{len(features)} images for {len(classes)} questions; call set_questions with "
+                "one question per image"
+            )
+        return scale * torch.einsum("nd,nkd->nk", features, classes) + self.bias
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.image_embeddings(images))
 
     @torch.no_grad()
     def refresh_class_embeddings(self) -> None:
-        """Recompute a live head's buffer from the current text tower (after training)."""
+        """Recompute a live head's buffer from the current text tower (after training); a
+        question-conditioned head only drops its cached question embeddings."""
         clear_text_cache(self.model)
-        if self.head == "live":
+        self._question_cache = None
+        if self.head == "live" and not self.conditioned:
             with eval_mode(self.model):
                 self.class_weight.copy_(prompt_embeddings(self.model, self.class_prompts))
         clear_text_cache(self.model)
+
+
+class RectifiedEncoder(DualEncoder):
+    """A dual encoder whose image embeddings pass through a rectifier (RAN's MLP) before
+    normalisation, exactly as in :meth:`FineTunedClassifier.image_embeddings`; the text tower,
+    preprocessing and logit scale are the wrapped model's."""
+
+    def __init__(self, model: DualEncoder, rectifier: nn.Module) -> None:
+        super().__init__()
+        self.model, self.rectifier = model, rectifier
+        self.logit_scale = model.logit_scale
+        self.embed_dim, self.image_size = model.embed_dim, model.image_size
+        self.image_mean, self.image_std = model.image_mean, model.image_std
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.preprocess(images)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.rectifier(self.model._encode_pixels(pixels))
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.model._encode_texts(texts)
+
+
+def adapted_encoder(classifier: nn.Module) -> DualEncoder:
+    """The fine-tuned dual encoder inside a classifier, for retrieval and multimodal attacks:
+    its model as the method left it (LoRA merged, adapters, a folded linear rectifier, trained
+    towers), wrapped in a :class:`RectifiedEncoder` when a rectifier remains (RAN's MLP)."""
+    if not isinstance(classifier, FineTunedClassifier):
+        raise InputError(
+            "a fine-tuned dual encoder needs a FineTunedClassifier, got "
+            f"{type(classifier).__name__}"
+        )
+    if classifier.rectifier is None:
+        return classifier.model
+    return RectifiedEncoder(classifier.model, classifier.rectifier)
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -265,12 +399,23 @@ class NoOptions(StrictModel):
 
 @dataclass
 class TrainData:
-    """The training split of one modality, as tensors."""
+    """One split of a downstream task (a modality, or :data:`VQA_TASK`), as tensors.
+
+    Attributes:
+        images: [0, 1] NCHW images.
+        labels: (N,) class indices.
+        modality: the task's name.
+        class_prompts: per class, its prompts (with ``{question}`` for VQA).
+        questions: one question per item (VQA), else None.
+        ids: each item's row in its split (the question id for VQA).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     modality: str
     class_prompts: list[list[str]]
+    questions: list[str] | None = None
+    ids: list[int] = field(default_factory=list)
 
 
 class FineTuneMethod(ABC):
@@ -393,6 +538,18 @@ def measure_overhead(
     }
 
 
+def task_name(name: str) -> str:
+    """The canonical name of a downstream task: :data:`VQA_TASK` or a modality's name."""
+    return VQA_TASK if name == VQA_TASK else data.get_modality(name).name
+
+
+def task_prompts(name: str) -> list[list[str]]:
+    """The class prompts of a downstream task (see :func:`task_name`)."""
+    if name == VQA_TASK:
+        return [list(prompts) for prompts in VQA_CLASS_PROMPTS]
+    return data.get_modality(name).prompts()
+
+
 def load_train_data(
     modality: str,
     max_items: int | None,
@@ -400,16 +557,33 @@ def load_train_data(
     data_dir: str | Path | None = None,
     split: str = "train",
 ) -> TrainData:
-    """A class-balanced subsample of about ``max_items`` rows of one modality's split."""
-    samples = data.load_split(modality, split, data_dir)
-    mod = samples.modality
-    cap = None if max_items is None else max(1, max_items // mod.num_classes)
-    idx = data.class_balanced_indices(samples.labels, cap, seed)
+    """A class-balanced subsample of about ``max_items`` items of one task's split.
+
+    ``modality`` is a modality (its MedMNIST split) or :data:`VQA_TASK` (the closed VQA-RAD
+    questions whose answer is "yes" or "no", images loaded at :data:`VQA_IMAGE_SIZE`).
+    """
+    if modality != VQA_TASK:
+        samples = data.load_split(modality, split, data_dir)
+        mod = samples.modality
+        idx = balanced_subset(samples.labels, mod.num_classes, max_items, seed)
+        labels = torch.as_tensor(samples.labels[idx], dtype=torch.long)
+        return TrainData(samples.tensor(idx), labels, mod.name, mod.prompts(), ids=idx.tolist())
+    items = [
+        item
+        for item in data.load_vqa_rad(split, data_dir, answer_type="closed")
+        if item.answer in VQA_ANSWERS
+    ]
+    if not items:
+        raise DataError(f"VQA-RAD has no closed yes/no questions in its {split} split")
+    answers = np.array([VQA_ANSWERS.index(item.answer) for item in items])
+    chosen = [items[i] for i in balanced_subset(answers, len(VQA_ANSWERS), max_items, seed)]
     return TrainData(
-        images=samples.tensor(idx),
-        labels=torch.as_tensor(samples.labels[idx], dtype=torch.long),
-        modality=mod.name,
-        class_prompts=mod.prompts(),
+        torch.stack([data.load_vqa_image(item.image_path, VQA_IMAGE_SIZE) for item in chosen]),
+        torch.tensor([VQA_ANSWERS.index(item.answer) for item in chosen]),
+        VQA_TASK,
+        task_prompts(VQA_TASK),
+        questions=[item.question for item in chosen],
+        ids=[item.qid for item in chosen],
     )
 
 
@@ -465,7 +639,8 @@ def finetune(
     Args:
         model: the pretrained dual encoder.
         config: a :class:`FineTuneConfig` or a dict for one.
-        modality: the downstream modality (its MedMNIST train split is read).
+        modality: the downstream modality (its MedMNIST train split is read) or
+            :data:`VQA_TASK` (the VQA-RAD closed yes/no train questions).
         seed: seeds the subsample, the batch order, new modules and the adversary.
         data_dir: data root.
         train: training data given directly (skips reading the split).
@@ -494,6 +669,11 @@ def finetune(
     trainable = [p for p in classifier.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(f"method {config.method!r} left no trainable parameter")
+    if (train.questions is not None) != getattr(classifier, "conditioned", False):
+        raise InputError(
+            f"{config.method}: training items carry questions exactly when the class prompts "
+            f"hold {QUESTION_FIELD} (a question-conditioned FineTunedClassifier)"
+        )
     method.prepare(classifier, train)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -513,6 +693,8 @@ def finetune(
         bar = tqdm(batches, desc=f"{config.method} epoch {epoch + 1}", disable=not progress)
         for idx in bar:
             set_train_modes(classifier)
+            if train.questions is not None:
+                classifier.set_questions([train.questions[i] for i in idx])
             loss, parts = method.loss(classifier, train.images[idx], train.labels[idx])
             if not torch.isfinite(loss):
                 raise InputError(f"{config.method}: the training loss became {loss.item()}")
@@ -531,7 +713,10 @@ def finetune(
     classifier.eval()
 
     probe = train.images[:overhead_batch]
-    base_classifier = ZeroShotClassifier(base, train.class_prompts)
+    base_classifier = FineTunedClassifier(base, train.class_prompts)  # the zero-shot classifier
+    if train.questions is not None:
+        for module in (base_classifier, classifier):
+            module.set_questions(train.questions[:overhead_batch])
     overhead = measure_overhead(base_classifier, classifier, probe, repeats=latency_repeats)
     report = {
         "method": config.method,
@@ -657,7 +842,7 @@ def load_finetuned(
         )
     method = method_for(config)
     method.check(model)
-    prompts = data.get_modality(meta["modality"]).prompts()
+    prompts = task_prompts(meta["modality"])
     torch.manual_seed(int(meta.get("seed", 0)))
     classifier = method.build(model, prompts)
     classifier = method.restore_structure(classifier, meta.get("structure", {}))

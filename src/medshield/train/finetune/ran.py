@@ -20,8 +20,9 @@ The rectifier and the head are trained with (weights in :class:`RANWeights`, eac
     number of classes;
 (d) ``contrastive``: the symmetric image-text InfoNCE between rectified features and the frozen
     class-prompt text embeddings of each image's class (CLIP's loss, Radford et al., 2021,
-    with same-class pairs as positives), which keeps the rectified space aligned with the text
-    tower, i.e. keeps zero-shot use possible.
+    with same-class pairs as positives; on the VQA task the embedding of the item's own
+    question with its answer), which keeps the rectified space aligned with the text tower,
+    i.e. keeps zero-shot use possible.
 
 Rectifiers (``kwargs.rectifier``):
 
@@ -212,7 +213,7 @@ class RAN(FineTuneMethod):
         if w.svd > 0:
             terms["svd"] = singular_value_penalty(rect, self.top_k)
         if w.contrastive > 0:
-            text = classifier.zero_shot_embeddings[labels]
+            text = classifier.label_embeddings(labels)
             captions = [str(int(y)) for y in labels]
             scale = model.logit_scale.exp()
             terms["contrastive"] = contrastive_loss(rect, text, scale, captions)

@@ -1,14 +1,25 @@
-"""``medshield finetune``: fine-tune one method on one modality, then evaluate it clean and robust.
+"""``medshield finetune``: fine-tune one method on one task, then evaluate it clean and robust.
 
-The run directory (see :mod:`medshield.runs`) holds ``config.yaml``, ``finetuned/`` (the saved
-method state, see :func:`~medshield.train.finetune.save_finetuned`), ``samples.jsonl`` and
-``results.json``. Evaluation on a class-balanced test subsample:
+The task (``modality``) is a modality or ``vqa_rad_closed``, the VQA-RAD closed yes/no questions
+answered through question-conditioned class prompts (see
+:mod:`medshield.train.finetune.common`). The run directory (see :mod:`medshield.runs`) holds
+``config.yaml``, ``finetuned/`` (the saved method state, see
+:func:`~medshield.train.finetune.save_finetuned`), ``samples.jsonl`` and ``results.json``.
+Evaluation on a class-balanced test subsample:
 
-- ``clean``: one row per image (``label``, ``pred``, ``correct``);
+- ``clean``: one row per image (``index``: its row in the split, the question id for VQA;
+  ``label``, ``pred``, ``correct``);
 - for every budget ``eps`` (default 1, 2, 4 /255): PGD with each of ``pgd_steps`` (default 10
   and 50, ``restarts`` random restarts, Madry et al. 2018) and APGD-CE (Croce and Hein 2020),
-  one row per image from :func:`medshield.attacks.sanity.robust_accuracy`;
-- ``zero-grad@eps``: the gradient-masking check of :mod:`medshield.attacks.sanity`.
+  one row per image from :func:`medshield.attacks.sanity.robust_accuracy` (on the VQA task the
+  image is attacked, its question stays);
+- ``zero-grad@eps``: the gradient-masking check of :mod:`medshield.attacks.sanity`;
+- on a modality, unless ``robust.retrieval`` is false, ``retrieval`` and ``retrieval_adv``:
+  image-text retrieval over the modality's test images (``retrieval_per_class_cap`` per class)
+  with the fine-tuned dual encoder (:func:`~medshield.train.finetune.common.adapted_encoder`),
+  clean and with every image-caption pair attacked by the multimodal ``retrieval_attack``
+  (Co-Attack at eps 2/255 by default), rows from :mod:`medshield.eval.retrieval`; metrics
+  ``retrieval_{i2t,t2i}[_adv]/R@{1,5,10}`` and an ``retrieval adv<=clean`` flag on R@1.
 
 Rows are written one group at a time, tagged with the group and its size, so an interrupted
 run keeps finished groups and recomputes only a group a crash cut short; a saved fine-tuned
@@ -20,17 +31,17 @@ robust<=clean, stronger<=weaker, zero-gradients) are in ``results.json``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from medshield import data
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack
+from medshield.attacks.multimodal import MultimodalAttack
 from medshield.attacks.pgd import PGD
 from medshield.attacks.sanity import (
     SanityFlag,
@@ -42,24 +53,38 @@ from medshield.attacks.sanity import (
     zero_gradient_flag,
 )
 from medshield.config import ModelConfig, StrictModel, load_yaml_model
-from medshield.errors import DataError
+from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.features import classify_images
-from medshield.eval.metrics import bootstrap_ci
-from medshield.eval.zero_shot import balanced_subset
+from medshield.eval.metrics import RECALL_KS, bootstrap_ci
+from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import (
     META_FILE,
+    VQA_TASK,
     FineTuneConfig,
+    FineTunedClassifier,
+    TrainData,
+    adapted_encoder,
     build_base,
     finetune,
     load_finetuned,
+    load_train_data,
     save_finetuned,
+    task_name,
 )
+from medshield.workflows import build_multimodal_attack
+
+RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
 
 class RobustEvalConfig(StrictModel):
-    """Clean and robust evaluation after fine-tuning (budgets and step sizes in /255)."""
+    """Clean and robust evaluation after fine-tuning (budgets and step sizes in /255).
+
+    ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
+    modality, clean and under the registered multimodal ``retrieval_attack`` built with
+    ``retrieval_attack_kwargs``, over ``retrieval_per_class_cap`` test images per class.
+    """
 
     eps: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
     pgd_steps: list[int] = Field(default_factory=lambda: [10, 50])
@@ -69,6 +94,23 @@ class RobustEvalConfig(StrictModel):
     max_test_items: int | None = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
     bootstrap_resamples: int = Field(1000, ge=10)
+    retrieval: bool = True
+    retrieval_per_class_cap: int | None = Field(10, ge=1)
+    retrieval_attack: str = "co-attack"
+    retrieval_attack_kwargs: dict[str, Any] = Field(default_factory=lambda: {"eps": 2.0})
+
+    @model_validator(mode="after")
+    def _check_retrieval_attack(self) -> RobustEvalConfig:
+        if self.retrieval:
+            try:
+                self.multimodal_attack()
+            except (ConfigError, UnknownNameError) as exc:
+                raise ValueError(f"retrieval_attack: {exc}") from None
+        return self
+
+    def multimodal_attack(self) -> MultimodalAttack:
+        """The configured retrieval attack (ConfigError / UnknownNameError for a bad one)."""
+        return build_multimodal_attack(self.retrieval_attack, self.retrieval_attack_kwargs)
 
 
 class FineTuneRunConfig(StrictModel):
@@ -145,16 +187,15 @@ def summarize_finetune_rows(
             [r["correct"] for r in by_group["clean"]], ev.bootstrap_resamples, seed
         )
     for group, grows in sorted(by_group.items()):
-        if group == "clean":
+        if group == "clean" or group in RETRIEVAL_GROUPS:
             continue
-        if group.startswith("zero-grad@"):
-            row = grows[0]
+        if group.startswith("zero-grad@"):  # one row per question batch on the VQA task
             flags.append(
                 {
                     "name": "zero-gradients",
                     "group": group,
-                    "passed": row["passed"],
-                    "detail": row["detail"],
+                    "passed": all(r["passed"] for r in grows),
+                    "detail": "; ".join(r["detail"] for r in grows),
                 }
             )
             continue
@@ -187,7 +228,42 @@ def summarize_finetune_rows(
             metrics[f"robust_accuracy/worst@{eps:g}"] = _mean_ci(
                 worst, ev.bootstrap_resamples, seed
             )
+    for name, hits in recall_indicators(rows).items():
+        metrics[name] = _mean_ci(hits, ev.bootstrap_resamples, seed)
+    flags.extend(retrieval_flags(metrics))
     return metrics, flags  # type: ignore[return-value]
+
+
+def recall_indicators(rows: list[dict[str, Any]]) -> dict[str, list[bool]]:
+    """Per retrieval task and k, one hit (rank < k) per query: ``retrieval_i2t/R@1`` -> [...]."""
+    ranks: dict[str, list[tuple[int, int]]] = {}
+    for r in rows:
+        if r.get("group") in RETRIEVAL_GROUPS:
+            ranks.setdefault(r["task"], []).append((r["index"], r["rank"]))
+    return {
+        f"{task}/R@{k}": [rank < k for _, rank in sorted(ranks[task])]
+        for task in sorted(ranks)
+        for k in RECALL_KS
+    }
+
+
+def retrieval_flags(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """``retrieval adv<=clean``: R@1 under the multimodal attack is not above clean R@1, per
+    direction (a higher value means the attack did not work)."""
+    flags = []
+    for direction in ("i2t", "t2i"):
+        clean = metrics.get(f"retrieval_{direction}/R@1")
+        adv = metrics.get(f"retrieval_{direction}_adv/R@1")
+        if clean and adv:
+            flags.append(
+                {
+                    "name": "retrieval adv<=clean",
+                    "group": f"retrieval_{direction}",
+                    "passed": adv["value"] <= clean["value"],
+                    "detail": f"R@1 clean {clean['value']:.4f}, attacked {adv['value']:.4f}",
+                }
+            )
+    return flags
 
 
 def _worst_case(by_group: dict[str, list[dict[str, Any]]], eps: float) -> list[bool]:
@@ -202,9 +278,22 @@ def _worst_case(by_group: dict[str, list[dict[str, Any]]], eps: float) -> list[b
     return [per_index[i] for i in sorted(per_index)]
 
 
+def _batches(classifier: torch.nn.Module, test: TrainData, batch_size: int) -> Iterator[slice]:
+    """The slices of the test items to evaluate together: all at once on a modality; on the VQA
+    task ``batch_size`` at a time, each with the classifier's questions set to its items'."""
+    if test.questions is None:
+        yield slice(0, len(test.images))
+        return
+    assert isinstance(classifier, FineTunedClassifier)
+    for start in range(0, len(test.images), batch_size):
+        part = slice(start, start + batch_size)
+        classifier.set_questions(test.questions[part])
+        yield part
+
+
 def run_finetune(config: FineTuneRunConfig, run: Run, log: Log = print) -> dict[str, Any]:
     """Fine-tune (or load the saved fine-tuned model), then evaluate clean and robust."""
-    modality = data.get_modality(config.modality).name
+    modality = task_name(config.modality)
     saved = run.path / "finetuned"
     base = load_base(config)  # a wrong checkpoint fails here, before any training
     if (saved / META_FILE).is_file():
@@ -225,10 +314,8 @@ def run_finetune(config: FineTuneRunConfig, run: Run, log: Log = print) -> dict[
         classifier, report = result.classifier, result.report
 
     ev = config.robust
-    test = data.load_split(modality, "test", config.data_dir)
-    idx = balanced_subset(test.labels, test.modality.num_classes, ev.max_test_items, config.seed)
-    images = test.tensor(idx)
-    labels = torch.as_tensor(test.labels[idx], dtype=torch.long)
+    test = load_train_data(modality, ev.max_test_items, config.seed, config.data_dir, "test")
+    images, labels = test.images, test.labels
 
     all_rows = run.load_samples()
     counts = Counter(r["group"] for r in all_rows if "group" in r)
@@ -238,30 +325,58 @@ def run_finetune(config: FineTuneRunConfig, run: Run, log: Log = print) -> dict[
         run.rewrite_samples(r for r in all_rows if r.get("group") in complete)
 
     def clean_rows() -> list[dict[str, Any]]:
-        pred = classify_images(classifier, images, ev.batch_size).argmax(1)
+        pred = torch.cat(
+            [
+                classify_images(classifier, images[part], ev.batch_size)
+                for part in _batches(classifier, test, ev.batch_size)
+            ]
+        ).argmax(1)
         return [
             {"index": int(i), "label": int(y), "pred": int(p), "correct": bool(p == y)}
-            for i, y, p in zip(idx, labels.tolist(), pred.tolist(), strict=True)
+            for i, y, p in zip(test.ids, labels.tolist(), pred.tolist(), strict=True)
+        ]
+
+    def attacked_rows(attack: Attack) -> list[dict[str, Any]]:
+        return [
+            {**r, "index": r["index"] + part.start}
+            for part in _batches(classifier, test, ev.batch_size)
+            for r in robust_accuracy(classifier, attack, images[part], labels[part], ev.batch_size)
         ]
 
     jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [("clean", clean_rows)]
     for eps in ev.eps:
         for name, attack in _attacks(classifier, ev, eps):
-            jobs.append(
-                (
-                    f"{name}@{eps:g}",
-                    lambda attack=attack: robust_accuracy(
-                        classifier, attack, images, labels, ev.batch_size
-                    ),
-                )
-            )
+            jobs.append((f"{name}@{eps:g}", lambda attack=attack: attacked_rows(attack)))
         pgd = PGD(classifier, eps=eps, steps=1)
 
         def zero_grad(pgd: PGD = pgd) -> list[dict[str, Any]]:
-            flag = zero_gradient_flag(pgd, images, labels, ev.batch_size)
-            return [{"passed": flag.passed, "detail": flag.detail}]
+            flags = [
+                zero_gradient_flag(pgd, images[part], labels[part], ev.batch_size)
+                for part in _batches(classifier, test, ev.batch_size)
+            ]
+            return [{"passed": flag.passed, "detail": flag.detail} for flag in flags]
 
         jobs.append((f"zero-grad@{eps:g}", zero_grad))
+    if ev.retrieval and modality != VQA_TASK:
+        encoder = adapted_encoder(classifier)
+        retrieval = {
+            "per_class_cap": ev.retrieval_per_class_cap,
+            "seed": config.seed,
+            "data_dir": config.data_dir,
+        }
+        jobs.append(("retrieval", lambda: retrieval_rows(encoder, [modality], **retrieval)))
+        jobs.append(
+            (
+                "retrieval_adv",
+                lambda: adversarial_retrieval_rows(
+                    encoder,
+                    [modality],
+                    ev.multimodal_attack(),
+                    batch_size=ev.batch_size,
+                    **retrieval,
+                ),
+            )
+        )
 
     tags = {
         "method": config.finetune.method,

@@ -1,0 +1,159 @@
+"""Matplotlib plots (Agg backend) rendered straight to PNG data URIs for inline ``<img>``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from medshield.report.view import Figure, ci
+
+DPI = 90  # small files; the page scales the images to its width
+Point = tuple[float, float, float]
+"""(value, ci_low, ci_high)."""
+Series = dict[str, list[tuple[float, Point]]]
+"""Line label -> [(x, point)]."""
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_figure(fig: Any, alt: str, caption: str = "") -> Figure:
+    """Encode a matplotlib figure as a PNG data URI and close it."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    _pyplot().close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return Figure(src=f"data:image/png;base64,{data}", alt=alt, caption=caption)
+
+
+def _errors(points: Sequence[Point]) -> list[list[float]]:
+    """Error-bar lengths; a percentile interval need not contain its point estimate (e.g. an
+    AUC), and matplotlib refuses negative lengths, so those are drawn as 0."""
+    return [[max(0.0, v - lo) for v, lo, _ in points], [max(0.0, hi - v) for v, _, hi in points]]
+
+
+def panels(
+    groups: dict[str, list[dict[str, Any]]],
+    names: Sequence[str],
+    x: Callable[[dict[str, Any]], float],
+    value: Callable[[dict[str, Any], str], Any],
+) -> dict[str, Series]:
+    """Panels for :func:`lines` from result points: one panel per metric name, one line per
+    labelled group of points; ``value(point, name)`` is a metric dict, points whose metric is
+    undefined are left out, and so are empty lines and panels."""
+    out: dict[str, Series] = {}
+    for name in names:
+        series: Series = {}
+        for label, points in groups.items():
+            line = [(x(p), v) for p in points if (v := ci(value(p, name))) is not None]
+            if line:
+                series[label] = line
+        if series:
+            out[name] = series
+    return out
+
+
+def lines(
+    panels: dict[str, Series],
+    xlabel: str,
+    title: str,
+    categorical: bool = False,
+) -> Figure | None:
+    """Small multiples: one panel per metric, one line with 95% CI bars per series (None when
+    there is no panel).
+
+    With ``categorical`` the x values are evenly spaced and labelled (e.g. noise ratios 0, 0.05,
+    0.1, 0.5 stay legible).
+    """
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    size = (6.0, 3.8) if len(panels) == 1 else (4.2 * cols, 3.0 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    xs = sorted({x for series in panels.values() for line in series.values() for x, _ in line})
+    position = {x: i for i, x in enumerate(xs)} if categorical else {x: x for x in xs}
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        for label, line in series.items():
+            line = sorted(line, key=lambda p: p[0])
+            points = [p for _, p in line]
+            ax.errorbar(
+                [position[x] for x, _ in line],
+                [v for v, _, _ in points],
+                yerr=_errors(points),
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=label,
+            )
+        if categorical:
+            ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+        bounds = [b for line in series.values() for _, point in line for b in point]
+        if all(0 <= b <= 1 for b in bounds):  # rates: a fixed scale keeps small gaps small
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    return to_figure(fig, alt=title, caption=title)
+
+
+def bars(
+    categories: list[str],
+    series: dict[str, list[Point | None]],
+    ylabel: str,
+    title: str,
+    caption: str = "",
+) -> Figure:
+    """Grouped bars (a group per category, a bar per series) with 95% CI whiskers."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(categories) * max(1, len(series))), 3.4))
+    width = 0.8 / max(1, len(series))
+    for i, (label, points) in enumerate(series.items()):
+        keep = [(j, p) for j, p in enumerate(points) if p is not None]
+        ax.bar(
+            [j + (i - (len(series) - 1) / 2) * width for j, _ in keep],
+            [p[0] for _, p in keep],
+            width,
+            yerr=_errors([p for _, p in keep]),
+            capsize=3,
+            label=label,
+        )
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return to_figure(fig, alt=title, caption=caption)
+
+
+def scatter(points: list[tuple[str, Point, Point]], xlabel: str, ylabel: str, title: str) -> Figure:
+    """One marker per labelled (x, y) point with 95% CI bars on both axes, and the diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for label, x, y in points:
+        ax.errorbar(
+            x[0], y[0], xerr=_errors([x]), yerr=_errors([y]), fmt="o", capsize=3, label=label
+        )
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title, fontsize=10)
+    return to_figure(fig, alt=title)
