@@ -81,6 +81,10 @@ def test_mean_ci_over_seeds() -> None:
     three = mean_ci([0.4, 0.5, 0.6])
     assert three["value"] == pytest.approx(0.5)
     assert three["ci_low"] == pytest.approx(0.5 - 4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    near_zero = mean_ci([0.0, 0.02, 0.07])  # the raw t-interval reaches below 0
+    assert near_zero["ci_low"] == 0.0 and near_zero["ci_high"] < 0.2
+    near_one = mean_ci([1.0, 0.98, 0.93])
+    assert near_one["ci_high"] == 1.0 and near_one["ci_low"] > 0.8
 
 
 def test_study_config_rejects_bad_grids() -> None:

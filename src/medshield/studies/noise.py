@@ -239,13 +239,20 @@ def headline(
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | int | None]:
-    """Mean over seeds with a Student-t interval (None bounds with a single seed)."""
+    """Mean over seeds with a Student-t interval (None bounds with a single seed), clipped to
+    [0, 1]: every headline metric is an accuracy or a recall, and with three seeds the raw
+    interval of a value near 0 would otherwise reach below it."""
     n = len(values)
     mean = float(np.mean(values))
     if n < 2:
         return {"value": mean, "ci_low": None, "ci_high": None, "n": n}
     half = stats.t.ppf((1 + confidence) / 2, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return {"value": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    return {
+        "value": mean,
+        "ci_low": max(mean - half, 0.0),
+        "ci_high": min(mean + half, 1.0),
+        "n": n,
+    }
 
 
 def aggregate(
