@@ -39,13 +39,13 @@ from pydantic import Field, model_validator
 from medshield import data
 from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, DataError
-from medshield.eval.metrics import bootstrap_ci
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_config
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
+    mean_ci,
     recall_indicators,
     run_finetune,
 )
@@ -256,14 +256,6 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
     }
 
 
-def _pooled(values: list[bool], resamples: int) -> dict[str, float | int]:
-    arr = np.asarray(values, dtype=np.float64)
-    low, high = bootstrap_ci(
-        lambda a: a.mean(-1), arr, n_resamples=resamples, seed=0, vectorized=True
-    )
-    return {"value": float(arr.mean()), "ci_low": low, "ci_high": high, "n": len(arr)}
-
-
 def _worst(rows: list[dict[str, Any]], eps: float) -> list[bool]:
     per: dict[int, bool] = {}
     for r in rows:
@@ -286,7 +278,7 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             "modality": key[2],
             "seeds": len(group),
         }
-        entry["clean_accuracy"] = _pooled(
+        entry["clean_accuracy"] = mean_ci(
             [r["correct"] for r in rows if r.get("group") == "clean"], ev.bootstrap_resamples
         )
         attack_groups = sorted(
@@ -297,15 +289,15 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             }
         )
         for g in attack_groups:
-            entry[f"robust/{g}"] = _pooled(
+            entry[f"robust/{g}"] = mean_ci(
                 [r["robust_correct"] for r in rows if r.get("group") == g], ev.bootstrap_resamples
             )
         for eps in ev.eps:
             worst = [v for c in group for v in _worst(c["rows"], eps)]
             if worst:
-                entry[f"robust/worst@{eps:g}"] = _pooled(worst, ev.bootstrap_resamples)
+                entry[f"robust/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples)
         for name, hits in recall_indicators(rows).items():
-            entry[name] = _pooled(hits, ev.bootstrap_resamples)
+            entry[name] = mean_ci(hits, ev.bootstrap_resamples)
         reports = [c["result"]["report"] for c in group]
         entry["trainable_params"] = int(np.mean([r["trainable_params"] for r in reports]))
         entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in reports]))

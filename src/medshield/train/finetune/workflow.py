@@ -164,7 +164,8 @@ def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[t
     return attacks
 
 
-def _mean_ci(values: list[bool], resamples: int, seed: int) -> dict[str, float | int]:
+def mean_ci(values: list[bool], resamples: int, seed: int = 0) -> dict[str, float | int]:
+    """The share of true values with its 95% bootstrap interval."""
     arr = np.asarray(values, dtype=np.float64)
     low, high = bootstrap_ci(
         lambda a: a.mean(-1), arr, n_resamples=resamples, seed=seed, vectorized=True
@@ -183,7 +184,7 @@ def summarize_finetune_rows(
     metrics: dict[str, Any] = {}
     flags: list[SanityFlag | dict[str, Any]] = []
     if "clean" in by_group:
-        metrics["clean_accuracy"] = _mean_ci(
+        metrics["clean_accuracy"] = mean_ci(
             [r["correct"] for r in by_group["clean"]], ev.bootstrap_resamples, seed
         )
     for group, grows in sorted(by_group.items()):
@@ -200,7 +201,7 @@ def summarize_finetune_rows(
             )
             continue
         grows = sorted(grows, key=lambda r: r["index"])
-        metrics[f"robust_accuracy/{group}"] = _mean_ci(
+        metrics[f"robust_accuracy/{group}"] = mean_ci(
             [r["robust_correct"] for r in grows], ev.bootstrap_resamples, seed
         )
         eps = float(group.split("@")[1])
@@ -225,11 +226,9 @@ def summarize_finetune_rows(
             )
         worst = _worst_case(by_group, eps)
         if worst:
-            metrics[f"robust_accuracy/worst@{eps:g}"] = _mean_ci(
-                worst, ev.bootstrap_resamples, seed
-            )
+            metrics[f"robust_accuracy/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples, seed)
     for name, hits in recall_indicators(rows).items():
-        metrics[name] = _mean_ci(hits, ev.bootstrap_resamples, seed)
+        metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
     flags.extend(retrieval_flags(metrics))
     return metrics, flags  # type: ignore[return-value]
 
