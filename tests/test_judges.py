@@ -278,6 +278,17 @@ def test_llm_judge_survives_failing_model_and_wrong_output_count():
         create_judge("llm", model=object())
 
 
+def test_llm_judge_builds_an_endpoint_backend_whose_model_name_does_not_clash():
+    import medshield.models  # noqa: F401  (registers the chat backends)
+    from medshield.models.openai_chat import OpenAIChatVLM
+
+    endpoint = {"base_url": "http://127.0.0.1:9/v1", "model": "judge-model", "timeout": 5}
+    judge = create_judge("llm", model="openai", model_kwargs=endpoint, batch_size=2)
+    assert isinstance(judge.model, OpenAIChatVLM) and judge.model.model == "judge-model"
+    with pytest.raises(InputError, match="model_kwargs only apply"):
+        LLMJudge(FakeChat([]), model_kwargs={"model": "x"})
+
+
 # --- CLI ---
 
 

@@ -46,6 +46,7 @@ def test_list_shows_every_kind_of_plugin() -> None:
         "methods": ("lora", "ran", "tecoa"),
         "defenses": ("self-reminder", "demonstrations"),
         "judges": ("keyword", "embedding", "llm"),
+        "strategies": ("harmful-only", "benign-only", "mixed", "retrieval"),
     }
     for kind, names in expected.items():
         listed = runner.invoke(app, ["list", kind])

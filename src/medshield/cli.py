@@ -379,7 +379,10 @@ def report_(
 @app.command("list")
 def list_(
     kind: Annotated[
-        str, typer.Argument(help="models | chat-models | attacks | methods | defenses | judges")
+        str,
+        typer.Argument(
+            help="models | chat-models | attacks | methods | defenses | judges | strategies"
+        ),
     ],
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
@@ -528,7 +531,7 @@ def judges_calibrate(
                 import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
-                kwargs.update(model=llm_model, **extra)
+                kwargs.update(model=llm_model, model_kwargs=extra)
             results.append(judge_agreement(create_judge(name, **kwargs), held_out))
     except MedshieldError as exc:
         _fail(exc)

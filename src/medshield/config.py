@@ -7,7 +7,7 @@ data.modalities=[chest_xray,blood_cell]``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,6 +25,8 @@ class StrictModel(BaseModel):
     """A config section that refuses unknown keys (a typo is an error, not a silent default)."""
 
     model_config = ConfigDict(extra="forbid")
+    runtime_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields left out of a run's saved config (see :func:`dump_config`)."""
 
 
 class DataConfig(StrictModel):
@@ -183,4 +185,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The YAML a run directory keeps as its identity: every field except the run-time ones
+    (``runtime_fields``, e.g. the device), which do not change what the run computes and may
+    differ when a run resumes elsewhere."""
+    exclude = set(getattr(config, "runtime_fields", ()))
+    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)

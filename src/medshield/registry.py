@@ -67,6 +67,8 @@ ATTACKS: Registry = Registry("attack")
 METHODS: Registry = Registry("method")
 DEFENSES: Registry = Registry("defense")
 JUDGES: Registry = Registry("judge")
+#: Demonstration selection strategies (``medshield.defense.create_strategy(name, **kwargs)``).
+STRATEGIES: Registry = Registry("selection strategy")
 
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
@@ -75,4 +77,5 @@ REGISTRIES: dict[str, Registry] = {
     "methods": METHODS,
     "defenses": DEFENSES,
     "judges": JUDGES,
+    "strategies": STRATEGIES,
 }

@@ -30,12 +30,20 @@ TINY_EVAL = {
 }
 
 
-def run_method(base: MiniClip, train: TrainData, method: str, **extra: Any):
-    """Fine-tune a copy of ``base`` with ``method`` on ``train``; (model, result)."""
+def run_method(base: MiniClip, train: TrainData, method: str, device: str = "cpu", **extra: Any):
+    """Fine-tune a copy of ``base`` with ``method`` on ``train`` (``extra``: config fields);
+    (model, result)."""
     model = copy.deepcopy(base)
     cfg = {**FAST, "method": method, **extra}
     result = finetune(
-        model, cfg, train.modality, train=train, overhead_batch=2, latency_repeats=1, progress=False
+        model,
+        cfg,
+        train.modality,
+        train=train,
+        overhead_batch=2,
+        latency_repeats=1,
+        progress=False,
+        device=device,
     )
     return model, result
 

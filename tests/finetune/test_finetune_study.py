@@ -54,3 +54,36 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     config.write_text(bad)
     with pytest.raises(ConfigError, match="unknown RAN terms"):
         load_study_config(config)
+
+
+@pytest.mark.slow
+def test_study_cells_run_in_worker_processes_like_one_at_a_time(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    raw = {
+        "methods": [{"method": "linear-probe"}, {"method": "ran"}],
+        "modalities": ["chest_xray"],
+        "vqa_closed": False,
+        "seeds": [0, 1],
+    }
+    config = write_study_config(tmp_path, data_dir, **raw)
+    robust = ["robust.retrieval=false"]
+    serial_cfg = load_study_config(config, [*robust, "name=serial"])
+    parallel_cfg = load_study_config(config, [*robust, "name=parallel", "workers=2"])
+    serial = run_study_finetune(serial_cfg, Run(tmp_path / "serial", serial_cfg), lambda _: None)
+    logs: list[str] = []
+    parallel_run = Run(tmp_path / "parallel", parallel_cfg)
+    parallel = run_study_finetune(parallel_cfg, parallel_run, log=logs.append)
+    assert logs[0] == "4 of 4 cells to run, 2 at a time"
+    assert sorted(r["cell"] for r in parallel_run.load_samples()) == sorted(
+        r["cell"] for r in Run(tmp_path / "serial", serial_cfg).load_samples()
+    )
+    for a, b in zip(serial["table"], parallel["table"], strict=True):
+        assert (a["method"], a["clean_accuracy"]) == (b["method"], b["clean_accuracy"])
+        assert a["trainable_params"] == b["trainable_params"]
+    saved = (tmp_path / "parallel" / "config.yaml").read_text()
+    assert "workers" not in saved and "device" not in saved
+    one_at_a_time = load_study_config(config, [*robust, "name=parallel"])
+    logs.clear()
+    run_study_finetune(one_at_a_time, Run(tmp_path / "parallel", one_at_a_time), logs.append)
+    assert logs == []  # resumed with workers=1: every cell was already done

@@ -28,10 +28,7 @@ import torch
 
 from medshield.defense.synthesizer import Demonstration
 from medshield.errors import InputError
-from medshield.registry import Registry
-
-#: Selection strategies by name (``create_strategy(name, **kwargs)`` builds one).
-STRATEGIES: Registry = Registry("selection strategy")
+from medshield.registry import STRATEGIES
 
 Embedder = Callable[[list[str]], torch.Tensor]
 

@@ -29,15 +29,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
 
 from medshield import data
 from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.device import DeviceName
 from medshield.errors import ConfigError, DataError
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.runs import Log, Run
@@ -81,6 +86,11 @@ class StudyFinetuneConfig(StrictModel):
         seeds: one cell per seed.
         finetune: shared fine-tuning settings (epochs, batch size, lr, items, adversary, ...).
         robust: clean / robust evaluation settings.
+        device: where every cell trains and is attacked (``auto``, ``cpu``, ``cuda[:N]``).
+        workers: cells run at once, each in its own process with ``cores // workers`` threads
+            (``cores``: those this process may run on); several small cells share one GPU
+            well. ``device`` and ``workers`` are left out of the study's saved config: a
+            study may resume with other values.
     """
 
     name: str = "study_finetune"
@@ -100,6 +110,9 @@ class StudyFinetuneConfig(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     finetune: dict[str, Any] = Field(default_factory=dict)
     robust: RobustEvalConfig = Field(default_factory=RobustEvalConfig)
+    device: DeviceName = "auto"
+    workers: int = Field(1, ge=1)
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "workers"})
 
     @model_validator(mode="after")
     def _check(self) -> StudyFinetuneConfig:
@@ -204,44 +217,57 @@ def cell_config(
         model=model,
         finetune=_finetune_config(config, spec),
         robust=config.robust,
+        device=config.device,
     )
 
 
 def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) -> dict[str, Any]:
-    """Run (or resume) every cell, then write the table, plots and aggregated results."""
+    """Run (or resume) every cell, then write the table, plots and aggregated results.
+
+    Cells run seed by seed (every checkpoint, method and task of the first seed before the
+    next seed), one at a time or, with ``workers`` > 1, in that many processes at once; each
+    finished cell is recorded in the study's ``samples.jsonl`` as it completes.
+    """
     _check_checkpoints(config)
     modalities = _modalities(config)
     specs = config.expanded_methods()
     cells_dir = run.path / "cells"
     done = {r["cell"] for r in run.load_samples() if "cell" in r}
+    grid = [
+        (checkpoint, spec, modality, seed)
+        for checkpoint in config.checkpoints
+        for spec in specs
+        for modality in modalities
+        for seed in config.seeds
+    ]
+    configs = [cell_config(config, *key) for key in grid]
+    seed_major = sorted(configs, key=lambda cfg: config.seeds.index(cfg.seed))
+    todo = [
+        cfg
+        for cfg in seed_major
+        if not (cfg.name in done and (cells_dir / cfg.name / "results.json").is_file())
+    ]
+    if todo:
+        log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
+    for count, cfg in enumerate(_run_cells(todo, cells_dir, config.workers, log), 1):
+        log(f"[{count}/{len(todo)}] {cfg.name} done")
+        run.append_samples(
+            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / "results.json")}]
+        )
     cells: list[dict[str, Any]] = []
-    total = len(config.checkpoints) * len(specs) * len(modalities) * len(config.seeds)
-    for checkpoint in config.checkpoints:
-        for spec in specs:
-            for modality in modalities:
-                for seed in config.seeds:
-                    cfg = cell_config(config, checkpoint, spec, modality, seed)
-                    path = cells_dir / cfg.name
-                    results_path = path / "results.json"
-                    if cfg.name in done and results_path.is_file():
-                        result = json.loads(results_path.read_text())
-                    else:
-                        log(f"[{len(cells) + 1}/{total}] {cfg.name}")
-                        cell_run = Run(path, cfg)
-                        result = run_finetune(cfg, cell_run, log=log)
-                        result = cell_run.write_results(result, seed=seed)
-                        run.append_samples([{"cell": cfg.name, "results": str(results_path)}])
-                    cells.append(
-                        {
-                            "cell": cfg.name,
-                            "checkpoint": checkpoint,
-                            "method": spec.name,
-                            "modality": modality,
-                            "seed": seed,
-                            "result": result,
-                            "rows": Run(path, cfg).load_samples(),
-                        }
-                    )
+    for (checkpoint, spec, modality, seed), cfg in zip(grid, configs, strict=True):
+        path = cells_dir / cfg.name
+        cells.append(
+            {
+                "cell": cfg.name,
+                "checkpoint": checkpoint,
+                "method": spec.name,
+                "modality": modality,
+                "seed": seed,
+                "result": json.loads((path / "results.json").read_text()),
+                "rows": Run(path, cfg).load_samples(),
+            }
+        )
     table = aggregate(cells, config.robust)
     write_table(table, run.path)
     plots = plot_robust_vs_clean(table, config.robust.eps, run.path)
@@ -254,6 +280,47 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
         "table": table,
         "plots": [str(p) for p in plots],
     }
+
+
+def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
+    """Run (or resume) one cell: a ``medshield finetune`` run in ``path``. Without ``log``
+    (in a worker process) it is silent: the study reports each cell as it finishes."""
+    cfg = FineTuneRunConfig.model_validate(raw)
+    cell_run = Run(Path(path), cfg)
+    result = run_finetune(cfg, cell_run, log=log or (lambda _: None), progress=log is not None)
+    cell_run.write_results(result, seed=cfg.seed)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def _run_cells(
+    todo: list[FineTuneRunConfig], cells_dir: Path, workers: int, log: Log
+) -> Iterator[FineTuneRunConfig]:
+    """Run the cells, yielding each as it finishes; the first failure stops the study."""
+    if workers == 1 or len(todo) <= 1:
+        for cfg in todo:
+            log(f"{cfg.name} ...")
+            run_cell(cfg.model_dump(), str(cells_dir / cfg.name), log)
+            yield cfg
+        return
+    threads = max(1, _usable_cores() // workers)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(workers, context, torch.set_num_threads, (threads,)) as pool:
+        futures = {
+            pool.submit(run_cell, cfg.model_dump(), str(cells_dir / cfg.name)): cfg for cfg in todo
+        }
+        try:
+            for future in as_completed(futures):
+                future.result()
+                yield futures[future]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _worst(rows: list[dict[str, Any]], eps: float) -> list[bool]:

@@ -82,7 +82,14 @@ class LLMJudge(Judge):
         batch_size: conversations per ``generate`` call.
         max_new_tokens: generation budget of the judge model.
         max_chars: prompt and response are cut to this many characters each.
-        model_kwargs: arguments of the chat backend when ``model`` is a name.
+        model_kwargs: arguments of the chat backend when ``model`` is a name, e.g.
+            ``{"base_url": "http://localhost:8000/v1", "model": "llama3"}`` for ``openai``
+            (a dict of its own, so the backend's ``model`` never clashes with this one).
+
+    Example (a run config)::
+
+        judge_kwargs:
+          llm: {model: openai, model_kwargs: {base_url: "http://localhost:8000/v1", model: judge}}
     """
 
     name = "llm"
@@ -93,12 +100,14 @@ class LLMJudge(Judge):
         batch_size: int = 8,
         max_new_tokens: int = 16,
         max_chars: int = 2000,
-        **model_kwargs: Any,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from medshield.models.chat import ChatVLM, create_chat_model
 
         if isinstance(model, str):
-            model = create_chat_model(model, **model_kwargs)
+            model = create_chat_model(model, **(model_kwargs or {}))
+        elif model_kwargs:
+            raise InputError("model_kwargs only apply when model is a chat-model name")
         if not isinstance(model, ChatVLM):
             raise InputError(
                 f"the llm judge needs a ChatVLM or a chat-model name, got {type(model).__name__}"

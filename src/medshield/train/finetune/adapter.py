@@ -120,7 +120,8 @@ class Adapter(FineTuneMethod):
         try:
             with torch.no_grad(), eval_mode(model):
                 clear_text_cache(model)
-                model.encode_image(torch.zeros(1, 3, model.image_size, model.image_size))
+                size = (1, 3, model.image_size, model.image_size)
+                model.encode_image(torch.zeros(size, device=next(model.parameters()).device))
                 model.encode_text(["an image"])
         finally:
             for h in handles:

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 import medshield
 from medshield import data
 from medshield.config import StrictModel
+from medshield.device import synchronize
 from medshield.errors import ConfigError, DataError, InputError
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
@@ -325,7 +326,7 @@ class FineTunedClassifier(nn.Module):
             embeddings = self._question_embeddings()
         if len(embeddings) != len(labels):
             raise InputError(f"{len(labels)} labels for {len(embeddings)} questions")
-        return embeddings[torch.arange(len(labels)), labels]
+        return embeddings[torch.arange(len(labels), device=labels.device), labels]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from unit image embeddings."""
@@ -514,7 +515,8 @@ def measure_overhead(
 
     FLOPs come from :func:`count_flops`; latency is the median of ``repeats`` interleaved timed
     forward passes of each (one warm-up pass each first), so load from other processes hits
-    both alike.
+    both alike. Both modules and ``images`` must be on one device; on a GPU each timed pass
+    waits for its kernels.
     """
     base_flops, tuned_flops = count_flops(base, images), count_flops(tuned, images)
     times: dict[str, list[float]] = {"base": [], "tuned": []}
@@ -523,8 +525,10 @@ def measure_overhead(
         tuned(images)
         for _ in range(repeats):
             for key, module in (("base", base), ("tuned", tuned)):
+                synchronize(images.device)
                 start = time.perf_counter()
                 module(images)
+                synchronize(images.device)
                 times[key].append(time.perf_counter() - start)
     base_t, tuned_t = statistics.median(times["base"]), statistics.median(times["tuned"])
     return {
@@ -629,6 +633,7 @@ def finetune(
     latency_repeats: int = 5,
     log: Log | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> FineTuneResult:
     """Fine-tune ``model`` (modified in place) on one modality's train split.
 
@@ -649,9 +654,11 @@ def finetune(
         latency_repeats: timed passes per model for the latency ratio.
         log: progress messages.
         progress: show a tqdm bar.
+        device: where to train (the model and the new modules move there; training data moves
+            one batch at a time). The result's classifier stays there.
 
     Returns:
-        A :class:`FineTuneResult`.
+        A :class:`FineTuneResult` (``base_state`` on the CPU).
     """
     config = parse_finetune_config(config)
     method = method_for(config)
@@ -662,10 +669,12 @@ def finetune(
     if len(train.images) < 2:
         raise DataError(f"fine-tuning needs at least 2 training items, got {len(train.images)}")
 
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    device = torch.device(device)
+    base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model.to(device)
     base = copy.deepcopy(model).eval()
     torch.manual_seed(seed)
-    classifier = method.build(model, train.class_prompts)
+    classifier = method.build(model, train.class_prompts).to(device)
     trainable = [p for p in classifier.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(f"method {config.method!r} left no trainable parameter")
@@ -695,7 +704,8 @@ def finetune(
             set_train_modes(classifier)
             if train.questions is not None:
                 classifier.set_questions([train.questions[i] for i in idx])
-            loss, parts = method.loss(classifier, train.images[idx], train.labels[idx])
+            images, labels = train.images[idx].to(device), train.labels[idx].to(device)
+            loss, parts = method.loss(classifier, images, labels)
             if not torch.isfinite(loss):
                 raise InputError(f"{config.method}: the training loss became {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
@@ -712,8 +722,8 @@ def finetune(
     freeze(classifier)
     classifier.eval()
 
-    probe = train.images[:overhead_batch]
-    base_classifier = FineTunedClassifier(base, train.class_prompts)  # the zero-shot classifier
+    probe = train.images[:overhead_batch].to(device)
+    base_classifier = FineTunedClassifier(base, train.class_prompts).to(device)  # zero-shot
     if train.questions is not None:
         for module in (base_classifier, classifier):
             module.set_questions(train.questions[:overhead_batch])

@@ -128,7 +128,8 @@ def fold_linear_rectifier(classifier: FineTunedClassifier) -> FineTunedClassifie
     if not isinstance(rectifier, LinearRectifier):
         raise ConfigError("only a linear rectifier can be folded")
     proj = _image_projection(classifier.model)
-    matrix = torch.eye(rectifier.dim, dtype=proj.weight.dtype) + rectifier.delta().to(proj.weight)
+    eye = torch.eye(rectifier.dim, dtype=proj.weight.dtype, device=proj.weight.device)
+    matrix = eye + rectifier.delta().to(proj.weight)
     proj.weight.copy_(matrix @ proj.weight)
     classifier.rectifier = None
     classifier.structure_meta = {"folded": True}

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from medshield.attacks.sanity import (
     zero_gradient_flag,
 )
 from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.features import classify_images
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci
@@ -124,6 +125,11 @@ class FineTuneRunConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
     robust: RobustEvalConfig = Field(default_factory=RobustEvalConfig)
+    device: DeviceName = "auto"
+    """Where to train and attack: ``auto`` (a CUDA GPU when visible, else the CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``. Saved models are device-independent, and the device is not part of
+    the run's saved config, so a run started on a GPU resumes on a CPU and vice versa."""
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device"})
 
 
 def load_finetune_config(
@@ -290,14 +296,19 @@ def _batches(classifier: torch.nn.Module, test: TrainData, batch_size: int) -> I
         yield part
 
 
-def run_finetune(config: FineTuneRunConfig, run: Run, log: Log = print) -> dict[str, Any]:
-    """Fine-tune (or load the saved fine-tuned model), then evaluate clean and robust."""
+def run_finetune(
+    config: FineTuneRunConfig, run: Run, log: Log = print, progress: bool = True
+) -> dict[str, Any]:
+    """Fine-tune (or load the saved fine-tuned model), then evaluate clean and robust
+    (``progress``: a tqdm bar over the training batches)."""
     modality = task_name(config.modality)
+    device = resolve_device(config.device)  # a GPU this machine lacks fails before training
     saved = run.path / "finetuned"
     base = load_base(config)  # a wrong checkpoint fails here, before any training
     if (saved / META_FILE).is_file():
         log(f"loading the fine-tuned {config.finetune.method} from {saved}")
         classifier, meta = load_finetuned(saved, model=base)
+        classifier.to(device)
         report = meta["report"]
     else:
         result = finetune(
@@ -308,6 +319,8 @@ def run_finetune(config: FineTuneRunConfig, run: Run, log: Log = print) -> dict[
             data_dir=config.data_dir,
             base_ref=base_reference(config),
             log=log,
+            progress=progress,
+            device=device,
         )
         save_finetuned(result, saved)
         classifier, report = result.classifier, result.report
@@ -400,6 +413,7 @@ def run_finetune(config: FineTuneRunConfig, run: Run, log: Log = print) -> dict[
         "metrics": metrics,
         "sanity": flags,
         "finetuned_dir": str(saved),
+        "device": str(device),
     }
 
 
