@@ -102,6 +102,11 @@ def test_evaluation_rows_and_resume(tmp_path, data_dir) -> None:
     assert result["n"] == 3
     for cond in ("image", "no_image", "shuffled_image", "majority_no"):
         assert 0 <= result[cond]["accuracy"] <= 1
+    for control in ("no_image", "shuffled_image", "majority_no"):
+        paired = result[f"image_minus_{control}"]
+        expected = result["image"]["accuracy"] - result[control]["accuracy"]
+        assert paired["difference"] == pytest.approx(expected)
+        assert paired["ci_low"] <= paired["difference"] <= paired["ci_high"]
     rows = run.load_samples()
     assert len(rows) == 3 and all(r["image"]["pred"] in ("yes", "no") for r in rows)
     again = evaluate_vqa_closed(model, run, limit=3, data_dir=str(data_dir), progress=False)
@@ -138,6 +143,6 @@ def test_cli_train_vlm(tmp_path, data_dir) -> None:
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "VQA-RAD closed" in result.output
+    assert "VQA-RAD closed" in result.output and "image minus no_image" in result.output
     run = tmp_path / "mini-llava"
     assert (run / "results.json").is_file() and (run / "model" / "mini_llava.safetensors").is_file()

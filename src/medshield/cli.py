@@ -253,6 +253,12 @@ def train_vlm(
             f"VQA-RAD closed ({ev['n']} yes/no) {cond}: {m['accuracy']:.3f} "
             f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
         )
+    for control in ("no_image", "shuffled_image"):
+        d = ev[f"image_minus_{control}"]
+        console.print(
+            f"image minus {control}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, "
+            f"{d['ci_high']:+.3f}] (paired)"
+        )
     console.print(f"model saved to [bold]{result['model_dir']}[/]; run in {run.path}")
 
 

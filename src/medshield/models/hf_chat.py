@@ -78,8 +78,10 @@ from medshield.models.prefix_cache import (
     PrefixCache,
     PrefixKV,
     batch_prefix_cache,
+    cache_inputs,
     image_digest,
     kv_of,
+    output_cache,
     weights_fingerprint,
 )
 from medshield.registry import CHAT_MODELS
@@ -291,7 +293,7 @@ class HFChatVLM(ChatVLM):
             else:
                 options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if past is not None:
-                options["past_key_values"] = past
+                options |= cache_inputs(past)
             with torch.no_grad():
                 output = self.model.generate(**batch, **options)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
@@ -478,7 +480,7 @@ class HFChatVLM(ChatVLM):
                     }
                 with torch.no_grad():
                     out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-                kv = kv_of(out.past_key_values)
+                kv = kv_of(output_cache(out))
                 self._prefix_kv.put(key, kv)
             found.append((kv, e.prefix, e.prefix_images))
         return found
@@ -582,7 +584,7 @@ class HFChatVLM(ChatVLM):
             tail_mask = batch["attention_mask"][:, -batch["input_ids"].shape[1] :]
             batch["position_ids"] = (tail_mask.cumsum(-1) - 1).clamp(min=0) + offsets[:, None]
         with torch.set_grad_enabled(needs_graph):
-            logits = self.model(**batch, past_key_values=past).logits
+            logits = self.model(**batch, **cache_inputs(past)).logits
             scores = []
             for row, (n_prompt, n_cont) in enumerate(spans):
                 if n_cont == 0:

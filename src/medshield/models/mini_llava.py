@@ -70,8 +70,10 @@ from medshield.models.prefix_cache import (
     PrefixCache,
     PrefixKV,
     batch_prefix_cache,
+    cache_inputs,
     image_digest,
     kv_of,
+    output_cache,
     weights_fingerprint,
 )
 from medshield.registry import CHAT_MODELS
@@ -436,7 +438,7 @@ class MiniLlava(nn.Module, ChatVLM):
                         position_ids=positions,
                         use_cache=True,
                     )
-                kv = kv_of(out.past_key_values)
+                kv = kv_of(output_cache(out))
                 self._prefix_kv.put(key, kv)
             found.append((kv, length, count))
         return found
@@ -469,10 +471,10 @@ class MiniLlava(nn.Module, ChatVLM):
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=use_cache or past is not None,
+            **cache_inputs(past),
         )
-        return out.last_hidden_state, mask, positions, out.past_key_values
+        return out.last_hidden_state, mask, positions, output_cache(out)
 
     def _prepare(self, conversations: Sequence[Conversation]) -> list[Row]:
         if isinstance(conversations, (str, Message)) or not isinstance(conversations, Sequence):
@@ -535,10 +537,10 @@ class MiniLlava(nn.Module, ChatVLM):
                 input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=position,
-                past_key_values=past,
                 use_cache=True,
+                **cache_inputs(past),
             )
-            past, logits = out.past_key_values, out.logits[:, -1].float()
+            past, logits = output_cache(out), out.logits[:, -1].float()
         tokens = torch.stack(generated, dim=1).tolist()
         answers = []
         for row in tokens:

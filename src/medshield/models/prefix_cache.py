@@ -34,6 +34,7 @@ Validity
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 PrefixKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """One prefix's cached keys and values: per decoder layer, (keys, values) of shape
@@ -49,6 +51,12 @@ PrefixKey = tuple[tuple[int, ...], tuple[bytes, ...]]
 """(token ids of the prefix, :func:`image_digest` of each of its images)."""
 
 MIN_PREFIX_TOKENS = 4  # shorter prefixes are not worth an entry
+#: The KV-cache argument of transformers' ``forward`` / ``generate`` (renamed in 5.x).
+CACHE_ARG = (
+    "cache"
+    if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    else "past_key_values"
+)
 
 
 def image_digest(image: torch.Tensor) -> bytes:
@@ -175,3 +183,16 @@ def batch_prefix_cache(
     for row, n in enumerate(lengths):
         mask[row, longest - n :] = 1
     return DynamicCache(layers, config=config), mask
+
+
+def cache_inputs(past: Any) -> dict[str, Any]:
+    """``{name: past}`` for a transformers ``forward`` or ``generate``: newer releases call the
+    KV cache ``cache`` (and warn on every call that passes ``past_key_values``), older ones
+    ``past_key_values``; the name their model outputs use tells which."""
+    return {CACHE_ARG: past}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a transformers model output, under either name (None when absent)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

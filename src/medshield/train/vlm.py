@@ -308,8 +308,10 @@ def evaluate_vqa_closed(
     """VQA-RAD closed (yes/no) accuracy with the image, without it, and with another image.
 
     Rows go to ``run``'s ``samples.jsonl`` as each batch finishes; rows already there are
-    reused (resume). Returns per-condition accuracy with 95% bootstrap CIs, and the majority
-    ("no") baseline.
+    reused (resume). Returns per-condition accuracy with 95% bootstrap CIs, the majority
+    ("no") baseline, and ``image_minus_<control>``: the accuracy with the image minus that of
+    each control (no image, another item's image, always "no"), with a 95% paired bootstrap CI
+    (the image helps when the interval lies above 0).
     """
     model.eval()
     items = [
@@ -378,13 +380,23 @@ def evaluate_vqa_closed(
         "method": "likelihood of yes vs no (case-insensitive first token); not generated text",
         "eval_seconds": round(time.time() - started, 2),
     }
+    correct: dict[str, np.ndarray] = {
+        "majority_no": np.array([r["answer"] == "no" for r in ordered], dtype=np.float64)
+    }
+    for c in CONDITIONS:
+        correct[c] = np.array([r[f"correct_{c}"] for r in ordered], dtype=np.float64)
     for c in CONDITIONS + ("majority_no",):
-        if c == "majority_no":
-            correct = np.array([r["answer"] == "no" for r in ordered], dtype=np.float64)
-        else:
-            correct = np.array([r[f"correct_{c}"] for r in ordered], dtype=np.float64)
-        lo, hi = bootstrap_ci(lambda x: x.mean(-1), correct, seed=seed, vectorized=True)
-        results[c] = {"accuracy": float(correct.mean()), "ci_low": lo, "ci_high": hi}
+        lo, hi = bootstrap_ci(lambda x: x.mean(-1), correct[c], seed=seed, vectorized=True)
+        results[c] = {"accuracy": float(correct[c].mean()), "ci_low": lo, "ci_high": hi}
+    for control in ("no_image", "shuffled_image", "majority_no"):
+        # paired: the same questions resampled together under both conditions
+        diff = correct["image"] - correct[control]
+        lo, hi = bootstrap_ci(lambda x: x.mean(-1), diff, seed=seed, vectorized=True)
+        results[f"image_minus_{control}"] = {
+            "difference": float(diff.mean()),
+            "ci_low": lo,
+            "ci_high": hi,
+        }
     return results
 
 
