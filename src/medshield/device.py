@@ -22,7 +22,7 @@ def check_device_name(name: str) -> str:
     return name
 
 
-DeviceName = Annotated[str, AfterValidator(lambda name: check_device_name(name))]
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
 """A config field holding a device name (checked when the config is read)."""
 
 
