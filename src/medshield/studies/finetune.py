@@ -53,6 +53,7 @@ from medshield.train.finetune.workflow import (
     mean_ci,
     recall_indicators,
     run_finetune,
+    worst_case,
 )
 
 
@@ -323,15 +324,6 @@ def _run_cells(
             raise
 
 
-def _worst(rows: list[dict[str, Any]], eps: float) -> list[bool]:
-    per: dict[int, bool] = {}
-    for r in rows:
-        group = r.get("group", "")
-        if group.endswith(f"@{eps:g}") and not group.startswith("zero-grad") and "index" in r:
-            per[r["index"]] = per.get(r["index"], True) and bool(r["robust_correct"])
-    return [per[i] for i in sorted(per)]
-
-
 def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[str, Any]]:
     """One table row per (checkpoint, method, modality): metrics pooled over seeds' items."""
     keys = list(dict.fromkeys((c["checkpoint"], c["method"], c["modality"]) for c in cells))
@@ -360,7 +352,7 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
                 [r["robust_correct"] for r in rows if r.get("group") == g], ev.bootstrap_resamples
             )
         for eps in ev.eps:
-            worst = [v for c in group for v in _worst(c["rows"], eps)]
+            worst = [v for c in group for v in worst_case(c["rows"], eps)]
             if worst:
                 entry[f"robust/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples)
         for name, hits in recall_indicators(rows).items():

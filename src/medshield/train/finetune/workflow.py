@@ -230,7 +230,7 @@ def summarize_finetune_rows(
                     "detail": flag.detail,
                 }
             )
-        worst = _worst_case(by_group, eps)
+        worst = worst_case(rows, eps)
         if worst:
             metrics[f"robust_accuracy/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples, seed)
     for name, hits in recall_indicators(rows).items():
@@ -271,14 +271,13 @@ def retrieval_flags(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return flags
 
 
-def _worst_case(by_group: dict[str, list[dict[str, Any]]], eps: float) -> list[bool]:
-    """Per image: robust under every attack at ``eps`` (the per-example worst case)."""
-    groups = [g for g in by_group if g.endswith(f"@{eps:g}") and not g.startswith("zero-grad")]
-    if not groups:
-        return []
+def worst_case(rows: list[dict[str, Any]], eps: float) -> list[bool]:
+    """Per attacked image (by ``index``): robust under every attack at ``eps``, the per-example
+    worst case over the attack groups ``<attack>@<eps>`` (the zero-gradient check excluded)."""
     per_index: dict[int, bool] = {}
-    for g in groups:
-        for r in by_group[g]:
+    for r in rows:
+        group = r.get("group", "")
+        if group.endswith(f"@{eps:g}") and not group.startswith("zero-grad") and "index" in r:
             per_index[r["index"]] = per_index.get(r["index"], True) and bool(r["robust_correct"])
     return [per_index[i] for i in sorted(per_index)]
 
