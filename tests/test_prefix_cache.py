@@ -14,9 +14,14 @@ from test_chat_hf import build_tiny_gemma3, build_tiny_llava, build_tiny_qwen2_v
 from test_mini_llava import image, tiny_model
 
 from medshield.defense import create_defense
-from medshield.models import Message, create_chat_model
+from medshield.models import Message, create_chat_model, mini_llava
 from medshield.models.mini_llava import MiniLlava
-from medshield.models.prefix_cache import PrefixCache, image_digest
+from medshield.models.prefix_cache import (
+    PrefixCache,
+    SharedPrefixCache,
+    image_digest,
+    shared_prefix_attention,
+)
 
 
 def hash_embedder(texts: list[str]) -> torch.Tensor:
@@ -108,8 +113,63 @@ def test_image_digest_tells_images_apart() -> None:
     assert image_digest(a) != image_digest(a.expand(3, -1, -1))
 
 
+# --- attention behind a shared prefix -----------------------------------------------------------
+@pytest.mark.parametrize("query_length", [1, 5])
+def test_shared_prefix_attention_equals_sdpa_over_copied_prefix(query_length) -> None:
+    """One prefix read for the whole batch gives what sdpa gives with the prefix copied into
+    every row: grouped query heads, left padding and causality included."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, p, n = 3, 6, 2, 8, 7, 5
+    prefix = ((torch.randn(1, kv_heads, p, dim), torch.randn(1, kv_heads, p, dim)),)
+    cache = SharedPrefixCache(prefix, capacity=n)
+    keys, values = torch.randn(batch, kv_heads, n, dim), torch.randn(batch, kv_heads, n, dim)
+    rows_k, rows_v = cache.update(keys, values, 0)
+    assert rows_k.shape == (batch, kv_heads, n, dim)
+    tail = torch.ones(batch, n, dtype=torch.long)
+    tail[1, :2] = 0  # left padding
+    tail[2, :1] = 0
+    query = torch.randn(batch, heads, query_length, dim)
+    layer = torch.nn.Module()
+    layer.layer_idx = 0
+    mask = cache.attention_mask(tail, query_length)
+    out, _ = shared_prefix_attention(layer, query, rows_k, rows_v, mask, shared_prefix=cache)
+
+    full_k = torch.cat([prefix[0][0].expand(batch, -1, -1, -1), keys], dim=2)
+    full_v = torch.cat([prefix[0][1].expand(batch, -1, -1, -1), values], dim=2)
+    full_mask = torch.cat([torch.ones(batch, 1, query_length, p, dtype=torch.bool), mask], dim=-1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        full_k.repeat_interleave(heads // kv_heads, dim=1),
+        full_v.repeat_interleave(heads // kv_heads, dim=1),
+        attn_mask=full_mask,
+    )
+    assert out.shape == (batch, query_length, heads, dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="holds 5 positions"):
+        cache.update(keys[:, :, :1], values[:, :, :1], 0)
+
+
+def test_shared_prefix_attention_without_a_prefix_is_sdpa() -> None:
+    torch.manual_seed(1)
+    query, key, value = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8)
+    layer = torch.nn.Module()
+    out, _ = shared_prefix_attention(layer, query, key, value, None, is_causal=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
 # --- mini-llava ---------------------------------------------------------------------------------
-def test_mini_llava_caches_the_demonstrations_with_their_images(model, fixed_defense) -> None:
+def test_mini_llava_caches_the_demonstrations_with_their_images(
+    model, fixed_defense, monkeypatch
+) -> None:
+    shared = []
+
+    class Spy(SharedPrefixCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            shared.append(self)
+
+    monkeypatch.setattr(mini_llava, "SharedPrefixCache", Spy)
     conversations = fixed_defense.apply_batch(requests())
     assert all(len(m.images) == 1 for m in conversations[0][0:-1:2])  # demos carry images
     model.clear_prefix_cache()
@@ -118,6 +178,7 @@ def test_mini_llava_caches_the_demonstrations_with_their_images(model, fixed_def
     assert_same(cached, naive)
     assert len(model._prefix_kv) == 1  # one fixed selection: one entry, images included
     assert model._prefix_kv.hits - hits == 2 * len(conversations) - 1
+    assert len(shared) == 2  # generate and score: the batch attends to one shared prefix
     ((keys, _), *_) = next(iter(model._prefix_kv._entries.values()))
     tokens = len(model._render(conversations[0])[0])
     assert keys.shape[-2] > tokens / 2  # the cached prefix is most of the prompt

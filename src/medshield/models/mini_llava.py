@@ -23,7 +23,10 @@ Prefix caching: every conversation is split at the start of its last user turn; 
 what comes before it (the system turn and, under the ``demonstrations`` defense, the synthetic
 demonstrations with their images) is computed once per distinct prefix (token ids + image
 digests) and reused, and only the rest runs through the LM, batched behind the cached prefixes
-(:mod:`medshield.models.prefix_cache`). It is used only while no weight requires grad, dropped
+(:mod:`medshield.models.prefix_cache`); a batch whose rows share one prefix attends to it once
+(:class:`~medshield.models.prefix_cache.SharedPrefixCache`, the LM's attention implementation is
+:func:`~medshield.models.prefix_cache.shared_prefix_attention`, which is transformers' sdpa
+everywhere else). It is used only while no weight requires grad, dropped
 when any weight changes, and turned off with ``prefix_cache=False``; outputs are the same with
 and without it.
 
@@ -69,11 +72,13 @@ from medshield.models.prefix_cache import (
     MIN_PREFIX_TOKENS,
     PrefixCache,
     PrefixKV,
+    SharedPrefixCache,
     batch_prefix_cache,
     cache_inputs,
     image_digest,
     kv_of,
     output_cache,
+    use_shared_prefix_attention,
     weights_fingerprint,
 )
 from medshield.registry import CHAT_MODELS
@@ -206,6 +211,7 @@ class MiniLlava(nn.Module, ChatVLM):
 
             language_model, _ = load_smollm(cache)
         language_model.requires_grad_(False)
+        use_shared_prefix_attention(language_model)
         hidden = language_model.config.hidden_size
         self.max_context = int(max_context or language_model.config.max_position_embeddings)
         if lora_rank > 0:
@@ -444,14 +450,17 @@ class MiniLlava(nn.Module, ChatVLM):
         return found
 
     def _forward(
-        self, rows: list[Row], use_cache: bool
+        self, rows: list[Row], use_cache: bool, capacity: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Run the decoder over left-padded rows; returns (hidden states of the rows' tails,
-        full attention mask, tail position ids, KV cache).
+        attention mask, tail position ids, KV cache); pass the mask and cache to
+        :meth:`_decoder_inputs` for the next step.
 
         With the prefix cache on (see :meth:`_uses_prefix_cache`), each row's prefix comes from
-        its cached KV and only the tails run, batched behind the left-padded prefixes; their
-        hidden states equal those of a full run.
+        its cached KV and only the tails run, batched behind the prefixes; their hidden states
+        equal those of a full run. When every row has the same prefix, it is attended to once
+        for the batch (:class:`SharedPrefixCache`, room for ``capacity`` more positions per
+        row); otherwise each row gets a left-padded copy of its own.
         """
         cached = self._cached_prefixes(rows) if self._uses_prefix_cache() else [None] * len(rows)
         tails = [
@@ -459,22 +468,32 @@ class MiniLlava(nn.Module, ChatVLM):
             for (ids, images, _), hit in zip(rows, cached, strict=True)
         ]
         embeds, mask, positions = self._batch(tails)
-        past, prefix_mask = batch_prefix_cache(
-            [None if hit is None else hit[0] for hit in cached],
-            self.base_lm.config,
-            mask.device,
-        )
         offsets = torch.tensor([0 if hit is None else hit[1] for hit in cached], device=mask.device)
         positions = positions + offsets[:, None]
-        mask = torch.cat([prefix_mask, mask], dim=1)
+        first = cached[0]
+        if first is not None and all(hit is not None and hit[0] is first[0] for hit in cached):
+            past: Any = SharedPrefixCache(first[0], embeds.shape[1] + capacity)
+        else:
+            past, prefix_mask = batch_prefix_cache(
+                [None if hit is None else hit[0] for hit in cached],
+                self.base_lm.config,
+                mask.device,
+            )
+            mask = torch.cat([prefix_mask, mask], dim=1)
         out = self.base_lm.model(
             inputs_embeds=embeds,
-            attention_mask=mask,
             position_ids=positions,
             use_cache=use_cache or past is not None,
-            **cache_inputs(past),
+            **self._decoder_inputs(past, mask, embeds.shape[1]),
         )
         return out.last_hidden_state, mask, positions, output_cache(out)
+
+    @staticmethod
+    def _decoder_inputs(past: Any, mask: torch.Tensor, query_length: int) -> dict[str, Any]:
+        """The decoder's cache and attention-mask arguments for ``query_length`` new positions."""
+        if isinstance(past, SharedPrefixCache):
+            return past.decoder_inputs(mask, query_length)
+        return {"attention_mask": mask, **cache_inputs(past)}
 
     def _prepare(self, conversations: Sequence[Conversation]) -> list[Row]:
         if isinstance(conversations, (str, Message)) or not isinstance(conversations, Sequence):
@@ -514,7 +533,7 @@ class MiniLlava(nn.Module, ChatVLM):
             return []
         for ids, _, _ in rows:
             self._check_length(len(ids) + max_new_tokens, "the prompt plus max_new_tokens")
-        hidden, mask, positions, past = self._forward(rows, use_cache=True)
+        hidden, mask, positions, past = self._forward(rows, True, capacity=max_new_tokens)
         logits = self.base_lm.lm_head(hidden[:, -1]).float()
         stops = torch.tensor(self.stop_ids, device=mask.device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=mask.device)
@@ -535,10 +554,9 @@ class MiniLlava(nn.Module, ChatVLM):
             position = position + 1
             out = self.lm(
                 input_ids=token[:, None],
-                attention_mask=mask,
                 position_ids=position,
                 use_cache=True,
-                **cache_inputs(past),
+                **self._decoder_inputs(past, mask, 1),
             )
             past, logits = output_cache(out), out.logits[:, -1].float()
         tokens = torch.stack(generated, dim=1).tolist()
