@@ -76,11 +76,13 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def _print_sanity(sanity: dict[str, list[dict[str, Any]]]) -> None:
-    """One line per modality: how many robustness sanity flags passed, and each failure."""
-    for modality, flags in sanity.items():
+    """One line per attacked group: how many robustness sanity flags passed, and each failure."""
+    from medshield.workflows import sanity_group
+
+    for key, flags in sanity.items():
         failed = [f for f in flags if not f["passed"]]
         status = "[green]all passed[/]" if not failed else f"[red]{len(failed)} FAILED[/]"
-        console.print(f"sanity flags robust_zero_shot/{modality}: {len(flags)} checks, {status}")
+        console.print(f"sanity flags {sanity_group(key)}: {len(flags)} checks, {status}")
         for f in failed:
             console.print(f"  [red]{f['name']}[/]: {f['detail']}")
 
@@ -116,7 +118,11 @@ def pretrain(
 def evaluate(
     config: ConfigOpt = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="A saved medshield model directory to evaluate.")
+        Path | None,
+        typer.Option(
+            help="A saved medshield model directory to evaluate, or the finetuned/ directory "
+            "of a `medshield finetune` run."
+        ),
     ] = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -129,8 +135,8 @@ def evaluate(
     try:
         cfg = _load(config, set_, **{"model.checkpoint": checkpoint})
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
-        model = workflows.build_model(cfg)
-        result = workflows.run_evaluate(cfg, run, model, log=console.print)
+        model, finetuned = workflows.build_evaluated(cfg)
+        result = workflows.run_evaluate(cfg, run, model, log=console.print, finetuned=finetuned)
         run.write_results({"evaluate": result}, seed=cfg.seed)
     except MedshieldError as exc:
         _fail(exc)

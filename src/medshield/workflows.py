@@ -55,6 +55,26 @@ def build_model(config: RunConfig) -> DualEncoder:
     return create_model(config.model.backend, **config.model.kwargs)
 
 
+def build_evaluated(config: RunConfig) -> tuple[DualEncoder, tuple[Any, dict[str, Any]] | None]:
+    """What ``medshield evaluate`` evaluates: ``(model, None)`` for a dual encoder (see
+    :func:`build_model`), or, when ``model.checkpoint`` is the ``finetuned/`` directory of a
+    ``medshield finetune`` run (it holds ``finetune.json``), the fine-tuned dual encoder (the
+    method's adapted towers, RAN's MLP rectifier on the image path) and ``(classifier, its
+    fine-tuning record)``; the base model is rebuilt from the reference the record holds.
+
+    Raises:
+        DataError: a fine-tuned directory whose files or base model do not fit.
+    """
+    checkpoint = config.model.checkpoint
+    from medshield.train.finetune.common import META_FILE, adapted_encoder, load_finetuned
+
+    if checkpoint and (Path(checkpoint) / META_FILE).is_file():
+        torch.manual_seed(config.seed)
+        classifier, meta = load_finetuned(checkpoint)
+        return adapted_encoder(classifier), (classifier, meta)
+    return build_model(config), None
+
+
 def _clean_pairs(config: RunConfig, modalities: list[str], split: str) -> ImageCaptionDataset:
     return ImageCaptionDataset(
         modalities,
@@ -160,8 +180,20 @@ def run_craft_noise(config: RunConfig, run: Run, log: Log = print) -> dict[str, 
     }
 
 
-def run_evaluate(config: RunConfig, run: Run, model: DualEncoder, log: Log = print) -> dict:
+def run_evaluate(
+    config: RunConfig,
+    run: Run,
+    model: DualEncoder,
+    log: Log = print,
+    finetuned: tuple[Any, dict[str, Any]] | None = None,
+) -> dict:
     """Evaluate ``model`` on every configured task, resuming from finished groups of rows.
+
+    With ``finetuned`` (``(classifier, record)`` from :func:`build_evaluated`), the fine-tuned
+    classifier is also evaluated on its own task (group ``finetuned/<task>``: clean and under
+    PGD at ``robust_eps`` with ``attack_steps`` steps on ``robust_max_items`` test images, with
+    the same sanity flags as ``robust_zero_shot``), and the result holds the method's record
+    (method, task, trainable parameters, wall time, inference overhead).
 
     Rows are written one (task, modality) group at a time, each row tagged with its group and
     the group's size, so a group a crash cut short is dropped and recomputed.
@@ -247,6 +279,24 @@ def run_evaluate(config: RunConfig, run: Run, model: DualEncoder, log: Log = pri
                 ),
             )
         )
+    if finetuned is not None:
+        from medshield.train.finetune.workflow import finetuned_rows
+
+        classifier, record = finetuned
+        jobs.append(
+            (
+                f"finetuned/{record['modality']}",
+                lambda: finetuned_rows(
+                    classifier,
+                    record["modality"],
+                    ev.robust_eps,
+                    ev.attack_steps,
+                    ev.robust_max_items,
+                    seed=seed,
+                    data_dir=data_dir,
+                ),
+            )
+        )
     if "vqa_closed" in ev.tasks:
         jobs.append(
             (
@@ -279,22 +329,40 @@ def run_evaluate(config: RunConfig, run: Run, model: DualEncoder, log: Log = pri
     rows = [r for r in run.load_samples() if "group" in r]
     metrics = summarize(rows, n_resamples=ev.bootstrap_resamples)
     sanity = robust_sanity(rows)
-    for modality, flags in sanity.items():
+    for group, flags in sanity.items():
         for flag in flags:
             if not flag["passed"]:
-                log(f"  SANITY FAIL robust_zero_shot/{modality} {flag['name']}: {flag['detail']}")
-    return {"modalities": modalities, "metrics": metrics, "sanity": sanity, "skipped": skipped}
+                log(f"  SANITY FAIL {sanity_group(group)} {flag['name']}: {flag['detail']}")
+    result = {"modalities": modalities, "metrics": metrics, "sanity": sanity, "skipped": skipped}
+    if finetuned is not None:
+        record = finetuned[1]
+        result["finetuned"] = {
+            "method": record["method"],
+            "task": record["modality"],
+            "base": record.get("base"),
+            "report": record.get("report"),
+        }
+    return result
+
+
+def sanity_group(key: str) -> str:
+    """The evaluation group of a :func:`robust_sanity` key: a modality stands for its
+    ``robust_zero_shot`` group, ``finetuned/<task>`` for itself."""
+    return key if "/" in key else f"robust_zero_shot/{key}"
 
 
 def robust_sanity(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Sanity flags of the robust zero-shot rows, per modality (JSON-ready)."""
-    by_modality: dict[str, list[dict[str, Any]]] = {}
+    """Sanity flags of the robust rows (JSON-ready): per modality for ``robust_zero_shot``,
+    under ``finetuned/<task>`` for a fine-tuned classifier (see :func:`sanity_group`)."""
+    by_group: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("task") == "robust_zero_shot":
-            by_modality.setdefault(r["modality"], []).append(r)
+            by_group.setdefault(r["modality"], []).append(r)
+        elif r.get("task") == "finetuned":
+            by_group.setdefault(f"finetuned/{r['modality']}", []).append(r)
     return {
-        m: [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in robust_flags(group)]
-        for m, group in sorted(by_modality.items())
+        g: [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in robust_flags(group)]
+        for g, group in sorted(by_group.items())
     }
 
 

@@ -27,6 +27,7 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "zero_shot": ("label", "pred", "scores"),
     "linear_probe": ("label", "pred", "scores"),
     "robust_zero_shot": ("clean_correct", "robust_correct"),
+    "finetuned": ("clean_correct", "robust_correct"),
     "retrieval_i2t": ("rank",),
     "retrieval_t2i": ("rank",),
     "retrieval_i2t_adv": ("rank",),
@@ -279,7 +280,7 @@ def _group_estimates(
             "accuracy": _indicator_estimate(pred == labels, n_resamples, seed),
             "macro_auc": _Estimate(macro_auc(scores, labels), auc_samples, len(rows)),
         }
-    if task == "robust_zero_shot":
+    if task in ("robust_zero_shot", "finetuned"):
         estimates = {
             "clean_accuracy": _indicator_estimate(
                 np.array([bool(r["clean_correct"]) for r in rows]), n_resamples, seed
@@ -369,6 +370,8 @@ def summarize(
     - ``robust_zero_shot``: ``clean_accuracy`` and ``robust_accuracy@<eps>`` per budget (rows
       need ``clean_correct`` and a ``robust_correct`` dict keyed by budget, see
       :mod:`medshield.eval.robust`);
+    - ``finetuned``: the same, for a fine-tuned classifier on its own task (rows from
+      :func:`medshield.train.finetune.workflow.finetuned_rows`);
     - ``retrieval_i2t``, ``retrieval_t2i`` and their ``_adv`` versions (queries under a
       multimodal attack): ``R@1``, ``R@5``, ``R@10`` (rows need ``rank``);
     - ``vqa_closed``: ``accuracy`` (rows need ``correct``) and, when every row has

@@ -101,21 +101,35 @@ def robust_zero_shot_rows(
     with evaluating(model):
         classifier = ZeroShotClassifier(model, mod.prompts())
 
-    rows = [
-        {
-            "task": TASK,
-            "modality": mod.name,
-            "index": int(index),
-            "label": int(label),
-            "zero_gradient": bool(zero),
-        }
-        for index, label, zero in zip(
-            indices, labels, _zero_gradients(classifier, images, labels, batch_size), strict=True
-        )
+    rows = pgd_rows(classifier, images, labels, eps_values, steps, seed, batch_size)
+    return [
+        {"task": TASK, "modality": mod.name, "index": int(index), "label": int(label), **row}
+        for index, label, row in zip(indices, labels.tolist(), rows, strict=True)
     ]
-    for field in ("adv_correct", "robust_correct", "linf", "adv_min", "adv_max"):
-        for row in rows:
-            row[field] = {}
+
+
+def pgd_rows(
+    classifier: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps_values: Sequence[float],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> list[dict[str, Any]]:
+    """Attack ``classifier`` (images -> logits) with L-inf PGD (``steps`` steps of ``eps / 4``,
+    random start) at every budget; one row per image in the format of the module docstring,
+    without ``task``, ``modality``, ``index`` and ``label``.
+
+    The random starts are seeded with ``seed`` without touching the global generator.
+    """
+    eps_values = check_eps_values(eps_values)
+    steps = check_count(steps, "steps")
+    fields = ("adv_correct", "robust_correct", "linf", "adv_min", "adv_max")
+    rows: list[dict[str, Any]] = [
+        {"zero_gradient": bool(zero), **{field: {} for field in fields}}
+        for zero in _zero_gradients(classifier, images, labels, batch_size)
+    ]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for eps in eps_values:
@@ -135,7 +149,7 @@ def robust_zero_shot_rows(
 
 
 def _zero_gradients(
-    classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+    classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
 ) -> list[bool]:
     """Per image: is the input gradient of the clean cross-entropy exactly zero?"""
     zero: list[bool] = []

@@ -143,9 +143,21 @@ def _sanity(sanity: dict[str, list[dict[str, Any]]]) -> Table:
 def _evaluate_sections(run: RunData) -> list[Section]:
     ev = run.results["evaluate"]
     metrics: dict[str, Any] = ev["metrics"]
+    intro = f"Modalities: {', '.join(ev.get('modalities') or []) or '-'}."
+    finetuned = ev.get("finetuned")
+    if isinstance(finetuned, dict):
+        report = finetuned.get("report") or {}
+        ratio = (report.get("overhead") or {}).get("flops_ratio")
+        intro += (
+            f" A fine-tuned model: {finetuned.get('method')} on {finetuned.get('task')}, "
+            f"{number(report.get('trainable_params'))} trainable parameters, "
+            f"FLOPs ratio to the base {'-' if ratio is None else f'{ratio:.3f}'}; the task "
+            "`finetuned` is the classifier on its own task, the others use its fine-tuned "
+            "dual encoder."
+        )
     headline = Section(
         "Evaluation",
-        intro=f"Modalities: {', '.join(ev.get('modalities') or []) or '-'}.",
+        intro=intro,
         tables=[_headline(metrics)],
         figures=_bars(metrics),
     )

@@ -58,6 +58,7 @@ from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.features import classify_images
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
+from medshield.eval.robust import pgd_rows
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import (
@@ -414,6 +415,40 @@ def run_finetune(
         "finetuned_dir": str(saved),
         "device": str(device),
     }
+
+
+def finetuned_rows(
+    classifier: FineTunedClassifier,
+    task: str,
+    eps_values: list[float],
+    steps: int,
+    max_items: int | None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """A fine-tuned classifier on its own task under ``medshield evaluate``: one row per test
+    image (a class-balanced subsample of ``max_items``, chosen with ``seed``), clean and under
+    L-inf PGD at every budget, in the row format of :mod:`medshield.eval.robust` with task
+    ``finetuned`` (``modality``: the task, a modality or ``vqa_rad_closed``)."""
+    test = load_train_data(task, max_items, seed, data_dir, "test")
+    rows: list[dict[str, Any]] = []
+    for part in _batches(classifier, test, batch_size):
+        rows.extend(
+            pgd_rows(
+                classifier,
+                test.images[part],
+                test.labels[part],
+                eps_values,
+                steps,
+                seed,
+                batch_size,
+            )
+        )
+    return [
+        {"task": "finetuned", "modality": task, "index": int(i), "label": int(y), **row}
+        for i, y, row in zip(test.ids, test.labels.tolist(), rows, strict=True)
+    ]
 
 
 def finetune_run_dir(config: FineTuneRunConfig) -> Path:
