@@ -65,12 +65,11 @@ def build_evaluated(config: RunConfig) -> tuple[DualEncoder, tuple[Any, dict[str
     Raises:
         DataError: a fine-tuned directory whose files or base model do not fit.
     """
-    checkpoint = config.model.checkpoint
     from medshield.train.finetune.common import META_FILE, adapted_encoder, load_finetuned
 
+    checkpoint = config.model.checkpoint
     if checkpoint and (Path(checkpoint) / META_FILE).is_file():
-        torch.manual_seed(config.seed)
-        classifier, meta = load_finetuned(checkpoint)
+        classifier, meta = load_finetuned(checkpoint)  # seeded from its record, as in training
         return adapted_encoder(classifier), (classifier, meta)
     return build_model(config), None
 
