@@ -242,11 +242,6 @@ class SharedPrefixCache:
         self._values: list[torch.Tensor | None] = [None] * len(prefix)
         self._filled = [0] * len(prefix)
 
-    @property
-    def prefix_length(self) -> int:
-        """Positions in the shared prefix."""
-        return self.prefix[0][0].shape[-2]
-
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
