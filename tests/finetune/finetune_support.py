@@ -12,7 +12,7 @@ from medshield.train.finetune import finetune
 from medshield.train.finetune.common import TrainData
 from medshield.train.finetune.workflow import FineTuneRunConfig
 
-FAST = {"max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
+FAST = {"epochs": 1, "max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
 TINY_MODEL = {
     "backend": "mini-clip",
     "kwargs": {"embed_dim": 32, "image_size": 32, "pretrained": False},

@@ -79,7 +79,7 @@ def test_a_finetune_run_evaluates_on_the_gpu(tmp_path: Path, data_dir: Path, tas
         data_dir,
         modality=task,
         device="cuda",
-        finetune={"method": "ran", "max_train_items": 8, "batch_size": 8},
+        finetune={"method": "ran", "epochs": 1, "max_train_items": 8, "batch_size": 8},
         robust=TINY_EVAL,
     )
     result = run_finetune(cfg, Run(tmp_path / "ft", cfg), log=lambda _: None)

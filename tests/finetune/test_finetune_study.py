@@ -9,7 +9,27 @@ from finetune_support import write_study_config
 
 from medshield.errors import ConfigError
 from medshield.runs import Run
-from medshield.studies.finetune import load_study_config, run_study_finetune
+from medshield.studies.finetune import cell_config, load_study_config, run_study_finetune
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_the_shipped_ablation_shares_the_main_studys_heavy_ran_cells() -> None:
+    """The ablation config's ``ran`` cells are the main study's heavy ``ran`` cells, so a run
+    of one can reuse the other's; and both train 10 epochs (2 left most methods unconverged)."""
+    main = load_study_config(CONFIGS / "study_finetune.yaml")
+    ablation = load_study_config(CONFIGS / "study_finetune_ablation.yaml")
+    main_ran = next(s for s in main.expanded_methods() if s.name == "ran")
+    ablation_ran = next(s for s in ablation.expanded_methods() if s.name == "ran")
+    for task in ("chest_xray", "vqa_rad_closed"):
+        assert cell_config(main, "heavy", main_ran, task, 1) == cell_config(
+            ablation, "heavy", ablation_ran, task, 1
+        )
+    assert main.finetune["epochs"] == ablation.finetune["epochs"] == 10
+    assert {s.name for s in ablation.expanded_methods()} == {"ran"} | {
+        f"ran-no_{term}"
+        for term in ("task_clean", "task_adv", "keep", "align", "cov", "svd", "contrastive")
+    }
 
 
 def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(

@@ -138,7 +138,8 @@ class FineTuneConfig(StrictModel):
 
     Attributes:
         method: a name registered in :data:`medshield.registry.METHODS`.
-        epochs: passes over the training items.
+        epochs: passes over the training items (10: at 1-2 epochs of ~512 items most methods
+            are far from converged, see docs/studies/finetune.md).
         batch_size: items per step.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -149,7 +150,7 @@ class FineTuneConfig(StrictModel):
     """
 
     method: str = "ran"
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
