@@ -138,8 +138,8 @@ class FineTuneConfig(StrictModel):
 
     Attributes:
         method: a name registered in :data:`medshield.registry.METHODS`.
-        epochs: passes over the training items (10: at 1-2 epochs of ~512 items most methods
-            are far from converged, see docs/studies/finetune.md).
+        epochs: passes over the training items (10: at 2 epochs of a few hundred items most
+            methods are far from converged, see docs/studies/finetune.md).
         batch_size: items per step.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
