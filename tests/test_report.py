@@ -205,3 +205,26 @@ def test_browser_inlines_image_paths_and_shows_the_id_of_missing_ones(tmp_path: 
     assert_self_contained(html)
     assert html.count('class="thumb t0"') == 1 and '<span class="noimg">b-2</span>' in html
     assert "1 image not found (ids shown instead)" in html
+
+
+def test_scatter_has_a_legend_entry_per_method_and_per_task_not_per_point() -> None:
+    from medshield.report import plots
+
+    methods, tasks = ["lora", "adapter", "ran"], ["chest_xray", "fundus", "vqa_rad_closed"]
+    points = [
+        (m, t, (0.5 + 0.1 * i, 0.4, 0.6), (0.1 * j, 0.0, 0.2))
+        for i, m in enumerate(methods)
+        for j, t in enumerate(tasks)
+    ]
+    fig = plots.scatter_figure(points, "clean", "robust", "title")
+    ax = fig.axes[0]
+    legends = [a for a in ax.get_children() if type(a).__name__ == "Legend"]
+    labels = sorted(tuple(t.get_text() for t in legend.get_texts()) for legend in legends)
+    assert labels == sorted([tuple(methods), tuple(tasks)])
+    data = [line for line in ax.get_lines() if line.get_marker() not in ("None", "_", "|")]
+    assert len(data) == 9  # error-bar caps and the diagonal left out
+    assert len({line.get_marker() for line in data}) == 3  # one shape per task
+    assert len({line.get_color() for line in data}) == 3  # one colour per method
+    one_task = plots.scatter_figure(points[:1], "clean", "robust", "title")
+    assert len([a for a in one_task.axes[0].get_children() if type(a).__name__ == "Legend"]) == 1
+    assert plots.scatter(points, "clean", "robust", "title").src.startswith("data:image/png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
         clean = row["clean_accuracy"]
         assert clean["n"] == 4 and clean["ci_low"] <= clean["value"] <= clean["ci_high"]
         assert "robust/pgd1@2" in row and "robust/worst@2" in row
+        assert row["majority_accuracy"]["value"] == pytest.approx(0.5)  # 2 + 2 test images
+        assert row["shuffled_image_accuracy"]["n"] == 4
         for task in ("retrieval_i2t", "retrieval_i2t_adv", "retrieval_t2i", "retrieval_t2i_adv"):
             recall = row[f"{task}/R@1"]
             assert recall["n"] == 4 and recall["ci_low"] <= recall["value"] <= recall["ci_high"]
@@ -69,6 +72,19 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     logs: list[str] = []
     again = run_study_finetune(cfg, Run(tmp_path / "study", cfg), log=logs.append)
     assert logs == [] and again["table"] == result["table"]
+
+    # a cell run before the shuffled control existed has no shuffled rows: the table leaves
+    # that reference out instead of failing
+    cell = tmp_path / "study" / "cells" / "base__linear-probe__chest_xray__seed0"
+    samples = cell / "samples.jsonl"
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    kept = [r for r in rows if r.get("group") != "shuffled"]
+    assert len(kept) == len(rows) - 4
+    samples.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    older = run_study_finetune(cfg, Run(tmp_path / "study", cfg), log=lambda _: None)
+    older = {row["method"]: row for row in older["table"]}
+    assert "shuffled_image_accuracy" not in older["linear-probe"]
+    assert "shuffled_image_accuracy" in older["ran"]
 
     bad = config.read_text().replace('"svd"', '"spectrum"')
     config.write_text(bad)

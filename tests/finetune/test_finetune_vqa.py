@@ -104,6 +104,11 @@ def test_study_runs_the_vqa_task_for_ran_lora_and_a_baseline(
     assert (tmp_path / "study" / "robust_vs_clean_base_eps2.png").is_file()
     cell = tmp_path / "study" / "cells" / f"base__ran__{VQA_TASK}__seed0" / "results.json"
     sanity = json.loads(cell.read_text())["sanity"]
+    assert any(f["name"] == "uses image" for f in sanity)
+    rows = [json.loads(line) for line in (cell.parent / "samples.jsonl").read_text().splitlines()]
+    by_group = {g: [r for r in rows if r.get("group") == g] for g in ("clean", "shuffled")}
+    assert len(by_group["shuffled"]) == 4  # each question kept, shown another question's image
+    assert [r["index"] for r in by_group["shuffled"]] == [r["index"] for r in by_group["clean"]]
     zero_grad = next(f for f in sanity if f["name"] == "zero-gradients")
     assert zero_grad["detail"].count("examples") == 2  # 4 questions in batches of 3
 

@@ -3,6 +3,7 @@ resume, a wrong checkpoint refused before training, the study table and plots.""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,13 @@ from finetune_support import run_config
 
 from medshield.errors import ConfigError, DataError
 from medshield.runs import Run
-from medshield.train.finetune.workflow import load_finetune_config, run_finetune
+from medshield.train.finetune.workflow import (
+    derangement,
+    image_use_flag,
+    load_finetune_config,
+    majority_hits,
+    run_finetune,
+)
 
 
 def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data_dir: Path) -> None:
@@ -22,6 +29,7 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
     groups = {r["group"] for r in rows}
     assert groups == {
         "clean",
+        "shuffled",
         "pgd1@2",
         "pgd2@2",
         "apgd-ce@2",
@@ -38,8 +46,24 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
     )
     for name in ("robust_accuracy/pgd2@2", "robust_accuracy/apgd-ce@2", "robust_accuracy/worst@2"):
         assert m[name]["value"] <= m["clean_accuracy"]["value"]
+    clean_rows = [r for r in rows if r["group"] == "clean"]
+    shuffled_rows = [r for r in rows if r["group"] == "shuffled"]
+    assert [(r["index"], r["label"]) for r in shuffled_rows] == [
+        (r["index"], r["label"]) for r in clean_rows
+    ]
+    assert m["shuffled_image_accuracy"]["n"] == 4
+    assert m["majority_accuracy"]["value"] == pytest.approx(
+        max(Counter(r["label"] for r in clean_rows).values()) / 4
+    )
     names = {f["name"] for f in result["sanity"]}
-    assert {"budget", "range", "robust<=clean", "stronger<=weaker", "zero-gradients"} <= names
+    assert {
+        "budget",
+        "range",
+        "robust<=clean",
+        "stronger<=weaker",
+        "zero-gradients",
+        "uses image",
+    } <= names
     assert all(f["passed"] for f in result["sanity"] if f["name"] in ("budget", "range"))
     assert result["report"]["overhead"]["flops_ratio"] == pytest.approx(1.0)
     assert (tmp_path / "ft" / "finetuned" / "method.safetensors").is_file()
@@ -79,3 +103,24 @@ def test_cli_refuses_an_unknown_method_with_a_clear_message(tmp_path: Path) -> N
     assert result.exit_code == 2
     assert "unknown fine-tuning method 'lorax'" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_the_shuffled_control_moves_every_image_and_is_seeded() -> None:
+    for n in (2, 3, 10, 101):
+        perm = derangement(n, seed=7)
+        assert sorted(perm.tolist()) == list(range(n))
+        assert all(perm[i] != i for i in range(n))
+    assert derangement(50, seed=1).tolist() == derangement(50, seed=1).tolist()
+    assert derangement(50, seed=1).tolist() != derangement(50, seed=2).tolist()
+    with pytest.raises(DataError, match="at least 2"):
+        derangement(1, seed=0)
+
+
+def test_a_classifier_that_ignores_the_image_fails_uses_image() -> None:
+    clean = [{"label": y, "correct": c} for y, c in [(0, True), (0, True), (1, False), (1, True)]]
+    blind = image_use_flag(clean, [dict(r) for r in clean])  # same answers without the image
+    assert not blind["passed"] and "0.7500" in blind["detail"]
+    seeing = image_use_flag(clean, [{**r, "correct": False} for r in clean])
+    assert seeing["passed"]
+    assert majority_hits(clean) == [True, True, False, False]
+    assert majority_hits([]) == []

@@ -6,6 +6,7 @@ import base64
 import io
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from medshield.report.view import Figure, ci
@@ -26,14 +27,23 @@ def _pyplot() -> Any:
     return plt
 
 
-def to_figure(fig: Any, alt: str, caption: str = "") -> Figure:
-    """Encode a matplotlib figure as a PNG data URI and close it."""
+def to_figure(fig: Any, alt: str, caption: str = "", layout: bool = True) -> Figure:
+    """Encode a matplotlib figure as a PNG data URI and close it (``layout``: apply
+    ``tight_layout`` first; off for figures that place their own legends beside the axes)."""
     buffer = io.BytesIO()
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=DPI)
     _pyplot().close(fig)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return Figure(src=f"data:image/png;base64,{data}", alt=alt, caption=caption)
+
+
+def to_file(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as a PNG file and close it."""
+    fig.savefig(path, format="png", dpi=dpi)
+    _pyplot().close(fig)
+    return path
 
 
 def _errors(points: Sequence[Point]) -> list[list[float]]:
@@ -142,18 +152,68 @@ def bars(
     return to_figure(fig, alt=title, caption=caption)
 
 
-def scatter(points: list[tuple[str, Point, Point]], xlabel: str, ylabel: str, title: str) -> Figure:
-    """One marker per labelled (x, y) point with 95% CI bars on both axes, and the diagonal."""
+MARKERS = "osD^vP*Xhp<>"
+
+
+def scatter_figure(
+    points: list[tuple[str, str, Point, Point]], xlabel: str, ylabel: str, title: str
+) -> Any:
+    """A matplotlib figure with one marker per ``(series, group, x, y)`` point and 95% CI bars
+    on both axes: a colour per series (e.g. method), a marker shape per group (e.g. task), the
+    diagonal, and the legends beside the axes so that dozens of points stay readable."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for label, x, y in points:
+    from matplotlib.lines import Line2D
+
+    series = list(dict.fromkeys(p[0] for p in points))
+    groups = list(dict.fromkeys(p[1] for p in points))
+    colours = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+
+    def colour(name: str) -> Any:
+        return colours(series.index(name) % colours.N)
+
+    def marker(name: str) -> str:
+        return MARKERS[groups.index(name) % len(MARKERS)]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for s, g, x, y in points:
         ax.errorbar(
-            x[0], y[0], xerr=_errors([x]), yerr=_errors([y]), fmt="o", capsize=3, label=label
+            x[0],
+            y[0],
+            xerr=_errors([x]),
+            yerr=_errors([y]),
+            fmt=marker(g),
+            color=colour(s),
+            capsize=2,
+            markersize=5,
+            alpha=0.85,
         )
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
     ax.set_title(title, fontsize=10)
-    return to_figure(fig, alt=title)
+    legend = ax.legend(
+        handles=[Line2D([], [], color=colour(s), marker="o", ls="", label=s) for s in series],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
+    if len(groups) > 1:
+        ax.add_artist(legend)
+        ax.legend(
+            handles=[
+                Line2D([], [], color="grey", marker=marker(g), ls="", label=g) for g in groups
+            ],
+            fontsize=7,
+            loc="lower left",
+            bbox_to_anchor=(1.02, 0.0),
+        )
+    fig.subplots_adjust(left=0.09, right=0.7, top=0.92, bottom=0.11)
+    return fig
+
+
+def scatter(
+    points: list[tuple[str, str, Point, Point]], xlabel: str, ylabel: str, title: str
+) -> Figure:
+    """:func:`scatter_figure` as an inline PNG."""
+    return to_figure(scatter_figure(points, xlabel, ylabel, title), alt=title, layout=False)

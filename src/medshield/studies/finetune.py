@@ -13,15 +13,17 @@ the study resumes per cell. ``ran_ablations`` adds RAN variants with one loss te
 each (``ran-no_<term>``).
 
 The study directory gets ``table.csv`` / ``table.md`` (per checkpoint, method and task: clean
-accuracy, robust accuracy per attack and budget and the per-image worst case over the attacks,
-retrieval R@1/5/10 clean and under the multimodal attack (modalities, unless
-``robust.retrieval`` is off), each pooled over seeds with a 95% bootstrap CI from
-:func:`medshield.eval.metrics.bootstrap_ci`; trainable parameters, training wall time, FLOPs
-and latency ratio to the base zero-shot classifier; failed sanity flags), ``results.json``,
-one plot per checkpoint and budget, ``robust_vs_clean_<checkpoint>_eps<eps>.png`` (worst-case
-robust accuracy against clean accuracy, one point per method and task with CI bars), and one
-per checkpoint and retrieval direction, ``retrieval_<direction>_<checkpoint>.png`` (R@1 under
-the multimodal attack against clean R@1).
+accuracy, the two image-free references ``majority_accuracy`` and ``shuffled_image_accuracy``
+(see :mod:`medshield.train.finetune.workflow`), robust accuracy per attack and budget and the
+per-image worst case over the attacks, retrieval R@1/5/10 clean and under the multimodal attack
+(modalities, unless ``robust.retrieval`` is off), each pooled over seeds with a 95% bootstrap
+CI from :func:`medshield.eval.metrics.bootstrap_ci`; trainable parameters, training wall time,
+FLOPs and latency ratio to the base zero-shot classifier; failed sanity flags),
+``results.json``, one plot per checkpoint and budget,
+``robust_vs_clean_<checkpoint>_eps<eps>.png`` (worst-case robust accuracy against clean
+accuracy, one point per method and task with CI bars), and one per checkpoint and retrieval
+direction, ``retrieval_<direction>_<checkpoint>.png`` (R@1 under the multimodal attack against
+clean R@1).
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName
 from medshield.errors import ConfigError, DataError
 from medshield.models.io import META_FILE as MODEL_META_FILE
+from medshield.report import plots
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_config
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
+    majority_hits,
     mean_ci,
     recall_indicators,
     run_finetune,
@@ -340,6 +344,16 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
         entry["clean_accuracy"] = mean_ci(
             [r["correct"] for r in rows if r.get("group") == "clean"], ev.bootstrap_resamples
         )
+        majority = [
+            hit
+            for c in group
+            for hit in majority_hits([r for r in c["rows"] if r.get("group") == "clean"])
+        ]
+        if majority:
+            entry["majority_accuracy"] = mean_ci(majority, ev.bootstrap_resamples)
+        shuffled = [r["correct"] for r in rows if r.get("group") == "shuffled"]
+        if shuffled:  # cells run before the control existed have none
+            entry["shuffled_image_accuracy"] = mean_ci(shuffled, ev.bootstrap_resamples)
         attack_groups = sorted(
             {
                 r["group"]
@@ -423,33 +437,18 @@ def write_table(table: list[dict[str, Any]], directory: Path) -> None:
 def _scatter(
     rows: list[dict[str, Any]], x: str, y: str, labels: tuple[str, str], title: str, path: Path
 ) -> Path:
-    """One point per table row (method and task) at metrics ``x``, ``y``, with 95% CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for r in rows:
-        xm, ym = r[x], r[y]
-        ax.errorbar(
-            xm["value"],
-            ym["value"],
-            xerr=[[xm["value"] - xm["ci_low"]], [xm["ci_high"] - xm["value"]]],
-            yerr=[[ym["value"] - ym["ci_low"]], [ym["ci_high"] - ym["value"]]],
-            fmt="o",
-            capsize=3,
-            label=f"{r['method']} ({r['modality']})",
+    """One point per table row at metrics ``x``, ``y`` with 95% CI bars: a colour per method,
+    a marker per task (:func:`medshield.report.plots.scatter_figure`)."""
+    points = [
+        (
+            str(r["method"]),
+            str(r["modality"]),
+            (r[x]["value"], r[x]["ci_low"], r[x]["ci_high"]),
+            (r[y]["value"], r[y]["ci_low"], r[y]["ci_high"]),
         )
-    ax.set_xlabel(labels[0])
-    ax.set_ylabel(labels[1])
-    ax.set_title(title)
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        for r in rows
+    ]
+    return plots.to_file(plots.scatter_figure(points, *labels, title), path)
 
 
 def plot_robust_vs_clean(

@@ -78,7 +78,7 @@ def _scatters(rows: list[dict[str, Any]]) -> list[Figure]:
             for r in mine:
                 clean, robust = ci(r.get("clean_accuracy")), ci(r.get(key))
                 if clean and robust:
-                    points.append((f"{r['method']} ({r.get('modality', '-')})", clean, robust))
+                    points.append((str(r["method"]), str(r.get("modality", "-")), clean, robust))
             if points:
                 eps = key.split("@", 1)[1]
                 figures.append(

@@ -8,7 +8,13 @@ answered through question-conditioned class prompts (see
 Evaluation on a class-balanced test subsample:
 
 - ``clean``: one row per image (``index``: its row in the split, the question id for VQA;
-  ``label``, ``pred``, ``correct``);
+  ``label``, ``pred``, ``correct``), with ``majority_accuracy``, what always answering the most
+  frequent test label gets right (clean and under any image attack);
+- ``shuffled``: the same rows with each item's image swapped for another test item's (a seeded
+  derangement; on the VQA task the question stays): ``shuffled_image_accuracy`` and the
+  ``uses image`` flag (clean accuracy above it: otherwise the classifier answers from its
+  prompts or class priors, not the image). A constant classifier keeps ``majority_accuracy``
+  under any image attack, so a robust accuracy below it is worse than ignoring the image;
 - for every budget ``eps`` (default 1, 2, 4 /255): PGD with each of ``pgd_steps`` (default 10
   and 50, ``restarts`` random restarts, Madry et al. 2018) and APGD-CE (Croce and Hein 2020),
   one row per image from :func:`medshield.attacks.sanity.robust_accuracy` (on the VQA task the
@@ -25,7 +31,7 @@ Rows are written one group at a time, tagged with the group and its size, so an 
 run keeps finished groups and recomputes only a group a crash cut short; a saved fine-tuned
 model is loaded instead of retrained. Accuracies carry 95% bootstrap CIs
 (:func:`medshield.eval.metrics.bootstrap_ci`), and the sanity flags (budget, range,
-robust<=clean, stronger<=weaker, zero-gradients) are in ``results.json``.
+robust<=clean, stronger<=weaker, zero-gradients, uses image) are in ``results.json``.
 """
 
 from __future__ import annotations
@@ -194,8 +200,16 @@ def summarize_finetune_rows(
         metrics["clean_accuracy"] = mean_ci(
             [r["correct"] for r in by_group["clean"]], ev.bootstrap_resamples, seed
         )
+        metrics["majority_accuracy"] = mean_ci(
+            majority_hits(by_group["clean"]), ev.bootstrap_resamples, seed
+        )
+    if "clean" in by_group and "shuffled" in by_group:
+        metrics["shuffled_image_accuracy"] = mean_ci(
+            [r["correct"] for r in by_group["shuffled"]], ev.bootstrap_resamples, seed
+        )
+        flags.append(image_use_flag(by_group["clean"], by_group["shuffled"]))
     for group, grows in sorted(by_group.items()):
-        if group == "clean" or group in RETRIEVAL_GROUPS:
+        if group in ("clean", "shuffled") or group in RETRIEVAL_GROUPS:
             continue
         if group.startswith("zero-grad@"):  # one row per question batch on the VQA task
             flags.append(
@@ -238,6 +252,42 @@ def summarize_finetune_rows(
         metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
     flags.extend(retrieval_flags(metrics))
     return metrics, flags  # type: ignore[return-value]
+
+
+def majority_hits(rows: list[dict[str, Any]]) -> list[bool]:
+    """Per test row, whether its label is the most frequent one: what a classifier that
+    always answers the majority class gets right, clean and under any image attack."""
+    counts = Counter(r["label"] for r in rows)
+    if not counts:
+        return []
+    majority = counts.most_common(1)[0][0]
+    return [r["label"] == majority for r in rows]
+
+
+def image_use_flag(clean: list[dict[str, Any]], shuffled: list[dict[str, Any]]) -> dict[str, Any]:
+    """``uses image``: clean accuracy is above the accuracy with each item's image swapped for
+    another's. Where it is not, the classifier answers from the prompts or class priors alone,
+    and its robust accuracy against image attacks says little about robustness."""
+    own = float(np.mean([r["correct"] for r in clean]))
+    other = float(np.mean([r["correct"] for r in shuffled]))
+    return {
+        "name": "uses image",
+        "group": "shuffled",
+        "passed": own > other,
+        "detail": f"accuracy with each item's own image {own:.4f}, with another item's "
+        f"{other:.4f} (n={len(clean)})",
+    }
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of ``range(n)`` that moves every index: one random cycle through
+    all ``n`` (at least 2) items, so that item ``order[i]`` gets item ``order[i + 1]``."""
+    if n < 2:
+        raise DataError(f"shuffling images needs at least 2 test items, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out = torch.empty_like(order)
+    out[order] = order.roll(-1)
+    return out
 
 
 def recall_indicators(rows: list[dict[str, Any]]) -> dict[str, list[bool]]:
@@ -336,10 +386,10 @@ def run_finetune(
     if len(complete) != len(counts):
         run.rewrite_samples(r for r in all_rows if r.get("group") in complete)
 
-    def clean_rows() -> list[dict[str, Any]]:
+    def prediction_rows(shown: torch.Tensor) -> list[dict[str, Any]]:
         pred = torch.cat(
             [
-                classify_images(classifier, images[part], ev.batch_size)
+                classify_images(classifier, shown[part], ev.batch_size)
                 for part in _batches(classifier, test, ev.batch_size)
             ]
         ).argmax(1)
@@ -355,7 +405,12 @@ def run_finetune(
             for r in robust_accuracy(classifier, attack, images[part], labels[part], ev.batch_size)
         ]
 
-    jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [("clean", clean_rows)]
+    jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
+        ("clean", lambda: prediction_rows(images))
+    ]
+    if len(images) > 1:  # the control: each item's image swapped for another item's
+        shuffled = images[derangement(len(images), config.seed)]
+        jobs.append(("shuffled", lambda: prediction_rows(shuffled)))
     for eps in ev.eps:
         for name, attack in _attacks(classifier, ev, eps):
             jobs.append((f"{name}@{eps:g}", lambda attack=attack: attacked_rows(attack)))
