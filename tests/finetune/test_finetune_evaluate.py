@@ -50,6 +50,7 @@ def test_evaluate_loads_a_finetuned_directory(tmp_path: Path, data_dir: Path, ra
     own = ev["metrics"]["finetuned"]["chest_xray"]
     assert own["clean_accuracy"]["value"] == ran_run["metrics"]["clean_accuracy"]["value"]
     assert own["clean_accuracy"]["n"] == 4
+    assert own["majority_accuracy"]["value"] == ran_run["metrics"]["majority_accuracy"]["value"]
     assert own["robust_accuracy@2"]["value"] <= own["clean_accuracy"]["value"]
     assert {"zero_shot", "robust_zero_shot"} <= set(ev["metrics"])
     assert {f["name"] for f in ev["sanity"]["finetuned/chest_xray"]} >= {

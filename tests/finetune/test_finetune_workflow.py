@@ -10,12 +10,12 @@ import pytest
 from finetune_support import run_config
 
 from medshield.errors import ConfigError, DataError
+from medshield.eval.metrics import majority_hits
 from medshield.runs import Run
 from medshield.train.finetune.workflow import (
     derangement,
     image_use_flag,
     load_finetune_config,
-    majority_hits,
     run_finetune,
 )
 

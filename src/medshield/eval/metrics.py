@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "zero_shot": ("label", "pred", "scores"),
     "linear_probe": ("label", "pred", "scores"),
     "robust_zero_shot": ("clean_correct", "robust_correct"),
-    "finetuned": ("clean_correct", "robust_correct"),
+    "finetuned": ("label", "clean_correct", "robust_correct"),
     "retrieval_i2t": ("rank",),
     "retrieval_t2i": ("rank",),
     "retrieval_i2t_adv": ("rank",),
@@ -260,6 +261,16 @@ def _indicator_estimate(indicator: np.ndarray, n_resamples: int, seed: Sequence[
     return _Estimate(float(indicator.mean()), samples, len(indicator))
 
 
+def majority_hits(rows: list[dict[str, Any]]) -> list[bool]:
+    """Per test row, whether its label is the most frequent one: what a classifier that
+    always answers the majority class gets right, clean and under any image attack."""
+    counts = Counter(r["label"] for r in rows)
+    if not counts:
+        return []
+    majority = counts.most_common(1)[0][0]
+    return [r["label"] == majority for r in rows]
+
+
 def _group_estimates(
     task: str, rows: list[dict[str, Any]], n_resamples: int, seed: Sequence[int]
 ) -> dict[str, _Estimate]:
@@ -286,6 +297,9 @@ def _group_estimates(
                 np.array([bool(r["clean_correct"]) for r in rows]), n_resamples, seed
             )
         }
+        if task == "finetuned":
+            majority = np.array(majority_hits(rows))
+            estimates["majority_accuracy"] = _indicator_estimate(majority, n_resamples, seed)
         for key in sorted(rows[0]["robust_correct"], key=float):
             robust = np.array([bool(r["robust_correct"][key]) for r in rows])
             estimates[f"robust_accuracy@{key}"] = _indicator_estimate(robust, n_resamples, seed)
@@ -371,7 +385,8 @@ def summarize(
       need ``clean_correct`` and a ``robust_correct`` dict keyed by budget, see
       :mod:`medshield.eval.robust`);
     - ``finetuned``: the same, for a fine-tuned classifier on its own task (rows from
-      :func:`medshield.train.finetune.workflow.finetuned_rows`);
+      :func:`medshield.train.finetune.workflow.finetuned_rows`, which carry ``label``), plus
+      ``majority_accuracy`` (:func:`majority_hits`);
     - ``retrieval_i2t``, ``retrieval_t2i`` and their ``_adv`` versions (queries under a
       multimodal attack): ``R@1``, ``R@5``, ``R@10`` (rows need ``rank``);
     - ``vqa_closed``: ``accuracy`` (rows need ``correct``) and, when every row has

@@ -46,6 +46,7 @@ from medshield import data
 from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName
 from medshield.errors import ConfigError, DataError
+from medshield.eval.metrics import majority_hits
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
 from medshield.runs import Log, Run
@@ -53,7 +54,6 @@ from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
-    majority_hits,
     mean_ci,
     recall_indicators,
     run_finetune,

@@ -62,7 +62,7 @@ from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.features import classify_images
-from medshield.eval.metrics import RECALL_KS, bootstrap_ci
+from medshield.eval.metrics import RECALL_KS, bootstrap_ci, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import pgd_rows
 from medshield.models.base import DualEncoder
@@ -252,16 +252,6 @@ def summarize_finetune_rows(
         metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
     flags.extend(retrieval_flags(metrics))
     return metrics, flags  # type: ignore[return-value]
-
-
-def majority_hits(rows: list[dict[str, Any]]) -> list[bool]:
-    """Per test row, whether its label is the most frequent one: what a classifier that
-    always answers the majority class gets right, clean and under any image attack."""
-    counts = Counter(r["label"] for r in rows)
-    if not counts:
-        return []
-    majority = counts.most_common(1)[0][0]
-    return [r["label"] == majority for r in rows]
 
 
 def image_use_flag(clean: list[dict[str, Any]], shuffled: list[dict[str, Any]]) -> dict[str, Any]:
