@@ -49,6 +49,7 @@ from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
+from medshield.report.view import ci
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_config
 from medshield.train.finetune.workflow import (
@@ -440,13 +441,9 @@ def _scatter(
     """One point per table row at metrics ``x``, ``y`` with 95% CI bars: a colour per method,
     a marker per task (:func:`medshield.report.plots.scatter_figure`)."""
     points = [
-        (
-            str(r["method"]),
-            str(r["modality"]),
-            (r[x]["value"], r[x]["ci_low"], r[x]["ci_high"]),
-            (r[y]["value"], r[y]["ci_low"], r[y]["ci_high"]),
-        )
+        (str(r["method"]), str(r["modality"]), xy[0], xy[1])
         for r in rows
+        if None not in (xy := (ci(r[x]), ci(r[y])))
     ]
     return plots.to_file(plots.scatter_figure(points, *labels, title), path)
 
