@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from medshield import workflows
 from medshield.cli import app
 from medshield.config import load_config
+from medshield.eval.metrics import summarize
 from medshield.runs import Run
 
 TINY = [
@@ -133,3 +134,44 @@ def test_evaluation_resumes_and_recomputes_only_a_half_written_group(
     assert calls == ["chest_xray"]  # breast_ultrasound's finished group was kept
     assert second["metrics"] == first["metrics"]
     assert len(run.load_samples()) == len(rows)
+
+
+def finetuned_row(index: int, label: int, clean: bool, shuffled: bool | None) -> dict:
+    """A hand-made `finetuned` row, as `medshield evaluate` writes it for a fine-tuned model."""
+    row = {
+        "task": "finetuned",
+        "modality": "chest_xray",
+        "index": index,
+        "label": label,
+        "clean_correct": clean,
+        "zero_gradient": False,
+        "size": [3, 8, 8],
+        **{f: {"2": v} for f, v in [("adv_correct", False), ("robust_correct", False)]},
+        **{f: {"2": v} for f, v in [("linf", 2.0), ("adv_min", 0.0), ("adv_max", 1.0)]},
+    }
+    return row if shuffled is None else {**row, "shuffled_correct": shuffled}
+
+
+def test_evaluate_reports_the_shuffled_control_and_flags_a_classifier_that_ignores_the_image() -> (
+    None
+):
+    hits = [(0, True, True), (0, True, True), (1, False, False), (1, True, False)]
+    seeing = [finetuned_row(i, y, c, s) for i, (y, c, s) in enumerate(hits)]
+    metrics = summarize(seeing, n_resamples=20)["finetuned"]["chest_xray"]
+    assert metrics["clean_accuracy"]["value"] == 0.75
+    assert metrics["shuffled_image_accuracy"]["value"] == 0.5
+    assert metrics["majority_accuracy"]["value"] == 0.5
+    flags = {f["name"]: f for f in workflows.robust_sanity(seeing)["finetuned/chest_xray"]}
+    assert flags["uses image"]["passed"] and "zero-gradients" in flags
+
+    blind = [finetuned_row(i, y, c, c) for i, (y, c, _) in enumerate(hits)]
+    flags = {f["name"]: f for f in workflows.robust_sanity(blind)["finetuned/chest_xray"]}
+    assert not flags["uses image"]["passed"]
+    assert "own image 0.7500, with another item's 0.7500" in flags["uses image"]["detail"]
+
+    # rows written before the control existed: no shuffled metric and no flag, not a failure
+    older = [finetuned_row(i, y, c, None) for i, (y, c, _) in enumerate(hits)]
+    assert "shuffled_image_accuracy" not in summarize(older)["finetuned"]["chest_xray"]
+    assert "uses image" not in {
+        f["name"] for f in workflows.robust_sanity(older)["finetuned/chest_xray"]
+    }

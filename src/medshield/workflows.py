@@ -22,7 +22,7 @@ from medshield.config import RunConfig
 from medshield.data import ImageCaptionDataset, available_modalities, get_modality
 from medshield.errors import ConfigError, DataError, InputError
 from medshield.eval.linear_probe import linear_probe_rows
-from medshield.eval.metrics import summarize
+from medshield.eval.metrics import image_use_flag, summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import robust_flags, robust_zero_shot_rows
 from medshield.eval.vqa import vqa_closed_rows
@@ -191,7 +191,8 @@ def run_evaluate(
     With ``finetuned`` (``(classifier, record)`` from :func:`build_evaluated`), the fine-tuned
     classifier is also evaluated on its own task (group ``finetuned/<task>``: clean and under
     PGD at ``robust_eps`` with ``attack_steps`` steps on ``robust_max_items`` test images, with
-    the same sanity flags as ``robust_zero_shot``), and the result holds the method's record
+    the same sanity flags as ``robust_zero_shot`` plus ``uses image``, against the shuffled-image
+    control), and the result holds the method's record
     (method, task, trainable parameters, wall time, inference overhead).
 
     Rows are written one (task, modality) group at a time, each row tagged with its group and
@@ -352,17 +353,23 @@ def sanity_group(key: str) -> str:
 
 def robust_sanity(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Sanity flags of the robust rows (JSON-ready): per modality for ``robust_zero_shot``,
-    under ``finetuned/<task>`` for a fine-tuned classifier (see :func:`sanity_group`)."""
+    under ``finetuned/<task>`` for a fine-tuned classifier (see :func:`sanity_group`), where
+    rows with the shuffled control add the ``uses image`` flag."""
     by_group: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("task") == "robust_zero_shot":
             by_group.setdefault(r["modality"], []).append(r)
         elif r.get("task") == "finetuned":
             by_group.setdefault(f"finetuned/{r['modality']}", []).append(r)
-    return {
+    sanity = {
         g: [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in robust_flags(group)]
         for g, group in sorted(by_group.items())
     }
+    for g, group in by_group.items():
+        if g.startswith("finetuned/") and all("shuffled_correct" in r for r in group):
+            own = [bool(r["clean_correct"]) for r in group]
+            sanity[g].append(image_use_flag(own, [bool(r["shuffled_correct"]) for r in group]))
+    return sanity
 
 
 def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:

@@ -51,12 +51,16 @@ def test_evaluate_loads_a_finetuned_directory(tmp_path: Path, data_dir: Path, ra
     assert own["clean_accuracy"]["value"] == ran_run["metrics"]["clean_accuracy"]["value"]
     assert own["clean_accuracy"]["n"] == 4
     assert own["majority_accuracy"]["value"] == ran_run["metrics"]["majority_accuracy"]["value"]
+    # the shuffled control: the same derangement of the same test images as the run's
+    run_shuffled = ran_run["metrics"]["shuffled_image_accuracy"]["value"]
+    assert own["shuffled_image_accuracy"]["value"] == run_shuffled
     assert own["robust_accuracy@2"]["value"] <= own["clean_accuracy"]["value"]
     assert {"zero_shot", "robust_zero_shot"} <= set(ev["metrics"])
     assert {f["name"] for f in ev["sanity"]["finetuned/chest_xray"]} >= {
         "budget@2",
         "range@2",
         "zero-gradients",
+        "uses image",
     }
     html = (tmp_path / "eval_ft" / "report.html").read_text()
     assert "A fine-tuned model: ran on chest_xray" in html
@@ -85,3 +89,4 @@ def test_finetuned_rows_on_the_vqa_task(vqa_train, data_dir: Path, base) -> None
     assert len(rows) == 4 and all(r["task"] == "finetuned" for r in rows)
     assert all(r["modality"] == VQA_TASK and r["linf"]["2"] <= 2.0 + 1e-4 for r in rows)
     assert all(r["robust_correct"]["2"] <= r["clean_correct"] for r in rows)
+    assert all(isinstance(r["shuffled_correct"], bool) for r in rows)  # the question stays

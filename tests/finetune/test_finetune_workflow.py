@@ -10,11 +10,10 @@ import pytest
 from finetune_support import run_config
 
 from medshield.errors import ConfigError, DataError
-from medshield.eval.metrics import majority_hits
+from medshield.eval.metrics import image_use_flag, majority_hits
 from medshield.runs import Run
 from medshield.train.finetune.workflow import (
     derangement,
-    image_use_flag,
     load_finetune_config,
     run_finetune,
 )
@@ -118,9 +117,9 @@ def test_the_shuffled_control_moves_every_image_and_is_seeded() -> None:
 
 def test_a_classifier_that_ignores_the_image_fails_uses_image() -> None:
     clean = [{"label": y, "correct": c} for y, c in [(0, True), (0, True), (1, False), (1, True)]]
-    blind = image_use_flag(clean, [dict(r) for r in clean])  # same answers without the image
+    own = [r["correct"] for r in clean]
+    blind = image_use_flag(own, list(own))  # the same answers without the image
     assert not blind["passed"] and "0.7500" in blind["detail"]
-    seeing = image_use_flag(clean, [{**r, "correct": False} for r in clean])
-    assert seeing["passed"]
+    assert image_use_flag(own, [False] * 4)["passed"]
     assert majority_hits(clean) == [True, True, False, False]
     assert majority_hits([]) == []

@@ -271,6 +271,20 @@ def majority_hits(rows: list[dict[str, Any]]) -> list[bool]:
     return [r["label"] == majority for r in rows]
 
 
+def image_use_flag(own: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
+    """The ``uses image`` sanity flag (JSON-ready): accuracy with each item's own image
+    (``own``, one hit per item) is above the accuracy with another item's image (``other``, the
+    shuffled control). Where it is not, the classifier answers from the prompts or class priors
+    alone, and its robust accuracy against image attacks says little about robustness."""
+    own_rate, other_rate = float(np.mean(own)), float(np.mean(other))
+    return {
+        "name": "uses image",
+        "passed": own_rate > other_rate,
+        "detail": f"accuracy with each item's own image {own_rate:.4f}, with another item's "
+        f"{other_rate:.4f} (n={len(own)})",
+    }
+
+
 def _group_estimates(
     task: str, rows: list[dict[str, Any]], n_resamples: int, seed: Sequence[int]
 ) -> dict[str, _Estimate]:
@@ -300,6 +314,11 @@ def _group_estimates(
         if task == "finetuned":
             majority = np.array(majority_hits(rows))
             estimates["majority_accuracy"] = _indicator_estimate(majority, n_resamples, seed)
+            if all("shuffled_correct" in r for r in rows):
+                shuffled = np.array([bool(r["shuffled_correct"]) for r in rows])
+                estimates["shuffled_image_accuracy"] = _indicator_estimate(
+                    shuffled, n_resamples, seed
+                )
         for key in sorted(rows[0]["robust_correct"], key=float):
             robust = np.array([bool(r["robust_correct"][key]) for r in rows])
             estimates[f"robust_accuracy@{key}"] = _indicator_estimate(robust, n_resamples, seed)
@@ -386,7 +405,9 @@ def summarize(
       :mod:`medshield.eval.robust`);
     - ``finetuned``: the same, for a fine-tuned classifier on its own task (rows from
       :func:`medshield.train.finetune.workflow.finetuned_rows`, which carry ``label``), plus
-      ``majority_accuracy`` (:func:`majority_hits`);
+      ``majority_accuracy`` (:func:`majority_hits`) and, when every row has
+      ``shuffled_correct`` (the prediction with another test item's image), the control
+      ``shuffled_image_accuracy``;
     - ``retrieval_i2t``, ``retrieval_t2i`` and their ``_adv`` versions (queries under a
       multimodal attack): ``R@1``, ``R@5``, ``R@10`` (rows need ``rank``);
     - ``vqa_closed``: ``accuracy`` (rows need ``correct``) and, when every row has

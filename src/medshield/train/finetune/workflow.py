@@ -62,7 +62,7 @@ from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.features import classify_images
-from medshield.eval.metrics import RECALL_KS, bootstrap_ci, majority_hits
+from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import pgd_rows
 from medshield.models.base import DualEncoder
@@ -207,7 +207,9 @@ def summarize_finetune_rows(
         metrics["shuffled_image_accuracy"] = mean_ci(
             [r["correct"] for r in by_group["shuffled"]], ev.bootstrap_resamples, seed
         )
-        flags.append(image_use_flag(by_group["clean"], by_group["shuffled"]))
+        own = [r["correct"] for r in by_group["clean"]]
+        other = [r["correct"] for r in by_group["shuffled"]]
+        flags.append({**image_use_flag(own, other), "group": "shuffled"})
     for group, grows in sorted(by_group.items()):
         if group in ("clean", "shuffled") or group in RETRIEVAL_GROUPS:
             continue
@@ -252,21 +254,6 @@ def summarize_finetune_rows(
         metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
     flags.extend(retrieval_flags(metrics))
     return metrics, flags  # type: ignore[return-value]
-
-
-def image_use_flag(clean: list[dict[str, Any]], shuffled: list[dict[str, Any]]) -> dict[str, Any]:
-    """``uses image``: clean accuracy is above the accuracy with each item's image swapped for
-    another's. Where it is not, the classifier answers from the prompts or class priors alone,
-    and its robust accuracy against image attacks says little about robustness."""
-    own = float(np.mean([r["correct"] for r in clean]))
-    other = float(np.mean([r["correct"] for r in shuffled]))
-    return {
-        "name": "uses image",
-        "group": "shuffled",
-        "passed": own > other,
-        "detail": f"accuracy with each item's own image {own:.4f}, with another item's "
-        f"{other:.4f} (n={len(clean)})",
-    }
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -323,6 +310,19 @@ def worst_case(rows: list[dict[str, Any]], eps: float) -> list[bool]:
     return [per_index[i] for i in sorted(per_index)]
 
 
+def predict_test(
+    classifier: torch.nn.Module, test: TrainData, shown: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """The predicted class of each of ``test``'s items when shown the images ``shown`` (its own,
+    or another arrangement of them; on the VQA task with each item's own question)."""
+    return torch.cat(
+        [
+            classify_images(classifier, shown[part], batch_size)
+            for part in _batches(classifier, test, batch_size)
+        ]
+    ).argmax(1)
+
+
 def _batches(classifier: torch.nn.Module, test: TrainData, batch_size: int) -> Iterator[slice]:
     """The slices of the test items to evaluate together: all at once on a modality; on the VQA
     task ``batch_size`` at a time, each with the classifier's questions set to its items'."""
@@ -377,12 +377,7 @@ def run_finetune(
         run.rewrite_samples(r for r in all_rows if r.get("group") in complete)
 
     def prediction_rows(shown: torch.Tensor) -> list[dict[str, Any]]:
-        pred = torch.cat(
-            [
-                classify_images(classifier, shown[part], ev.batch_size)
-                for part in _batches(classifier, test, ev.batch_size)
-            ]
-        ).argmax(1)
+        pred = predict_test(classifier, test, shown, ev.batch_size)
         return [
             {"index": int(i), "label": int(y), "pred": int(p), "correct": bool(p == y)}
             for i, y, p in zip(test.ids, labels.tolist(), pred.tolist(), strict=True)
@@ -475,8 +470,17 @@ def finetuned_rows(
     """A fine-tuned classifier on its own task under ``medshield evaluate``: one row per test
     image (a class-balanced subsample of ``max_items``, chosen with ``seed``), clean and under
     L-inf PGD at every budget, in the row format of :mod:`medshield.eval.robust` with task
-    ``finetuned`` (``modality``: the task, a modality or ``vqa_rad_closed``)."""
+    ``finetuned`` (``modality``: the task, a modality or ``vqa_rad_closed``).
+
+    With at least two test images each row also carries ``shuffled_correct``: whether the
+    classifier is right when shown another test item's image (the run's shuffled control, the
+    same :func:`derangement` of the same items for the same ``seed``; on the VQA task the
+    question stays)."""
     test = load_train_data(task, max_items, seed, data_dir, "test")
+    shuffled: list[bool | None] = [None] * len(test.images)
+    if len(test.images) > 1:
+        shown = test.images[derangement(len(test.images), seed)]
+        shuffled = (predict_test(classifier, test, shown, batch_size) == test.labels).tolist()
     rows: list[dict[str, Any]] = []
     for part in _batches(classifier, test, batch_size):
         rows.extend(
@@ -491,8 +495,15 @@ def finetuned_rows(
             )
         )
     return [
-        {"task": "finetuned", "modality": task, "index": int(i), "label": int(y), **row}
-        for i, y, row in zip(test.ids, test.labels.tolist(), rows, strict=True)
+        {
+            "task": "finetuned",
+            "modality": task,
+            "index": int(i),
+            "label": int(y),
+            **row,
+            **({} if hit is None else {"shuffled_correct": hit}),
+        }
+        for i, y, row, hit in zip(test.ids, test.labels.tolist(), rows, shuffled, strict=True)
     ]
 
 
