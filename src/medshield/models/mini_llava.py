@@ -49,6 +49,7 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,13 @@ class MiniLlava(nn.Module, ChatVLM):
                 target_modules=["q_proj", "v_proj"],
                 bias="none",
             )
-            language_model = get_peft_model(language_model, lora)
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated alias `is_gradient_checkpointing`; the
+                # warning is about peft's code, not ours, and says nothing to a user
+                warnings.filterwarnings(
+                    "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+                )
+                language_model = get_peft_model(language_model, lora)
         self.lm = language_model.eval()
         self.projector = nn.Sequential(
             nn.Linear(IMAGE_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden)
