@@ -11,6 +11,7 @@ from torch import nn
 
 from medshield.attacks import APGD, FGSM, PGD, Attack
 from medshield.attacks.apgd import checkpoints
+from medshield.attacks.pgd import pgd_step_size
 from medshield.errors import InputError
 from medshield.models import DualEncoder, ZeroShotClassifier
 from medshield.registry import ATTACKS
@@ -70,6 +71,18 @@ def test_registry_has_the_image_attacks() -> None:
     assert ATTACKS.get("apgd-ce") is APGD
     for cls in (FGSM, PGD, APGD):
         assert cls.paper and cls.threat_model and "Arguments" in cls.__doc__
+
+
+def test_one_step_size_rule_for_pgd_without_an_explicit_alpha() -> None:
+    from medshield.train.finetune.common import AdversaryConfig
+
+    assert pgd_step_size(2, 2) == 2.5  # Madry's 2.5 * eps / steps: few steps cross the ball
+    assert pgd_step_size(2, 10) == 0.5
+    assert pgd_step_size(2, 50) == 0.5  # floored at eps / 4, not eps / 20
+    assert AdversaryConfig(eps=4, steps=20).step_size == pgd_step_size(4, 20) == 1.0
+    assert AdversaryConfig(eps=4, steps=20, alpha=0.3).step_size == 0.3
+    with pytest.raises(InputError, match="steps"):
+        pgd_step_size(2, 0)
 
 
 @pytest.mark.parametrize("targeted", [False, True])

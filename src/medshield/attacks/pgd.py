@@ -20,6 +20,14 @@ from medshield.errors import InputError
 from medshield.registry import ATTACKS
 
 
+def pgd_step_size(eps: float, steps: int) -> float:
+    """The step size medshield's PGD uses wherever none is given, in /255 units:
+    ``max(eps / 4, 2.5 * eps / steps)``. Madry et al.'s ``2.5 * eps / steps`` lets a run cross
+    the ball from a random start in few steps; the floor of ``eps / 4`` keeps long runs (50
+    steps) moving instead of creeping at ``eps / 20``."""
+    return max(eps / 4, 2.5 * eps / check_count(steps, "steps"))
+
+
 @ATTACKS.register(
     "pgd", "Projected gradient descent, L-inf or L2, with restarts (Madry et al., 2018)"
 )

@@ -28,7 +28,7 @@ import torch
 
 from medshield import data
 from medshield.attacks.base import attack_mode, check_budget, check_count
-from medshield.attacks.pgd import PGD
+from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.attacks.sanity import (
     SanityFlag,
     accuracy_flag,
@@ -79,8 +79,8 @@ def robust_zero_shot_rows(
         model: the dual encoder (left in the train/eval mode and with the gradient flags it had).
         modality: modality name.
         eps_values: budgets in /255 units.
-        steps: PGD iterations; the step size is ``eps / 4`` (so ``steps >= 8`` can cross the
-            whole ball twice) with a random start.
+        steps: PGD iterations, with a random start and the step size of
+            :func:`medshield.attacks.pgd.pgd_step_size`.
         max_items: class-balanced subsample size (see :func:`balanced_subset`); None: all.
         seed: seed of the subsample and of the random starts.
         split: the split attacked.
@@ -117,9 +117,9 @@ def pgd_rows(
     seed: int = 0,
     batch_size: int = 128,
 ) -> list[dict[str, Any]]:
-    """Attack ``classifier`` (images -> logits) with L-inf PGD (``steps`` steps of ``eps / 4``,
-    random start) at every budget; one row per image in the format of the module docstring,
-    without ``task``, ``modality``, ``index`` and ``label``.
+    """Attack ``classifier`` (images -> logits) with L-inf PGD (``steps`` steps of
+    :func:`pgd_step_size`, random start) at every budget; one row per image in the format of the
+    module docstring, without ``task``, ``modality``, ``index`` and ``label``.
 
     The random starts are seeded with ``seed`` without touching the global generator.
     """
@@ -133,7 +133,9 @@ def pgd_rows(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for eps in eps_values:
-            attack = PGD(classifier, eps=eps, alpha=eps / 4, steps=steps, random_start=True)
+            attack = PGD(
+                classifier, eps=eps, alpha=pgd_step_size(eps, steps), steps=steps, random_start=True
+            )
             key = eps_key(eps)
             for row, result in zip(
                 rows, robust_accuracy(classifier, attack, images, labels, batch_size), strict=True

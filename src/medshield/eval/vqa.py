@@ -182,8 +182,9 @@ def vqa_closed_rows(
 
     With ``attack_eps``, every test question is also answered on its image perturbed by L-inf
     PGD (white-box through the image tower and the trained head, untargeted on the true answer,
-    step ``eps / 4``, random start); rows then hold ``adv_pred``, ``adv_correct`` and
-    ``robust_correct`` (right both clean and adversarial), and ``attack_eps``.
+    step :func:`medshield.attacks.pgd.pgd_step_size`, random start); rows then hold
+    ``adv_pred``, ``adv_correct`` and ``robust_correct`` (right both clean and adversarial), and
+    ``attack_eps``.
 
     Args:
         model: the frozen dual encoder (left in the train/eval mode it was in).
@@ -268,10 +269,12 @@ def _attacked_predictions(
     seed: int,
     batch_size: int = 64,
 ) -> list[int]:
-    from medshield.attacks.pgd import PGD  # attacks import eval.features: avoid a cycle
+    from medshield.attacks.pgd import PGD, pgd_step_size  # attacks import eval.features: a cycle
 
     classifier = _AnswerClassifier(model, head)
-    attack = PGD(classifier, eps=eps, alpha=eps / 4, steps=steps, random_start=True)
+    attack = PGD(
+        classifier, eps=eps, alpha=pgd_step_size(eps, steps), steps=steps, random_start=True
+    )
     device = next(model.parameters()).device
     preds: list[int] = []
     with torch.random.fork_rng(devices=[]):

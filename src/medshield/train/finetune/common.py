@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 import medshield
 from medshield import data
+from medshield.attacks.pgd import pgd_step_size
 from medshield.config import StrictModel
 from medshield.device import synchronize
 from medshield.errors import ConfigError, DataError, InputError
@@ -93,7 +94,8 @@ Log = Callable[[str], None]
 class AdversaryConfig(StrictModel):
     """On-the-fly PGD adversary used while training (TeCoA, FARE, RAN), L-inf, /255 units.
 
-    ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al., 2018).
+    ``alpha`` defaults to :func:`medshield.attacks.pgd.pgd_step_size`: ``2.5 * eps / steps``
+    (Madry et al., 2018), at least ``eps / 4``.
     """
 
     eps: float = Field(2.0, gt=0)
@@ -102,7 +104,7 @@ class AdversaryConfig(StrictModel):
 
     @property
     def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+        return self.alpha if self.alpha is not None else pgd_step_size(self.eps, self.steps)
 
 
 class RANWeights(StrictModel):

@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack
 from medshield.attacks.multimodal import MultimodalAttack
-from medshield.attacks.pgd import PGD
+from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.attacks.sanity import (
     SanityFlag,
     accuracy_flag,
@@ -168,7 +168,7 @@ def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[t
     attacks: list[tuple[str, Attack]] = [
         (
             f"pgd{s}",
-            PGD(model, eps=eps, alpha=max(eps / 4, 2.5 * eps / s), steps=s, restarts=ev.restarts),
+            PGD(model, eps=eps, alpha=pgd_step_size(eps, s), steps=s, restarts=ev.restarts),
         )
         for s in ev.pgd_steps
     ]
