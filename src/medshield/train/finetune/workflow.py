@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from pydantic import Field, model_validator
+from scipy.stats import binomtest
 
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack
@@ -252,7 +253,7 @@ def summarize_finetune_rows(
             metrics[f"robust_accuracy/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples, seed)
     for name, hits in recall_indicators(rows).items():
         metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
-    flags.extend(retrieval_flags(metrics))
+    flags.extend(retrieval_flags(rows))
     return metrics, flags  # type: ignore[return-value]
 
 
@@ -280,22 +281,36 @@ def recall_indicators(rows: list[dict[str, Any]]) -> dict[str, list[bool]]:
     }
 
 
-def retrieval_flags(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """``retrieval adv<=clean``: R@1 under the multimodal attack is not above clean R@1, per
-    direction (a higher value means the attack did not work)."""
+def retrieval_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``retrieval adv<=clean`` per direction: the multimodal attack does not raise R@1 beyond
+    chance. Clean and attacked queries are the same pairs, so the check is paired: it fails
+    when the attack moved clearly more queries into rank 1 than out of it (one-sided sign test
+    on those queries, p < 0.05), i.e. it does not optimise against retrieval. A rise of one or
+    two queries on a set of 30 is noise, and a plain ``attacked <= clean`` would flag it."""
+    ranks: dict[str, dict[int, int]] = {}
+    for r in rows:
+        if r.get("group") in RETRIEVAL_GROUPS:
+            ranks.setdefault(r["task"], {})[r["index"]] = r["rank"]
     flags = []
     for direction in ("i2t", "t2i"):
-        clean = metrics.get(f"retrieval_{direction}/R@1")
-        adv = metrics.get(f"retrieval_{direction}_adv/R@1")
-        if clean and adv:
-            flags.append(
-                {
-                    "name": "retrieval adv<=clean",
-                    "group": f"retrieval_{direction}",
-                    "passed": adv["value"] <= clean["value"],
-                    "detail": f"R@1 clean {clean['value']:.4f}, attacked {adv['value']:.4f}",
-                }
-            )
+        clean = ranks.get(f"retrieval_{direction}")
+        adv = ranks.get(f"retrieval_{direction}_adv")
+        if not (clean and adv):
+            continue
+        pairs = [(clean[i] == 0, adv[i] == 0) for i in sorted(clean.keys() & adv.keys())]
+        gained = sum(a and not c for c, a in pairs)
+        lost = sum(c and not a for c, a in pairs)
+        p = binomtest(gained, gained + lost, alternative="greater").pvalue if gained else 1.0
+        flags.append(
+            {
+                "name": "retrieval adv<=clean",
+                "group": f"retrieval_{direction}",
+                "passed": bool(p >= 0.05),
+                "detail": f"R@1 clean {np.mean([c for c, _ in pairs]):.4f}, attacked "
+                f"{np.mean([a for _, a in pairs]):.4f}; the attack moved {gained} of "
+                f"{len(pairs)} queries into rank 1 and {lost} out (sign test p={p:.3g})",
+            }
+        )
     return flags
 
 
