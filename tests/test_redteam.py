@@ -120,6 +120,10 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
     assert {(r["id"], r["attack"]) for r in errors} == {(bad.id, "direct"), (bad.id, "jb-roleplay")}
     assert all("longer than the context" in r["error"] for r in errors)
     assert all(r["error_stage"] == "generate" for r in errors)
+    by_id = {i.id: i for i in items}  # every row, error rows too, names its source image
+    assert all(r["image_ref"] == by_id[r["id"]].image.key() for r in rows)
+    ours = [r for r in rows if r["source"] == "medshield"]
+    assert ours and all(r["image_ref"].split(":")[1] == r["modality"] for r in ours)
     assert any("retrying singly" in line for line in logs)
     ok = [r for r in rows if not r.get("error")]
     for r in ok:

@@ -16,13 +16,16 @@ The run directory (see :class:`medshield.runs.Run`) holds::
 A row::
 
     {"id": "h-...", "kind": "harmful", "category": "insurance_fraud", "modality": "chest_xray",
-     "attack": "jb-roleplay", "defense": "none", "request": "<benchmark text>",
+     "image_ref": "medmnist:chest_xray:test:17:", "attack": "jb-roleplay", "defense": "none",
+     "request": "<benchmark text>",
      "prompt": "<attacked user turn text>", "response": "...",
      "verdicts": {"keyword": {"label": "refusal", ...}, ...}, "verdict": "refusal",
      "correct": null, "latency_s": 0.41, ...}
 
-``latency_s`` is the wall time of the row's ``generate`` batch divided by the batch size (work
-is grouped by attack, so a batch holds one attack); judging is not included.
+``image_ref`` is the item's source image before any attack (:meth:`ImageRef.key`: dataset,
+modality, split, index, file name). ``latency_s`` is the wall time of the row's ``generate``
+batch divided by the batch size (work is grouped by attack, so a batch holds one attack);
+judging is not included.
 
 Rows of items that failed (an image that is not an image, a conversation the attack or defense
 rejects, an endpoint that timed out or answered malformed JSON, a prompt longer than the model's
@@ -305,6 +308,7 @@ def _base_row(item: Any, attack: str, defense: str) -> dict[str, Any]:
         "kind": item.kind,
         "category": item.category,
         "modality": item.modality,
+        "image_ref": item.image.key(),
         "source": item.source,
         "template": item.template,
         "twin_id": item.twin_id,
