@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,51 @@ def test_list_shows_every_kind_of_plugin() -> None:
         assert listed.exit_code == 0 and all(n in listed.output for n in names), listed.output
     bad = runner.invoke(app, ["list", "gadgets"])
     assert bad.exit_code == 2 and "unknown kind" in bad.output
+
+
+PLUGIN = """
+from medshield.attacks import FGSM
+from medshield.registry import ATTACKS
+
+@ATTACKS.register("{name}", "an attack from another package")
+class Outside(FGSM):
+    pass
+"""
+
+
+def installed_plugin(root: Path, module: str, source: str) -> dict[str, str]:
+    """A package installed under ``root`` (its module and a dist-info naming it in the
+    ``medshield.plugins`` entry-point group); the environment of a process that sees it."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[medshield.plugins]\n{module} = {module}\n")
+    return {**os.environ, "PYTHONPATH": str(root)}
+
+
+def medshield_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = "from medshield.cli import app; app(prog_name='medshield')"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_command_finds_plugins_of_other_packages_by_entry_point(tmp_path: Path) -> None:
+    env = installed_plugin(tmp_path, "outside_attacks", PLUGIN.format(name="outside-fgsm"))
+    listed = medshield_command("list", "attacks", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "outside-fgsm  an attack from another package" in listed.stdout
+    assert "outside-fgsm" not in runner.invoke(app, ["list", "attacks"]).output  # not installed
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    env = installed_plugin(taken, "clashing_attacks", PLUGIN.format(name="pgd"))
+    clash = medshield_command("list", "attacks", env=env)
+    assert clash.returncode == 2
+    message = " ".join(clash.stdout.split())
+    assert "plugin 'clashing_attacks' (clashing_attacks) failed to import" in message
+    assert "attack 'pgd' is registered twice" in message
 
 
 def test_pretrain_then_evaluate_write_complete_run_directories(

