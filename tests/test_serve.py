@@ -507,3 +507,50 @@ def test_cli_serve_rejects_a_bad_config(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("limits: {timeout_s: 0}\n")
     result = runner.invoke(cli_app, ["serve", "--config", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 2 and "timeout_s" in result.output
+
+
+def test_an_api_key_guards_the_v1_endpoints_but_not_health(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("CLINIC_PROXY_KEY", "s3cret-key")
+    config = load_serve_config(None, ["api_key_env=CLINIC_PROXY_KEY"])
+    assert config.api_key() == "s3cret-key"
+    app = create_app(EchoVLM(), create_defense("none"), "echo-model", api_key=config.api_key())
+    body = {"messages": [user("hello")]}
+    with serving(app) as url:
+        anonymous = post(url, body)
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.chat.completions.create(model="echo-model", messages=body["messages"])
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret-key", max_retries=0)
+        reply = right.chat.completions.create(model="echo-model", messages=body["messages"])
+        listed = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret-key"})
+        health = httpx.get(f"{url}/health")
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["code"] == "invalid_api_key"
+    assert anonymous.json()["error"]["type"] == "authentication_error"
+    assert refused.value.status_code == 401
+    assert reply.choices[0].message.content == "1 messages, 0 images"
+    assert listed.status_code == 200 and health.status_code == 200
+    assert "s3cret-key" not in caplog.text and "guess" not in caplog.text
+
+    monkeypatch.delenv("CLINIC_PROXY_KEY")
+    assert load_serve_config(None, ["api_key_env=CLINIC_PROXY_KEY"]).api_key() is None
+
+
+def test_serving_beyond_loopback_without_a_key_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medshield.serve as serve
+
+    monkeypatch.setattr(serve, "build_app", lambda config: None)
+    monkeypatch.setattr(serve.uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.delenv("MEDSHIELD_SERVE_API_KEY", raising=False)
+    lines: list[str] = []
+    serve.run_server(load_serve_config(None, ["host=0.0.0.0"]), log=lines.append)
+    assert any("without an API key" in line for line in lines)
+    lines.clear()
+    serve.run_server(load_serve_config(None, []), log=lines.append)  # loopback: no warning
+    assert not any("API key" in line for line in lines)
+    monkeypatch.setenv("MEDSHIELD_SERVE_API_KEY", "k")
+    serve.run_server(load_serve_config(None, ["host=0.0.0.0"]), log=lines.append)
+    assert any("clients must send the API key in $MEDSHIELD_SERVE_API_KEY" in x for x in lines)

@@ -17,6 +17,13 @@ Endpoints:
 * ``GET /v1/models`` — the one served model name.
 * ``GET /health`` — ``{"status": "ok", ...}`` with the model, defense and queue depth.
 
+Clients: with an API key (``api_key_env`` names the environment variable that holds it,
+``MEDSHIELD_SERVE_API_KEY`` by default; the key never sits in a config file) every ``/v1/``
+request must send ``Authorization: Bearer <key>``, as the OpenAI clients do with
+``api_key=...``; others get 401 ``invalid_api_key``. ``/health`` stays open for probes. Without
+a key the proxy answers anyone who can reach it, and :func:`run_server` warns when it listens
+beyond loopback.
+
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed
 JSON, a non-data-URL or undecodable image, ``stream: true`` (not supported), ``n`` > 1, a
 ``max_tokens`` above the limit, a conversation that does not end with a user turn; 413 a body,
@@ -58,9 +65,11 @@ import base64
 import binascii
 import contextlib
 import copy
+import hmac
 import io
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -143,11 +152,14 @@ class ServeConfig(StrictModel):
     """``medshield serve``: where to listen, what to serve, which defense, which limits.
 
     ``log_content``: also log request text, replies and backend error text (off by default).
+    ``api_key_env``: the environment variable holding the key clients must send (unset or
+    empty: no key asked).
     """
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_content: bool = False
+    api_key_env: str = Field("MEDSHIELD_SERVE_API_KEY", min_length=1)
     model: ServeModelConfig = Field(default_factory=ServeModelConfig)
     defense: ServeDefenseConfig = Field(default_factory=ServeDefenseConfig)
     limits: ServeLimits = Field(default_factory=ServeLimits)
@@ -160,6 +172,10 @@ class ServeConfig(StrictModel):
         if self.model.backend == "openai" and isinstance(upstream, str) and upstream:
             return upstream
         return self.model.backend
+
+    def api_key(self) -> str | None:
+        """The key clients must send, from the environment variable ``api_key_env``."""
+        return os.environ.get(self.api_key_env) or None
 
 
 def load_serve_config(
@@ -665,6 +681,7 @@ def create_app(
     served_name: str,
     limits: ServeLimits | None = None,
     log_content: bool = False,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The proxy as a FastAPI application (run it with uvicorn, or :func:`serving`).
 
@@ -674,6 +691,8 @@ def create_app(
         served_name: the model name clients use and ``/v1/models`` lists.
         limits: request limits and worker pool (defaults: :class:`ServeLimits`).
         log_content: also log request text, replies and backend error text.
+        api_key: the key every ``/v1/`` request must send as ``Authorization: Bearer <key>``
+            (None: no key asked).
     """
     service = _Service(model, defense, served_name, limits or ServeLimits(), log_content)
 
@@ -701,6 +720,16 @@ def create_app(
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
         return ServeError(exc.status_code, str(exc.detail), code).response()
+
+    @app.middleware("http")
+    async def _authorize(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        if api_key is not None and path.startswith("/v1/") and not _key_matches(request, api_key):
+            logger.info("%s 401 invalid_api_key", path)
+            message = "a valid API key is required: send Authorization: Bearer <key>"
+            error = ServeError(401, message, "invalid_api_key", kind="authentication_error")
+            return error.response()
+        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -748,6 +777,14 @@ def create_app(
     return app
 
 
+def _key_matches(request: Request, api_key: str) -> bool:
+    """Whether the request sends ``Authorization: Bearer <api_key>`` (compared in constant time)."""
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        sent.strip().encode(), api_key.encode()
+    )
+
+
 def _last_user_text(chat: ChatRequest) -> str:
     content = [m for m in chat.messages if m.role == "user"][-1].content
     if isinstance(content, str):
@@ -786,7 +823,14 @@ def build_app(config: ServeConfig) -> FastAPI:
 
     defense = create_defense(config.defense.name, **config.defense.kwargs)
     model = create_chat_model(config.model.backend, **config.model.kwargs)
-    return create_app(model, defense, config.served_name(), config.limits, config.log_content)
+    return create_app(
+        model,
+        defense,
+        config.served_name(),
+        config.limits,
+        config.log_content,
+        config.api_key(),
+    )
 
 
 @contextlib.contextmanager
@@ -830,6 +874,13 @@ def run_server(config: ServeConfig, log: Callable[[str], Any] = print) -> None:
     name, backend, defense = config.served_name(), config.model.backend, config.defense.name
     log(f"serving {name!r} ({backend}) behind defense {defense!r}")
     log(f"at http://{config.host}:{config.port}/v1" + (" [logging content]" * config.log_content))
+    if config.api_key():
+        log(f"clients must send the API key in ${config.api_key_env}")
+    elif config.host not in ("127.0.0.1", "localhost", "::1"):
+        log(
+            f"warning: listening on {config.host} without an API key; anyone who can reach "
+            f"the port can use the model (set ${config.api_key_env} to require one)"
+        )
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["medshield"] = {"handlers": ["default"], "level": "INFO"}
     uvicorn.run(app, host=config.host, port=config.port, log_config=log_config)
