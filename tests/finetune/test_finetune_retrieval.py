@@ -15,7 +15,12 @@ from medshield.eval.metrics import RECALL_KS
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.train.finetune.common import RectifiedEncoder, TrainData, adapted_encoder
-from medshield.train.finetune.workflow import FineTuneRunConfig, retrieval_flags, run_finetune
+from medshield.train.finetune.workflow import (
+    FineTuneRunConfig,
+    recall_indicators,
+    retrieval_flags,
+    run_finetune,
+)
 
 
 def test_adapted_encoder_is_the_classifier_image_path(base: MiniClip, train: TrainData) -> None:
@@ -78,30 +83,33 @@ def test_finetune_run_reports_retrieval_clean_and_under_attack(
     assert not [k for k in result["metrics"] if k.startswith("retrieval")]
 
 
-def retrieval_rows(clean: list[int], adv: list[int]) -> list[dict]:
-    """Hand-made text-to-image rows of one run: a rank per query, clean and attacked."""
-    return [
-        {"group": group, "task": task, "index": i, "rank": rank}
-        for group, task, ranks in [
-            ("retrieval", "retrieval_t2i", clean),
-            ("retrieval_adv", "retrieval_t2i_adv", adv),
+def retrieval_hits(clean: list[int], adv: list[int]) -> dict[str, list[bool]]:
+    """Hand-made text-to-image rows of one run (a rank per query, clean and attacked), as
+    :func:`recall_indicators` turns them into hits."""
+    return recall_indicators(
+        [
+            {"group": group, "task": task, "index": i, "rank": rank}
+            for group, task, ranks in [
+                ("retrieval", "retrieval_t2i", clean),
+                ("retrieval_adv", "retrieval_t2i_adv", adv),
+            ]
+            for i, rank in enumerate(ranks)
         ]
-        for i, rank in enumerate(ranks)
-    ]
+    )
 
 
 def test_the_retrieval_flag_is_a_paired_test_not_a_raw_comparison() -> None:
     # 30 queries; the attack moves 2 into rank 1 and 1 out: R@1 rises 0.30 -> 0.33, by chance
     clean = [0] * 9 + [1, 1] + [3] * 19
     noisy = [1] + [0] * 8 + [0, 0] + [3] * 19
-    (flag,) = retrieval_flags(retrieval_rows(clean, noisy))
+    (flag,) = retrieval_flags(retrieval_hits(clean, noisy))
     assert flag["group"] == "retrieval_t2i" and flag["passed"]
     assert "moved 2 of 30 queries into rank 1 and 1 out" in flag["detail"]
     assert "clean 0.3000, attacked 0.3333" in flag["detail"]
     # the attack moves 8 queries into rank 1 and none out: it does not optimise
     helping = [0] * 9 + [0] * 8 + [3] * 13
-    (flag,) = retrieval_flags(retrieval_rows(clean[:9] + [2] * 8 + [3] * 13, helping))
+    (flag,) = retrieval_flags(retrieval_hits(clean[:9] + [2] * 8 + [3] * 13, helping))
     assert not flag["passed"] and "8 of 30" in flag["detail"]
     # an attack that only lowers R@1 passes
-    (flag,) = retrieval_flags(retrieval_rows(clean, [5] * 30))
+    (flag,) = retrieval_flags(retrieval_hits(clean, [5] * 30))
     assert flag["passed"] and "p=1" in flag["detail"]

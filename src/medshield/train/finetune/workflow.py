@@ -251,9 +251,10 @@ def summarize_finetune_rows(
         worst = worst_case(rows, eps)
         if worst:
             metrics[f"robust_accuracy/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples, seed)
-    for name, hits in recall_indicators(rows).items():
+    recall = recall_indicators(rows)
+    for name, hits in recall.items():
         metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
-    flags.extend(retrieval_flags(rows))
+    flags.extend(retrieval_flags(recall))
     return metrics, flags  # type: ignore[return-value]
 
 
@@ -281,23 +282,20 @@ def recall_indicators(rows: list[dict[str, Any]]) -> dict[str, list[bool]]:
     }
 
 
-def retrieval_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``retrieval adv<=clean`` per direction: the multimodal attack does not raise R@1 beyond
-    chance. Clean and attacked queries are the same pairs, so the check is paired: it fails
-    when the attack moved clearly more queries into rank 1 than out of it (one-sided sign test
-    on those queries, p < 0.05), i.e. it does not optimise against retrieval. A rise of one or
-    two queries on a set of 30 is noise, and a plain ``attacked <= clean`` would flag it."""
-    ranks: dict[str, dict[int, int]] = {}
-    for r in rows:
-        if r.get("group") in RETRIEVAL_GROUPS:
-            ranks.setdefault(r["task"], {})[r["index"]] = r["rank"]
+def retrieval_flags(recall: dict[str, list[bool]]) -> list[dict[str, Any]]:
+    """``retrieval adv<=clean`` per direction, from :func:`recall_indicators` (the same queries,
+    clean and attacked, in index order): the multimodal attack does not raise R@1 beyond chance.
+    The check is paired: it fails when the attack moved clearly more queries into rank 1 than
+    out of it (one-sided sign test on those queries, p < 0.05), i.e. it does not optimise
+    against retrieval. A rise of one or two queries on a set of 30 is noise, and a plain
+    ``attacked <= clean`` would flag it."""
     flags = []
     for direction in ("i2t", "t2i"):
-        clean = ranks.get(f"retrieval_{direction}")
-        adv = ranks.get(f"retrieval_{direction}_adv")
+        clean = recall.get(f"retrieval_{direction}/R@1")
+        adv = recall.get(f"retrieval_{direction}_adv/R@1")
         if not (clean and adv):
             continue
-        pairs = [(clean[i] == 0, adv[i] == 0) for i in sorted(clean.keys() & adv.keys())]
+        pairs = list(zip(clean, adv, strict=True))
         gained = sum(a and not c for c, a in pairs)
         lost = sum(c and not a for c, a in pairs)
         p = binomtest(gained, gained + lost, alternative="greater").pvalue if gained else 1.0
@@ -306,9 +304,9 @@ def retrieval_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "name": "retrieval adv<=clean",
                 "group": f"retrieval_{direction}",
                 "passed": bool(p >= 0.05),
-                "detail": f"R@1 clean {np.mean([c for c, _ in pairs]):.4f}, attacked "
-                f"{np.mean([a for _, a in pairs]):.4f}; the attack moved {gained} of "
-                f"{len(pairs)} queries into rank 1 and {lost} out (sign test p={p:.3g})",
+                "detail": f"R@1 clean {np.mean(clean):.4f}, attacked {np.mean(adv):.4f}; the "
+                f"attack moved {gained} of {len(pairs)} queries into rank 1 and {lost} out "
+                f"(sign test p={p:.3g})",
             }
         )
     return flags
