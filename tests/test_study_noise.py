@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from medshield.attacks import CoAttack
 from medshield.cli import app
 from medshield.data import ImageCaptionDataset
-from medshield.errors import DataError
+from medshield.errors import DataError, InputError
 from medshield.models.mini_clip import MiniClip
 from medshield.noise import NoisyCaptionDataset, NoisyMix, choose_perturbed, craft_noisy_dataset
 from medshield.studies.noise import load_noise_study_config, mean_ci
@@ -68,6 +68,19 @@ def test_mix_takes_adversarial_pairs_from_the_pool(
     assert [zero[i]["caption"] for i in range(8)] == [
         NoisyMix(clean, pool, 0.0, seed=2)[i]["caption"] for i in range(8)
     ]  # fixed captions: the clean rows never resample
+
+
+def test_mix_without_a_pool_is_the_clean_mix_at_ratio_0(
+    pool: NoisyCaptionDataset, data_dir: Path
+) -> None:
+    clean = _clean(data_dir)
+    with_pool, without = NoisyMix(clean, pool, 0.0, seed=1), NoisyMix(clean, None, 0.0, seed=1)
+    for i in range(len(clean)):
+        a, b = with_pool[i], without[i]
+        assert a.keys() == b.keys() and a["caption"] == b["caption"] and not b["perturbed"]
+        assert torch.equal(a["image"], b["image"])
+    with pytest.raises(InputError, match="needs a pool"):
+        NoisyMix(clean, None, 0.1, seed=1)
 
 
 def test_mix_refuses_a_pool_of_another_dataset(pool: NoisyCaptionDataset, data_dir: Path) -> None:
@@ -138,3 +151,32 @@ def test_study_noise_runs_resumes_and_aggregates(tmp_path: Path, data_dir: Path)
     again = runner.invoke(app, args)  # resumes: every cell is kept
     assert again.exit_code == 0, again.output
     assert again.output.count("done earlier, kept") == 2
+
+
+def test_a_clean_only_sweep_trains_no_surrogate_and_crafts_no_pool(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    sets = [
+        f"output_dir={tmp_path}",
+        "ratios=[0]",
+        "seeds=[0]",
+        "holdout_modality=fundus",
+        "base.data.modalities=[breast_ultrasound, fundus]",
+        "base.data.train_per_class_cap=4",
+        "base.model.kwargs={embed_dim: 16, image_size: 32, pretrained: false}",
+        "base.pretrain.epochs=1",
+        "base.pretrain.batch_size=8",
+        "base.pretrain.image_layers=0",
+        "base.evaluate.tasks=[zero_shot]",
+        "base.evaluate.max_test_items=8",
+        "base.evaluate.bootstrap_resamples=20",
+    ]
+    result = runner.invoke(app, ["study", "noise", *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    study = tmp_path / "study_noise"
+    assert not (study / "surrogate").exists() and not (study / "pools").exists()
+    results = json.loads((study / "results.json").read_text())
+    assert results["surrogate"] is None and results["pools"] == {}
+    assert [p["ratio"] for p in results["points"]] == [0.0]
+    assert (study / "cells" / "ratio0_eps-_seed0" / "results.json").exists()
+    assert "Pretrained on breast_ultrasound" in (study / "report.html").read_text()

@@ -20,7 +20,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from medshield.data import ImageCaptionDataset
-from medshield.errors import DataError
+from medshield.errors import DataError, InputError
 from medshield.noise.craft import choose_perturbed, describe_clean, epoch0_captions
 from medshield.noise.dataset import NoisyCaptionDataset
 
@@ -30,7 +30,8 @@ class NoisyMix(Dataset):
 
     Args:
         clean: the clean upstream dataset the pool was crafted from.
-        pool: a noisy dataset crafted from ``clean`` with ``ratio=1`` (every pair adversarial).
+        pool: a noisy dataset crafted from ``clean`` with ``ratio=1`` (every pair adversarial);
+            ``None`` only at ``ratio=0``, where no pair is taken from it.
         ratio: fraction of pairs that are adversarial, in [0, 1].
         seed: picks the adversarial rows (:func:`~medshield.noise.choose_perturbed`).
 
@@ -39,18 +40,25 @@ class NoisyMix(Dataset):
 
     Raises:
         DataError: the pool was crafted from another dataset, or not at ratio 1.
-        InputError: ``ratio`` outside [0, 1].
+        InputError: ``ratio`` outside [0, 1], or no pool with ``ratio`` above 0.
     """
 
     def __init__(
-        self, clean: ImageCaptionDataset, pool: NoisyCaptionDataset, ratio: float, seed: int
+        self,
+        clean: ImageCaptionDataset,
+        pool: NoisyCaptionDataset | None,
+        ratio: float,
+        seed: int,
     ) -> None:
-        if pool.manifest["clean"]["content_sha256"] != describe_clean(clean)["content_sha256"]:
+        if pool is None:
+            if ratio != 0:
+                raise InputError(f"a mix at ratio {ratio:g} needs a pool; only ratio 0 needs none")
+        elif pool.manifest["clean"]["content_sha256"] != describe_clean(clean)["content_sha256"]:
             raise DataError(
                 f"the pool {pool.path} was crafted from another clean dataset (different "
                 "modalities, cap, seed or images); craft it from this one"
             )
-        if not pool.perturbed.all():
+        elif not pool.perturbed.all():
             raise DataError(
                 f"the pool {pool.path} must be crafted at ratio 1 (every pair adversarial); it "
                 f"has {int(pool.perturbed.sum())} of {len(pool)} adversarial pairs"
@@ -69,6 +77,7 @@ class NoisyMix(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.perturbed[index]:
+            assert self.pool is not None  # ratio > 0 has a pool (checked in __init__)
             item = self.pool[index]
         else:
             item = dict(self.clean[index])

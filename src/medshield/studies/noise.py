@@ -6,7 +6,8 @@ then measure what that does downstream.
 1. a clean **surrogate** (pretrained here with ``surrogate_seed`` unless ``surrogate`` names a
    saved model), which the multimodal attack runs against;
 2. one adversarial **pool** per ``eps``: every upstream pair crafted once with the attack
-   (:func:`~medshield.noise.craft_noisy_dataset` at ratio 1);
+   (:func:`~medshield.noise.craft_noisy_dataset` at ratio 1). A clean-only sweep (every ratio
+   0) needs neither, and skips both;
 3. one **cell** per (ratio, eps, seed): pretrain a fresh model on a
    :class:`~medshield.noise.NoisyMix` of the clean pairs and the pool, then evaluate it on
    every configured task (clean and under attack). Ratio 0 is the clean baseline, shared by the
@@ -118,7 +119,6 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
     upstream_cfg.data.modalities = upstream
     log(f"upstream modalities: {', '.join(upstream)}; evaluated on: {', '.join(test_modalities)}")
 
-    surrogate_dir = _surrogate(config, upstream_cfg, run, log)
     clean = ImageCaptionDataset(
         upstream,
         split="train",
@@ -126,8 +126,11 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
         per_class_cap=base.data.train_per_class_cap,
         data_dir=base.data.data_dir,
     )
-    pools = {}
-    for eps in config.eps_values:
+    # a clean-only sweep (every ratio 0) needs neither the surrogate nor the pools
+    noisy = any(ratio > 0 for ratio in config.ratios)
+    surrogate_dir = _surrogate(config, upstream_cfg, run, log) if noisy else None
+    pools: dict[float, NoisyCaptionDataset] = {}
+    for eps in config.eps_values if surrogate_dir is not None else []:
         log(f"adversarial pool at eps {eps:g}/255 ({len(clean)} pairs) ...")
         attack = workflows.build_multimodal_attack(
             base.noise.attack, {**base.noise.attack_kwargs, "eps": eps}
@@ -155,7 +158,7 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
             log(f"[{i}/{len(grid)}] {name}: done earlier, kept")
             continue
         log(f"[{i}/{len(grid)}] {name}")
-        mix = NoisyMix(clean, pools[eps if eps is not None else config.eps_values[0]], ratio, seed)
+        mix = NoisyMix(clean, pools[eps] if eps is not None else None, ratio, seed)
         model = workflows.build_model(cell_cfg)
         pre = workflows.run_pretrain(cell_cfg, cell, model, log=log, dataset=mix, save=False)
         ev = workflows.run_evaluate(cell_cfg, cell, model, log=log)
@@ -170,7 +173,7 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
     return {
         "upstream_modalities": upstream,
         "evaluated_modalities": test_modalities,
-        "surrogate": str(surrogate_dir),
+        "surrogate": None if surrogate_dir is None else str(surrogate_dir),
         "pools": {f"{eps:g}": str(p.path) for eps, p in pools.items()},
         "points": table,
     }
