@@ -35,10 +35,11 @@ the few closed questions with another answer are left out).
 on the image path) for retrieval and multimodal attacks.
 
 :func:`finetune` runs the shared loop (AdamW, epochs of shuffled mini-batches from one task's
-train split, tqdm progress, seeded), then measures the inference overhead against the base
-model's zero-shot classifier in the same process. :func:`save_finetuned` /
-:func:`load_finetuned` store the base model reference, the method's state (only the tensors that
-differ from the base model) as safetensors and the config as JSON.
+train split, tqdm progress, seeded; with ``val_fraction`` a class-stratified part of the items is
+held out and scored after every epoch, and ``keep_best`` keeps the best epoch), then measures
+the inference overhead against the base model's zero-shot classifier in the same process.
+:func:`save_finetuned` / :func:`load_finetuned` store the base model reference, the method's
+state (only the tensors that differ from the base model) as safetensors and the config as JSON.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import math
 import statistics
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -71,6 +72,7 @@ from medshield.attacks.pgd import pgd_step_size
 from medshield.config import StrictModel
 from medshield.device import synchronize
 from medshield.errors import ConfigError, DataError, InputError
+from medshield.eval.features import classify_images
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
 from medshield.registry import METHODS
@@ -146,6 +148,10 @@ class FineTuneConfig(StrictModel):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         max_train_items: class-balanced subsample of the train split (None: all).
+        val_fraction: share of those items held out (stratified by class) as a validation set,
+            scored after every epoch (``val_accuracy`` in the history); 0 holds out nothing.
+        keep_best: end with the weights of the epoch of highest validation accuracy (the
+            earliest on a tie) instead of the last epoch's; needs ``val_fraction`` above 0.
         kwargs: method-specific options, validated by the method (unknown keys are refused).
         ran: RAN loss weights (used by ``ran`` only).
         adversary: PGD used to craft training examples on the fly (TeCoA, FARE, RAN).
@@ -157,6 +163,8 @@ class FineTuneConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_train_items: int | None = Field(512, ge=2)
+    val_fraction: float = Field(0.0, ge=0, le=0.5)
+    keep_best: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
     ran: RANWeights = Field(default_factory=RANWeights)
     adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
@@ -169,6 +177,10 @@ class FineTuneConfig(StrictModel):
             known = ", ".join(METHODS.names())
             raise ValueError(f"unknown fine-tuning method {self.method!r}; registered: {known}")
         METHODS.get(self.method).Options.model_validate(self.kwargs)
+        if self.keep_best and self.val_fraction == 0:
+            raise ValueError(
+                "keep_best picks the epoch by validation accuracy: set val_fraction above 0"
+            )
         return self
 
     @property
@@ -594,6 +606,78 @@ def load_train_data(
     )
 
 
+def split_validation(train: TrainData, fraction: float, seed: int) -> tuple[TrainData, TrainData]:
+    """``train`` split into (fit, validation) with ``fraction`` of the items, stratified by
+    class, in the validation part (scikit-learn's ``train_test_split``).
+
+    Raises:
+        DataError: a class too small to appear in both parts, or a validation part smaller
+            than the number of classes.
+    """
+    from sklearn.model_selection import train_test_split
+
+    try:
+        fit, val = train_test_split(
+            np.arange(len(train.labels)),
+            test_size=fraction,
+            random_state=seed,
+            stratify=train.labels.numpy(),
+        )
+    except ValueError as exc:
+        raise DataError(
+            f"cannot hold out {fraction:g} of the {len(train.labels)} {train.modality} training "
+            f"items as a validation set stratified by class: {exc}"
+        ) from None
+    return _subset(train, np.sort(fit)), _subset(train, np.sort(val))
+
+
+def _subset(items: TrainData, idx: np.ndarray) -> TrainData:
+    index = torch.as_tensor(idx, dtype=torch.long)
+    return TrainData(
+        items.images[index],
+        items.labels[index],
+        items.modality,
+        items.class_prompts,
+        questions=None if items.questions is None else [items.questions[i] for i in idx],
+        ids=[items.ids[i] for i in idx] if items.ids else [],
+    )
+
+
+def item_slices(classifier: nn.Module, items: TrainData, batch_size: int) -> Iterator[slice]:
+    """The slices of ``items`` to evaluate together: all at once on a modality; on the VQA
+    task ``batch_size`` at a time, each with the classifier's questions set to its items'."""
+    if items.questions is None:
+        yield slice(0, len(items.images))
+        return
+    assert isinstance(classifier, FineTunedClassifier)
+    for start in range(0, len(items.images), batch_size):
+        part = slice(start, start + batch_size)
+        classifier.set_questions(items.questions[part])
+        yield part
+
+
+def predict_classes(
+    classifier: nn.Module, items: TrainData, shown: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """The predicted class of each of ``items`` when shown the images ``shown`` (its own, or
+    another arrangement of them; on the VQA task with each item's own question), on the CPU."""
+    return torch.cat(
+        [
+            classify_images(classifier, shown[part], batch_size)
+            for part in item_slices(classifier, items, batch_size)
+        ]
+    ).argmax(1)
+
+
+def validation_accuracy(classifier: nn.Module, val: TrainData, batch_size: int) -> float:
+    """Clean accuracy of the classifier being trained on the held-out items (a live head's
+    class embeddings are refreshed from the current text tower first)."""
+    if isinstance(classifier, FineTunedClassifier):
+        classifier.refresh_class_embeddings()
+    pred = predict_classes(classifier, val, val.images, batch_size)
+    return float((pred == val.labels).float().mean())
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -603,8 +687,10 @@ class FineTuneResult:
 
     Attributes:
         classifier: images in [0, 1] NCHW -> logits, in eval mode.
-        report: ``trainable_params``, ``total_params``, ``train_wall_s``, ``overhead``
-            (see :func:`measure_overhead`), ``history`` (per-epoch mean loss and parts).
+        report: ``trainable_params``, ``total_params``, ``train_items``, ``train_wall_s``
+            (validation included), ``overhead`` (see :func:`measure_overhead`), ``history``
+            (per-epoch mean loss and parts, and ``val_accuracy`` with a validation set), and
+            with a validation set ``val_items``, with ``keep_best`` ``best_epoch``.
         config: the fine-tuning config.
         modality: the downstream modality.
         base_state: the base model's tensors before training (for saving only the change).
@@ -651,7 +737,8 @@ def finetune(
             :data:`VQA_TASK` (the VQA-RAD closed yes/no train questions).
         seed: seeds the subsample, the batch order, new modules and the adversary.
         data_dir: data root.
-        train: training data given directly (skips reading the split).
+        train: training data given directly (skips reading the split); a validation part is
+            held out of it as out of the split.
         base_ref: how to rebuild the base model when loading (see :func:`save_finetuned`).
         overhead_batch: images per pass when measuring the inference overhead.
         latency_repeats: timed passes per model for the latency ratio.
@@ -669,6 +756,9 @@ def finetune(
     if train is None:
         train = load_train_data(modality, config.max_train_items, seed, data_dir)
     check_images(train.images)
+    val = None
+    if config.val_fraction > 0:
+        train, val = split_validation(train, config.val_fraction, seed)
     if len(train.images) < 2:
         raise DataError(f"fine-tuning needs at least 2 training items, got {len(train.images)}")
 
@@ -690,6 +780,7 @@ def finetune(
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # accuracy, epoch, state
     n_trainable = sum(p.numel() for p in trainable)
     if log:
         log(
@@ -719,6 +810,14 @@ def finetune(
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{parts['loss']:.3f}")
         history.append({"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}})
+        if val is not None:
+            accuracy = validation_accuracy(classifier, val, config.batch_size)
+            history[-1]["val_accuracy"] = accuracy
+            if config.keep_best and (best is None or accuracy > best[0]):
+                state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+                best = (accuracy, epoch, state)
+    if best is not None:
+        classifier.load_state_dict(best[2])
     train_wall = time.perf_counter() - start
     classifier.eval()
     classifier = method.finalize(classifier)
@@ -742,6 +841,10 @@ def finetune(
         "overhead": overhead,
         "history": history,
     }
+    if val is not None:
+        report["val_items"] = len(val.images)
+    if best is not None:
+        report["best_epoch"] = best[1]
     return FineTuneResult(
         classifier, report, config, train.modality, seed, base_state, dict(base_ref or {})
     )

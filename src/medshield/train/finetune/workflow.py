@@ -37,7 +37,7 @@ robust<=clean, stronger<=weaker, zero-gradients, uses image) are in ``results.js
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,7 +62,6 @@ from medshield.attacks.sanity import (
 from medshield.config import ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
-from medshield.eval.features import classify_images
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import pgd_rows
@@ -73,12 +72,13 @@ from medshield.train.finetune.common import (
     VQA_TASK,
     FineTuneConfig,
     FineTunedClassifier,
-    TrainData,
     adapted_encoder,
     build_base,
     finetune,
+    item_slices,
     load_finetuned,
     load_train_data,
+    predict_classes,
     save_finetuned,
     task_name,
 )
@@ -323,32 +323,6 @@ def worst_case(rows: list[dict[str, Any]], eps: float) -> list[bool]:
     return [per_index[i] for i in sorted(per_index)]
 
 
-def predict_test(
-    classifier: torch.nn.Module, test: TrainData, shown: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """The predicted class of each of ``test``'s items when shown the images ``shown`` (its own,
-    or another arrangement of them; on the VQA task with each item's own question)."""
-    return torch.cat(
-        [
-            classify_images(classifier, shown[part], batch_size)
-            for part in _batches(classifier, test, batch_size)
-        ]
-    ).argmax(1)
-
-
-def _batches(classifier: torch.nn.Module, test: TrainData, batch_size: int) -> Iterator[slice]:
-    """The slices of the test items to evaluate together: all at once on a modality; on the VQA
-    task ``batch_size`` at a time, each with the classifier's questions set to its items'."""
-    if test.questions is None:
-        yield slice(0, len(test.images))
-        return
-    assert isinstance(classifier, FineTunedClassifier)
-    for start in range(0, len(test.images), batch_size):
-        part = slice(start, start + batch_size)
-        classifier.set_questions(test.questions[part])
-        yield part
-
-
 def run_finetune(
     config: FineTuneRunConfig, run: Run, log: Log = print, progress: bool = True
 ) -> dict[str, Any]:
@@ -390,7 +364,7 @@ def run_finetune(
         run.rewrite_samples(r for r in all_rows if r.get("group") in complete)
 
     def prediction_rows(shown: torch.Tensor) -> list[dict[str, Any]]:
-        pred = predict_test(classifier, test, shown, ev.batch_size)
+        pred = predict_classes(classifier, test, shown, ev.batch_size)
         return [
             {"index": int(i), "label": int(y), "pred": int(p), "correct": bool(p == y)}
             for i, y, p in zip(test.ids, labels.tolist(), pred.tolist(), strict=True)
@@ -399,7 +373,7 @@ def run_finetune(
     def attacked_rows(attack: Attack) -> list[dict[str, Any]]:
         return [
             {**r, "index": r["index"] + part.start}
-            for part in _batches(classifier, test, ev.batch_size)
+            for part in item_slices(classifier, test, ev.batch_size)
             for r in robust_accuracy(classifier, attack, images[part], labels[part], ev.batch_size)
         ]
 
@@ -417,7 +391,7 @@ def run_finetune(
         def zero_grad(pgd: PGD = pgd) -> list[dict[str, Any]]:
             flags = [
                 zero_gradient_flag(pgd, images[part], labels[part], ev.batch_size)
-                for part in _batches(classifier, test, ev.batch_size)
+                for part in item_slices(classifier, test, ev.batch_size)
             ]
             return [{"passed": flag.passed, "detail": flag.detail} for flag in flags]
 
@@ -493,9 +467,9 @@ def finetuned_rows(
     shuffled: list[bool | None] = [None] * len(test.images)
     if len(test.images) > 1:
         shown = test.images[derangement(len(test.images), seed)]
-        shuffled = (predict_test(classifier, test, shown, batch_size) == test.labels).tolist()
+        shuffled = (predict_classes(classifier, test, shown, batch_size) == test.labels).tolist()
     rows: list[dict[str, Any]] = []
-    for part in _batches(classifier, test, batch_size):
+    for part in item_slices(classifier, test, batch_size):
         rows.extend(
             pgd_rows(
                 classifier,
