@@ -165,6 +165,39 @@ def finetune_results() -> dict[str, Any]:
     }
 
 
+def finetune_run_results() -> dict[str, Any]:
+    """What ``medshield finetune`` writes under ``finetune`` (a study cell: at the top level)."""
+    return {
+        "method": "lora",
+        "modality": "chest_xray",
+        "report": {
+            "method": "lora",
+            "paper": "Hu et al. ICLR 2022 (LoRA)",
+            "trainable_params": 329_728,
+            "total_params": 26_839_939,
+            "train_items": 204,
+            "val_items": 52,
+            "best_epoch": 1,
+            "train_wall_s": 41.7,
+            "overhead": {"flops_ratio": 1.0, "latency_ratio": 1.152},
+            "history": [
+                {"epoch": 0, "loss": 0.6132, "val_accuracy": 0.8077},
+                {"epoch": 1, "loss": 0.4207, "val_accuracy": 0.9231},
+            ],
+        },
+        "metrics": {
+            "clean_accuracy": m(0.84, 0.77, 0.91, 100),
+            "robust_accuracy/worst@2": m(0.02, 0.0, 0.05, 100),
+        },
+        "sanity": [
+            {"name": "budget", "group": "pgd10@2", "passed": True, "detail": "ok"},
+            {"name": "uses image", "group": "shuffled", "passed": False, "detail": "0.5 vs 0.5"},
+        ],
+        "finetuned_dir": "runs/ft/finetuned",
+        "device": "cpu",
+    }
+
+
 class Links(HTMLParser):
     """Every src/href value, every <script> and <link> tag, and the <img>/<table> counts."""
 

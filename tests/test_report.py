@@ -14,6 +14,7 @@ from report_support import (
     SCRIPT,
     evaluate_results,
     finetune_results,
+    finetune_run_results,
     noise_results,
     parse,
     redteam_config,
@@ -105,6 +106,23 @@ def test_finetune_study_report(tmp_path: Path) -> None:
     assert "0.762 [0.662, 0.862]" in html and "8,320" in html
     assert "zero-gradients(pgd1@2)" in html and '<tr class="fail">' in html
     assert parse(html).tags["img"] == 1 and "robust vs clean per method" in html
+
+
+@pytest.mark.parametrize("layout", ["finetune run", "study cell"])
+def test_finetune_run_report(tmp_path: Path, layout: str) -> None:
+    results = finetune_run_results()
+    if layout == "finetune run":
+        results = {"finetune": results}
+    html = render_report(write_run(tmp_path / "ft", results))
+    assert_self_contained(html)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    assert "kind fine-tuning run" in text and "Other results" not in text
+    assert "204 training items (52 more held out for validation)" in text
+    assert "329,728 trainable of 26,839,939 parameters" in text
+    assert "weights of epoch 2 kept (best validation)" in text
+    assert "0.840 [0.770, 0.910]" in text and "latency x1.152" in text
+    assert "Sanity flags: 1 of 2 passed" in text and '<tr class="fail">' in html
+    assert "epoch loss val accuracy 1 0.6132 0.8077 2 0.4207 0.9231" in text
 
 
 def test_defense_study_report(redteam: Path, tmp_path: Path) -> None:

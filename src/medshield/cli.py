@@ -337,6 +337,7 @@ def finetune(
         f" s, FLOPs x{report['overhead']['flops_ratio']:.4f}, latency "
         f"x{report['overhead']['latency_ratio']:.2f}; run in [bold]{run.path}[/]"
     )
+    _report(run.path)
 
 
 @study_app.command("finetune")

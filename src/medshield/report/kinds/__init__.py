@@ -40,6 +40,7 @@ def kinds() -> list[Kind]:
         evaluate.PRETRAIN,
         evaluate.EVALUATE,
         noise.KIND,
+        finetune.RUN_KIND,
         finetune.KIND,
         redteam.KIND,
         defense.KIND,

@@ -1,5 +1,7 @@
-"""The fine-tuning comparison (``medshield study finetune``): the table per checkpoint, method
-and modality, and a clean-vs-robust scatter per checkpoint and budget (one point per method)."""
+"""Fine-tuning reports: one ``medshield finetune`` run (its metrics, sanity flags, costs and
+per-epoch history) and the comparison study (``medshield study finetune``: the table per
+checkpoint, method and modality, and a clean-vs-robust scatter per checkpoint and budget, one
+point per method)."""
 
 from __future__ import annotations
 
@@ -106,3 +108,95 @@ def _sections(run: RunData) -> list[Section]:
 
 
 KIND = Kind("fine-tuning study", _claims, _sections)
+
+
+# --- one ``medshield finetune`` run ---------------------------------------------------------------
+
+
+RUN_KEYS = ("method", "modality", "report", "metrics", "sanity", "finetuned_dir", "device")
+
+
+def _is_run(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("metrics"), dict)
+        and isinstance(value.get("report"), dict)
+        and "method" in value
+    )
+
+
+def _run_claims(results: dict[str, Any]) -> list[str]:
+    """``finetune`` in a ``medshield finetune`` run; the same keys at the top level in a
+    study's cell."""
+    if _is_run(results.get("finetune")):
+        return ["finetune"]
+    return [k for k in RUN_KEYS if k in results] if _is_run(results) else []
+
+
+def _history(history: list[dict[str, Any]]) -> Table:
+    parts = [k for k in dict.fromkeys(k for h in history for k in h) if k != "epoch"]
+    return Table(
+        columns=["epoch", *(p.replace("_", " ") for p in parts)],
+        rows=[
+            [number(h.get("epoch", 0) + 1), *(number(h.get(p), 4) for p in parts)] for h in history
+        ],
+        title="Training history (mean over the epoch's batches; val accuracy on held-out items)",
+    )
+
+
+def _flags(flags: list[dict[str, Any]]) -> Table:
+    classes = ["pass" if f.get("passed") else "fail" for f in flags]
+    return Table(
+        columns=["group", "check", "result", "detail"],
+        rows=[
+            [
+                str(f.get("group", "-")),
+                str(f.get("name")),
+                "passed" if f.get("passed") else "FAILED",
+                str(f.get("detail", "")),
+            ]
+            for f in flags
+        ],
+        row_classes=classes,
+        title=f"Sanity flags: {classes.count('pass')} of {len(flags)} passed",
+        note="Checks that the robust numbers come from a working attack, and that the "
+        "classifier uses the image (see docs/concepts.md).",
+    )
+
+
+def _run_sections(run: RunData) -> list[Section]:
+    ft = run.results["finetune"] if _is_run(run.results.get("finetune")) else run.results
+    report: dict[str, Any] = ft.get("report") or {}
+    overhead = report.get("overhead") or {}
+    items = f"{number(report.get('train_items'))} training items"
+    if "val_items" in report:
+        items += f" ({number(report['val_items'])} more held out for validation)"
+    best = report.get("best_epoch")
+    intro = (
+        f"{ft.get('method', '-')} ({report.get('paper', '-')}) on {ft.get('modality', '-')}: "
+        f"{items}, {number(report.get('trainable_params'))} trainable of "
+        f"{number(report.get('total_params'))} parameters, "
+        f"trained in {number(report.get('train_wall_s'), 1)} s"
+        + ("" if best is None else f", weights of epoch {best + 1} kept (best validation)")
+        + f"; inference FLOPs x{number(overhead.get('flops_ratio'))}, latency "
+        f"x{number(overhead.get('latency_ratio'))} of the base zero-shot classifier."
+    )
+    metrics = ft["metrics"]
+    table = Table(
+        columns=["metric", "value [95% CI]", "n"],
+        rows=[
+            [name, metric(value), number(value.get("n"))]
+            for name, value in metrics.items()
+            if is_metric(value)
+        ],
+        title="Clean and robust accuracy and the image-free references (bootstrap CI)",
+    )
+    tables = [table]
+    if ft.get("sanity"):
+        tables.append(_flags(ft["sanity"]))
+    if report.get("history"):
+        tables.append(_history(report["history"]))
+    return [Section("Fine-tuning run", intro=intro, tables=tables)]
+
+
+RUN_KIND = Kind("fine-tuning run", _run_claims, _run_sections)
