@@ -104,6 +104,24 @@ def test_cli_refuses_an_unknown_method_with_a_clear_message(tmp_path: Path) -> N
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_finetune_writes_results_and_its_report(tmp_path: Path, data_dir: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from medshield.cli import app
+
+    cfg = run_config(tmp_path, data_dir)
+    cfg.finetune.max_train_items, cfg.finetune.val_fraction = 12, 0.5
+    cfg.robust.retrieval, cfg.robust.pgd_steps, cfg.robust.apgd = False, [1], False
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "clean_accuracy:" in result.output and "trainable parameters" in result.output
+    html = (tmp_path / "ft" / "report.html").read_text()
+    assert "fine-tuning run" in html and "held out for validation" in html
+
+
 def test_the_shuffled_control_moves_every_image_and_is_seeded() -> None:
     for n in (2, 3, 10, 101):
         perm = derangement(n, seed=7)
