@@ -44,6 +44,7 @@ def test_craft_noise_then_pretrain_on_it(tmp_path: Path, data_dir: Path) -> None
     assert results["craft_noise"]["max_linf_255"] <= 2.5  # eps + uint8 rounding
     rows = (tmp_path / "noise" / "samples.jsonl").read_text().splitlines()
     assert len(rows) == 8
+    assert (tmp_path / "noise" / "report.html").stat().st_size > 1000
 
     again = runner.invoke(app, craft_args)
     assert again.exit_code == 0, again.output  # finished: a rerun only re-reads it
@@ -69,6 +70,7 @@ def test_craft_noise_then_pretrain_on_it(tmp_path: Path, data_dir: Path) -> None
     history = json.loads((tmp_path / "pre" / "results.json").read_text())["pretrain"]
     assert history["train_pairs"] == 8 and history["modalities"] == ["breast_ultrasound"]
     assert (tmp_path / "pre" / "model" / "model.safetensors").exists()
+    assert "Pretraining" in (tmp_path / "pre" / "report.html").read_text()
 
 
 def test_interrupted_craft_noise_resumes_from_its_shards(tmp_path: Path, data_dir: Path) -> None:

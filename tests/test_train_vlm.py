@@ -146,3 +146,4 @@ def test_cli_train_vlm(tmp_path, data_dir) -> None:
     assert "VQA-RAD closed" in result.output and "image minus no_image" in result.output
     run = tmp_path / "mini-llava"
     assert (run / "results.json").is_file() and (run / "model" / "mini_llava.safetensors").is_file()
+    assert (run / "report.html").stat().st_size > 1000

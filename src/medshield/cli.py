@@ -123,6 +123,7 @@ def pretrain(
     except MedshieldError as exc:
         _fail(exc)
     console.print(f"model saved to [bold]{result['model_dir']}[/]; run in {run.path}")
+    _report(run.path)
 
 
 @app.command()
@@ -184,6 +185,7 @@ def craft_noise(
         f"[bold]{result['noisy_dataset']}[/]; pretrain on it with "
         f"--set data.noisy_dataset={result['noisy_dataset']}"
     )
+    _report(run.path)
 
 
 @app.command()
@@ -277,6 +279,7 @@ def train_vlm(
             f"{d['ci_high']:+.3f}] (paired)"
         )
     console.print(f"model saved to [bold]{result['model_dir']}[/]; run in {run.path}")
+    _report(run.path)
 
 
 @study_app.command("noise")
