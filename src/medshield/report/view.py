@@ -122,3 +122,24 @@ def ci(value: Any) -> tuple[float, float, float] | None:
         return None
     low, high = value.get("ci_low"), value.get("ci_high")
     return v, v if low is None else float(low), v if high is None else float(high)
+
+
+def flags_table(flags: list[tuple[str, dict[str, Any]]], where: str, note: str) -> Table:
+    """The sanity flags, one row each: ``(where, flag)`` pairs, ``where`` naming the modality or
+    attack group in the first column (headed ``where``); failed flags are styled ``fail``."""
+    classes = ["pass" if flag.get("passed") else "fail" for _, flag in flags]
+    return Table(
+        columns=[where, "check", "result", "detail"],
+        rows=[
+            [
+                place,
+                str(flag.get("name")),
+                "passed" if flag.get("passed") else "FAILED",
+                str(flag.get("detail", "")),
+            ]
+            for place, flag in flags
+        ],
+        row_classes=classes,
+        title=f"Attack sanity flags: {classes.count('pass')} of {len(flags)} passed",
+        note=note,
+    )

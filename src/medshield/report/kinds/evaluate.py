@@ -9,7 +9,7 @@ from typing import Any
 from medshield.report import plots
 from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Section, Table, ci, metric, number
+from medshield.report.view import Figure, Section, Table, ci, flags_table, metric, number
 
 POOLED = ("all", "mean")  # summary groups that are not modalities; "all" preferred for headline
 BAR_TASKS = {"zero_shot": "zero-shot", "linear_probe": "linear probe"}
@@ -116,30 +116,6 @@ def _robust_curve(groups: dict[str, Any]) -> Figure | None:
     )
 
 
-def _sanity(sanity: dict[str, list[dict[str, Any]]]) -> Table:
-    rows, classes = [], []
-    for modality, flags in sanity.items():
-        for flag in flags:
-            passed = bool(flag.get("passed"))
-            rows.append(
-                [
-                    modality,
-                    str(flag.get("name")),
-                    "passed" if passed else "FAILED",
-                    str(flag.get("detail", "")),
-                ]
-            )
-            classes.append("pass" if passed else "fail")
-    failed = classes.count("fail")
-    return Table(
-        columns=["modality", "check", "result", "detail"],
-        rows=rows,
-        row_classes=classes,
-        title=f"Attack sanity flags: {len(rows) - failed} of {len(rows)} passed",
-        note="Checks that the robust numbers come from a working attack (see eval/robust.py).",
-    )
-
-
 def _evaluate_sections(run: RunData) -> list[Section]:
     ev = run.results["evaluate"]
     metrics: dict[str, Any] = ev["metrics"]
@@ -168,7 +144,13 @@ def _evaluate_sections(run: RunData) -> list[Section]:
     sections = [headline]
     sanity = ev.get("sanity") or {}
     if sanity:
-        sections.append(Section("Attack sanity flags", tables=[_sanity(sanity)]))
+        flags = [(modality, flag) for modality, group in sanity.items() for flag in group]
+        table = flags_table(
+            flags,
+            "modality",
+            "Checks that the robust numbers come from a working attack (see eval/robust.py).",
+        )
+        sections.append(Section("Attack sanity flags", tables=[table]))
     sections.append(
         Section(
             "Metrics per modality",

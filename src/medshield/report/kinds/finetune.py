@@ -10,7 +10,16 @@ from typing import Any
 from medshield.report import plots
 from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Section, Table, ci, is_metric, metric, number
+from medshield.report.view import (
+    Figure,
+    Section,
+    Table,
+    ci,
+    flags_table,
+    is_metric,
+    metric,
+    number,
+)
 
 CLAIMED = ("table", "modalities", "methods", "checkpoints", "cells", "plots")
 COSTS = {
@@ -144,26 +153,6 @@ def _history(history: list[dict[str, Any]]) -> Table:
     )
 
 
-def _flags(flags: list[dict[str, Any]]) -> Table:
-    classes = ["pass" if f.get("passed") else "fail" for f in flags]
-    return Table(
-        columns=["group", "check", "result", "detail"],
-        rows=[
-            [
-                str(f.get("group", "-")),
-                str(f.get("name")),
-                "passed" if f.get("passed") else "FAILED",
-                str(f.get("detail", "")),
-            ]
-            for f in flags
-        ],
-        row_classes=classes,
-        title=f"Sanity flags: {classes.count('pass')} of {len(flags)} passed",
-        note="Checks that the robust numbers come from a working attack, and that the "
-        "classifier uses the image (see docs/concepts.md).",
-    )
-
-
 def _run_sections(run: RunData) -> list[Section]:
     ft = run.results["finetune"] if _is_run(run.results.get("finetune")) else run.results
     report: dict[str, Any] = ft.get("report") or {}
@@ -193,7 +182,12 @@ def _run_sections(run: RunData) -> list[Section]:
     )
     tables = [table]
     if ft.get("sanity"):
-        tables.append(_flags(ft["sanity"]))
+        flags = [(str(flag.get("group", "-")), flag) for flag in ft["sanity"]]
+        note = (
+            "Checks that the robust numbers come from a working attack, and that the classifier "
+            "uses the image (see docs/concepts.md)."
+        )
+        tables.append(flags_table(flags, "group", note))
     if report.get("history"):
         tables.append(_history(report["history"]))
     return [Section("Fine-tuning run", intro=intro, tables=tables)]
