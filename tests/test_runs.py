@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medshield.config import load_config
 from medshield.errors import ConfigError
@@ -28,6 +29,21 @@ def test_a_different_config_is_refused_unless_overwriting(tmp_path: Path) -> Non
     assert run.load_samples() == []
     assert not (tmp_path / "checkpoints").exists()  # an old checkpoint must not be resumed
     assert "seed: 1" in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    cfg = load_config(None, ["name=a"])
+    Run(tmp_path, cfg).append_samples([{"i": 1}])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["seed"]  # as if the field was added after the run (the default seed is 0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert Run(tmp_path, cfg).load_samples() == [{"i": 1}]
+    with pytest.raises(ConfigError, match="different config"):
+        Run(tmp_path, load_config(None, ["name=a", "seed=1"]))  # the default is not seed 1
+    saved["no_such_field"] = 1  # a field this version does not know: not the same run
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match="different config"):
+        Run(tmp_path, cfg)
 
 
 def test_a_torn_last_line_is_skipped_and_appending_continues_cleanly(tmp_path: Path) -> None:

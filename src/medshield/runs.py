@@ -15,7 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from medshield.config import dump_config
 from medshield.errors import ConfigError
@@ -43,12 +44,26 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _same_config(saved: str, config: BaseModel, text: str) -> bool:
+    """Whether a run's saved ``config.yaml`` describes ``config`` (dumped as ``text``): the same
+    YAML, or the same once validated with the current defaults."""
+    if saved == text:
+        return True
+    try:
+        previous = type(config).model_validate(yaml.safe_load(saved))
+    except (ValidationError, yaml.YAMLError):
+        return False
+    return dump_config(previous) == text
+
+
 class Run:
     """A run directory.
 
     Opening a directory that already holds a run resumes it when its ``config.yaml`` equals the
     new config; a different config is refused unless ``overwrite`` is set (which empties the
-    directory), so results and checkpoints from two configurations are never mixed.
+    directory), so results and checkpoints from two configurations are never mixed. Equal means
+    equal once validated: a ``config.yaml`` written before a field existed holds that field's
+    default, so a new field with a default does not orphan older runs.
     """
 
     def __init__(self, directory: str | Path, config: BaseModel, overwrite: bool = False) -> None:
@@ -58,7 +73,7 @@ class Run:
         text = dump_config(config)
         config_path = self.path / "config.yaml"
         if config_path.exists() and not overwrite:
-            if config_path.read_text() != text:
+            if not _same_config(config_path.read_text(), config, text):
                 raise ConfigError(
                     f"{self.path} holds a run with a different config; pass --overwrite to "
                     "replace it, or choose another --name/--output-dir"
