@@ -18,6 +18,15 @@ from medshield.noise import NoisyCaptionDataset, NoisyMix, choose_perturbed, cra
 from medshield.studies.noise import load_noise_study_config, mean_ci
 
 runner = CliRunner()
+TINY_STUDY = [  # the smallest study: one upstream modality, fundus held out, one tiny epoch
+    "holdout_modality=fundus",
+    "base.data.modalities=[breast_ultrasound, fundus]",
+    "base.data.train_per_class_cap=4",
+    "base.model.kwargs={embed_dim: 16, image_size: 32, pretrained: false}",
+    "base.pretrain.epochs=1",
+    "base.pretrain.batch_size=8",
+    "base.pretrain.image_layers=0",
+]
 
 
 def _clean(data_dir: Path, seed: int = 0) -> ImageCaptionDataset:
@@ -114,13 +123,7 @@ def test_study_noise_runs_resumes_and_aggregates(tmp_path: Path, data_dir: Path)
         "ratios=[0, 1]",
         "eps_values=[8]",
         "seeds=[0]",
-        "holdout_modality=fundus",
-        "base.data.modalities=[breast_ultrasound, fundus]",
-        "base.data.train_per_class_cap=4",
-        "base.model.kwargs={embed_dim: 16, image_size: 32, pretrained: false}",
-        "base.pretrain.epochs=1",
-        "base.pretrain.batch_size=8",
-        "base.pretrain.image_layers=0",
+        *TINY_STUDY,
         "base.noise.batch_size=8",
         "base.noise.attack_kwargs={steps: 1, max_edits: 1}",
         "base.evaluate.tasks=[zero_shot, robust_zero_shot]",
@@ -160,13 +163,7 @@ def test_a_clean_only_sweep_trains_no_surrogate_and_crafts_no_pool(
         f"output_dir={tmp_path}",
         "ratios=[0]",
         "seeds=[0]",
-        "holdout_modality=fundus",
-        "base.data.modalities=[breast_ultrasound, fundus]",
-        "base.data.train_per_class_cap=4",
-        "base.model.kwargs={embed_dim: 16, image_size: 32, pretrained: false}",
-        "base.pretrain.epochs=1",
-        "base.pretrain.batch_size=8",
-        "base.pretrain.image_layers=0",
+        *TINY_STUDY,
         "base.evaluate.tasks=[zero_shot]",
         "base.evaluate.max_test_items=8",
         "base.evaluate.bootstrap_resamples=20",
