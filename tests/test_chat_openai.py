@@ -68,7 +68,13 @@ class Handler(BaseHTTPRequestHandler):
             if isinstance(answer, float):  # hang for this long: a time-out
                 time.sleep(answer)
                 answer = ok("too late")
-            status, payload, headers = answer
+        finally:
+            # no longer active before the reply leaves: once the client has the reply it may
+            # send its next request, and this thread may not have run again by then
+            with rec.lock:
+                rec.active -= 1
+        status, payload, headers = answer
+        try:
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
@@ -77,9 +83,6 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            with rec.lock:
-                rec.active -= 1
 
 
 @pytest.fixture()
