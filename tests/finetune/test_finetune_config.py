@@ -38,6 +38,9 @@ from medshield.train.finetune.workflow import (
         ({"method": "lora", "kwargs": {"rnk": 4}}, "rnk"),
         ({"method": "ran", "lr": 0}, "greater than 0"),
         ({"method": "tecoa", "adversary": {"eps": 0}}, "greater than 0"),
+        ({"keep_best": True}, "set val_fraction above 0"),
+        ({"val_fraction": 0.6}, "less than or equal to 0.5"),
+        ({"val_fraction": -0.1}, "greater than or equal to 0"),
     ],
 )
 def test_bad_configs_are_clear_config_errors(raw: dict, match: str) -> None:

@@ -10,12 +10,11 @@ import pytest
 import torch
 from finetune_support import run_method
 
-from medshield.errors import ConfigError, DataError
+from medshield.errors import DataError
 from medshield.models.mini_clip import MiniClip
 from medshield.train.finetune.common import (
     TrainData,
     load_train_data,
-    parse_finetune_config,
     predict_classes,
     split_validation,
 )
@@ -29,19 +28,6 @@ def train24(data_dir: Path) -> TrainData:
 def _accuracy(classifier: torch.nn.Module, items: TrainData) -> float:
     pred = predict_classes(classifier, items, items.images, 8)
     return float((pred == items.labels).float().mean())
-
-
-@pytest.mark.parametrize(
-    ("raw", "match"),
-    [
-        ({"keep_best": True}, "set val_fraction above 0"),
-        ({"val_fraction": 0.6}, "less than or equal to 0.5"),
-        ({"val_fraction": -0.1}, "greater than or equal to 0"),
-    ],
-)
-def test_bad_validation_settings_are_config_errors(raw: dict, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
-        parse_finetune_config(raw)
 
 
 def test_split_is_stratified_disjoint_and_keeps_ids_and_questions(
