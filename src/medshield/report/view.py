@@ -124,9 +124,12 @@ def ci(value: Any) -> tuple[float, float, float] | None:
     return v, v if low is None else float(low), v if high is None else float(high)
 
 
-def flags_table(flags: list[tuple[str, dict[str, Any]]], where: str, note: str) -> Table:
+def flags_table(
+    flags: list[tuple[str, dict[str, Any]]], where: str, title: str, note: str
+) -> Table:
     """The sanity flags, one row each: ``(where, flag)`` pairs, ``where`` naming the modality or
-    attack group in the first column (headed ``where``); failed flags are styled ``fail``."""
+    attack group in the first column (headed ``where``); failed flags are styled ``fail``, and
+    the title counts the passed ones (``"<title>: 3 of 4 passed"``)."""
     classes = ["pass" if flag.get("passed") else "fail" for _, flag in flags]
     return Table(
         columns=[where, "check", "result", "detail"],
@@ -140,6 +143,6 @@ def flags_table(flags: list[tuple[str, dict[str, Any]]], where: str, note: str) 
             for place, flag in flags
         ],
         row_classes=classes,
-        title=f"Attack sanity flags: {classes.count('pass')} of {len(flags)} passed",
+        title=f"{title}: {classes.count('pass')} of {len(flags)} passed",
         note=note,
     )

@@ -148,6 +148,7 @@ def _evaluate_sections(run: RunData) -> list[Section]:
         table = flags_table(
             flags,
             "modality",
+            "Attack sanity flags",
             "Checks that the robust numbers come from a working attack (see eval/robust.py).",
         )
         sections.append(Section("Attack sanity flags", tables=[table]))

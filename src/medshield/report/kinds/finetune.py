@@ -187,7 +187,7 @@ def _run_sections(run: RunData) -> list[Section]:
             "Checks that the robust numbers come from a working attack, and that the classifier "
             "uses the image (see docs/concepts.md)."
         )
-        tables.append(flags_table(flags, "group", note))
+        tables.append(flags_table(flags, "group", "Sanity flags", note))
     if report.get("history"):
         tables.append(_history(report["history"]))
     return [Section("Fine-tuning run", intro=intro, tables=tables)]
