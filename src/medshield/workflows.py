@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from medshield.attacks import MultimodalAttack  # also registers the attacks
+from medshield.attacks.multimodal import build_multimodal_attack
 from medshield.config import RunConfig
 from medshield.data import ImageCaptionDataset, available_modalities, get_modality
-from medshield.errors import ConfigError, DataError, InputError
+from medshield.errors import DataError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import image_use_flag, summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
@@ -29,7 +29,6 @@ from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
 from medshield.noise import NoisyCaptionDataset, craft_noisy_dataset, file_sha256
-from medshield.registry import ATTACKS
 from medshield.runs import Log, Run
 from medshield.train.pretrain import pretrain
 
@@ -370,14 +369,3 @@ def robust_sanity(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
             own = [bool(r["clean_correct"]) for r in group]
             sanity[g].append(image_use_flag(own, [bool(r["shuffled_correct"]) for r in group]))
     return sanity
-
-
-def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:
-    """The registered multimodal attack ``name`` built with ``kwargs``, or a ConfigError."""
-    attack_class = ATTACKS.get(name)
-    if not (isinstance(attack_class, type) and issubclass(attack_class, MultimodalAttack)):
-        raise ConfigError(f"{name!r} is not a multimodal (image-text pair) attack")
-    try:
-        return attack_class(**kwargs)
-    except (TypeError, InputError) as exc:
-        raise ConfigError(f"the arguments {kwargs} do not fit attack {name!r}: {exc}") from None

@@ -19,8 +19,9 @@ import torch
 
 from medshield.attacks.base import attack_mode, check_budget, check_count
 from medshield.attacks.text import WordSubstitutionAttack
-from medshield.errors import InputError
+from medshield.errors import ConfigError, InputError
 from medshield.models.base import DualEncoder, check_images, check_texts
+from medshield.registry import ATTACKS
 
 
 @dataclass
@@ -117,6 +118,17 @@ class MultimodalAttack(ABC):
         adversarial captions and their edit counts."""
         results = self.text_attack(model, captions, reference=reference)
         return [r.perturbed for r in results], [len(r.edits) for r in results]
+
+
+def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:
+    """The registered multimodal attack ``name`` built with ``kwargs``, or a ConfigError."""
+    attack_class = ATTACKS.get(name)
+    if not (isinstance(attack_class, type) and issubclass(attack_class, MultimodalAttack)):
+        raise ConfigError(f"{name!r} is not a multimodal (image-text pair) attack")
+    try:
+        return attack_class(**kwargs)
+    except (TypeError, InputError) as exc:
+        raise ConfigError(f"the arguments {kwargs} do not fit attack {name!r}: {exc}") from None
 
 
 def check_pairs(model: Any, images: Any, captions: Any) -> tuple[torch.Tensor, list[str]]:

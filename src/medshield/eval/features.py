@@ -7,8 +7,7 @@ bar appears only for inputs of at least :data:`PROGRESS_MIN_ITEMS` items.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medshield.errors import InputError
-from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
+from medshield.models.base import DualEncoder, check_images, check_texts, evaluating
 
 PROGRESS_MIN_ITEMS = 2048
 
@@ -26,13 +25,6 @@ Batch = TypeVar("Batch", torch.Tensor, list[str])
 def _module_device(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode (each submodule's own mode restored afterwards) and no gradients."""
-    with eval_mode(module), torch.no_grad():
-        yield module
 
 
 def _run_batched(

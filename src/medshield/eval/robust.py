@@ -38,9 +38,8 @@ from medshield.attacks.sanity import (
     stronger_flag,
 )
 from medshield.errors import InputError
-from medshield.eval.features import evaluating
 from medshield.eval.zero_shot import balanced_subset
-from medshield.models.base import DualEncoder, ZeroShotClassifier
+from medshield.models.base import DualEncoder, ZeroShotClassifier, evaluating
 
 TASK = "robust_zero_shot"
 

@@ -37,6 +37,13 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (each submodule's own mode restored afterwards) and no gradients."""
+    with eval_mode(module), torch.no_grad():
+        yield module
+
+
 def check_images(images: Any) -> torch.Tensor:
     """Validate an image batch against the input convention and return it.
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
-from medshield.report.view import Link, Section, Table, metric, number
+from medshield.report.view import Kind, Link, Section, Table, metric, number
 
 CACHE_LABELS = {
     "trained": "trained, cached",

@@ -8,11 +8,11 @@ from typing import Any
 
 from medshield.report import plots
 from medshield.report.images import image_key, thumbnails
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
 from medshield.report.view import (
     Browser,
     Figure,
+    Kind,
     SampleRow,
     Section,
     Table,

@@ -48,7 +48,7 @@ from scipy.stats import binomtest
 
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack
-from medshield.attacks.multimodal import MultimodalAttack
+from medshield.attacks.multimodal import MultimodalAttack, build_multimodal_attack
 from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.attacks.sanity import (
     SanityFlag,
@@ -82,7 +82,6 @@ from medshield.train.finetune.common import (
     save_finetuned,
     task_name,
 )
-from medshield.workflows import build_multimodal_attack
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
