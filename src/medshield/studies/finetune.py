@@ -55,9 +55,9 @@ from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
-    mean_ci,
     recall_indicators,
     run_finetune,
+    share_bootstrap_ci,
     worst_case,
 )
 
@@ -342,7 +342,7 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             "modality": key[2],
             "seeds": len(group),
         }
-        entry["clean_accuracy"] = mean_ci(
+        entry["clean_accuracy"] = share_bootstrap_ci(
             [r["correct"] for r in rows if r.get("group") == "clean"], ev.bootstrap_resamples
         )
         majority = [
@@ -351,10 +351,10 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             for hit in majority_hits([r for r in c["rows"] if r.get("group") == "clean"])
         ]
         if majority:
-            entry["majority_accuracy"] = mean_ci(majority, ev.bootstrap_resamples)
+            entry["majority_accuracy"] = share_bootstrap_ci(majority, ev.bootstrap_resamples)
         shuffled = [r["correct"] for r in rows if r.get("group") == "shuffled"]
         if shuffled:  # cells run before the control existed have none
-            entry["shuffled_image_accuracy"] = mean_ci(shuffled, ev.bootstrap_resamples)
+            entry["shuffled_image_accuracy"] = share_bootstrap_ci(shuffled, ev.bootstrap_resamples)
         attack_groups = sorted(
             {
                 r["group"]
@@ -363,15 +363,15 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             }
         )
         for g in attack_groups:
-            entry[f"robust/{g}"] = mean_ci(
+            entry[f"robust/{g}"] = share_bootstrap_ci(
                 [r["robust_correct"] for r in rows if r.get("group") == g], ev.bootstrap_resamples
             )
         for eps in ev.eps:
             worst = [v for c in group for v in worst_case(c["rows"], eps)]
             if worst:
-                entry[f"robust/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples)
+                entry[f"robust/worst@{eps:g}"] = share_bootstrap_ci(worst, ev.bootstrap_resamples)
         for name, hits in recall_indicators(rows).items():
-            entry[name] = mean_ci(hits, ev.bootstrap_resamples)
+            entry[name] = share_bootstrap_ci(hits, ev.bootstrap_resamples)
         reports = [c["result"]["report"] for c in group]
         entry["trainable_params"] = int(np.mean([r["trainable_params"] for r in reports]))
         entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in reports]))

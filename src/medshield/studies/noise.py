@@ -241,7 +241,7 @@ def headline(
     return out
 
 
-def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | int | None]:
+def mean_t_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | int | None]:
     """Mean over seeds with a Student-t interval (None bounds with a single seed), clipped to
     [0, 1]: every headline metric is an accuracy or a recall, and with three seeds the raw
     interval of a value near 0 would otherwise reach below it."""
@@ -276,7 +276,7 @@ def aggregate(
             point: dict[str, Any] = {"ratio": ratio, "eps": eps, "seeds": len(per_seed)}
             for column in HEADLINE:
                 values = [s[column] for s in per_seed if s[column] is not None]
-                point[column] = mean_ci(values) if values else None
+                point[column] = mean_t_ci(values) if values else None
             points.append(point)
     return points
 
