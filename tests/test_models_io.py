@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,11 @@ import medshield
 from medshield.errors import DataError, UnknownNameError, UnsafeFileError
 from medshield.models.base import DualEncoder
 from medshield.models.hf_clip import HFClipDualEncoder
-from medshield.models.io import create_model, load_model, save_model
+from medshield.models.io import create_model, load_model, read_record, save_model
+from medshield.models.mini_llava import MiniLlava
 from medshield.models.open_clip_backend import OpenClipDualEncoder
 from medshield.registry import MODELS
+from medshield.train.finetune.common import read_finetuned_meta
 
 TEST_BACKEND = "test-io-tiny"
 
@@ -169,6 +172,35 @@ def test_corrupt_or_incomplete_metadata(saved: Path) -> None:
     meta.write_text(json.dumps({"format": 2, "backend": TEST_BACKEND, "init_kwargs": {}}))
     with pytest.raises(DataError, match="format 2"):
         load_model(saved)
+
+
+@pytest.mark.parametrize(
+    ("read", "file", "what"),
+    [
+        (lambda d: read_record(d, "x.json", "saved thing"), "x.json", "saved thing"),
+        (load_model, "medshield_model.json", "saved medshield model"),
+        (lambda d: MiniLlava(checkpoint=d), "medshield_chat_model.json", "saved mini-llava"),
+        (read_finetuned_meta, "finetune.json", "fine-tuned medshield model"),
+    ],
+)
+def test_every_saved_record_is_read_with_the_same_errors(
+    tmp_path: Path, read: Callable[[Path], object], file: str, what: str
+) -> None:
+    with pytest.raises(DataError, match=f"is not a {what}: {file} is missing"):
+        read(tmp_path)
+    for content, message in [
+        (b"{not json", "is not valid JSON"),
+        (b'{"a": "\xff"}', "is not valid JSON"),
+        (b"[1, 2]", "must hold a JSON object, got list"),
+    ]:
+        (tmp_path / file).write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            read(tmp_path)
+
+
+def test_read_record_returns_the_object(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text('{"format": 1, "a": [2]}', encoding="utf-8")
+    assert read_record(tmp_path, "x.json", "saved thing") == {"format": 1, "a": [2]}
 
 
 def test_unknown_backend(saved: Path) -> None:

@@ -10,7 +10,8 @@ import yaml
 
 from medshield.config import load_config
 from medshield.errors import ConfigError
-from medshield.runs import Run
+from medshield.report.rundir import load_run
+from medshield.runs import Run, read_samples
 
 
 def test_reopening_with_the_same_config_keeps_rows(tmp_path: Path) -> None:
@@ -54,6 +55,19 @@ def test_a_torn_last_line_is_skipped_and_appending_continues_cleanly(tmp_path: P
     assert run.load_samples() == [{"i": 1}]
     run.append_samples([{"i": 3}])
     assert run.load_samples() == [{"i": 1}, {"i": 3}]
+
+
+def test_runs_and_reports_read_the_same_rows_skipping_what_is_not_an_object(
+    tmp_path: Path,
+) -> None:
+    run = Run(tmp_path, load_config(None))
+    run.append_samples([{"i": 1}])
+    with run.samples_path.open("ab") as f:
+        f.write(b'[1, 2]\n"text"\n{"i": "\xff"\n{"i": 2}\n')  # hand-edited, a bad byte
+    run.write_results({}, seed=0)
+    assert read_samples(run.samples_path) == [{"i": 1}, {"i": 2}]
+    assert run.load_samples() == load_run(tmp_path).samples == [{"i": 1}, {"i": 2}]
+    assert read_samples(tmp_path / "absent.jsonl") == []
 
 
 def test_results_carry_versions_seed_and_wall_time(tmp_path: Path) -> None:

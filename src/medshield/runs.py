@@ -44,6 +44,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``samples.jsonl`` (empty when absent): a torn line left by a crash, or a
+    line that holds no JSON object, is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def _same_config(saved: str, config: BaseModel, text: str) -> bool:
     """Whether a run's saved ``config.yaml`` describes ``config`` (dumped as ``text``): the same
     YAML, or the same once validated with the current defaults."""
@@ -88,16 +104,8 @@ class Run:
         return self.path / "samples.jsonl"
 
     def load_samples(self) -> list[dict[str, Any]]:
-        """Every finished row; a torn line left by a crash is skipped."""
-        if not self.samples_path.exists():
-            return []
-        rows = []
-        for line in self.samples_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        """Every finished row (see :func:`read_samples`)."""
+        return read_samples(self.samples_path)
 
     def append_samples(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append rows and flush them to disk at once (after a torn line, on a new line)."""

@@ -95,11 +95,9 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"model directory {directory} does not exist")
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
+    if not (directory / META_FILE).is_file():
         _refuse_pickles(directory)
-        raise DataError(f"{directory} is not a saved medshield model: {META_FILE} is missing")
-    backend, init_kwargs = _read_meta(meta_path)
+    backend, init_kwargs = _read_meta(directory)
     cls = MODELS.get(backend)
     for_loading = getattr(cls, "for_loading", None)
     if for_loading is not None:
@@ -141,13 +139,28 @@ def _refuse_pickles(directory: Path) -> None:
         )
 
 
-def _read_meta(path: Path) -> tuple[str, dict[str, Any]]:
+def read_record(directory: str | Path, name: str, what: str) -> dict[str, Any]:
+    """The JSON object in ``directory / name``, the file that makes ``directory`` a saved
+    ``what`` (e.g. ``medshield_model.json`` of a saved medshield model).
+
+    Raises:
+        DataError: the file is missing, is not valid JSON, or holds no JSON object.
+    """
+    path = Path(directory) / name
+    if not path.is_file():
+        raise DataError(f"{directory} is not a {what}: {name} is missing")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    if not isinstance(record, dict):
+        raise DataError(f"{path} must hold a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _read_meta(directory: Path) -> tuple[str, dict[str, Any]]:
+    path = directory / META_FILE
+    meta = read_record(directory, META_FILE, "saved medshield model")
     if meta.get("format") != FORMAT:
         raise DataError(
             f"{path} has format {meta.get('format')!r}; this medshield "

@@ -69,6 +69,7 @@ from medshield.models.chat import (
     check_conversation,
     load_image,
 )
+from medshield.models.io import read_record
 from medshield.models.prefix_cache import (
     MIN_PREFIX_TOKENS,
     PrefixCache,
@@ -648,13 +649,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
     if not directory.is_dir():
         raise DataError(f"mini-llava directory {directory} does not exist")
-    if not path.is_file():
-        raise DataError(f"{directory} is not a saved mini-llava: {META_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("backend") != MiniLlava.backend:
+    meta = read_record(directory, META_FILE, "saved mini-llava")
+    if meta.get("backend") != MiniLlava.backend:
         raise DataError(f"{path} does not describe a mini-llava model")
     if meta.get("format") != FORMAT:
         raise DataError(f"{path} has format {meta.get('format')!r}; expected {FORMAT}")

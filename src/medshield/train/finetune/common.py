@@ -75,6 +75,7 @@ from medshield.errors import ConfigError, DataError, InputError
 from medshield.eval.features import classify_images
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
+from medshield.models.io import read_record
 from medshield.registry import METHODS
 
 FORMAT = 1
@@ -916,15 +917,11 @@ def build_base(base_ref: dict[str, Any]) -> DualEncoder:
 
 
 def read_finetuned_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        raise DataError(f"{directory} is not a fine-tuned medshield model: {META_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path} is not a format-{FORMAT} fine-tuning record")
+    meta = read_record(directory, META_FILE, "fine-tuned medshield model")
+    if meta.get("format") != FORMAT:
+        raise DataError(
+            f"{Path(directory) / META_FILE} is not a format-{FORMAT} fine-tuning record"
+        )
     return meta
 
 
