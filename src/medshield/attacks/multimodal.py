@@ -2,10 +2,10 @@
 
 A multimodal attack perturbs both halves of matched image-caption pairs against a surrogate
 :class:`~medshield.models.DualEncoder`: each image gets a bounded L-inf perturbation (budgets in
-/255 units, images in [0, 1], see DESIGN.md) and each caption bounded word substitutions, so that
-the pair moves apart in the surrogate's embedding space. Noisy upstream datasets are crafted with
-them (DESIGN.md, Part 1); :meth:`MultimodalAttack.config` gives the arguments a dataset manifest
-records, and ``ATTACKS.get(name)(**config)`` rebuilds the attack.
+/255 units, images in [0, 1], see docs/design.md) and each caption bounded word substitutions,
+so that the pair moves apart in the surrogate's embedding space. Noisy upstream datasets are
+crafted with them; :meth:`MultimodalAttack.config` gives the arguments a dataset manifest
+records, and :func:`build_multimodal_attack` builds the attack a config names.
 """
 
 from __future__ import annotations

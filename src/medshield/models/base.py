@@ -1,6 +1,6 @@
 """The dual-encoder (CLIP-style) interface every backend implements.
 
-Conventions (see DESIGN.md): images enter as float tensors in [0, 1], shape (N, C, H, W) with
+Conventions (see docs/design.md): images enter as float tensors in [0, 1], shape (N, C, H, W) with
 C = 1 (grayscale) or 3. The wrapper owns resizing, grayscale-to-RGB and mean/std normalisation,
 so attacks and training code never normalise.
 """

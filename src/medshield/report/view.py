@@ -1,8 +1,8 @@
 """What a report shows, independent of HTML: sections of tables, figures and a sample browser.
 
-The kind modules (:mod:`medshield.report.evaluate`, ...) turn a run's results into
-:class:`Section` objects; the Jinja2 template only lays them out. Every cell is plain text (the
-template escapes it), so nothing a model wrote can become markup.
+The kind modules (:mod:`medshield.report.kinds.evaluate`, ...), each a :class:`Kind`, turn a
+run's results into :class:`Section` objects; the Jinja2 template only lays them out. Every cell
+is plain text (the template escapes it), so nothing a model wrote can become markup.
 """
 
 from __future__ import annotations
