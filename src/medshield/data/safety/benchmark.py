@@ -68,7 +68,7 @@ class ImageRef:
         split: the split the image was taken from (always ``"test"`` for the benchmark; empty
             for a file).
         index: row in the MedMNIST split; for VQA-RAD, the ``qid`` of the question the image was
-            chosen through; for a file, the line of the query file that names it.
+            chosen through; 0 for a file.
         name: the VQA-RAD image file name (empty for MedMNIST); for a file, its absolute path.
     """
 

@@ -233,7 +233,7 @@ def load_query_file(
         if wanted is not None and row.modality not in (None, wanted):
             continue
         if row.image is not None:
-            image = ImageRef(SOURCE, row.modality or UNSPECIFIED, "", row.line, str(row.image))
+            image = ImageRef(SOURCE, row.modality or UNSPECIFIED, "", 0, str(row.image))
         else:
             name = row.modality or wanted or DEFAULT_MODALITY
             if name not in pickers:
