@@ -193,6 +193,12 @@ def test_redteam_config_needs_a_query_file_with_source_file() -> None:
         load_redteam_config(None, ["source=file"])
     with pytest.raises(ConfigError, match="only read with source: file"):
         load_redteam_config(None, ["query_file=examples/queries.jsonl"])
+    from medshield.studies.defense import load_defense_study_config
+
+    study = load_defense_study_config(
+        None, ["redteam.source=file", "redteam.query_file=examples/queries.jsonl"]
+    )
+    assert (study.redteam.source, study.redteam.query_file) == ("file", "examples/queries.jsonl")
 
 
 def test_the_shipped_example_loads(data_dir: Path) -> None:
