@@ -119,7 +119,9 @@ class RedteamConfig(StrictModel):
             :mod:`medshield.data.safety.queryfile`), read with ``source: file`` only.
         data_dir: data root (default: ``MEDSHIELD_DATA_DIR`` or the package default).
         modalities: keep only these modalities (None: all the source offers). For external,
-            text-only sets this is the modality of the paired images.
+            text-only sets this is the modality of the paired images; for a query file, rows
+            of other modalities are left out and rows without one are kept (with neither a
+            modality nor an image, a row is paired with an image of the first).
         limit: at most this many harmful and this many benign items (None: all), sampled with
             ``seed`` across modalities and categories; benign twins of the chosen harmful items
             are preferred, so over-defense is measured on the same images.
@@ -211,10 +213,8 @@ def load_items(config: RedteamConfig) -> list[Any]:
         ):
             items.setdefault(item.id, item)
     if not items:
-        raise ConfigError(
-            f"source {config.source!r}{f' ({config.query_file})' if config.query_file else ''} "
-            f"gave no items for modalities {modalities}"
-        )
+        source = config.query_file or repr(config.source)
+        raise ConfigError(f"source {source} gave no items for modalities {modalities}")
     return list(items.values())
 
 
@@ -584,9 +584,9 @@ def run_redteam(
     pending = [(item, attack) for item, attack in work if (item.id, attack) not in done]
     n_harmful = sum(1 for i in items if i.kind == "harmful")
     log(
-        f"redteam {config.model.backend} on {config.query_file or config.source}: {n_harmful} "
-        f"harmful x "
-        f"{len(config.attacks)} attacks + {len(items) - n_harmful} benign = {len(work)} rows; "
+        f"redteam {config.model.backend} on {config.query_file or config.source}: "
+        f"{n_harmful} harmful x {len(config.attacks)} attacks + {len(items) - n_harmful} benign "
+        f"= {len(work)} rows; "
         f"{len(done)} done, {len(pending)} to run (defense: {config.defense.name})"
     )
 
