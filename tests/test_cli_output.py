@@ -67,6 +67,7 @@ def test_flags_read_as_flags() -> None:
     assert re.search(r"--allow-untrained\s+Serve mini-llava", help_text("serve"))
     assert re.search(r"--retry-errors\s+On resume", help_text("redteam"))
     assert "--port <int>" in help_text("serve")  # options that take a value still say so
+    assert "--set KEY=VALUE" in help_text("serve")
 
 
 def test_messages_keep_their_brackets() -> None:

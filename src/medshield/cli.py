@@ -59,10 +59,12 @@ OverwriteOpt = Annotated[
 
 def _set_option(example: str) -> Any:
     """The ``--set`` option, its help showing an override that the command's config takes."""
-    return Annotated[
-        list[str] | None,
-        typer.Option("--set", "-s", help=f"Override a config value (repeatable), e.g. {example}."),
-    ]
+    return typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help=f"Override a config value (repeatable), e.g. {example}.",
+    )
 
 
 @app.callback()
@@ -144,7 +146,7 @@ def _report(run_path: Path) -> None:
 @app.command()
 def pretrain(
     config: ConfigOpt = None,
-    set_: _set_option("pretrain.epochs=1") = None,
+    set_: Annotated[list[str] | None, _set_option("pretrain.epochs=1")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Contrastively pretrain a dual encoder; resumes an interrupted run of the same name."""
@@ -174,7 +176,7 @@ def evaluate(
             "of a `medshield finetune` run."
         ),
     ] = None,
-    set_: _set_option("evaluate.max_test_items=50") = None,
+    set_: Annotated[list[str] | None, _set_option("evaluate.max_test_items=50")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Zero-shot, linear probe, robust accuracy, retrieval (clean, attacked), VQA-RAD; 95% CIs."""
@@ -202,7 +204,7 @@ def craft_noise(
     surrogate: Annotated[
         Path | None, typer.Option(help="Saved medshield model to attack (model.checkpoint).")
     ] = None,
-    set_: _set_option("noise.ratio=0.25") = None,
+    set_: Annotated[list[str] | None, _set_option("noise.ratio=0.25")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a noisy upstream dataset: a fraction noise.ratio of the pairs made adversarial."""
@@ -229,7 +231,7 @@ def craft_noise(
 @app.command()
 def demo(
     config: ConfigOpt = None,
-    set_: _set_option("vlm.steps=8") = None,
+    set_: Annotated[list[str] | None, _set_option("vlm.steps=8")] = None,
     overwrite: OverwriteOpt = False,
     no_cache: Annotated[
         bool,
@@ -287,7 +289,7 @@ def train_vlm(
     clip: Annotated[
         Path | None, typer.Option(help="Saved mini-clip directory for the image tower.")
     ] = None,
-    set_: _set_option("steps=20") = None,
+    set_: Annotated[list[str] | None, _set_option("steps=20")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Instruction-tune mini-llava and report VQA-RAD closed accuracy with/without the image."""
@@ -323,7 +325,7 @@ def train_vlm(
 @study_app.command("noise")
 def study_noise(
     config: ConfigOpt = None,
-    set_: _set_option("seeds=[0]") = None,
+    set_: Annotated[list[str] | None, _set_option("seeds=[0]")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Noise-level study: pretrain at each noise ratio x eps x seed, evaluate, aggregate."""
@@ -350,7 +352,7 @@ def finetune(
         Path | None, typer.Option(help="Saved base model directory (model.checkpoint).")
     ] = None,
     method: Annotated[str | None, typer.Option(help="finetune.method, e.g. ran, lora.")] = None,
-    set_: _set_option("finetune.epochs=2") = None,
+    set_: Annotated[list[str] | None, _set_option("finetune.epochs=2")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune one method on one modality or vqa_rad_closed; clean + PGD/APGD robust accuracy
@@ -387,7 +389,7 @@ def finetune(
 @study_app.command("finetune")
 def study_finetune(
     config: ConfigOpt = None,
-    set_: _set_option("seeds=[0]") = None,
+    set_: Annotated[list[str] | None, _set_option("seeds=[0]")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tuning comparison: checkpoints x methods x tasks (modalities, VQA-RAD) x seeds."""
@@ -410,7 +412,7 @@ def study_finetune(
 @study_app.command("defense")
 def study_defense(
     config: ConfigOpt = None,
-    set_: _set_option("budgets=[0,4]") = None,
+    set_: Annotated[list[str] | None, _set_option("budgets=[0,4]")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Defense study: demonstration budgets x selection strategies, and the baselines, against
@@ -475,7 +477,7 @@ def list_(
 @app.command()
 def redteam(
     config: ConfigOpt = None,
-    set_: _set_option("generation.max_new_tokens=64") = None,
+    set_: Annotated[list[str] | None, _set_option("generation.max_new_tokens=64")] = None,
     overwrite: OverwriteOpt = False,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Chat backend (model.backend).")
@@ -524,7 +526,7 @@ def redteam(
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    set_: _set_option("limits.timeout_s=30") = None,
+    set_: Annotated[list[str] | None, _set_option("limits.timeout_s=30")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Chat backend (model.backend).")
     ] = None,
