@@ -15,22 +15,34 @@ Endpoints:
   ``usage`` (token counts *estimated* from word pieces, not the model's tokenizer; images are
   not counted; the prompt count includes what the defense added).
 * ``GET /v1/models`` — the one served model name.
-* ``GET /health`` — ``{"status": "ok", ...}`` with the model, defense and queue depth.
+* ``GET /health`` — liveness: ``{"status": "ok", ...}`` with the model, defense and queue depth
+  whenever the process answers, whatever the backend's state.
+* ``GET /ready`` — readiness: 200 ``{"status": "ready"}`` when the backend can answer (for
+  ``openai``: its endpoint answers ``GET /models``), else 503 ``{"status": "unavailable",
+  "reason"}`` (``ChatVLM.readiness``).
 
 Clients: with an API key (``api_key_env`` names the environment variable that holds it,
 ``MEDSHIELD_SERVE_API_KEY`` by default; the key never sits in a config file) every ``/v1/``
 request must send ``Authorization: Bearer <key>``, as the OpenAI clients do with
-``api_key=...``; others get 401 ``invalid_api_key``. ``/health`` stays open for probes. Without
+``api_key=...``; others get 401 ``invalid_api_key``. ``/health`` and ``/ready`` stay open for
+probes. Without
 a key the proxy answers anyone who can reach it, and :func:`run_server` warns when it listens
 beyond loopback.
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed
-JSON, a non-data-URL or undecodable image, ``stream: true`` (not supported), ``n`` > 1, a
-``max_tokens`` above the limit, a conversation that does not end with a user turn; 413 a body,
-image count, image size or message count above the limits; 422 a request that does not match the
-schema; 404 an unknown model name or path; 503 a full queue; 502 an upstream endpoint that failed
-(:class:`~medshield.models.openai_chat.EndpointError`); 504 no answer within ``timeout_s``; 500
-any other backend failure.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 a body that
+is not JSON (NaN or Infinity, a number of more than 4300 digits, nesting deeper than Python's
+recursion limit), text that is not valid Unicode (a lone surrogate), a non-data-URL or
+undecodable image, ``stream: true`` (not supported), ``n`` > 1, a ``max_tokens`` above the limit,
+a conversation that does not end with a user turn; 413 a body, image count, image size
+(decompression bombs included) or message count above the limits; 422 a request that does not
+match the schema; 404 an unknown model name or path; 503 a full queue; 502 an upstream endpoint
+that failed (:class:`~medshield.models.openai_chat.EndpointError`); 504 no answer within
+``timeout_s``; 500 any other backend failure, and a bug (``internal_error``; the traceback goes
+to the server's log, never to the client).
+
+An untrained backend is refused: :func:`build_app` raises ``ConfigError`` for a ``mini-llava``
+without ``checkpoint`` (random projector, meaningless replies) unless ``allow_untrained``
+(``medshield serve --allow-untrained``), and :func:`run_server` then warns.
 
 Concurrency: ``ChatVLM.generate`` is blocking, so it runs in a pool of ``max_concurrency`` worker
 threads (1 by default: local torch backends are not assumed thread-safe). Requests that arrive
@@ -50,7 +62,7 @@ and the backend's error text, for debugging.
 
 Example::
 
-    cfg = load_serve_config("configs/serve.yaml", ["defense.kwargs.k=8"])
+    cfg = load_serve_config("configs/serve.yaml", ["model.kwargs.checkpoint=runs/mini-llava/model"])
     run_server(cfg)                                   # blocks; Ctrl-C stops
 
     app = create_app(my_vlm, create_defense("self-reminder"), served_name="llava")
@@ -94,7 +106,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from medshield.config import StrictModel, load_yaml_model
 from medshield.defense import Defense, create_defense
-from medshield.errors import InputError
+from medshield.errors import ConfigError, InputError
 from medshield.models.chat import ChatVLM, Conversation, Message, create_chat_model
 from medshield.models.openai_chat import EndpointError
 
@@ -314,7 +326,15 @@ def decode_image(url: str, max_pixels: int) -> torch.Tensor:
                     "messages",
                 )
             array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own guard, before the size is read
+        raise ServeError(
+            413,
+            "an image declares too many pixels to decode safely (a decompression bomb); the "
+            f"limit is {max_pixels} pixels",
+            "image_too_large",
+            "messages",
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ServeError(
             400, "image data could not be decoded", "invalid_image", "messages"
         ) from None
@@ -522,13 +542,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _parse(raw: bytes) -> ChatRequest:
-    """Bytes -> :class:`ChatRequest` (400 for bad JSON, 422 for a schema mismatch)."""
+    """Bytes -> :class:`ChatRequest`.
+
+    Raises:
+        ServeError: 400 for a body that is not JSON, nests too deeply, holds a number too long
+            to convert or text that is not valid Unicode (a lone surrogate such as ``\\ud800``);
+            422 for a schema mismatch.
+    """
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ServeError(400, "the request body is not valid JSON", "invalid_json") from None
+        data = json.loads(raw, parse_constant=_non_finite)
+    except RecursionError:
+        raise ServeError(
+            400, "the request body nests JSON arrays or objects too deeply", "invalid_json"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        reason = "a number has too many digits" if "digits" in str(exc) else "it is not valid JSON"
+        raise ServeError(
+            400, f"the request body cannot be read: {reason}", "invalid_json"
+        ) from None
     try:
-        return ChatRequest.model_validate(data)
+        chat = ChatRequest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -537,6 +570,39 @@ def _parse(raw: bytes) -> ChatRequest:
             for e in exc.errors(include_input=False, include_url=False)[:5]
         )
         raise ServeError(422, f"invalid request: {problems}", "invalid_request", where) from None
+    for text in _texts(chat):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ServeError(
+                400,
+                "the request holds text that is not valid Unicode (a lone surrogate such as "
+                "\\ud800); send UTF-8 text",
+                "invalid_unicode",
+                "messages",
+            ) from None
+    return chat
+
+
+def _non_finite(name: str) -> None:
+    """Python's JSON reader takes NaN and Infinity; JSON does not."""
+    raise ServeError(
+        400,
+        f"the request body holds {name}, which is not JSON; send a finite number",
+        "invalid_json",
+    )
+
+
+def _texts(chat: ChatRequest) -> Iterator[str]:
+    """Every string of the request that reaches the model or the log."""
+    if chat.model is not None:
+        yield chat.model
+    for m in chat.messages:
+        if isinstance(m.content, str):
+            yield m.content
+            continue
+        for part in m.content:
+            yield part.text if isinstance(part, TextPart) else part.image_url.url
 
 
 class _Service:
@@ -593,7 +659,7 @@ class _Service:
         if tokens > limits.max_tokens:
             raise ServeError(
                 400,
-                f"max_tokens {tokens} exceeds this server's limit of {limits.max_tokens}",
+                f"max_tokens exceeds this server's limit of {limits.max_tokens}",
                 "max_tokens_too_large",
                 "max_tokens",
             )
@@ -721,6 +787,12 @@ def create_app(
         code = "not_found" if exc.status_code == 404 else "http_error"
         return ServeError(exc.status_code, str(exc.detail), code).response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # a bug, not a bad request: logged with its traceback by the server, never sent back
+        message = f"the server failed ({type(exc).__name__})"
+        return _server_error(500, message, "internal_error").response()
+
     @app.middleware("http")
     async def _authorize(request: Request, call_next: Any) -> Any:
         path = request.url.path
@@ -742,6 +814,15 @@ def create_app(
             "queued": batcher.queued if batcher else 0,
             "running": batcher.running if batcher else 0,
         }
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        reason = await asyncio.to_thread(service.model.readiness)
+        body: dict[str, Any] = {"status": "ready" if reason is None else "unavailable"}
+        if reason is not None:
+            body["reason"] = reason
+        body["model"] = service.served_name
+        return JSONResponse(body, status_code=200 if reason is None else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -812,16 +893,35 @@ def _log_request(
     logger.log(logging.INFO if status < 500 else logging.WARNING, line)
 
 
-def build_app(config: ServeConfig) -> FastAPI:
+def untrained(config: ServeConfig) -> bool:
+    """Whether the configured backend is a mini-llava without a checkpoint: its projector is
+    random, so its replies mean nothing."""
+    return config.model.backend == "mini-llava" and not config.model.kwargs.get("checkpoint")
+
+
+UNTRAINED = (
+    "the mini-llava backend has no checkpoint, so it would answer with untrained weights "
+    "(random projector): its replies mean nothing"
+)
+
+
+def build_app(config: ServeConfig, allow_untrained: bool = False) -> FastAPI:
     """Load the configured backend and defense and return the application.
 
     Raises:
+        ConfigError: an untrained mini-llava (see :func:`untrained`) without ``allow_untrained``.
         UnknownNameError: an unknown backend or defense.
         InputError: bad backend or defense arguments.
     """
     import medshield.models  # noqa: F401  (registers the chat backends)
 
     defense = create_defense(config.defense.name, **config.defense.kwargs)
+    if untrained(config) and not allow_untrained:
+        raise ConfigError(
+            f"{UNTRAINED}; serve a trained one with --set model.kwargs.checkpoint=DIR (e.g. "
+            "runs/mini-llava/model, written by `medshield train-vlm`), another backend with "
+            "--model, or pass --allow-untrained to serve it anyway (smoke tests only)"
+        )
     model = create_chat_model(config.model.backend, **config.model.kwargs)
     return create_app(
         model,
@@ -868,11 +968,19 @@ def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
         sock.close()
 
 
-def run_server(config: ServeConfig, log: Callable[[str], Any] = print) -> None:
-    """Load the model and defense, then serve until interrupted (uvicorn, with access log)."""
-    app = build_app(config)
+def run_server(
+    config: ServeConfig, log: Callable[[str], Any] = print, allow_untrained: bool = False
+) -> None:
+    """Load the model and defense, then serve until interrupted (uvicorn, with access log).
+
+    Raises:
+        ConfigError: see :func:`build_app`.
+    """
+    app = build_app(config, allow_untrained)
     name, backend, defense = config.served_name(), config.model.backend, config.defense.name
     log(f"serving {name!r} ({backend}) behind defense {defense!r}")
+    if untrained(config):
+        log(f"WARNING: {UNTRAINED}; for smoke tests only")
     log(f"at http://{config.host}:{config.port}/v1" + (" [logging content]" * config.log_content))
     if config.api_key():
         log(f"clients must send the API key in ${config.api_key_env}")
@@ -902,4 +1010,5 @@ __all__ = [
     "run_server",
     "serving",
     "to_conversation",
+    "untrained",
 ]

@@ -126,6 +126,11 @@ class ChatVLM(ABC):
         attacks); remote backends that cannot score raise ``NotImplementedError``.
         """
 
+    def readiness(self) -> str | None:
+        """Why the backend cannot answer now, or None when it can (``medshield serve``'s
+        ``/ready``). A local backend is ready once built; a remote one asks its endpoint."""
+        return None
+
 
 def create_chat_model(name: str, **kwargs: Any) -> ChatVLM:
     """Build the chat backend registered as ``name`` (see ``medshield list chat-models``)."""

@@ -242,6 +242,21 @@ class OpenAIChatVLM(ChatVLM):
             "'mini-llava' for score() and white-box attacks"
         )
 
+    def readiness(self) -> str | None:
+        """None when the endpoint answers ``GET {base_url}/models`` (any status but 401, 403 or
+        5xx, within ``min(timeout, 5)`` s), else why not: ``timed out``, ``connection failed``
+        or ``HTTP <status>``; the endpoint's address and reply text stay out."""
+        models = self.endpoint.removesuffix("/chat/completions") + "/models"
+        try:
+            response = self._client.get(models, timeout=min(self.timeout, 5.0))
+        except httpx.TimeoutException:
+            return "the upstream endpoint timed out"
+        except httpx.TransportError:
+            return "the upstream endpoint cannot be reached (connection failed)"
+        if response.status_code in (401, 403) or response.status_code >= 500:
+            return f"the upstream endpoint answered HTTP {response.status_code}"
+        return None
+
     @staticmethod
     def encode_messages(conversation: Conversation) -> list[dict[str, Any]]:
         """A checked conversation -> OpenAI ``messages`` (images as PNG data URLs first).

@@ -64,6 +64,7 @@ def _benchmark_images(config: dict[str, Any], ids: set[str]) -> dict[str, Image.
             config.get("source", "medshield"),
             modality=modality,
             data_dir=config.get("data_dir"),
+            path=config.get("query_file"),
             **(config.get("source_options") or {}),
         )
         for item in items:

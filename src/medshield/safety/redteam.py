@@ -11,7 +11,9 @@ The run directory (see :class:`medshield.runs.Run`) holds::
     config.yaml     the resolved RedteamConfig
     samples.jsonl   one row per (item id, attack), appended batch by batch: the source of truth
     results.json    metrics per attack / modality / category with 95% bootstrap intervals,
-                    each judge's agreement with the held-out labelled responses, latency
+                    each judge's agreement with the held-out labelled responses, latency, and
+                    the item source (for ``source: file``, ``query_file``: the file's resolved
+                    path, SHA-256 and number of rows)
 
 A row::
 
@@ -110,10 +112,16 @@ class RedteamConfig(StrictModel):
         seed: item sampling, attack template choice and bootstrap seed.
         model: the chat backend under test.
         source: a safety source of :data:`medshield.data.safety.SOURCES` (default: the medshield
-            query benchmark); ``source_options`` go to its loader.
+            query benchmark); ``source_options`` go to its loader. ``file`` reads the user's own
+            requests from ``query_file``.
+        query_file: a .jsonl or .csv file of requests (``request``, ``label`` harmful|benign,
+            optional ``id``, ``modality``, ``image``, ``answer``, ``category``; see
+            :mod:`medshield.data.safety.queryfile`), read with ``source: file`` only.
         data_dir: data root (default: ``MEDSHIELD_DATA_DIR`` or the package default).
         modalities: keep only these modalities (None: all the source offers). For external,
-            text-only sets this is the modality of the paired images.
+            text-only sets this is the modality of the paired images; for a query file, rows
+            of other modalities are left out and rows without one are kept (with neither a
+            modality nor an image, a row is paired with an image of the first).
         limit: at most this many harmful and this many benign items (None: all), sampled with
             ``seed`` across modalities and categories; benign twins of the chosen harmful items
             are preferred, so over-defense is measured on the same images.
@@ -136,6 +144,7 @@ class RedteamConfig(StrictModel):
     model: ChatModelConfig = Field(default_factory=ChatModelConfig)
     source: str = "medshield"
     source_options: dict[str, Any] = Field(default_factory=dict)
+    query_file: str | None = None
     data_dir: str | None = None
     modalities: list[str] | None = None
     limit: int | None = Field(None, ge=1)
@@ -152,6 +161,13 @@ class RedteamConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> RedteamConfig:
+        if self.source == "file" and self.query_file is None:
+            raise ValueError("source: file needs query_file, a .jsonl or .csv file of requests")
+        if self.source != "file" and self.query_file is not None:
+            raise ValueError(
+                f"query_file is only read with source: file (source is {self.source!r}); add "
+                "source=file or remove query_file"
+            )
         for what, names in (("attacks", self.attacks), ("judges", self.judges)):
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} lists a name twice: {names}")
@@ -189,11 +205,16 @@ def load_items(config: RedteamConfig) -> list[Any]:
     items: dict[str, Any] = {}
     for modality in modalities:
         for item in load_safety_items(
-            config.source, modality=modality, data_dir=config.data_dir, **config.source_options
+            config.source,
+            modality=modality,
+            data_dir=config.data_dir,
+            path=config.query_file,
+            **config.source_options,
         ):
             items.setdefault(item.id, item)
     if not items:
-        raise ConfigError(f"source {config.source!r} gave no items for modalities {modalities}")
+        source = config.query_file or repr(config.source)
+        raise ConfigError(f"source {source} gave no items for modalities {modalities}")
     return list(items.values())
 
 
@@ -464,6 +485,7 @@ def summarize_run(
     config: RedteamConfig, rows: Sequence[dict[str, Any]], judges: dict[str, Any] | None
 ) -> dict[str, Any]:
     """results.json content from the sample rows (and judge agreement when judges are given)."""
+    from medshield.data.safety import query_file_record
     from medshield.eval.safety_metrics import summarize_safety
 
     metrics = summarize_safety(
@@ -493,6 +515,7 @@ def summarize_run(
         "redteam": {
             "model": config.model.backend,
             "source": config.source,
+            **({"query_file": query_file_record(config.query_file)} if config.query_file else {}),
             "defense": config.defense.name,
             "attacks": list(config.attacks),
             "primary_judge": config.primary,
@@ -561,8 +584,9 @@ def run_redteam(
     pending = [(item, attack) for item, attack in work if (item.id, attack) not in done]
     n_harmful = sum(1 for i in items if i.kind == "harmful")
     log(
-        f"redteam {config.model.backend} on {config.source}: {n_harmful} harmful x "
-        f"{len(config.attacks)} attacks + {len(items) - n_harmful} benign = {len(work)} rows; "
+        f"redteam {config.model.backend} on {config.query_file or config.source}: "
+        f"{n_harmful} harmful x {len(config.attacks)} attacks + {len(items) - n_harmful} benign "
+        f"= {len(work)} rows; "
         f"{len(done)} done, {len(pending)} to run (defense: {config.defense.name})"
     )
 
@@ -593,6 +617,16 @@ def run_redteam(
 
 
 # --- the summary table ---------------------------------------------------------------------------
+
+
+def source_label(results: dict[str, Any]) -> str:
+    """The item source a run's results name: the source, or for a query file its path, the
+    start of its SHA-256 and its number of rows."""
+    r = results.get("redteam", results)
+    query = r.get("query_file")
+    if not query:
+        return str(r.get("source", "-"))
+    return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"
 
 
 def _cell(metric: dict[str, Any] | None) -> str:
@@ -626,7 +660,7 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
     ]
     columns = [c for c in columns if c[1] in metrics["overall"]]
     title = (
-        f"{r['model']} on {r['source']}, defense {r['defense']}, judge {r['primary_judge']} "
+        f"{r['model']} on {source_label(r)}, defense {r['defense']}, judge {r['primary_judge']} "
         "(95% bootstrap CI)"
     )
 

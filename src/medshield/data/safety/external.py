@@ -47,6 +47,7 @@ SOURCES = (
     "figstep-tiny",
     "figstep-benign",
     "jailbreakbench",
+    "file",
 )
 MEDSAFETYBENCH_SPLITS = ("train", "test", "med_harm_llama3")
 _OPTIONS: dict[str, set[str]] = {
@@ -61,18 +62,32 @@ MEDSAFETYBENCH_GENERATORS = ("gpt4", "llama2")
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a csv file with lower-cased, stripped column names; every required column present
-    and non-empty in every row."""
+    """Rows of a data-root csv file (see :func:`read_csv_rows`)."""
     if not path.is_file():
         raise DataError(
             f"{path} not found. Set MEDSHIELD_DATA_DIR to a directory holding the safety data "
             "files (see shared/data/SOURCES.md for where each file comes from)."
         )
+    return [row for _, row in read_csv_rows(path, required)]
+
+
+def read_csv_rows(path: Path, required: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of every non-blank row of a UTF-8 csv file, with lower-cased, stripped
+    column names and stripped cells; every required column present and non-empty in every row.
+
+    Raises:
+        DataError: an unreadable or empty file, a missing column, a row with the wrong number of
+            fields or an empty required cell (the message names the file and the line).
+    """
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
-            records = list(reader)
+            records = []
+            start = reader.line_num + 1
+            for record in reader:  # a quoted cell may span lines: a row starts after the last
+                records.append((start, record))
+                start = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(
             f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a "
@@ -87,7 +102,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
             f"{path} lacks the column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}"
         )
     rows = []
-    for line, record in enumerate(records, start=2):
+    for line, record in records:
         if not any(cell.strip() for cell in record):
             continue
         if len(columns) == 1 and len(record) > 1:  # a one-column file with unquoted commas
@@ -100,7 +115,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         empty = [c for c in required if not row[c]]
         if empty:
             raise DataError(f"{path}, line {line}: empty {', '.join(empty)}")
-        rows.append(row)
+        rows.append((line, row))
     if not rows:
         raise DataError(f"{path} has a header but no rows")
     return rows
@@ -124,8 +139,17 @@ def _read_lines(path: Path) -> list[str]:
 # --- image pairing -------------------------------------------------------------------------------
 
 
-def _image_picker(modality: str, data_dir: str | Path | None) -> Callable[[str], ImageRef]:
-    """A function text -> the test image of ``modality`` paired with it (stable hash pairing)."""
+def image_picker(modality: str, data_dir: str | Path | None = None) -> Callable[[str], ImageRef]:
+    """A function text -> the test image of ``modality`` paired with it.
+
+    The pairing is a stable hash: the image at index ``crc32(text) mod N`` of the modality's N
+    test images (MedMNIST), or of VQA-RAD's test images for ``"radiology"``. Every text-only
+    source (the external sets, a query file's rows without an image) draws its images here.
+
+    Raises:
+        DataError: the modality's test split (or VQA-RAD) is missing or empty.
+        UnknownNameError: an unknown modality.
+    """
     if modality == RADIOLOGY:
         names = sorted({(q.image_path.name, q.qid) for q in load_vqa_rad("test", data_dir)})
         by_name = dict(names[::-1])  # smallest qid per image
@@ -213,7 +237,7 @@ def load_medsafetybench(
             f"MedSafetyBench directory {root} not found. Set MEDSHIELD_DATA_DIR to a directory "
             "whose medsafetybench/ folder holds the files of AI4LIFE-GROUP/med-safety-bench."
         )
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     items: list[SafetyItem] = []
     for k in range(1, 10):
         category = f"medsafetybench:{k}"
@@ -251,7 +275,7 @@ def load_figstep(
     name = "SafeBench-Tiny.csv" if tiny else "safebench.csv"
     path = data_root(data_dir) / "figstep" / name
     rows = _read_csv(path, ("category_name", "question", "instruction"))
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     source = "figstep-tiny" if tiny else "figstep"
     items = []
     for i, row in enumerate(rows):
@@ -273,7 +297,7 @@ def load_figstep_benign(
     """
     path = data_root(data_dir) / "figstep" / "benign_sentences_without_harmful_phase.csv"
     rows = _read_csv(path, ("sentence",))
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     return [
         _item(
             "figstep-benign",
@@ -304,7 +328,7 @@ def load_jailbreakbench(
     if bad or not kinds:
         raise DataError(f"kinds must be a non-empty subset of harmful, benign; got {list(kinds)}")
     root = data_root(data_dir) / "jailbreakbench"
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     loaded: dict[str, list[SafetyItem]] = {}
     for kind in ("harmful", "benign"):
         if kind not in kinds:
@@ -343,6 +367,7 @@ def load_safety_items(
     modality: str | None = None,
     data_dir: str | Path | None = None,
     limit: int | None = None,
+    path: str | Path | None = None,
     **options: Any,
 ) -> list[SafetyItem]:
     """Load safety items from one source: the entry point the red-teaming workflow uses.
@@ -350,22 +375,32 @@ def load_safety_items(
     Args:
         source: one of :data:`SOURCES`: ``"medshield"`` (the query benchmark),
             ``"medsafetybench"``, ``"figstep"``, ``"figstep-tiny"``, ``"figstep-benign"``,
-            ``"jailbreakbench"``. For ``"figstep"``, ``include_benign=True`` also loads the
-            benign sentences when their file is present.
+            ``"jailbreakbench"``, or ``"file"`` (the user's query file at ``path``, see
+            :mod:`medshield.data.safety.queryfile`). For ``"figstep"``,
+            ``include_benign=True`` also loads the benign sentences when their file is present.
         kind: keep only ``"harmful"`` or ``"benign"`` items (None: both).
         modality: for the benchmark, restrict to this modality; for external sets, the modality
-            of the paired images (default :data:`DEFAULT_MODALITY`).
+            of the paired images (default :data:`DEFAULT_MODALITY`); for a query file, keep the
+            rows of this modality and those without one, which it gives its images.
         data_dir: data root.
         limit: keep the first ``limit`` items (after the ``kind`` filter).
+        path: the query file of source ``"file"`` (only).
         options: passed on to the source's loader (e.g. ``split="train"`` for MedSafetyBench).
 
     Raises:
         UnknownNameError: unknown source.
-        DataError: missing or corrupt files; bad ``kind`` or ``limit``.
+        DataError: missing or corrupt files; a malformed query file; bad ``kind`` or ``limit``.
+        InputError: options the source does not take; ``path`` without source ``"file"``.
     """
     if kind not in (None, "harmful", "benign"):
         raise DataError(f"kind must be 'harmful', 'benign' or None, got {kind!r}")
     _check_limit(limit)
+    if (source == "file") != (path is not None):
+        raise InputError(
+            "source 'file' needs the path of a query file"
+            if path is None
+            else f"a query file path is only read with source 'file', not {source!r}"
+        )
     allowed = _OPTIONS.get(source, set())
     unexpected = sorted(set(options) - allowed)
     if source in SOURCES and unexpected:
@@ -389,6 +424,10 @@ def load_safety_items(
     elif source == "jailbreakbench":
         kinds = (kind,) if kind else ("harmful", "benign")
         items = load_jailbreakbench(kinds, image_modality, data_dir)
+    elif source == "file":
+        from medshield.data.safety.queryfile import load_query_file  # it imports this module
+
+        items = load_query_file(str(path), modality, data_dir)
     else:
         raise UnknownNameError(
             f"unknown safety source {source!r}; known sources: {', '.join(SOURCES)}"

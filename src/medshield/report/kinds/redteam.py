@@ -20,6 +20,7 @@ from medshield.report.view import (
     metric,
     number,
 )
+from medshield.safety.redteam import source_label
 
 METRICS = {
     "attack_success_rate": "ASR",
@@ -172,7 +173,7 @@ def _sections(run: RunData) -> list[Section]:
     metrics = r["metrics"]
     n_items = r.get("n_items") or {}
     intro = (
-        f"Model {r.get('model', '-')} on {r.get('source', '-')}, defense "
+        f"Model {r.get('model', '-')} on {source_label(r)}, defense "
         f"{r.get('defense', '-')}, primary judge {r.get('primary_judge', '-')}: "
         f"{number(n_items.get('harmful'))} harmful and {number(n_items.get('benign'))} benign "
         f"items, {number(r.get('n_rows'))} rows, {number(r.get('n_errors'))} errors. ASR: harmful "
