@@ -169,7 +169,7 @@ def missing_data_error(split: str, data_dir: str | Path | None = None) -> DataEr
             try:
                 load_split(name, split, data_dir, download=False)
             except DataError as exc:
-                unusable.append(str(exc))
+                unusable.append(str(exc).rstrip("."))
     found = f" Found but unusable: {' | '.join(unusable)}." if unusable else ""
     return DataError(
         f"no MedMNIST file with a {split!r} split in {_searched(directory)}; expected one or "
@@ -244,9 +244,11 @@ def _candidate_files(directory: Path, subsets: Sequence[str]) -> list[tuple[str,
 
 
 def _read_error(path: Path, exc: BaseException) -> DataError:
+    # numpy's own advice for such a file is to allow pickle: never repeat it
+    detail = "numpy sees no array in it" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
     return DataError(
-        f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt, truncated or not "
-        "an .npz archive. Delete it and download it again."
+        f"cannot read {path} ({detail}); the file is corrupt, truncated or not an .npz archive. "
+        "Delete it and download it again."
     )
 
 

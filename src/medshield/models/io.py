@@ -102,9 +102,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     """
     directory = Path(directory)
     if not directory.is_dir():
+        problem = "is a file, not a directory" if directory.exists() else "does not exist"
         raise DataError(
-            f"model directory {directory} does not exist; pass the directory a medshield run "
-            "saved its model to (e.g. runs/<name>/model)"
+            f"model directory {directory} {problem}; pass the directory a medshield run saved "
+            "its model to (e.g. runs/<name>/model)"
         )
     meta_path = directory / META_FILE
     if not meta_path.is_file():
