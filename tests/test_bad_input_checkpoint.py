@@ -196,7 +196,10 @@ CASES: dict[str, Case] = {
         ["cannot load hf chat model weights from {model}: it holds no model.safetensors"],
     ),
     "hf chat wrong architecture": Case(
-        "hf", nothing, HF_CHAT, ["cannot load an image-text-to-text model", "{model}"]
+        "hf",
+        nothing,
+        HF_CHAT,
+        ["cannot load an image-text-to-text model and processor from {model}", "chat VLM folder"],
     ),
 }
 

@@ -192,7 +192,7 @@ def test_unknown_init_kwargs_keys_are_named(saved: Path) -> None:
     with pytest.raises(
         DataError,
         match=r"medshield_model\.json: init_kwargs has unknown key\(s\) act, depth; "
-        r"the LinearEncoder backend accepts embed_dim\.",
+        r"the 'test-io-tiny' backend accepts embed_dim\.",
     ):
         load_model(saved)
 

@@ -191,8 +191,11 @@ class HFChatVLM(ChatVLM):
             self.processor = AutoProcessor.from_pretrained(directory)
             self.model = AutoModelForImageTextToText.from_pretrained(directory, **kwargs)
         except (OSError, ValueError, KeyError, SafetensorError) as e:
+            reason = str(e).splitlines()[0]  # not transformers' list of every supported config
             raise DataError(
-                f"cannot load an image-text-to-text model and processor from {directory}: {e}"
+                f"cannot load an image-text-to-text model and processor from {directory}: "
+                f"{reason}. The hf backend needs a chat VLM folder (LLaVA, Qwen2-VL, MedGemma, "
+                "...) with safetensors weights"
             ) from e
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None or not hasattr(self.processor, "image_processor"):

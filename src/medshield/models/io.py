@@ -125,7 +125,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise DataError(f"{weights} is missing; {directory} holds {META_FILE} but no weights")
-    _check_init_kwargs(cls, init_kwargs, meta_path)
+    _check_init_kwargs(cls, backend, init_kwargs, meta_path)
     _check_against_weights(init_kwargs, weights, meta_path)
     for_loading = getattr(cls, "for_loading", None)
     try:
@@ -205,7 +205,9 @@ def require_hf_safetensors(directory: Path, what: str) -> None:
     )
 
 
-def _check_init_kwargs(cls: type, init_kwargs: dict[str, Any], meta_path: Path) -> None:
+def _check_init_kwargs(
+    cls: type, backend: str, init_kwargs: dict[str, Any], meta_path: Path
+) -> None:
     """Unknown ``init_kwargs`` keys (an edited metadata file) as a DataError naming them."""
     params = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -215,7 +217,7 @@ def _check_init_kwargs(cls: type, init_kwargs: dict[str, Any], meta_path: Path) 
         accepted = ", ".join(n for n in params if n != "pretrained")
         raise DataError(
             f"{meta_path}: init_kwargs has unknown key(s) {', '.join(unknown)}; the "
-            f"{cls.__name__} backend accepts {accepted}. Remove them (the file was edited or "
+            f"{backend!r} backend accepts {accepted}. Remove them (the file was edited or "
             "written by another version)"
         )
 
