@@ -107,6 +107,11 @@ CASES: dict[str, Case] = {
     "empty medmnist folder, craft-noise": Case(
         "craft-noise", empty_folder, ["with a 'train' split in {data}/medmnist;", *FIXES]
     ),
+    "no data folder, redteam": Case(
+        "redteam",
+        nothing,
+        ["the safety benchmark is empty", "{data}/vqa_rad", "with a 'test' split in {data}/"],
+    ),
     "subset file missing for a named modality": Case(
         "pretrain",
         lambda root: breast(root, **arrays("train")),
@@ -217,19 +222,13 @@ def test_bad_data_is_a_clear_error(name: str, tiny_clip: Path, tmp_path: Path) -
     case = CASES[name]
     data = tmp_path / "data"
     case.make(data)
-    args = [
-        case.command,
-        "--set",
-        "model.backend=hf-clip",
-        "--set",
-        f"model.kwargs.path={tiny_clip}",
-        "--set",
-        f"output_dir={tmp_path / 'runs'}",
-        *case.sets,
-    ]
+    args = [case.command, "--set", f"output_dir={tmp_path / 'runs'}", *case.sets]
+    if case.command != "redteam":  # a chat model: the default one, never built (data first)
+        args += ["--set", "model.backend=hf-clip", "--set", f"model.kwargs.path={tiny_clip}"]
     env = {"MEDSHIELD_DATA_DIR": str(data)} if case.use_env else None
     if not case.use_env:
-        args += ["--set", f"data.data_dir={data}"]
+        data_key = "data_dir" if case.command == "redteam" else "data.data_dir"
+        args += ["--set", f"{data_key}={data}"]
     code, output = run_cli(args, env)
     assert "Traceback" not in output, output
     assert code == 2, output

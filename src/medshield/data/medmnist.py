@@ -154,12 +154,14 @@ def load_split(
     )
 
 
-def missing_data_error(split: str, data_dir: str | Path | None = None) -> DataError:
+def missing_data_error(
+    split: str, data_dir: str | Path | None = None, select: str = "data.modalities"
+) -> DataError:
     """The error for "no modality has a usable local ``split``" (``modalities: available``).
 
     It names the folder searched, the files expected, every file found there but unusable
     (with the reason) and both fixes: point ``MEDSHIELD_DATA_DIR`` at the files, or install
-    the ``online`` extra and name the modalities to download.
+    the ``online`` extra and name the modalities to download in the config key ``select``.
     """
     directory = data_root(data_dir) / "medmnist"
     expected = ", ".join(f"{s}.npz" for m in MODALITIES.values() for s in m.subsets)
@@ -176,8 +178,8 @@ def missing_data_error(split: str, data_dir: str | Path | None = None) -> DataEr
         f"more of {expected} (or partial files <subset>_*.npz holding {split}_images and "
         f"{split}_labels).{found} Fix: point MEDSHIELD_DATA_DIR at a folder whose medmnist/ "
         f"subfolder holds these files, or {ONLINE_FIX} and list the modalities to download in "
-        "data.modalities (e.g. --set 'data.modalities=[chest_xray]'; `available` only uses files "
-        "already on disk)."
+        f"{select} (e.g. --set '{select}=[chest_xray]'; by default only files already on disk "
+        "are used)."
     )
 
 

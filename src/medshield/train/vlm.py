@@ -158,7 +158,7 @@ def build_instructions(config: VLMTrainConfig, image_size: int) -> list[Example]
         else:
             modalities = list(config.modalities)
         if not modalities:
-            raise missing_data_error("train", config.data_dir)
+            raise missing_data_error("train", config.data_dir, select="modalities")
         examples += medmnist_examples(
             modalities, config.medmnist_per_class, config.seed, config.data_dir
         )
