@@ -70,7 +70,7 @@ def save_model(model: DualEncoder, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    record = {INIT_KWARGS_KEY: json.dumps(model.init_kwargs, sort_keys=True)}
+    record = init_kwargs_record(model.init_kwargs)
     _save_safetensors(model, str(directory / WEIGHTS_FILE), metadata=record)
     save_extra = getattr(model, "save_extra", None)
     if save_extra is not None:
@@ -126,7 +126,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not weights.is_file():
         raise DataError(f"{weights} is missing; {directory} holds {META_FILE} but no weights")
     _check_init_kwargs(cls, backend, init_kwargs, meta_path)
-    _check_against_weights(init_kwargs, weights, meta_path)
+    check_init_kwargs_record(init_kwargs, weights, meta_path)
     for_loading = getattr(cls, "for_loading", None)
     try:
         if for_loading is not None:
@@ -222,12 +222,21 @@ def _check_init_kwargs(
         )
 
 
-def _check_against_weights(init_kwargs: dict[str, Any], weights: Path, meta_path: Path) -> None:
-    """Compare ``init_kwargs`` with the copy :func:`save_model` put in the weights' header.
+def init_kwargs_record(init_kwargs: dict[str, Any]) -> dict[str, str]:
+    """The safetensors header entry that records ``init_kwargs`` next to the weights."""
+    return {INIT_KWARGS_KEY: json.dumps(init_kwargs, sort_keys=True)}
+
+
+def check_init_kwargs_record(init_kwargs: dict[str, Any], weights: Path, meta_path: Path) -> None:
+    """Compare ``init_kwargs`` read from ``meta_path`` with the record in the weights' header
+    (see :func:`init_kwargs_record`).
 
     Some settings (mini-clip's ``image_size``) change no tensor shape, so only this record
-    tells an edited ``medshield_model.json`` apart. Weights saved before the record existed
-    cannot be checked: a warning says which values are used.
+    tells an edited metadata file apart. Weights saved before the record existed cannot be
+    checked: a warning says which values are used.
+
+    Raises:
+        DataError: the values differ, or the weights are not a readable safetensors file.
     """
     try:
         with safe_open(str(weights), "pt") as f:
@@ -240,7 +249,7 @@ def _check_against_weights(init_kwargs: dict[str, Any], weights: Path, meta_path
     if INIT_KWARGS_KEY not in header:
         warnings.warn(
             f"{weights} does not record the settings it was trained with (saved by an older "
-            f"medshield), so {META_FILE} cannot be checked against it; using {init_kwargs}",
+            f"medshield), so {meta_path.name} cannot be checked against it; using {init_kwargs}",
             stacklevel=3,
         )
         return
@@ -254,7 +263,7 @@ def _check_against_weights(init_kwargs: dict[str, Any], weights: Path, meta_path
         trained = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
         raise DataError(
             f"{meta_path} says {said} but the weights in {weights} were saved with {trained}. "
-            f"Restore those values in {META_FILE} (a model built otherwise would run silently "
+            f"Restore those values in {meta_path.name} (a model built otherwise would run silently "
             "with settings it was not trained for)"
         )
 
