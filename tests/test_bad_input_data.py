@@ -90,6 +90,11 @@ def npy_as_npz(root: Path) -> None:
         np.save(f, np.zeros((3, 28, 28), np.uint8))
 
 
+def corrupt_vqa(root: Path) -> None:
+    (root / "vqa_rad").mkdir(parents=True)
+    (root / "vqa_rad" / "testset.json").write_text('[{"qid": 1, "question": ')
+
+
 BREAST = ["--set", "data.modalities=[breast_ultrasound]"]
 MISSING = "no MedMNIST file with a 'train' split in {data}/medmnist (which does not exist)"
 FIXES = ["MEDSHIELD_DATA_DIR", "pip install -e", "online extra"]
@@ -111,6 +116,18 @@ CASES: dict[str, Case] = {
         "redteam",
         nothing,
         ["the safety benchmark is empty", "{data}/vqa_rad", "with a 'test' split in {data}/"],
+    ),
+    "VQA-RAD missing, redteam on radiology": Case(
+        "redteam",
+        nothing,
+        ["VQA-RAD file {data}/vqa_rad/testset.json not found", "MEDSHIELD_DATA_DIR"],
+        ["--set", "modalities=[radiology]"],
+    ),
+    "VQA-RAD json corrupt, redteam on radiology": Case(
+        "redteam",
+        corrupt_vqa,
+        ["cannot read VQA-RAD file {data}/vqa_rad/testset.json"],
+        ["--set", "modalities=[radiology]"],
     ),
     "subset file missing for a named modality": Case(
         "pretrain",
