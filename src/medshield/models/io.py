@@ -43,6 +43,17 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "medshield_model.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 INIT_KWARGS_KEY = "medshield_init_kwargs"  # safetensors header: the init_kwargs at save time
+# How to turn a trusted pickle into safetensors: a medshield model, a Hugging Face folder.
+_CONVERT_MEDSHIELD = (
+    "build the model with medshield.models.create_model(...), call "
+    "model.load_state_dict(torch.load(path, weights_only=True)) and save it with "
+    "medshield.models.save_model(model, directory)"
+)
+_CONVERT_HF = (
+    "load it once with transformers' from_pretrained and write "
+    "save_pretrained(directory, safe_serialization=True), or download the repository's "
+    "model.safetensors"
+)
 
 
 def create_model(name: str, **kwargs: Any) -> DualEncoder:
@@ -157,18 +168,6 @@ def _embed_dim(model: DualEncoder) -> int:
         with torch.no_grad():
             embed_dim = model.encode_text(["a"]).shape[-1]
     return int(embed_dim)
-
-
-_CONVERT_MEDSHIELD = (
-    "build the model with medshield.models.create_model(...), call "
-    "model.load_state_dict(torch.load(path, weights_only=True)) and save it with "
-    "medshield.models.save_model(model, directory)"
-)
-_CONVERT_HF = (
-    "load it once with transformers' from_pretrained and write "
-    "save_pretrained(directory, safe_serialization=True), or download the repository's "
-    "model.safetensors"
-)
 
 
 def refuse_pickles(directory: Path, convert: str) -> None:
