@@ -167,6 +167,18 @@ CASES: dict[str, Case] = {
         EVALUATE,
         [f"weights in {WEIGHTS} do not fit the 'hf-clip' model", "size mismatch"],
     ),
+    "fine-tuning record not JSON": Case(
+        None,
+        lambda d: (d / "finetune.json").write_text("{bad"),
+        EVALUATE,
+        ["{model}/finetune.json is not valid JSON"],
+    ),
+    "fine-tuning record of another format": Case(
+        None,
+        lambda d: (d / "finetune.json").write_text('{"method": "ran"}'),
+        EVALUATE,
+        ["{model}/finetune.json is not a format-1 fine-tuning record"],
+    ),
     "unknown backend name": Case(
         None, nothing, ["evaluate", "--set", "model.backend=nope"], ["unknown model 'nope'"]
     ),
@@ -181,6 +193,12 @@ CASES: dict[str, Case] = {
         lambda d: (d / "model.safetensors").unlink(),
         HF_CLIP,
         ["cannot load CLIP weights from {model}: it holds no model.safetensors"],
+    ),
+    "hf-clip directory without config.json": Case(
+        "hf",
+        lambda d: (d / "config.json").unlink(),
+        HF_CLIP,
+        ["cannot read a CLIP config and tokenizer from {model}"],
     ),
     "hf-clip corrupt safetensors": Case(
         "hf", garbage_weights, HF_CLIP, ["cannot load CLIP weights from {model}", "corrupt"]
