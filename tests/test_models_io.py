@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_models_backends import (
     make_tiny_biomedclip_like_dir,
     make_tiny_hf_clip_dir,
@@ -209,16 +209,67 @@ def test_unknown_backend(saved: Path) -> None:
         load_model(saved)
 
 
-def test_weights_that_do_not_fit(saved: Path) -> None:
+def test_edited_init_kwargs_are_caught_by_the_record_in_the_weights(saved: Path) -> None:
     edit_meta(saved, init_kwargs={"embed_dim": 7})
-    with pytest.raises(DataError, match=r"(?s)model\.safetensors do not fit.*size mismatch"):
+    with pytest.raises(
+        DataError,
+        match=r"says embed_dim=7 but the weights in .*model\.safetensors were saved "
+        r"with embed_dim=4",
+    ):
         load_model(saved)
+
+
+def test_unknown_init_kwargs_keys_are_named(saved: Path) -> None:
+    edit_meta(saved, init_kwargs={"embed_dim": 4, "depth": 3, "act": "gelu"})
+    with pytest.raises(
+        DataError,
+        match=r"medshield_model\.json: init_kwargs has unknown key\(s\) act, depth; "
+        r"the 'test-io-tiny' backend accepts embed_dim\.",
+    ):
+        load_model(saved)
+
+
+def _strip_record(directory: Path) -> None:
+    """Rewrite the weights as an older medshield saved them: no init_kwargs in the header."""
+    weights = directory / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file(tensors, str(weights))
+
+
+def test_weights_without_a_record_load_with_a_warning_naming_the_values_used(saved: Path) -> None:
+    _strip_record(saved)
+    with pytest.warns(UserWarning, match=r"older medshield.*using \{'embed_dim': 4\}"):
+        assert load_model(saved).init_kwargs == {"embed_dim": 4}
+    edit_meta(saved, init_kwargs={"embed_dim": "four"})
+    with (
+        pytest.warns(UserWarning, match="older medshield"),
+        pytest.raises(DataError, match=r"cannot build the 'test-io-tiny' model from .*four"),
+    ):
+        load_model(saved)
+
+
+def test_weights_that_do_not_fit(saved: Path) -> None:
     save_file({"unrelated": torch.zeros(2)}, str(saved / "model.safetensors"))
-    with pytest.raises(DataError, match=r"(?s)model\.safetensors do not fit.*unrelated"):
+    with (
+        pytest.warns(UserWarning, match="older medshield"),
+        pytest.raises(DataError, match=r"(?s)model\.safetensors do not fit.*unrelated"),
+    ):
         load_model(saved)
     (saved / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"model\.safetensors"):
+    with pytest.raises(DataError, match=r"model\.safetensors is not a readable safetensors file"):
         load_model(saved)
     (saved / "model.safetensors").unlink()
     with pytest.raises(DataError, match="no weights"):
         load_model(saved)
+
+
+def test_pickle_only_hf_clip_dir_is_refused_before_transformers_sees_it(tmp_path: Path) -> None:
+    source = make_tiny_hf_clip_dir(tmp_path / "src")
+    tensors = load_file(str(source / "model.safetensors"))
+    torch.save(tensors, source / "pytorch_model.bin")  # the layout of an older pickle-only port
+    (source / "model.safetensors").unlink()
+    with pytest.raises(UnsafeFileError, match=r"refusing to unpickle pytorch_model\.bin"):
+        HFClipDualEncoder(str(source))
+    (source / "pytorch_model.bin").unlink()
+    with pytest.raises(DataError, match="holds no model.safetensors"):
+        HFClipDualEncoder(str(source))

@@ -19,7 +19,12 @@ from torch.utils.data import Dataset
 
 from medshield.attacks.multimodal import build_multimodal_attack
 from medshield.config import RunConfig
-from medshield.data import ImageCaptionDataset, available_modalities, get_modality
+from medshield.data import (
+    ImageCaptionDataset,
+    available_modalities,
+    get_modality,
+    missing_data_error,
+)
 from medshield.errors import DataError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import image_use_flag, summarize
@@ -38,10 +43,7 @@ def resolve_modalities(config: RunConfig, split: str) -> list[str]:
     if config.data.modalities == "available":
         found = available_modalities(config.data.data_dir, split=split)
         if not found:
-            raise DataError(
-                f"no MedMNIST {split} split found under the data directory; set "
-                "MEDSHIELD_DATA_DIR or install medshield[online] to download MedMNIST"
-            )
+            raise missing_data_error(split, config.data.data_dir)
         return found
     return [get_modality(m).name for m in config.data.modalities]
 

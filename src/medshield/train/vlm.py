@@ -44,7 +44,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from medshield.config import StrictModel, load_yaml_model
-from medshield.data import available_modalities, get_modality, load_split, load_vqa_rad
+from medshield.data import (
+    available_modalities,
+    get_modality,
+    load_split,
+    load_vqa_rad,
+    missing_data_error,
+)
 from medshield.data.vqa_rad import load_vqa_image
 from medshield.errors import DataError
 from medshield.eval.metrics import bootstrap_ci
@@ -152,7 +158,7 @@ def build_instructions(config: VLMTrainConfig, image_size: int) -> list[Example]
         else:
             modalities = list(config.modalities)
         if not modalities:
-            raise DataError("no MedMNIST train split found; set MEDSHIELD_DATA_DIR")
+            raise missing_data_error("train", config.data_dir, select="modalities")
         examples += medmnist_examples(
             modalities, config.medmnist_per_class, config.seed, config.data_dir
         )

@@ -39,7 +39,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medshield.data.medmnist import available_modalities, data_root, load_split
+from medshield.data.medmnist import (
+    available_modalities,
+    data_root,
+    load_split,
+    missing_data_error,
+)
 from medshield.data.modalities import MODALITIES, get_modality
 from medshield.data.safety.taxonomy import CATEGORY_IDS
 from medshield.data.vqa_rad import load_vqa_image, load_vqa_rad
@@ -810,9 +815,10 @@ def build_benchmark(
 def _build(data_dir: str | None, modalities: tuple[str, ...] | None) -> tuple[SafetyItem, ...]:
     names = list(modalities) if modalities is not None else benchmark_modalities(data_dir)
     if not names:
+        vqa = data_root(data_dir) / "vqa_rad"
         raise DataError(
-            "no modality has a local test split, so the safety benchmark is empty. Set "
-            "MEDSHIELD_DATA_DIR to a directory with medmnist/*.npz or vqa_rad/ files."
+            f"the safety benchmark is empty: no MedMNIST modality and no VQA-RAD ({vqa}) has a "
+            f"local test split. {missing_data_error('test', data_dir, select='modalities')}"
         )
     items: list[SafetyItem] = []
     for modality in names:

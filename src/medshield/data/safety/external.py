@@ -161,9 +161,7 @@ def image_picker(modality: str, data_dir: str | Path | None = None) -> Callable[
 
         return pick_vqa
     name = get_modality(modality).name
-    size = len(load_split(name, "test", data_dir, download=False))
-    if size == 0:
-        raise DataError(f"the {name} test split is empty; cannot pair requests with its images")
+    size = len(load_split(name, "test", data_dir, download=False))  # never empty
 
     def pick(text: str) -> ImageRef:
         return ImageRef("medmnist", name, "test", zlib.crc32(text.encode()) % size)
