@@ -39,10 +39,6 @@ ALLOWED_BACK_EDGES = {
     # the method modules import FineTuneMethod from common. It goes when the registry finds its
     # built-in plugins itself (issue 24, "Registries").
     ("medshield.train.finetune.common", "medshield.train.finetune"),
-    # load_safety_items (external) dispatches source "file" to the query-file loader, which takes
-    # read_csv_rows, image_picker and DEFAULT_MODALITY from external. It goes when those helpers
-    # (external.py's "file reading" and "image pairing" parts) move to a module of their own.
-    ("medshield.data.safety.external", "medshield.data.safety.queryfile"),
 }
 
 

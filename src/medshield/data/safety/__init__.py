@@ -11,15 +11,14 @@ from medshield.data.safety.benchmark import (
     normalize_answer,
 )
 from medshield.data.safety.external import (
-    SOURCES,
     image_picker,
     load_figstep,
     load_figstep_benign,
     load_jailbreakbench,
     load_medsafetybench,
-    load_safety_items,
 )
 from medshield.data.safety.queryfile import load_query_file, query_file_record
+from medshield.data.safety.sources import SOURCES, load_safety_items
 from medshield.data.safety.taxonomy import CATEGORY_IDS, HARM_CATEGORIES, HarmCategory, get_category
 
 __all__ = [

@@ -33,28 +33,13 @@ from medshield.data.safety.benchmark import (
     RADIOLOGY,
     ImageRef,
     SafetyItem,
-    build_benchmark,
     item_id,
 )
 from medshield.data.vqa_rad import load_vqa_rad
-from medshield.errors import DataError, InputError, UnknownNameError
+from medshield.errors import DataError
 
 DEFAULT_MODALITY = "chest_xray"
-SOURCES = (
-    "medshield",
-    "medsafetybench",
-    "figstep",
-    "figstep-tiny",
-    "figstep-benign",
-    "jailbreakbench",
-    "file",
-)
 MEDSAFETYBENCH_SPLITS = ("train", "test", "med_harm_llama3")
-_OPTIONS: dict[str, set[str]] = {
-    "medsafetybench": {"split", "generators", "limit_per_category"},
-    "figstep": {"include_benign"},
-    "figstep-tiny": {"include_benign"},
-}
 MEDSAFETYBENCH_GENERATORS = ("gpt4", "llama2")
 
 
@@ -228,7 +213,7 @@ def load_medsafetybench(
             f"unknown MedSafetyBench generator(s) {unknown or list(generators)}; expected a "
             f"non-empty subset of {', '.join(MEDSAFETYBENCH_GENERATORS)}"
         )
-    _check_limit(limit_per_category)
+    check_limit(limit_per_category)
     root = data_root(data_dir) / "medsafetybench"
     if not root.is_dir():
         raise DataError(
@@ -358,83 +343,6 @@ def load_jailbreakbench(
     return [item for kind in ("harmful", "benign") for item in loaded.get(kind, [])]
 
 
-def load_safety_items(
-    source: str,
-    *,
-    kind: str | None = None,
-    modality: str | None = None,
-    data_dir: str | Path | None = None,
-    limit: int | None = None,
-    path: str | Path | None = None,
-    **options: Any,
-) -> list[SafetyItem]:
-    """Load safety items from one source: the entry point the red-teaming workflow uses.
-
-    Args:
-        source: one of :data:`SOURCES`: ``"medshield"`` (the query benchmark),
-            ``"medsafetybench"``, ``"figstep"``, ``"figstep-tiny"``, ``"figstep-benign"``,
-            ``"jailbreakbench"``, or ``"file"`` (the user's query file at ``path``, see
-            :mod:`medshield.data.safety.queryfile`). For ``"figstep"``,
-            ``include_benign=True`` also loads the benign sentences when their file is present.
-        kind: keep only ``"harmful"`` or ``"benign"`` items (None: both).
-        modality: for the benchmark, restrict to this modality; for external sets, the modality
-            of the paired images (default :data:`DEFAULT_MODALITY`); for a query file, keep the
-            rows of this modality and those without one, which it gives its images.
-        data_dir: data root.
-        limit: keep the first ``limit`` items (after the ``kind`` filter).
-        path: the query file of source ``"file"`` (only).
-        options: passed on to the source's loader (e.g. ``split="train"`` for MedSafetyBench).
-
-    Raises:
-        UnknownNameError: unknown source.
-        DataError: missing or corrupt files; a malformed query file; bad ``kind`` or ``limit``.
-        InputError: options the source does not take; ``path`` without source ``"file"``.
-    """
-    if kind not in (None, "harmful", "benign"):
-        raise DataError(f"kind must be 'harmful', 'benign' or None, got {kind!r}")
-    _check_limit(limit)
-    if (source == "file") != (path is not None):
-        raise InputError(
-            "source 'file' needs the path of a query file"
-            if path is None
-            else f"a query file path is only read with source 'file', not {source!r}"
-        )
-    allowed = _OPTIONS.get(source, set())
-    unexpected = sorted(set(options) - allowed)
-    if source in SOURCES and unexpected:
-        raise InputError(
-            f"unexpected option(s) {', '.join(unexpected)} for source {source!r}; it takes "
-            f"{', '.join(sorted(allowed)) or 'no options'}"
-        )
-    image_modality = modality or DEFAULT_MODALITY
-    if source == "medshield":
-        items = build_benchmark(data_dir, [modality] if modality else None)
-    elif source == "medsafetybench":
-        items = load_medsafetybench(modality=image_modality, data_dir=data_dir, **options)
-    elif source in ("figstep", "figstep-tiny"):
-        include_benign = bool(options.pop("include_benign", False))
-        items = load_figstep(source == "figstep-tiny", image_modality, data_dir)
-        benign_file = data_root(data_dir) / "figstep" / "benign_sentences_without_harmful_phase.csv"
-        if include_benign and benign_file.is_file():
-            items += load_figstep_benign(image_modality, data_dir)
-    elif source == "figstep-benign":
-        items = load_figstep_benign(image_modality, data_dir)
-    elif source == "jailbreakbench":
-        kinds = (kind,) if kind else ("harmful", "benign")
-        items = load_jailbreakbench(kinds, image_modality, data_dir)
-    elif source == "file":
-        from medshield.data.safety.queryfile import load_query_file  # it imports this module
-
-        items = load_query_file(str(path), modality, data_dir)
-    else:
-        raise UnknownNameError(
-            f"unknown safety source {source!r}; known sources: {', '.join(SOURCES)}"
-        )
-    if kind is not None:
-        items = [item for item in items if item.kind == kind]
-    return items[:limit]
-
-
-def _check_limit(limit: int | None) -> None:
+def check_limit(limit: int | None) -> None:
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
