@@ -56,6 +56,7 @@ from medshield.config import (
     NoiseConfig,
     PretrainConfig,
     RunConfig,
+    RunName,
     StrictModel,
     load_yaml_model,
 )
@@ -276,7 +277,7 @@ class DemoConfig(StrictModel):
         finetune, vlm, redteam: stages 4, 5 and 6.
     """
 
-    name: str = "demo"
+    name: RunName = "demo"
     output_dir: str = "runs"
     seed: int = 0
     cache: bool = True

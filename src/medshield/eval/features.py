@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medshield.errors import InputError
+from medshield.errors import InputError, NonFiniteError
 from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
 
 PROGRESS_MIN_ITEMS = 2048
@@ -50,7 +50,14 @@ def _run_batched(
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc=desc, disable=len(items) < PROGRESS_MIN_ITEMS):
             outputs.append(fn(items[start : start + batch_size]).float().cpu())
-    return torch.cat(outputs)
+    result = torch.cat(outputs)
+    if not torch.isfinite(result).all():
+        raise NonFiniteError(
+            f"{desc}: the model gave NaN or infinite outputs, so its weights are probably not "
+            "finite (a training run that diverged, e.g. with a too high learning rate); "
+            "retrain it with a lower lr or evaluate another checkpoint"
+        )
+    return result
 
 
 def _run_on_images(

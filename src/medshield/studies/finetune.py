@@ -43,7 +43,7 @@ import torch
 from pydantic import Field, model_validator
 
 from medshield import data
-from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.config import ModelConfig, RunName, StrictModel, check_folder_name, load_yaml_model
 from medshield.device import DeviceName
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
@@ -99,7 +99,7 @@ class StudyFinetuneConfig(StrictModel):
             study may resume with other values.
     """
 
-    name: str = "study_finetune"
+    name: RunName = "study_finetune"
     output_dir: str = "runs"
     data_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -134,6 +134,8 @@ class StudyFinetuneConfig(StrictModel):
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
             raise ValueError(f"method labels must be unique, got {names}")
+        for label in [*self.checkpoints, *names]:  # each names its cells' run directories
+            check_folder_name(label)
         return self
 
     def expanded_methods(self) -> list[MethodSpec]:
