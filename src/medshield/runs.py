@@ -196,17 +196,16 @@ def check_measured(
         NothingMeasured: every one of the ``total`` failed (or there were none).
     """
     failed = sum(failures.values())
-    shown = list(failures.items())[:3]
-    why = "; ".join(reason + (f" (x{n})" if n > 1 else "") for reason, n in shown)
-    if len(failures) > len(shown):
-        why += f"; and {len(failures) - len(shown)} other reasons"
+    reasons = list(failures)
+    why = f"first reason: {reasons[0]}" if reasons else "nothing was attempted"
+    if len(reasons) > 1:
+        why += f" (and {len(reasons) - 1} other reasons, in the log above)"
     if total == 0 or failed >= total:
         raise NothingMeasured(
-            f"nothing measured: all {total} {unit} were skipped or failed ({why or 'none ran'}); "
-            f"{fix}"
+            f"nothing measured: all {total} {unit} were skipped or failed; {why}; {fix}"
         )
     if failed:
-        log(f"{failed} of {total} {unit} skipped or failed: {why}")
+        log(f"{failed} of {total} {unit} skipped or failed; {why}")
 
 
 def swap_directory(new: Path, directory: Path) -> None:
