@@ -19,6 +19,6 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, st
     """
     result = CliRunner().invoke(app, args, env={"COLUMNS": "1000", **(env or {})})
     output = result.output
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
         output += "".join(traceback.format_exception(*result.exc_info))
     return result.exit_code, output
