@@ -19,16 +19,33 @@ from medshield.runs import Run
 # whose runs/ holds the sibling run "sibling" and keep/ an unrelated folder with files.
 CASES = [
     ("name-absolute", "pretrain --set name={tmp}/keep --overwrite", "must be a single folder name"),
-    ("name-dot", "pretrain --set name=. --overwrite", "name '.' must be a single folder name"),
-    ("name-dotdot", "pretrain --set name=.. --overwrite", "name '..' must be a single folder"),
+    (
+        "name-dot",
+        "pretrain --set name=. --overwrite",
+        r"\nname\s+Value error, '\.' must be",
+    ),
+    (
+        "name-dotdot",
+        "pretrain --set name=.. --overwrite",
+        r"\nname\s+Value error, '\.\.' must",
+    ),
     ("name-escapes", "pretrain --set name=../escaped", "'../escaped' must be a single folder"),
     ("name-nested", "evaluate --set name=a/b", "'a/b' must be a single folder name"),
     ("name-backslash", "pretrain --set 'name=a\\b'", r"'a\\\\b' must be a single folder name"),
-    ("name-empty", "pretrain --set \"name=''\"", "name '' must be a single folder name"),
+    (
+        "name-empty",
+        "pretrain --set \"name=''\"",
+        r"\nname\s+Value error, '' must be",
+    ),
     ("name-null", "pretrain --set name=", r"(?s)name\s+Input should be a valid string"),
     ("name-finetune", "finetune --set name=../x", "'../x' must be a single folder name"),
     ("name-train-vlm", "train-vlm --set name=/tmp", "'/tmp' must be a single folder name"),
     ("name-demo", "demo --set name=.. --overwrite", "'..' must be a single folder name"),
+    (
+        "label-demo",
+        "demo --set 'finetune.methods=[{method: lora, label: a/b}]'",
+        r"(?s)label\s+Value error, 'a/b' must be a single folder name",
+    ),
     ("name-study", "study noise --set name={tmp}/keep", "must be a single folder name"),
     ("name-redteam", "redteam --set name=../keep --overwrite", "must be a single folder"),
     (

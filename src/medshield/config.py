@@ -34,15 +34,15 @@ def check_folder_name(name: str) -> str:
     """``name`` when it is one folder name (a ValueError otherwise: pydantic reports it)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ValueError(
-            f"name {name!r} must be a single folder name (no '/', '\\', '.' or '..'); the run "
-            "goes to output_dir/name, so set output_dir to choose where runs are written"
+            f"{name!r} must be a single folder name (no '/', '\\', '.' or '..'): it names a "
+            "folder inside output_dir; set output_dir to choose where runs are written"
         )
     return name
 
 
-RunName = Annotated[str, AfterValidator(check_folder_name)]
-"""A run's ``name``: one folder inside ``output_dir``, so a run never writes (or, with
-``--overwrite``, deletes) outside it."""
+FolderName = Annotated[str, AfterValidator(check_folder_name)]
+"""A run's ``name`` (or a label that names a run's folder): one folder inside ``output_dir``, so
+a run never writes (or, with ``--overwrite``, deletes) outside it."""
 
 
 class DataConfig(StrictModel):
@@ -144,7 +144,7 @@ class NoiseConfig(StrictModel):
 class RunConfig(StrictModel):
     """A whole run: what ``medshield pretrain``, ``evaluate`` and ``demo`` read."""
 
-    name: RunName = "run"
+    name: FolderName = "run"
     output_dir: str = "runs"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)

@@ -52,11 +52,11 @@ from medshield.config import (
     DataConfig,
     EvalTask,
     EvaluateConfig,
+    FolderName,
     ModelConfig,
     NoiseConfig,
     PretrainConfig,
     RunConfig,
-    RunName,
     StrictModel,
     load_yaml_model,
 )
@@ -277,7 +277,7 @@ class DemoConfig(StrictModel):
         finetune, vlm, redteam: stages 4, 5 and 6.
     """
 
-    name: RunName = "demo"
+    name: FolderName = "demo"
     output_dir: str = "runs"
     seed: int = 0
     cache: bool = True

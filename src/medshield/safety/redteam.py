@@ -55,7 +55,7 @@ from typing import Any
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from medshield.config import RunName, StrictModel, load_yaml_model
+from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
 from medshield.runs import Log, Run, check_measured
 
@@ -130,7 +130,7 @@ class RedteamConfig(StrictModel):
         bootstrap_resamples: bootstrap resamples of the metric intervals.
     """
 
-    name: RunName = "redteam"
+    name: FolderName = "redteam"
     output_dir: str = "runs"
     seed: int = 0
     model: ChatModelConfig = Field(default_factory=ChatModelConfig)

@@ -43,7 +43,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from medshield.config import RunName, StrictModel, load_yaml_model
+from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.data import available_modalities, get_modality, load_split, load_vqa_rad
 from medshield.data.vqa_rad import load_vqa_image
 from medshield.errors import DataError
@@ -59,7 +59,7 @@ CONDITIONS = ("image", "no_image", "shuffled_image")
 class VLMTrainConfig(StrictModel):
     """``medshield train-vlm``: data, model, optimisation and evaluation settings."""
 
-    name: RunName = "mini-llava"
+    name: FolderName = "mini-llava"
     output_dir: str = "runs"
     model_dir: str | None = None
     """Where the final model is saved (default ``<run>/model``)."""
