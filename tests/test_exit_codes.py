@@ -103,7 +103,8 @@ def test_redteam_against_an_unreachable_endpoint_exits_1(tmp_path: Path, data_di
     assert code == 1 and "nothing measured" in out
 
 
-def test_evaluating_a_model_with_nan_weights_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tasks", ["[zero_shot, linear_probe]", "[robust_zero_shot]"])
+def test_evaluating_a_model_with_nan_weights_is_a_clear_error(tmp_path: Path, tasks: str) -> None:
     from medshield.models import create_model, save_model
 
     model = create_model("mini-clip")
@@ -120,8 +121,10 @@ def test_evaluating_a_model_with_nan_weights_is_a_clear_error(tmp_path: Path) ->
                 [
                     f"output_dir={tmp_path}",
                     "data.modalities=[chest_xray]",
-                    "evaluate.tasks=[zero_shot, linear_probe]",
+                    f"evaluate.tasks={tasks}",
                     "evaluate.max_test_items=8",
+                    "evaluate.robust_max_items=4",
+                    "evaluate.attack_steps=1",
                 ]
             ),
         ]

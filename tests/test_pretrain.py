@@ -162,3 +162,13 @@ def test_a_diverging_run_stops_with_a_clear_error(
     with pytest.raises(NonFiniteError, match=r"pretrain epoch 1 step \d+: .*pretrain.lr=1e\+30"):
         pretrain(model, small_data, config, tmp_path, seed=0, progress=False)
     assert not (tmp_path / "last").exists()  # no checkpoint of NaN weights to resume from
+
+
+def test_check_finite_loss_names_the_step_and_the_learning_rate() -> None:
+    from medshield.errors import NonFiniteError
+    from medshield.train import check_finite_loss
+
+    check_finite_loss(torch.tensor(2.5), "train-vlm step 3", "lr", 1e-3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteError, match=r"train-vlm step 3: .*\(lr=0.001\); rerun with"):
+            check_finite_loss(torch.tensor(bad), "train-vlm step 3", "lr", 1e-3)

@@ -167,3 +167,16 @@ def test_check_measured_raises_when_everything_failed_and_logs_a_partial_run() -
     assert err.value.exit_code == 1
     with pytest.raises(NothingMeasured, match="all 0 groups"):
         check_measured("groups", 0, {}, "fix it", logs.append)
+
+
+def test_a_folder_the_run_may_not_create_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As an unwritable output_dir gives it, also where the tests run as root."""
+
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(ConfigError, match=rf"Permission denied \({tmp_path / 'run'}\).*output_dir"):
+        Run(tmp_path / "run", load_config(None))

@@ -50,14 +50,19 @@ def _run_batched(
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc=desc, disable=len(items) < PROGRESS_MIN_ITEMS):
             outputs.append(fn(items[start : start + batch_size]).float().cpu())
-    result = torch.cat(outputs)
-    if not torch.isfinite(result).all():
+    return check_finite_outputs(torch.cat(outputs), desc)
+
+
+def check_finite_outputs(outputs: torch.Tensor, desc: str) -> torch.Tensor:
+    """``outputs`` (embeddings or logits) when every value is finite; a NonFiniteError naming
+    the likely cause otherwise, before NaN scores become predictions."""
+    if not torch.isfinite(outputs).all():
         raise NonFiniteError(
             f"{desc}: the model gave NaN or infinite outputs, so its weights are probably not "
             "finite (a training run that diverged, e.g. with a too high learning rate); "
             "retrain it with a lower lr or evaluate another checkpoint"
         )
-    return result
+    return outputs
 
 
 def _run_on_images(
