@@ -6,16 +6,41 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from medshield.errors import MedshieldError
+
+RESUMABLE = frozenset(
+    {"pretrain", "evaluate", "craft-noise", "demo", "train-vlm", "finetune", "redteam", "study"}
+)
+"""Commands that resume an interrupted run when run again with the same arguments."""
+
+
+class _Commands(TyperGroup):
+    """The top-level command group: Ctrl-C ends any command with exit status 130 and one line
+    (saying how to resume, for the commands that resume), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            resume = ctx.invoked_subcommand in RESUMABLE
+            console.print(
+                "interrupted" + ("; rerun the same command to resume" if resume else ""),
+                markup=False,
+            )
+            raise typer.Exit(code=130) from None
+
 
 # Help is plain click text: rich help would read [brackets] in it as markup and show every flag
 # as taking a <bool> value.
 app = typer.Typer(
+    cls=_Commands,
     help="Stress-test and harden medical vision-language models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -90,9 +115,9 @@ def _load(config: Path | None, overrides: list[str] | None, **forced: Any):
     return load_config(config, [*(overrides or []), *extra])
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: MedshieldError) -> None:
     console.print(Text.assemble(("error:", "bold red"), f" {exc}"))
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=exc.exit_code)
 
 
 def _done(text: str, path: Path | str, after: str = "") -> None:

@@ -52,6 +52,7 @@ from medshield.config import (
     DataConfig,
     EvalTask,
     EvaluateConfig,
+    FolderName,
     ModelConfig,
     NoiseConfig,
     PretrainConfig,
@@ -276,7 +277,7 @@ class DemoConfig(StrictModel):
         finetune, vlm, redteam: stages 4, 5 and 6.
     """
 
-    name: str = "demo"
+    name: FolderName = "demo"
     output_dir: str = "runs"
     seed: int = 0
     cache: bool = True

@@ -34,7 +34,7 @@ from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
 from medshield.noise import NoisyCaptionDataset, craft_noisy_dataset, file_sha256
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, check_measured
 from medshield.train.pretrain import pretrain
 
 
@@ -197,7 +197,11 @@ def run_evaluate(
     (method, task, trainable parameters, wall time, inference overhead).
 
     Rows are written one (task, modality) group at a time, each row tagged with its group and
-    the group's size, so a group a crash cut short is dropped and recomputed.
+    the group's size, so a group a crash cut short is dropped and recomputed. A group whose data
+    is missing or corrupt is skipped (said in the log and under ``skipped``).
+
+    Raises:
+        NothingMeasured: every group was skipped.
     """
     ev, seed, data_dir = config.evaluate, config.seed, config.data.data_dir
     modalities = resolve_modalities(config, "test")
@@ -327,6 +331,14 @@ def run_evaluate(
             continue
         run.append_samples({**r, "group": group, "n_group": len(new)} for r in new)
 
+    check_measured(
+        "evaluation groups",
+        len(jobs),
+        Counter(skipped.values()),
+        "check the data directory (MEDSHIELD_DATA_DIR or data.data_dir) and the configured "
+        "modalities and tasks",
+        log,
+    )
     rows = [r for r in run.load_samples() if "group" in r]
     metrics = summarize(rows, n_resamples=ev.bootstrap_resamples)
     sanity = robust_sanity(rows)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from medshield.errors import InputError
+from medshield.errors import ConfigError, InputError
 from medshield.registry import CHAT_MODELS
 
 Role = Literal["system", "user", "assistant"]
@@ -133,5 +133,17 @@ class ChatVLM(ABC):
 
 
 def create_chat_model(name: str, **kwargs: Any) -> ChatVLM:
-    """Build the chat backend registered as ``name`` (see ``medshield list chat-models``)."""
-    return CHAT_MODELS.get(name)(**kwargs)
+    """Build the chat backend registered as ``name`` (see ``medshield list chat-models``).
+
+    Raises:
+        UnknownNameError: no backend of that name.
+        ConfigError: ``kwargs`` that the backend does not take, or lacks one it needs.
+    """
+    backend = CHAT_MODELS.get(name)
+    try:
+        return backend(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"chat model {name!r} does not fit the arguments {sorted(kwargs)} ({exc}); set "
+            "model.kwargs to what the backend takes (see `medshield list chat-models`)"
+        ) from None

@@ -57,9 +57,9 @@ from typing import Any
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from medshield.config import StrictModel, load_yaml_model
+from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, check_measured
 
 DEFAULT_ATTACKS = (
     "direct",
@@ -138,7 +138,7 @@ class RedteamConfig(StrictModel):
         bootstrap_resamples: bootstrap resamples of the metric intervals.
     """
 
-    name: str = "redteam"
+    name: FolderName = "redteam"
     output_dir: str = "runs"
     seed: int = 0
     model: ChatModelConfig = Field(default_factory=ChatModelConfig)
@@ -566,6 +566,8 @@ def run_redteam(
         ConfigError: an empty item selection or bad attack/judge arguments.
         UnknownNameError: an unknown source, modality, attack, judge, defense or backend.
         DataError: missing benchmark data.
+        NothingMeasured: every row ended in an error (e.g. the endpoint is down); the rows
+            stay in ``samples.jsonl``, so ``retry_errors`` reruns them.
     """
     check_names(config)
     items = select_items(load_items(config), config.limit, config.seed)
@@ -612,6 +614,14 @@ def run_redteam(
             if owned and callable(close):
                 close()
 
+    errors = Counter(f"{r.get('error_stage', '?')}: {r['error']}" for r in rows if r.get("error"))
+    check_measured(
+        "red-team rows",
+        len(rows),
+        dict(errors),
+        "fix the cause (e.g. start the endpoint) and rerun the same command with --retry-errors",
+        log,
+    )
     results = summarize_run(config, rows, judges)
     return run.write_results(results, seed=config.seed)
 

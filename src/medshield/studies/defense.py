@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from medshield.config import StrictModel, load_yaml_model
+from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import UnknownNameError
 from medshield.runs import Log, Run
 from medshield.safety.redteam import (
@@ -124,7 +124,7 @@ class DefenseStudyConfig(StrictModel):
             ``output_dir`` and ``defense`` are set per cell and must be left as they are).
     """
 
-    name: str = "study_defense"
+    name: FolderName = "study_defense"
     output_dir: str = "runs"
     budgets: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
     strategies: list[str] = Field(

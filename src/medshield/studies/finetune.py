@@ -43,7 +43,13 @@ import torch
 from pydantic import Field, model_validator
 
 from medshield import data
-from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.config import (
+    FolderName,
+    ModelConfig,
+    StrictModel,
+    check_folder_name,
+    load_yaml_model,
+)
 from medshield.device import DeviceName
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
@@ -68,7 +74,7 @@ class MethodSpec(StrictModel):
     ``label`` for the table (default: the method name)."""
 
     method: str
-    label: str | None = None
+    label: FolderName | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     ran: dict[str, float] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
@@ -99,7 +105,7 @@ class StudyFinetuneConfig(StrictModel):
             study may resume with other values.
     """
 
-    name: str = "study_finetune"
+    name: FolderName = "study_finetune"
     output_dir: str = "runs"
     data_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -134,6 +140,8 @@ class StudyFinetuneConfig(StrictModel):
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
             raise ValueError(f"method labels must be unique, got {names}")
+        for label in self.checkpoints:  # names its cells' run directories
+            check_folder_name(label)
         return self
 
     def expanded_methods(self) -> list[MethodSpec]:

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from scipy import stats
 
-from medshield.config import RunConfig, StrictModel, load_yaml_model
+from medshield.config import FolderName, RunConfig, StrictModel, load_yaml_model
 from medshield.data import ImageCaptionDataset
 from medshield.errors import ConfigError
 from medshield.models import load_model, save_model
@@ -47,7 +47,7 @@ class NoiseStudyConfig(StrictModel):
     and ``noise.eps`` are replaced by the grid).
     """
 
-    name: str = "study_noise"
+    name: FolderName = "study_noise"
     output_dir: str = "runs"
     ratios: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.25, 0.5, 1.0])
     eps_values: list[float] = Field(default_factory=lambda: [2.0, 8.0], min_length=1)

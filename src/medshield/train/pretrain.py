@@ -35,6 +35,7 @@ from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.models.io import save_model
 from medshield.runs import swap_directory
+from medshield.train import check_finite_loss
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -223,6 +224,9 @@ def pretrain(
                 _gather_with_grad(text_emb, accelerator),
                 scale,
                 _gather_strings(batch["caption"], accelerator),
+            )
+            check_finite_loss(
+                loss, f"pretrain epoch {epoch + 1} step {step + 1}", "pretrain.lr", config.lr
             )
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

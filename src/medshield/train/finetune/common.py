@@ -77,6 +77,7 @@ from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
 from medshield.models.io import read_record
 from medshield.registry import METHODS
+from medshield.train import check_finite_loss
 
 FORMAT = 1
 STATE_FILE = "method.safetensors"
@@ -801,8 +802,8 @@ def finetune(
                 classifier.set_questions([train.questions[i] for i in idx])
             images, labels = train.images[idx].to(device), train.labels[idx].to(device)
             loss, parts = method.loss(classifier, images, labels)
-            if not torch.isfinite(loss):
-                raise InputError(f"{config.method}: the training loss became {loss.item()}")
+            where = f"{config.method} fine-tuning epoch {epoch + 1}"
+            check_finite_loss(loss, where, "finetune.lr", config.lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

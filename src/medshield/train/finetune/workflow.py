@@ -59,7 +59,7 @@ from medshield.attacks.sanity import (
     stronger_flag,
     zero_gradient_flag,
 )
-from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.config import FolderName, ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
@@ -124,7 +124,7 @@ class RobustEvalConfig(StrictModel):
 class FineTuneRunConfig(StrictModel):
     """A ``medshield finetune`` run: base model, modality, fine-tuning and evaluation."""
 
-    name: str = "finetune"
+    name: FolderName = "finetune"
     output_dir: str = "runs"
     seed: int = 0
     modality: str = "chest_xray"
