@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 
 from typer.testing import CliRunner
@@ -22,3 +23,8 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, st
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         output += "".join(traceback.format_exception(*result.exc_info))
     return result.exit_code, output
+
+
+def squash(text: str) -> str:
+    """``text`` without whitespace, for messages that name long paths."""
+    return re.sub(r"\s+", "", text)

@@ -8,37 +8,20 @@ mini-clip to show that an edited ``image_size``, which changes no tensor shape, 
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from bad_input_support import run_cli, squash
 from safetensors.torch import load_file
 from test_models_backends import make_tiny_hf_clip_dir
 from transformers import BertConfig
-from typer.testing import CliRunner
 
-from medshield.cli import app
 from medshield.models import save_model
 from medshield.models.hf_clip import HFClipDualEncoder
-
-
-def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run ``medshield ARGS`` in-process; the output includes any exception's traceback."""
-    result = CliRunner().invoke(app, args, env=env)
-    output = result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        output += "".join(traceback.format_exception(result.exception))
-    return result.exit_code, output
-
-
-def squash(text: str) -> str:
-    """``text`` without whitespace: the console wraps long lines, even inside paths."""
-    return re.sub(r"\s+", "", text)
 
 
 @pytest.fixture(scope="module")

@@ -6,32 +6,14 @@ The model is a tiny random hf-clip folder, so every case costs well under a seco
 
 from __future__ import annotations
 
-import re
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_input_support import run_cli, squash
 from test_models_backends import make_tiny_hf_clip_dir
-from typer.testing import CliRunner
-
-from medshield.cli import app
-
-
-def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run ``medshield ARGS`` in-process; the output includes any exception's traceback."""
-    result = CliRunner().invoke(app, args, env=env)
-    output = result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        output += "".join(traceback.format_exception(result.exception))
-    return result.exit_code, output
-
-
-def squash(text: str) -> str:
-    """``text`` without whitespace: the console wraps long lines, even inside paths."""
-    return re.sub(r"\s+", "", text)
 
 
 def arrays(split: str, n: int = 6, classes: int = 2, shape: tuple[int, ...] = (28, 28)) -> dict:
