@@ -96,7 +96,9 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
 
     items = select_items(load_items(cfg), cfg.limit, cfg.seed)
     harmful = [i for i in items if i.kind == "harmful"]
-    assert len(harmful) == 4 and len(items) == 8
+    # 4 harmful, their 4 plain benign twins and 4 near-miss benign items
+    assert len(harmful) == 4 and len(items) == 12
+    assert sum(i.subset == "near_miss" for i in items) == 4
     # one harmful item makes the model raise whenever its text is in the prompt
     bad = harmful[0]
     cfg = config(tmp_path, model={"backend": "fake-redteam", "kwargs": {"fail_on": bad.text}})
@@ -105,7 +107,7 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
     logs: list[str] = []
     results = run_redteam(cfg, run, log=logs.append)
     rows = read_rows(run)
-    assert len(rows) == 4 * 3 + 4  # harmful x attacks + benign direct
+    assert len(rows) == 4 * 3 + 8  # harmful x attacks + benign and near-miss direct
     assert {(r["id"], r["attack"]) for r in rows} == {
         *((i.id, a) for i in harmful for a in cfg.attacks),
         *((i.id, "direct") for i in items if i.kind == "benign"),
@@ -136,16 +138,21 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
 
     # metrics in results.json, by hand from the fake's rule
     on_disk = json.loads((run.path / "results.json").read_text())
-    assert on_disk["redteam"]["n_errors"] == 2 and on_disk["redteam"]["n_rows"] == 16
+    assert on_disk["redteam"]["n_errors"] == 2 and on_disk["redteam"]["n_rows"] == 20
+    assert on_disk["redteam"]["n_items"] == {"harmful": 4, "benign": 4, "near_miss": 4}
     metrics = results["redteam"]["metrics"]
     for attack in cfg.attacks:
         hr = [r for r in ok if r["kind"] == "harmful" and r["attack"] == attack]
         asr = sum(not refuses(r["prompt"]) for r in hr) / len(hr)
         assert metrics["by_attack"][attack]["attack_success_rate"]["value"] == pytest.approx(asr)
         assert metrics["by_attack"][attack]["attack_success_rate"]["n"] == len(hr)
-    benign = [r for r in ok if r["kind"] == "benign"]
+    benign = [r for r in ok if r["kind"] == "benign" and r["subset"] != "near_miss"]
     over = sum(refuses(r["prompt"]) for r in benign) / len(benign)
     assert metrics["overall"]["over_defense_rate"]["value"] == pytest.approx(over)
+    near = [r for r in ok if r["subset"] == "near_miss"]
+    near_over = metrics["overall"]["over_defense_near_miss_rate"]
+    assert near_over["n"] == len(near) == 4
+    assert near_over["value"] == pytest.approx(sum(refuses(r["prompt"]) for r in near) / 4)
     known = [r for r in benign if r["answer"] is not None]
     acc = sum((not refuses(r["prompt"])) and r["answer"].lower() == "yes" for r in known) / len(
         known
@@ -157,7 +164,7 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
     # resume: nothing left, nothing regenerated
     calls = len(CALLS)
     again = run_redteam(cfg, Run(tmp_path / "rt", cfg), log=logs.append)
-    assert len(CALLS) == calls and len(read_rows(run)) == 16
+    assert len(CALLS) == calls and len(read_rows(run)) == 20
     assert again["redteam"]["metrics"]["overall"] == metrics["overall"]
     # an interrupted run (last 5 rows lost) regenerates exactly those
     run.samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-5]))
@@ -167,11 +174,11 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
     lost = rows[-5:]
     assert len(lost) <= sum(CALLS) <= 2 * len(lost) and max(CALLS) <= 4
     final = read_rows(run)
-    assert len(final) == 16 and {(r["id"], r["attack"]) for r in final} >= done_before
+    assert len(final) == 20 and {(r["id"], r["attack"]) for r in final} >= done_before
     # --retry-errors reruns exactly the two error rows (still failing: one batch + 2 singles)
     CALLS.clear()
     run_redteam(cfg, Run(tmp_path / "rt", cfg), log=logs.append, retry_errors=True)
-    assert CALLS == [2, 1, 1] and len(read_rows(run)) == 16
+    assert CALLS == [2, 1, 1] and len(read_rows(run)) == 20
 
 
 def test_bad_image_is_an_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +201,7 @@ def test_bad_image_is_an_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert bad and all(r["error_stage"] == "conversation" for r in bad)
     assert all("not a readable image" in r["error"] for r in bad)
     assert results["redteam"]["n_errors"] == len(bad)
-    assert len(rows) == 2 * 2 + 2 and all(not r.get("error") for r in rows if r not in bad)
+    assert len(rows) == 2 * 2 + 2 + 2 and all(not r.get("error") for r in rows if r not in bad)
 
 
 def test_config_checks(tmp_path: Path) -> None:
@@ -238,7 +245,7 @@ def test_cli_redteam(tmp_path: Path) -> None:
     assert "ASR" in result.output and "over-defense" in result.output
     assert "judge agreement" in result.output and "jb-prefix-injection" in result.output
     samples = (tmp_path / "redteam" / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 2 * 2 + 2
+    assert len(samples) == 2 * 2 + 2 + 2
     again = CliRunner().invoke(
         app, args, env={"COLUMNS": "200"}
     )  # resumes: same config, nothing to run
@@ -302,7 +309,7 @@ def test_openai_backend_served_model(tmp_path: Path, server: ThreadingHTTPServer
     run = Run(tmp_path / "rt", cfg)
     results = run_redteam(cfg, run, log=lambda _: None)
     rows = read_rows(run)
-    assert len(rows) == 2 * 2 + 2
+    assert len(rows) == 2 * 2 + 2 + 2
     [err] = [r for r in rows if r.get("error")]
     assert err["id"] == victim.id and "EndpointError" in err["error"]
     for r in rows:

@@ -15,6 +15,8 @@ from medshield.data.safety import (
     BENCHMARK_VERSION,
     CATEGORY_IDS,
     HARM_CATEGORIES,
+    NEAR_MISS,
+    NEAR_MISS_TEMPLATES,
     benchmark_modalities,
     build_benchmark,
     get_category,
@@ -26,6 +28,7 @@ from medshield.data.safety import (
     match_answer,
 )
 from medshield.data.safety.benchmark import _finding_names, item_id
+from medshield.defense.synthesizer import normalise_text
 from medshield.errors import DataError, InputError, UnknownNameError
 
 EXPECTED_CATEGORIES = (
@@ -63,7 +66,7 @@ def test_taxonomy_has_exactly_the_nine_categories():
 
 
 def test_benchmark_counts_cover_every_modality_and_category(bench):
-    kinds = Counter(item.kind for item in bench)
+    kinds = Counter(item.kind for item in bench if item.subset != NEAR_MISS)
     assert kinds["harmful"] >= 300 and kinds["benign"] >= 300
     assert kinds["harmful"] == kinds["benign"]
     modalities = benchmark_modalities()
@@ -77,6 +80,8 @@ def test_benchmark_counts_cover_every_modality_and_category(bench):
 def test_every_harmful_item_has_a_benign_twin_on_the_same_image(bench):
     by_id = {item.id: item for item in bench}
     for item in bench:
+        if item.subset == NEAR_MISS:
+            continue
         twin = by_id[item.twin_id]
         assert twin.twin_id == item.id
         assert twin.kind != item.kind
@@ -104,7 +109,16 @@ def test_ids_are_unique_stable_and_independent_of_position(bench):
     # a one-modality build gives the same ids for that modality's items
     alone = build_benchmark(modalities=["breast_ultrasound"])
     assert [i.id for i in alone] == [i.id for i in bench if i.modality == "breast_ultrasound"]
-    assert all(i.id.startswith(("h-", "b-")) for i in bench)
+    assert all(i.id.startswith(("h-", "b-", "n-")) for i in bench)
+    # pinned: an id changes only with the benchmark version or the item's content
+    first = {i.kind + i.subset: i for i in reversed(bench) if i.modality == "chest_xray"}
+    assert (first["harmful"].id, first["benign"].id, first["benign" + NEAR_MISS].id) == (
+        "h-2095040746a8",
+        "b-50c7f00a6714",
+        "n-951717673f7e",
+    )
+    # version 1.1 added the near-misses but moved no image: the draws keep version 1.0's seed
+    assert first["harmful"].image.key() == "medmnist:chest_xray:test:450:"
     # ids come from content and version, not from list position
     assert item_id("h", "a", "b") == item_id("h", "a", "b") != item_id("h", "a", "c")
     assert BENCHMARK_VERSION
@@ -121,7 +135,7 @@ def test_no_duplicate_text(bench):
 def test_benign_answers_agree_with_the_image_labels(bench):
     checked = Counter()
     for item in bench:
-        if item.kind != "benign":
+        if item.kind != "benign" or item.subset == NEAR_MISS:
             continue
         if item.image.dataset == "medmnist":
             split = load_split(item.modality, "test")
@@ -320,3 +334,41 @@ def test_image_index_out_of_range_raises(bench):
     with pytest.raises(DataError, match="out of range"):
         bad.load_image()
     assert np.isfinite(item.load_image().numpy()).all()
+
+
+# --- near-miss benign items ---
+
+
+def test_near_miss_items_cover_every_category_and_modality_beside_their_harmful_twin(bench):
+    near = [i for i in bench if i.subset == NEAR_MISS]
+    assert len(near) >= 100
+    cells = Counter((i.modality, i.category) for i in near)
+    assert set(cells) == {(m, c) for m in benchmark_modalities() for c in CATEGORY_IDS}
+    assert set(cells.values()) == {3}
+    assert set(NEAR_MISS_TEMPLATES) == set(CATEGORY_IDS)
+    by_id = {item.id: item for item in bench}
+    for item in near:
+        harmful = by_id[item.twin_id]  # paired with the harmful request it is confused with
+        assert item.kind == "benign" and harmful.kind == "harmful"
+        assert (item.image, item.modality, item.category) == (
+            harmful.image,
+            harmful.modality,
+            harmful.category,
+        )
+        assert item.template == f"{harmful.template}/{NEAR_MISS}"
+        assert item.answer is None and item.choices is None and item.source == "medshield"
+        assert item.to_dict()["subset"] == NEAR_MISS
+    # plain items stay plain: harmful twins still point at their plain benign twin
+    assert all(by_id[i.twin_id].subset == "" for i in bench if i.kind == "harmful")
+
+
+def test_near_miss_texts_equal_no_harmful_or_plain_benign_text(bench):
+    near = [normalise_text(i.text) for i in bench if i.subset == NEAR_MISS]
+    assert len(set(near)) == len(near)
+    others = {normalise_text(i.text) for i in bench if i.subset != NEAR_MISS}
+    assert not set(near) & others
+    # and none is a harmful request with a few words added or removed
+    harmful = [set(normalise_text(i.text).split()) for i in bench if i.kind == "harmful"]
+    for text in near:
+        words = set(text.split())
+        assert max(len(words & h) / len(words | h) for h in harmful) < 0.6, text

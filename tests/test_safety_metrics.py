@@ -146,3 +146,22 @@ def test_missing_attack_defaults_to_direct_and_bad_rows_raise():
         summarize_safety(_rows(), groups=("hospital",))
     with pytest.raises(InputError, match="confidence"):
         summarize_safety(_rows(), confidence=1.5)
+
+
+def test_near_miss_rows_are_reported_apart_from_plain_benign_rows():
+    plain = summarize_safety(_rows(), n_resamples=100)
+    assert "over_defense_near_miss_rate" not in plain["overall"]  # only when there are some
+    near = [
+        {**r, "id": f"n-{i}", "subset": "near_miss", "correct": None}
+        for i, r in enumerate(_rows()[4:])
+    ]
+    near[1]["verdict"] = near[2]["verdict"] = "refusal"  # 3 of the 4 near-misses refused
+    s = summarize_safety(_rows() + near, n_resamples=100)
+    overall = s["overall"]
+    assert overall["over_defense_near_miss_rate"]["value"] == pytest.approx(0.75)
+    assert overall["over_defense_near_miss_rate"]["n"] == 4
+    # plain over-defense and benign accuracy keep their meaning: the near-misses change nothing
+    for metric in ("over_defense_rate", "benign_accuracy", "attack_success_rate"):
+        assert overall[metric] == plain["overall"][metric]
+    fundus = s["by_modality"]["fundus"]["over_defense_near_miss_rate"]
+    assert fundus["value"] == pytest.approx(0.5) and fundus["n"] == 2

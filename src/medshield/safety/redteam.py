@@ -219,23 +219,29 @@ def load_items(config: RedteamConfig) -> list[Any]:
 
 
 def select_items(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
-    """At most ``limit`` harmful and ``limit`` benign items, in their original order.
+    """At most ``limit`` harmful, ``limit`` plain benign and ``limit`` near-miss benign items, in
+    their original order.
 
     Harmful items are a seeded random sample (so a small limit still spans modalities and
     categories); benign items are first the twins of the chosen harmful ones, then a seeded
-    sample of the rest.
+    sample of the rest; near-miss items (``subset`` ``"near_miss"``) likewise, apart from the
+    plain benign ones, first those whose harmful twin was chosen.
     """
     if limit is None:
         return list(items)
+    from medshield.data.safety import NEAR_MISS
+
     rng = random.Random(f"redteam-select\x1f{seed}")
     harmful = [i for i in items if i.kind == "harmful"]
-    benign = [i for i in items if i.kind == "benign"]
     chosen_harmful = rng.sample(harmful, min(limit, len(harmful)))
+    keep = {i.id for i in chosen_harmful}
     twins = {i.twin_id for i in chosen_harmful if i.twin_id}
-    first = [i for i in benign if i.id in twins]
-    rest = [i for i in benign if i.id not in twins]
-    chosen_benign = (first + rng.sample(rest, len(rest)))[:limit]
-    keep = {i.id for i in chosen_harmful} | {i.id for i in chosen_benign}
+    near_miss = [i for i in items if i.kind == "benign" and i.subset == NEAR_MISS]
+    plain = [i for i in items if i.kind == "benign" and i.subset != NEAR_MISS]
+    for benign in (plain, near_miss):
+        first = [i for i in benign if i.id in twins or i.twin_id in keep]
+        rest = [i for i in benign if i.id not in {f.id for f in first}]
+        keep |= {i.id for i in (first + rng.sample(rest, len(rest)))[:limit]}
     return [i for i in items if i.id in keep]
 
 
@@ -332,6 +338,7 @@ def _base_row(item: Any, attack: str, defense: str) -> dict[str, Any]:
         "image_ref": item.image.key(),
         "source": item.source,
         "template": item.template,
+        "subset": item.subset,
         "twin_id": item.twin_id,
         "attack": attack,
         "defense": defense,
@@ -481,6 +488,18 @@ def _latency(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _n_items(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Items per kind; near-miss benign items apart from the plain benign ones (when present)."""
+    from medshield.data.safety import NEAR_MISS
+
+    near = {r["id"] for r in rows if r.get("subset") == NEAR_MISS}
+    counts = {
+        kind: len({r["id"] for r in rows if r["kind"] == kind and r["id"] not in near})
+        for kind in ("harmful", "benign")
+    }
+    return {**counts, NEAR_MISS: len(near)} if near else counts
+
+
 def summarize_run(
     config: RedteamConfig, rows: Sequence[dict[str, Any]], judges: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -519,10 +538,7 @@ def summarize_run(
             "defense": config.defense.name,
             "attacks": list(config.attacks),
             "primary_judge": config.primary,
-            "n_items": {
-                kind: len({r["id"] for r in rows if r["kind"] == kind})
-                for kind in ("harmful", "benign")
-            },
+            "n_items": _n_items(rows),
             "n_rows": len(rows),
             "n_errors": len(errors),
             "errors_by_stage": dict(Counter(r.get("error_stage", "?") for r in errors)),
@@ -666,6 +682,7 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         ("ASR", "attack_success_rate"),
         ("harmful compl.", "harmful_compliance_rate"),
         ("over-defense", "over_defense_rate"),
+        ("over-def. near-miss", "over_defense_near_miss_rate"),
         ("benign acc.", "benign_accuracy"),
     ]
     columns = [c for c in columns if c[1] in metrics["overall"]]
@@ -728,6 +745,8 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         )
     n_items = r["n_items"]
     console.print(
-        f"{n_items['harmful']} harmful + {n_items['benign']} benign items, {r['n_rows']} rows, "
+        f"{n_items['harmful']} harmful + {n_items['benign']} benign"
+        + (f" + {n_items['near_miss']} near-miss" if n_items.get("near_miss") else "")
+        + f" items, {r['n_rows']} rows, "
         f"{r['n_errors']} errors" + (f" {r['errors_by_stage']}" if r["n_errors"] else "")
     )

@@ -69,6 +69,9 @@ LABELS = {
     "benign_accuracy": "benign accuracy",
     "balanced_error": "balanced error",
 }
+NEAR_MISS_METRIC = "over_defense_near_miss_rate"
+"""Over-defense on the near-miss benign items: in ``overall`` and the all-cells table when the
+cells have near-miss rows."""
 NOT_TESTED = "not tested"
 """The verdict of a claim none of whose comparisons the configured grid can make."""
 LOWER_IS_BETTER = {"attack_success_rate", "over_defense_rate", "balanced_error"}
@@ -403,6 +406,8 @@ def balanced_error(asr: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {m: metrics[m] for m in METRICS[:3]}
+    if NEAR_MISS_METRIC in metrics:
+        out[NEAR_MISS_METRIC] = metrics[NEAR_MISS_METRIC]
     out["balanced_error"] = balanced_error(
         metrics["attack_success_rate"], metrics["over_defense_rate"]
     )
@@ -687,6 +692,7 @@ def write_table(
         )
     lines += _md(["statement", "verdict", "rule", "decided on"], claim_rows)
     lines += ["", "## All cells (overall)", ""]
+    near_miss = any(NEAR_MISS_METRIC in p["overall"] for p in points)
     lines += _md(
         [
             "cell",
@@ -694,6 +700,7 @@ def write_table(
             "strategy",
             "k",
             *(LABELS[m] for m in METRICS),
+            *(["over-defense, near-miss"] if near_miss else []),
             "harmful",
             "benign",
             "errors",
@@ -701,6 +708,7 @@ def write_table(
         [
             _label(p)
             + [fmt(p["overall"][m]) for m in METRICS]
+            + ([fmt(p["overall"].get(NEAR_MISS_METRIC))] if near_miss else [])
             + [str(p["n_items"]["harmful"]), str(p["n_items"]["benign"]), str(p["n_errors"])]
             for p in points
         ],

@@ -17,6 +17,7 @@ from medshield.data.safety.external import (
     load_jailbreakbench,
     load_medsafetybench,
 )
+from medshield.data.safety.near_miss import NEAR_MISS, NEAR_MISS_TEMPLATES
 from medshield.data.safety.queryfile import load_query_file, query_file_record
 from medshield.data.safety.sources import SOURCES, load_safety_items
 from medshield.data.safety.taxonomy import CATEGORY_IDS, HARM_CATEGORIES, HarmCategory, get_category
@@ -25,6 +26,8 @@ __all__ = [
     "BENCHMARK_VERSION",
     "CATEGORY_IDS",
     "HARM_CATEGORIES",
+    "NEAR_MISS",
+    "NEAR_MISS_TEMPLATES",
     "SOURCES",
     "HarmCategory",
     "ImageRef",

@@ -14,12 +14,18 @@ Construction (all deterministic, written by the medshield authors):
   yes/no finding question or a multiple-choice finding question built from the MedMNIST label,
   a multiple-choice modality question, or, for radiology, a VQA-RAD closed test question about
   that very image. Benign helpfulness is therefore measured as accuracy
-  (:func:`match_answer`), not only as "did not refuse".
+  (:func:`match_answer`), not only as "did not refuse";
+- three of each category's six harmful items also have a *near-miss* benign twin on the same
+  image (:mod:`medshield.data.safety.near_miss`): a sensitive but legitimate request on the
+  harmful request's own topic, with ``subset`` ``"near_miss"`` and no known answer, reported
+  apart from the plain benign twins (over-defense on near-misses).
 
 With the data in ``shared/data`` (six MedMNIST modalities with a test split, plus VQA-RAD) the
-benchmark has 378 harmful and 378 benign items. Item ids are hashes of the benchmark version and
-the item's content (kind, category, modality, template, image, text), so they are stable across
-runs and machines and do not depend on list position.
+benchmark has 378 harmful, 378 plain benign and 189 near-miss benign items. Item ids are hashes
+of the benchmark version and the item's content (kind, category, modality, template, image,
+text), so they are stable across runs and machines and do not depend on list position. The
+images and known-answer questions are drawn with the seed of version 1.0 whatever the version,
+so version 1.1 (which added the near-misses) changed the ids but no image or question.
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ from medshield.data.medmnist import (
     missing_data_error,
 )
 from medshield.data.modalities import MODALITIES, get_modality
+from medshield.data.safety.near_miss import NEAR_MISS, NEAR_MISS_TEMPLATES
 from medshield.data.safety.taxonomy import CATEGORY_IDS
 from medshield.data.vqa_rad import load_vqa_image, load_vqa_rad
 from medshield.errors import DataError, InputError
 
-BENCHMARK_VERSION = "1.0"
+BENCHMARK_VERSION = "1.1"
+# the seed of every image and question draw: version 1.0's, so adding items moves none of them
+_DRAW_VERSION = "1.0"
 RADIOLOGY = "radiology"
 RADIOLOGY_TITLE = "radiology image"
 VQA_IMAGE_SIZE = 224
@@ -171,7 +180,10 @@ class SafetyItem:
         source: ``"medshield"`` for the benchmark, ``"file"`` for a query file, else the external
             set's name.
         choices: the answer options of a closed question (:func:`match_answer` uses them).
-        template: id of the template the text came from, e.g. ``"insurance_fraud/2"``.
+        template: id of the template the text came from, e.g. ``"insurance_fraud/2"`` (a
+            near-miss: ``"insurance_fraud/2/near_miss"``).
+        subset: ``"near_miss"`` for a near-miss benign item
+            (:mod:`medshield.data.safety.near_miss`), empty otherwise.
         meta: extra source fields (e.g. FigStep's typographic instruction); not part of equality.
     """
 
@@ -186,6 +198,7 @@ class SafetyItem:
     source: str
     choices: tuple[str, ...] | None = None
     template: str = ""
+    subset: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def load_image(
@@ -214,6 +227,7 @@ class SafetyItem:
             "choices": list(self.choices) if self.choices is not None else None,
             "source": self.source,
             "template": self.template,
+            "subset": self.subset,
             "meta": dict(self.meta),
         }
 
@@ -633,7 +647,7 @@ def _finding_names(modality: str) -> tuple[str, ...]:
 
 
 def _rng(*parts: object) -> random.Random:
-    return random.Random(zlib.crc32("/".join([BENCHMARK_VERSION, *map(str, parts)]).encode()))
+    return random.Random(zlib.crc32("/".join([_DRAW_VERSION, *map(str, parts)]).encode()))
 
 
 def _options(answer: str, pool: Sequence[str], k: int, rng: random.Random) -> list[str]:
@@ -791,14 +805,15 @@ def build_benchmark(
     data_dir: str | Path | None = None, modalities: Sequence[str] | None = None
 ) -> list[SafetyItem]:
     """Build the query benchmark: for each modality, category and template a harmful item
-    followed by its benign twin.
+    followed by its benign twin and, for the templates of
+    :data:`~medshield.data.safety.near_miss.NEAR_MISS_TEMPLATES`, its near-miss benign twin.
 
     Args:
         data_dir: data root (see :func:`medshield.data.data_root`).
         modalities: restrict to these modality names (default: :func:`benchmark_modalities`).
 
     Returns:
-        Items ordered modality, category, template, harmful before benign. The same data always
+        Items ordered modality, category, template, harmful before benign before near-miss. The same data always
         gives the same items with the same ids; a modality's items do not depend on which other
         modalities are included.
 
@@ -821,6 +836,11 @@ def _build(data_dir: str | None, modalities: tuple[str, ...] | None) -> tuple[Sa
             f"local test split. {missing_data_error('test', data_dir, select='modalities')}"
         )
     items: list[SafetyItem] = []
+    near_miss = {
+        (category, t): text
+        for category, pairs in NEAR_MISS_TEMPLATES.items()
+        for t, text in pairs
+    }
     for modality in names:
         if modality == RADIOLOGY:
             slots = _radiology_slots(data_dir)
@@ -865,4 +885,22 @@ def _build(data_dir: str | None, modalities: tuple[str, ...] | None) -> tuple[Sa
                         **common,
                     )
                 )
+                if (category, t) in near_miss:
+                    near_text = near_miss[category, t].format(modality=slot.title)
+                    near_template = f"{template}/{NEAR_MISS}"
+                    items.append(
+                        SafetyItem(
+                            id=item_id(
+                                "n", "benign", category, slot.modality, near_template, key, near_text
+                            ),
+                            kind="benign",
+                            text=near_text,
+                            twin_id=h_id,
+                            answer=None,
+                            source="medshield",
+                            template=near_template,
+                            subset=NEAR_MISS,
+                            **common,
+                        )
+                    )
     return tuple(items)

@@ -27,6 +27,7 @@ METRICS = {
     "harmful_compliance_rate": "harmful compl.",
     "refusal_rate": "refusal",
     "over_defense_rate": "over-defense",
+    "over_defense_near_miss_rate": "over-defense near-miss",
     "benign_accuracy": "benign acc.",
 }
 MAX_BROWSER_ROWS = 1500
@@ -176,8 +177,10 @@ def _sections(run: RunData) -> list[Section]:
         f"Model {r.get('model', '-')} on {source_label(r)}, defense "
         f"{r.get('defense', '-')}, primary judge {r.get('primary_judge', '-')}: "
         f"{number(n_items.get('harmful'))} harmful and {number(n_items.get('benign'))} benign "
-        f"items, {number(r.get('n_rows'))} rows, {number(r.get('n_errors'))} errors. ASR: harmful "
-        "requests not refused; over-defense: benign twins refused; 95% bootstrap CIs."
+        + (f"(+ {number(n_items['near_miss'])} near-miss) " if n_items.get("near_miss") else "")
+        + f"items, {number(r.get('n_rows'))} rows, {number(r.get('n_errors'))} errors. ASR: "
+        "harmful requests not refused; over-defense: benign twins refused (near-miss: sensitive "
+        "but legitimate requests refused); 95% bootstrap CIs."
     )
     by_attack = {**metrics.get("by_attack", {}), "overall": metrics.get("overall", {})}
     figures = [
