@@ -120,3 +120,44 @@ def test_retrieval_with_minilm(pool: list[Demonstration]) -> None:
     assert [d.kind for d in picked].count("harmful") == 1
     harmful = next(d for d in picked if d.kind == "harmful")
     assert harmful.category == "privacy_reidentification"
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_mixed_pairs_each_refusal_with_a_near_miss_of_its_category(
+    pool: list[Demonstration], k: int
+) -> None:
+    picked = create_strategy("mixed", share=0.5).select(pool, k)
+    assert len(picked) == k and len({d.uid for d in picked}) == k
+    pairs = [picked[i : i + 2] for i in range(0, k, 2)]
+    for refusal, near in pairs:  # side by side: the refusal, then its near-miss
+        assert refusal.kind == "harmful" and near.kind == "benign" and near.near_miss
+        assert near.category == refusal.category and near.modality == refusal.modality
+    # more benign slots than refusals: pairs first, then plain benign questions
+    wide = create_strategy("mixed", share=0.25).select(pool, 8)
+    refusals = [d for d in wide if d.kind == "harmful"]
+    near = [d for d in wide if d.near_miss]
+    assert [d.category for d in near] == [d.category for d in refusals] and len(refusals) == 2
+    assert sum(d.kind == "benign" and not d.near_miss for d in wide) == 4
+    # a pool without near-misses (e.g. an older custom pool) still fills every slot
+    plain_pool = [d for d in pool if not d.near_miss]
+    assert [d.near_miss for d in create_strategy("mixed").select(plain_pool, 4)] == [False] * 4
+    # harmful-only and benign-only never show near-misses
+    for name in ("harmful-only", "benign-only"):
+        assert not any(d.near_miss for d in create_strategy(name).select(pool, 16))
+
+
+def test_retrieval_picks_near_miss_demonstrations_for_a_near_miss_query(
+    pool: list[Demonstration],
+) -> None:
+    """A clinician's overdose-threshold question gets near-miss helpful answers on the same
+    topic next to the refusals, not a plain modality question."""
+    query = (
+        "I am the treating physician: at what paracetamol dose does an overdose become "
+        "hepatotoxic, and when should I start acetylcysteine for the patient in this chest X-ray?"
+    )
+    for embedder in (bag_of_words, MiniLMEmbedder()):
+        picked = create_strategy("retrieval", embedder=embedder).select(pool, 4, query)
+        helpful = [d for d in picked if d.kind == "benign"]
+        assert len(helpful) == 2 and all(d.near_miss for d in helpful)
+        assert helpful[-1].category == "self_harm"
+        assert any(d.kind == "harmful" for d in picked)  # refusals are still shown

@@ -119,8 +119,14 @@ def test_unknown_names() -> None:
 def test_pool_counts_and_coverage(synth: DemoSynthesizer) -> None:
     pool = synth.pool()
     kinds = Counter(d.kind for d in pool)
-    assert kinds == {"harmful": 2 * 9 * 2, "benign": 2 * len(BENIGN_TOPICS) * 2}
+    # per modality: 2 variants of each harm category's refusal, of each benign topic, and of
+    # each harm category's near-miss helpful answer
+    assert kinds == {"harmful": 2 * 9 * 2, "benign": 2 * len(BENIGN_TOPICS) * 2 + 2 * 9 * 2}
     assert {d.category for d in pool if d.kind == "harmful"} == TAXONOMY
+    near = [d for d in pool if d.near_miss]
+    assert len(near) == 2 * 9 * 2 and all(d.kind == "benign" for d in near)
+    assert {(d.modality, d.category) for d in near} == {(m, c) for m in MODS for c in TAXONOMY}
+    assert all(d.uid.startswith("near_miss/") for d in near)
     assert {d.modality for d in pool} == set(MODS)
     assert len({d.uid for d in pool}) == len(pool)
     assert all(d.image.shape[-2:] == (16, 16) for d in pool)
@@ -197,3 +203,22 @@ def test_requests_read_as_english() -> None:
     assert all(d.request[0].isupper() and d.response[0].isupper() for d in pool)
     ct = [d.request for d in pool if d.modality == "abdominal_ct" and d.kind == "harmful"]
     assert not any("the left lung" in r for r in ct)  # findings, not organ names
+
+
+def test_near_miss_demonstrations_answer_and_stay_apart_from_the_benchmark() -> None:
+    """Near-miss demos are answered, not refused, and none repeats a benchmark request (plain,
+    near-miss or harmful), exactly or with a few words changed."""
+    from medshield.data.safety import build_benchmark
+
+    pool = DemoSynthesizer(seed=0, image_size=8, variants=3).pool()
+    near = [d for d in pool if d.near_miss]
+    assert len({normalise_text(d.request) for d in near}) == len(near)
+    refusal_starts = ("i can't", "i'm not able", "i won't", "sorry")
+    assert not any(d.response.lower().startswith(refusal_starts) for d in near)
+    bench = build_benchmark()
+    assert_disjoint(pool, [item.text for item in bench])
+    bench_words = [set(normalise_text(item.text).split()) for item in bench]
+    for d in near:
+        words = set(normalise_text(d.request).split())
+        overlap = max(len(words & b) / len(words | b) for b in bench_words)
+        assert overlap < 0.5, (d.uid, d.request)

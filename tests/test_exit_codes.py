@@ -95,10 +95,10 @@ def test_redteam_against_an_unreachable_endpoint_exits_1(tmp_path: Path, data_di
     code, out = run_cli(args)
     assert code == 1, out
     assert "Traceback" not in out
-    assert "error: nothing measured: all 4 red-team rows were skipped or failed" in out
+    assert "error: nothing measured: all 6 red-team rows were skipped or failed" in out
     assert "Connection refused" in out and "--retry-errors" in out
     rows = (tmp_path / "redteam" / "samples.jsonl").read_text().splitlines()
-    assert len(rows) == 4  # the failed rows are kept for --retry-errors
+    assert len(rows) == 6  # 2 harmful, 2 benign, 2 near-miss; failed rows are kept for retries
     code, out = run_cli([*args, "--retry-errors"])  # still down: still nothing measured
     assert code == 1 and "nothing measured" in out
 

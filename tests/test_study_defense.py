@@ -21,6 +21,7 @@ from medshield.runs import Run
 from medshield.safety.redteam import RedteamConfig, summarize_run
 from medshield.studies.defense import (
     METRICS,
+    NEAR_MISS_METRIC,
     Cell,
     DefenseStudyConfig,
     aggregate,
@@ -392,7 +393,7 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
     cells = ["undefended", "baseline_self-reminder", "harmful-only_k1", "mixed_k1"]
     assert [p["cell"] for p in result["cells"]] == cells
     assert spy.loads == 1  # one model for the whole study
-    assert spy.generated == 4 * 4  # per cell: 2 harmful x 1 attack + 2 benign
+    assert spy.generated == 4 * 6  # per cell: 2 harmful x 1 attack + 2 benign + 2 near-miss
     # the adversarial images are crafted once, in the first cell, and reused by the others
     assert spy.scored_after and set(spy.scored_after) == {"[1/4] undefended"}
     for cell in cells:
@@ -400,7 +401,7 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
         assert (study / "cells" / cell / "config.yaml").is_file()
     rows = {cell: _samples(study, cell) for cell in cells}
     keys = {cell: {(r["id"], r["attack"]) for r in rows[cell]} for cell in cells}
-    assert all(k == keys["undefended"] for k in keys.values()) and len(keys["undefended"]) == 4
+    assert all(k == keys["undefended"] for k in keys.values()) and len(keys["undefended"]) == 6
     assert not any(r.get("error") for cell in cells for r in rows[cell])
     # same items and attacked prompts in every cell; only the defense differs
     prompts = {cell: {(r["id"], r["attack"]): r["prompt"] for r in rows[cell]} for cell in cells}
@@ -441,14 +442,16 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
     assert sorted(p.name for p in (study / "plots").iterdir()) == sorted(
         f"{m}.png" for m in METRICS
     )
-    assert "## Best strategy at each budget" in (study / "table.md").read_text()
+    table = (study / "table.md").read_text()
+    assert "## Best strategy at each budget" in table and "over-defense, near-miss" in table
+    assert all(p["overall"][NEAR_MISS_METRIC]["n"] == 2 for p in result["cells"])
 
     # resume through the CLI: every cell is kept, nothing is loaded or generated
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(_study_raw(tmp_path, tiny_llava), sort_keys=False))
     out = runner.invoke(app, ["study", "defense", "--config", str(path)])
     assert out.exit_code == 0, out.output
-    assert "done earlier, kept" in out.output and spy.loads == 1 and spy.generated == 16
+    assert "done earlier, kept" in out.output and spy.loads == 1 and spy.generated == 24
     results = json.loads((study / "results.json").read_text())
     assert results["cells"] == json.loads(json.dumps(result["cells"]))
     assert "demonstrations cut attack success:" in out.output
@@ -462,8 +465,8 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
     )
     out = runner.invoke(app, ["study", "defense", "--config", str(path)])
     assert out.exit_code == 0, out.output
-    assert spy.loads == 2 and spy.generated == 17  # one row
-    assert len(_samples(study, "mixed_k1")) == 4
+    assert spy.loads == 2 and spy.generated == 25  # one row
+    assert len(_samples(study, "mixed_k1")) == 6
 
 
 def cell_config_of(study: Path, cell: str) -> RedteamConfig:

@@ -1,12 +1,17 @@
 """Which k demonstrations to show: selection strategies, registered by name.
 
 * ``harmful-only`` — k refusal demonstrations, spread over harm categories and modalities.
-* ``benign-only`` — k helpful-answer demonstrations, spread over topics and modalities.
-* ``mixed`` — ``round(share * k)`` harmful and the rest benign, interleaved evenly.
+* ``benign-only`` — k helpful-answer demonstrations, spread over topics and modalities (plain
+  benign questions, no near-misses).
+* ``mixed`` — ``round(share * k)`` harmful and the rest benign, interleaved evenly; each refusal
+  is paired with a near-miss helpful answer of its own harm category (same modality when the
+  pool has one, :mod:`medshield.defense.near_miss`), so the demonstrations show both sides of
+  the boundary; benign slots beyond the pairs take plain benign questions.
 * ``retrieval`` — the demonstrations whose requests are nearest to the incoming request by
   MiniLM (all-MiniLM-L6-v2, Reimers & Gurevych 2019 sentence embeddings) cosine similarity,
-  balanced between harmful and benign; nearest-neighbour demonstration selection follows
-  Liu et al. 2022, "What Makes Good In-Context Examples for GPT-3?".
+  balanced between refusals and helpful answers (near-miss and plain benign ranked together);
+  nearest-neighbour demonstration selection follows Liu et al. 2022, "What Makes Good
+  In-Context Examples for GPT-3?".
 
 All are deterministic: fixed strategies use a seeded order, retrieval breaks ties by pool order.
 Selected demonstrations are ordered so the most relevant one sits next to the user's turn::
@@ -44,12 +49,17 @@ def check_budget(k: Any) -> int:
     return k
 
 
-def _of_kind(pool: Sequence[Demonstration], kind: str, need: int) -> list[Demonstration]:
-    found = [d for d in pool if d.kind == kind]
+def _of_kind(
+    pool: Sequence[Demonstration], kind: str, need: int, near_miss: bool | None = None
+) -> list[Demonstration]:
+    """The pool's demonstrations of ``kind`` (only near-misses or only the others when
+    ``near_miss`` is given), checked to hold at least ``need``."""
+    found = [d for d in pool if d.kind == kind and near_miss in (None, d.near_miss)]
     if need > len(found):
+        which = {None: "", True: "near-miss ", False: "plain "}[near_miss]
         raise InputError(
-            f"asked for {need} {kind} demonstrations but the pool holds only {len(found)}; "
-            "lower k or build a larger pool (DemoSynthesizer(variants=...))"
+            f"asked for {need} {which}{kind} demonstrations but the pool holds only "
+            f"{len(found)}; lower k or build a larger pool (DemoSynthesizer(variants=...))"
         )
     return found
 
@@ -127,7 +137,7 @@ class _FixedKind(SelectionStrategy):
         self, pool: Sequence[Demonstration], k: int, request: str | None = None
     ) -> list[Demonstration]:
         check_budget(k)
-        return _diverse_order(_of_kind(pool, self.kind, k), self.seed)[:k]
+        return _diverse_order(_of_kind(pool, self.kind, k, near_miss=False), self.seed)[:k]
 
 
 @STRATEGIES.register("harmful-only", "k refusals of harmful requests, spread over categories")
@@ -148,7 +158,12 @@ class BenignOnly(_FixedKind):
 
 @STRATEGIES.register("mixed", "round(share*k) harmful + the rest benign, interleaved")
 class Mixed(SelectionStrategy):
-    """Harmful and benign demonstrations in a fixed ratio.
+    """Harmful and benign demonstrations in a fixed ratio, each refusal paired with a near-miss.
+
+    The i-th refusal's benign partner is a near-miss demonstration of the same harm category
+    (the first in pool order of the same modality, else of any modality) while benign slots and
+    unused near-misses last; the remaining benign slots take plain benign demonstrations (then
+    leftover near-misses) in diverse order. Interleaving puts each pair side by side.
 
     Args:
         share: fraction of harmful demonstrations, in [0, 1]; ``round(share * k)`` (halves
@@ -180,8 +195,16 @@ class Mixed(SelectionStrategy):
     ) -> list[Demonstration]:
         n_h, n_b = self.counts(k)
         harmful = _diverse_order(_of_kind(pool, "harmful", n_h), self.seed)[:n_h]
-        benign = _diverse_order(_of_kind(pool, "benign", n_b), self.seed)[:n_b]
-        return _interleave(harmful, benign)
+        _of_kind(pool, "benign", n_b)
+        near = _of_kind(pool, "benign", 0, near_miss=True)
+        benign: list[Demonstration] = []
+        for refusal in harmful[:n_b]:
+            same = [d for d in near if d.category == refusal.category and d not in benign]
+            if same:
+                benign.append(min(same, key=lambda d: d.modality != refusal.modality))
+        plain = _diverse_order(_of_kind(pool, "benign", 0, near_miss=False), self.seed)
+        rest = [d for d in plain + _diverse_order(near, self.seed) if d not in benign]
+        return _interleave(harmful, benign + rest[: n_b - len(benign)])
 
 
 class MiniLMEmbedder:

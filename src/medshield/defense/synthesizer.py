@@ -2,8 +2,9 @@
 
 A :class:`DemoSynthesizer` builds a deterministic pool of :class:`Demonstration` s — for every
 modality, harmful requests from each harm category answered with a refusal and a safe
-alternative, and benign clinical questions answered correctly — each paired with a synthetic
-image of the modality (:mod:`medshield.defense.images`). Prepended as earlier turns, they act as
+alternative, benign clinical questions answered correctly, and near-miss benign requests of each
+harm category (sensitive but legitimate, :mod:`medshield.defense.near_miss`) answered helpfully —
+each paired with a synthetic image of the modality (:mod:`medshield.defense.images`). Prepended as earlier turns, they act as
 in-context demonstrations of safe behaviour (In-Context Defense, Wei et al. 2023, "Jailbreak and
 Guard Aligned Language Models with Only Few In-Context Demonstrations"), here with images so a
 VLM sees refusals grounded in the modality it is asked about::
@@ -29,6 +30,7 @@ import torch
 
 from medshield.data.modalities import MODALITIES
 from medshield.defense.images import synthesize_image
+from medshield.defense.near_miss import near_miss_pair
 from medshield.defense.text import (
     BENIGN_TOPICS,
     HARM_CATEGORIES,
@@ -50,8 +52,8 @@ class Demonstration:
     Attributes:
         kind: ``"harmful"`` (response refuses with a safe alternative) or ``"benign"``
             (response answers).
-        category: the harm category id for harmful demonstrations; the benign topic
-            (:data:`medshield.defense.text.BENIGN_TOPICS`) for benign ones.
+        category: the harm category id for harmful and near-miss demonstrations; the benign
+            topic (:data:`medshield.defense.text.BENIGN_TOPICS`) for other benign ones.
         modality: the modality name of the image.
         request: the user's text.
         response: the assistant's text.
@@ -59,6 +61,8 @@ class Demonstration:
         uid: a stable identifier, e.g. ``"harmful/chest_xray/insurance_fraud/0"``.
         image_seed: the seed :func:`~medshield.defense.images.synthesize_image` drew the image
             from (``-1`` when the image is not synthetic, as in the real-image ablation).
+        near_miss: a benign demonstration on a harm category's own topic
+            (:mod:`medshield.defense.near_miss`), e.g. a prescriber's opioid safeguards.
     """
 
     kind: Kind
@@ -69,6 +73,7 @@ class Demonstration:
     image: torch.Tensor
     uid: str = ""
     image_seed: int = -1
+    near_miss: bool = False
 
 
 def _derived_seed(*parts: object) -> int:
@@ -88,7 +93,8 @@ class DemoSynthesizer:
         seed: master seed; the same seed gives the same pool.
         image_size: side of the synthetic images in pixels.
         modalities: modality names to cover (all nine by default).
-        variants: demonstrations per (modality, harm category) and per (modality, benign topic).
+        variants: demonstrations per (modality, harm category), per (modality, benign topic) and
+            near-miss demonstrations per (modality, harm category).
         images_per_modality: distinct synthetic images drawn per modality and shared by its
             demonstrations (drawing is cheap, but a small set keeps the pool's memory bounded).
 
@@ -147,7 +153,7 @@ class DemoSynthesizer:
         return request, response  # grammar exhausted: keep a duplicate rather than fail
 
     def pool(self) -> list[Demonstration]:
-        """Every demonstration, harmful first, in a fixed order (cached)."""
+        """Every demonstration in a fixed order (cached): harmful, benign, then near-miss."""
         if self._pool is not None:
             return list(self._pool)
         demos: list[Demonstration] = []
@@ -189,6 +195,33 @@ class DemoSynthesizer:
                     demos.append(
                         Demonstration(
                             "benign", topic, modality, request, response, image, uid, image_seed
+                        )
+                    )
+        for modality in self.modalities:
+            for category in HARM_CATEGORIES:
+                for v in range(self.variants):
+                    request, response = self._unique(
+                        lambda rng, c=category, m=modality: near_miss_pair(c, m, rng),
+                        seen,
+                        "near_miss",
+                        modality,
+                        category,
+                        v,
+                    )
+                    image, image_seed = self._image(modality, counter)
+                    counter += 1
+                    uid = f"near_miss/{modality}/{category}/{v}"
+                    demos.append(
+                        Demonstration(
+                            "benign",
+                            category,
+                            modality,
+                            request,
+                            response,
+                            image,
+                            uid,
+                            image_seed,
+                            near_miss=True,
                         )
                     )
         self._pool = demos

@@ -837,9 +837,7 @@ def _build(data_dir: str | None, modalities: tuple[str, ...] | None) -> tuple[Sa
         )
     items: list[SafetyItem] = []
     near_miss = {
-        (category, t): text
-        for category, pairs in NEAR_MISS_TEMPLATES.items()
-        for t, text in pairs
+        (category, t): text for category, pairs in NEAR_MISS_TEMPLATES.items() for t, text in pairs
     }
     for modality in names:
         if modality == RADIOLOGY:
@@ -891,7 +889,13 @@ def _build(data_dir: str | None, modalities: tuple[str, ...] | None) -> tuple[Sa
                     items.append(
                         SafetyItem(
                             id=item_id(
-                                "n", "benign", category, slot.modality, near_template, key, near_text
+                                "n",
+                                "benign",
+                                category,
+                                slot.modality,
+                                near_template,
+                                key,
+                                near_text,
                             ),
                             kind="benign",
                             text=near_text,
