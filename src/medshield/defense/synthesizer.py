@@ -4,10 +4,10 @@ A :class:`DemoSynthesizer` builds a deterministic pool of :class:`Demonstration`
 modality, harmful requests from each harm category answered with a refusal and a safe
 alternative, benign clinical questions answered correctly, and near-miss benign requests of each
 harm category (sensitive but legitimate, :mod:`medshield.defense.near_miss`) answered helpfully —
-each paired with a synthetic image of the modality (:mod:`medshield.defense.images`). Prepended as earlier turns, they act as
-in-context demonstrations of safe behaviour (In-Context Defense, Wei et al. 2023, "Jailbreak and
-Guard Aligned Language Models with Only Few In-Context Demonstrations"), here with images so a
-VLM sees refusals grounded in the modality it is asked about::
+each paired with a synthetic image of the modality (:mod:`medshield.defense.images`). Prepended
+as earlier turns, they act as in-context demonstrations of safe behaviour (In-Context Defense,
+Wei et al. 2023, "Jailbreak and Guard Aligned Language Models with Only Few In-Context
+Demonstrations"), here with images so a VLM sees refusals grounded in the modality it is asked about::
 
     synth = DemoSynthesizer(seed=0, image_size=64)
     pool = synth.pool()                                 # list[Demonstration]

@@ -813,9 +813,9 @@ def build_benchmark(
         modalities: restrict to these modality names (default: :func:`benchmark_modalities`).
 
     Returns:
-        Items ordered modality, category, template, harmful before benign before near-miss. The same data always
-        gives the same items with the same ids; a modality's items do not depend on which other
-        modalities are included.
+        Items ordered modality, category, template, harmful before benign before near-miss. The
+        same data always gives the same items with the same ids; a modality's items do not depend
+        on which other modalities are included.
 
     Raises:
         DataError: a requested modality has no local test split (or VQA-RAD is missing for
