@@ -7,7 +7,8 @@ harm category (sensitive but legitimate, :mod:`medshield.defense.near_miss`) ans
 each paired with a synthetic image of the modality (:mod:`medshield.defense.images`). Prepended
 as earlier turns, they act as in-context demonstrations of safe behaviour (In-Context Defense,
 Wei et al. 2023, "Jailbreak and Guard Aligned Language Models with Only Few In-Context
-Demonstrations"), here with images so a VLM sees refusals grounded in the modality it is asked about::
+Demonstrations"), here with images so a VLM sees refusals grounded in the modality it is
+asked about::
 
     synth = DemoSynthesizer(seed=0, image_size=64)
     pool = synth.pool()                                 # list[Demonstration]
