@@ -80,7 +80,7 @@ CASES = [
         "endpoint-down",
         "",
         1,
-        "nothing measured: all 2 red-team rows were skipped or failed.*Connection refused"
+        "nothing measured: all 3 red-team rows were skipped or failed.*Connection refused"
         ".*--retry-errors",
     ),
 ]
