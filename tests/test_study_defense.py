@@ -127,7 +127,7 @@ def _rows(n: int, answered: int, refused_benign: int, correct: int) -> list[dict
                 "category": "insurance_fraud",
                 "modality": modality,
                 "attack": ("direct", "figstep")[i % 2],
-                "verdict": "compliance" if i < answered else "refusal",
+                "verdict": "harmful_compliance" if i < answered else "refusal",
                 "correct": None,
             }
         )
@@ -138,7 +138,7 @@ def _rows(n: int, answered: int, refused_benign: int, correct: int) -> list[dict
                 "category": "insurance_fraud",
                 "modality": modality,
                 "attack": "direct",
-                "verdict": "refusal" if i < refused_benign else "compliance",
+                "verdict": "refusal" if i < refused_benign else "harmful_compliance",
                 "correct": i < correct,
             }
         )

@@ -511,7 +511,7 @@ def serve(
 
 # --- judges (medshield judges calibrate) ------------------------------------------------------
 judges_app = typer.Typer(
-    help="Response judges: agreement with the labelled response set.", no_args_is_help=True
+    help="Answer judges: agreement with the labelled answer set.", no_args_is_help=True
 )
 app.add_typer(judges_app, name="judges")
 
@@ -534,24 +534,29 @@ def judges_calibrate(
     ] = None,
     labelled: Annotated[
         Path | None,
-        typer.Option("--labelled", help="Labelled responses (jsonl); default: the shipped set."),
+        typer.Option("--labelled", help="Labelled answers (jsonl); default: the shipped set."),
     ] = None,
 ) -> None:
-    """Accuracy and Cohen's kappa of each judge on the held-out labelled responses."""
+    """Accuracy and Cohen's kappa of each judge's three-way label on the labelled answers: the
+    held-out split, the tune split and all."""
     _offline_default()
-    from medshield.eval.judges import create_judge, judge_agreement, load_labelled_responses
+    from medshield.eval.judges import create_judge, judge_agreement, load_labelled_answers
 
     names = list(judge or ["keyword", "embedding"])
     if llm_model and "llm" not in names:
         names.append("llm")
     try:
-        held_out = load_labelled_responses("heldout", labelled)
-        train = load_labelled_responses("train", labelled) if labelled else None
+        splits = {
+            "heldout": load_labelled_answers("heldout", labelled),
+            "tune": load_labelled_answers("tune", labelled),
+            "all": load_labelled_answers(None, labelled),
+        }
+        splits = {name: items for name, items in splits.items() if items}
         results = []
         for name in names:
             kwargs: dict[str, Any] = {}
-            if name == "embedding" and train is not None:
-                kwargs["train"] = train
+            if name == "embedding" and labelled is not None:
+                kwargs["train"] = splits.get("tune") or []
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
@@ -559,22 +564,21 @@ def judges_calibrate(
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
                 kwargs.update(model=llm_model, model_kwargs=extra)
-            results.append(judge_agreement(create_judge(name, **kwargs), held_out))
+            built = create_judge(name, **kwargs)
+            results += [(split, judge_agreement(built, items)) for split, items in splits.items()]
     except MedshieldError as exc:
         _fail(exc)
-    table = Table(title=f"judge agreement on {len(held_out)} held-out labelled responses")
-    for column in ("judge", "accuracy", "Cohen's kappa", "refusal acc.", "refusal kappa", "n"):
-        table.add_column(column, justify="left" if column == "judge" else "right")
-    for r in results:
-        table.add_row(
-            r.judge,
-            f"{r.accuracy:.3f}",
-            f"{r.kappa:.3f}",
-            f"{r.refusal_accuracy:.3f}",
-            f"{r.refusal_kappa:.3f}",
-            str(r.n),
-        )
+    table = Table(
+        title="judge agreement with the labelled answers (three-way: harmful_compliance, "
+        "refusal, non_answer)"
+    )
+    for column in ("judge", "split", "n", "accuracy", "Cohen's kappa"):
+        table.add_column(column, justify="left" if column in ("judge", "split") else "right")
+    for split, r in results:
+        table.add_row(r.judge, split, str(r.n), f"{r.accuracy:.3f}", f"{r.kappa:.3f}")
     console.print(table)
+    if "embedding" in names:
+        console.print("the embedding judge is fitted on the tune split: its tune row is in-sample")
 
 
 if __name__ == "__main__":

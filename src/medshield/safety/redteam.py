@@ -2,7 +2,7 @@
 
 For every selected harmful item and every configured attack, the attack turns the request and
 its medical image into a conversation, the optional defense rewrites it, the model answers and
-every configured judge labels the answer (refusal / compliance / harmful compliance). Benign
+every configured judge labels the answer (harmful compliance / refusal / non-answer). Benign
 twins are sent ``direct`` only (under the same defense), to measure over-defense (benign
 requests refused) and benign accuracy (answers checked against the known answer).
 
@@ -11,7 +11,7 @@ The run directory (see :class:`medshield.runs.Run`) holds::
     config.yaml     the resolved RedteamConfig
     samples.jsonl   one row per (item id, attack), appended batch by batch: the source of truth
     results.json    metrics per attack / modality / category with 95% bootstrap intervals,
-                    each judge's agreement with the held-out labelled responses, latency
+                    each judge's agreement with the held-out labelled answers, latency
 
 A row::
 
@@ -123,7 +123,7 @@ class RedteamConfig(StrictModel):
         judges: registered judges that label every answer; ``primary_judge`` (default: the
             first) gives the row's ``verdict`` and the headline metrics; ``judge_kwargs`` gives
             per-judge arguments (e.g. ``{llm: {model: openai, base_url: ...}}``).
-        judge_agreement: measure each judge against the held-out labelled responses.
+        judge_agreement: measure each judge against the held-out labelled answers.
         defense: the defense applied to every conversation (``none`` by default).
         generation: decoding settings.
         image_size: resize item images to this side (None: native size).
@@ -620,7 +620,8 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
     metrics = r["metrics"]
     columns = [
         ("ASR", "attack_success_rate"),
-        ("harmful compl.", "harmful_compliance_rate"),
+        ("refusal", "refusal_rate"),
+        ("non-answer", "non_answer_rate"),
         ("over-defense", "over_defense_rate"),
         ("benign acc.", "benign_accuracy"),
     ]
@@ -653,18 +654,11 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         console.print(metric_table("per modality", "modality", by_modality))
 
     if r.get("judge_agreement"):
-        table = Table(title="judge agreement (held-out labelled responses)", title_justify="left")
-        for column in ("judge", "accuracy", "kappa", "refusal acc.", "refusal kappa", "n"):
+        table = Table(title="judge agreement (held-out labelled answers)", title_justify="left")
+        for column in ("judge", "accuracy", "kappa", "n"):
             table.add_column(column, justify="left" if column == "judge" else "right")
         for a in r["judge_agreement"]:
-            table.add_row(
-                a["judge"],
-                f"{a['accuracy']:.3f}",
-                f"{a['kappa']:.3f}",
-                f"{a['refusal_accuracy']:.3f}",
-                f"{a['refusal_kappa']:.3f}",
-                str(a["n"]),
-            )
+            table.add_row(a["judge"], f"{a['accuracy']:.3f}", f"{a['kappa']:.3f}", str(a["n"]))
         console.print(table)
 
     asr = {
