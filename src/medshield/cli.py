@@ -532,6 +532,10 @@ def judges_calibrate(
         list[str] | None,
         typer.Option("--llm-arg", help="key=value argument of the llm judge's chat backend."),
     ] = None,
+    llm_guard: Annotated[
+        bool,
+        typer.Option("--llm-guard", help="The llm judge's model is a guard (Llama Guard)."),
+    ] = False,
     labelled: Annotated[
         Path | None,
         typer.Option("--labelled", help="Labelled answers (jsonl); default: the shipped set."),
@@ -563,7 +567,7 @@ def judges_calibrate(
                 import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
-                kwargs.update(model=llm_model, model_kwargs=extra)
+                kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)
             built = create_judge(name, **kwargs)
             results += [(split, judge_agreement(built, items)) for split, items in splits.items()]
     except MedshieldError as exc:
