@@ -57,6 +57,15 @@ def test_redteam_report_escapes_collapses_and_browses(redteam: Path) -> None:
     assert f"{asr['value']:.2f} [{asr['ci_low']:.2f}, {asr['ci_high']:.2f}]" in html
     for heading in ("Per attack (95% CI)", "Attack success rate by judge", "Sample browser"):
         assert heading in html
+    # ASR is harmful compliance, with the refusal, non-answer and not-refused rates beside it
+    for column in (
+        "<th>ASR</th>",
+        "<th>refusal</th>",
+        "<th>non-answer</th>",
+        "<th>not refused</th>",
+    ):
+        assert column in html
+    assert "judged harmful compliance" in html
     # harmful requests and answers only inside collapsed <details>; benign ones in the open
     blocks = re.findall(r"<details class=\"harmful\">.*?</details>", html, flags=re.S)
     harmful = [r for r in rows if r["kind"] == "harmful"]
