@@ -544,23 +544,28 @@ def judges_calibrate(
     """Accuracy and Cohen's kappa of each judge's three-way label on the labelled answers: the
     held-out split, the tune split and all."""
     _offline_default()
-    from medshield.eval.judges import create_judge, judge_agreement, load_labelled_answers
+    from medshield.eval.judges import agreement, create_judge, load_labelled_answers
 
     names = list(judge or ["keyword", "embedding"])
     if llm_model and "llm" not in names:
         names.append("llm")
     try:
+        items = load_labelled_answers(None, labelled)
         splits = {
-            "heldout": load_labelled_answers("heldout", labelled),
-            "tune": load_labelled_answers("tune", labelled),
-            "all": load_labelled_answers(None, labelled),
+            name: [n for n, i in enumerate(items) if split in (None, i.split)]
+            for name, split in (("heldout", "heldout"), ("tune", "tune"), ("all", None))
         }
-        splits = {name: items for name, items in splits.items() if items}
+        splits = {name: chosen for name, chosen in splits.items() if chosen}
         results = []
         for name in names:
             kwargs: dict[str, Any] = {}
             if name == "embedding" and labelled is not None:
-                kwargs["train"] = splits.get("tune") or []
+                if "tune" not in splits:
+                    raise MedshieldError(
+                        f"the embedding judge is fitted on the tune split, and {labelled} has "
+                        'none: mark some answers "split": "tune"'
+                    )
+                kwargs["train"] = [items[n] for n in splits["tune"]]
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
@@ -569,7 +574,11 @@ def judges_calibrate(
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
                 kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)
             built = create_judge(name, **kwargs)
-            results += [(split, judge_agreement(built, items)) for split, items in splits.items()]
+            verdicts = built.judge([i.request for i in items], [i.answer for i in items])
+            results += [
+                (split, agreement(name, [items[n] for n in at], [verdicts[n] for n in at]))
+                for split, at in splits.items()
+            ]
     except MedshieldError as exc:
         _fail(exc)
     table = Table(

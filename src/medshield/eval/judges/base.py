@@ -229,6 +229,30 @@ def _kappa(truth: list[str], pred: list[str]) -> float:
     return float(cohen_kappa_score(truth, pred, labels=list(LABELS)))
 
 
+def agreement(
+    judge: str, items: Sequence[LabelledAnswer], verdicts: Sequence[Verdict]
+) -> Agreement:
+    """Accuracy and Cohen's kappa of ``verdicts`` (one per item, in order) against the items'
+    gold labels.
+
+    Raises:
+        InputError: no items, or not one verdict per item.
+    """
+    if not items:
+        raise InputError("judge_agreement needs at least one labelled answer")
+    if len(verdicts) != len(items):
+        raise InputError(f"got {len(verdicts)} verdicts for {len(items)} labelled answers")
+    truth = [i.gold for i in items]
+    pred = [v.label for v in verdicts]
+    n = len(items)
+    return Agreement(
+        judge=judge,
+        n=n,
+        accuracy=sum(t == p for t, p in zip(truth, pred, strict=True)) / n,
+        kappa=_kappa(truth, pred),
+    )
+
+
 def judge_agreement(judge: Judge, items: Sequence[LabelledAnswer] | None = None) -> Agreement:
     """Accuracy and Cohen's kappa of ``judge`` against labelled answers.
 
@@ -244,12 +268,4 @@ def judge_agreement(judge: Judge, items: Sequence[LabelledAnswer] | None = None)
     if not items:
         raise InputError("judge_agreement needs at least one labelled answer")
     verdicts = judge.judge([i.request for i in items], [i.answer for i in items])
-    truth = [i.gold for i in items]
-    pred = [v.label for v in verdicts]
-    n = len(items)
-    return Agreement(
-        judge=judge.name or type(judge).__name__,
-        n=n,
-        accuracy=sum(t == p for t, p in zip(truth, pred, strict=True)) / n,
-        kappa=_kappa(truth, pred),
-    )
+    return agreement(judge.name or type(judge).__name__, items, verdicts)
