@@ -47,7 +47,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from medshield.attacks.jailbreak import JailbreakAttack
-from medshield.cache import ArtifactCache
+from medshield.cache import ArtifactCache, CacheEntry
 from medshield.config import (
     DataConfig,
     EvalTask,
@@ -437,18 +437,22 @@ class _Demo:
         """``(artifact dir, training summary, cache info)``: the cached artifact of ``spec``, or
         ``train()`` (which writes it to ``local``), then stored in the cache."""
         if self.cache is None:
-            return local, train(), {"status": "off"}
+            started = time.perf_counter()
+            summary = train()
+            return local, summary, _produced({"status": "off"}, time.perf_counter() - started)
         key = ArtifactCache.key(kind, spec)
         entry = self.cache.lookup(kind, key)
         if entry is not None:
             self.log(f"    reusing the cached {kind} ({entry.path})")
             _link(local, entry.artifact)
-            return entry.artifact, entry.summary, _hit(entry.path, key)
+            return entry.artifact, entry.summary, _hit(entry)
         _unlink(local)
+        started = time.perf_counter()
         summary = train()
-        entry = self.cache.publish(kind, key, spec, local, summary)
+        seconds = time.perf_counter() - started
+        entry = self.cache.publish(kind, key, spec, local, summary, seconds)
         _link(local, entry.artifact)
-        return entry.artifact, summary, {"status": "trained", "key": key, "entry": str(entry.path)}
+        return entry.artifact, summary, _trained(entry)
 
     # -- robustness half
 
@@ -570,14 +574,19 @@ class _Demo:
                     if entry is not None:
                         self.log(f"    reusing the cached fine-tuned {spec.name} ({entry.path})")
                         _link(local, entry.artifact)  # run_finetune loads what it finds there
-                        cache = _hit(entry.path, key)
+                        cache = _hit(entry)
                     else:
                         _unlink(local)
                 result = run_finetune(cfg, stage_run, log=self.log)
-                if self.cache is not None and entry is None:
-                    entry = self.cache.publish("finetuned", key, key_spec, local, result["report"])
+                seconds = result["report"]["train_wall_s"]
+                if self.cache is None:
+                    cache = _produced(cache, seconds)
+                elif entry is None:
+                    entry = self.cache.publish(
+                        "finetuned", key, key_spec, local, result["report"], seconds
+                    )
                     _link(local, entry.artifact)
-                    cache = {"status": "trained", "key": key, "entry": str(entry.path)}
+                    cache = _trained(entry)
                 stage_run.write_results({"finetune": result, "cache": cache}, seed=c.seed)
                 metrics = result["metrics"]
                 headline = {
@@ -725,8 +734,20 @@ def _unlink(local: Path) -> None:
         local.unlink()
 
 
-def _hit(path: Path, key: str) -> dict[str, Any]:
-    return {"status": "reused", "key": key, "entry": str(path)}
+def _produced(cache: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """``cache`` with ``produced_seconds``: the wall time producing the stage's artifact took
+    (training, or crafting the noisy set), in the run that produced it."""
+    return {**cache, "produced_seconds": None if seconds is None else round(seconds, 1)}
+
+
+def _hit(entry: CacheEntry) -> dict[str, Any]:
+    info = {"status": "reused", "key": entry.key, "entry": str(entry.path)}
+    return _produced(info, entry.seconds)
+
+
+def _trained(entry: CacheEntry) -> dict[str, Any]:
+    info = {"status": "trained", "key": entry.key, "entry": str(entry.path)}
+    return _produced(info, entry.seconds)
 
 
 def _accuracy(m: dict[str, Any]) -> dict[str, Any]:
