@@ -37,9 +37,12 @@ OverwriteOpt = Annotated[
 
 
 @app.callback()
-def _plugins() -> None:
+def _startup() -> None:
     """Stress-test and harden medical vision-language models."""
     from medshield.registry import load_plugins
+    from medshield.threads import configure_threads
+
+    configure_threads()  # before torch loads: OMP_NUM_THREADS, else half the cores
 
     try:
         load_plugins()

