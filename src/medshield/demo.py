@@ -455,14 +455,14 @@ class _Demo:
         if entry is not None:
             self.log(f"    reusing the cached {kind} ({entry.path})")
             _link(local, entry.artifact)
-            return entry.artifact, entry.summary, _hit(entry)
+            return entry.artifact, entry.summary, _cached(entry, "reused")
         _unlink(local)
         started = time.perf_counter()
         summary = train()
         seconds = time.perf_counter() - started
         entry = self.cache.publish(kind, key, spec, local, summary, seconds)
         _link(local, entry.artifact)
-        return entry.artifact, summary, _trained(entry)
+        return entry.artifact, summary, _cached(entry, "trained")
 
     # -- robustness half
 
@@ -584,7 +584,7 @@ class _Demo:
                     if entry is not None:
                         self.log(f"    reusing the cached fine-tuned {spec.name} ({entry.path})")
                         _link(local, entry.artifact)  # run_finetune loads what it finds there
-                        cache = _hit(entry)
+                        cache = _cached(entry, "reused")
                     else:
                         _unlink(local)
                 result = run_finetune(cfg, stage_run, log=self.log)
@@ -596,7 +596,7 @@ class _Demo:
                         "finetuned", key, key_spec, local, result["report"], seconds
                     )
                     _link(local, entry.artifact)
-                    cache = _trained(entry)
+                    cache = _cached(entry, "trained")
                 stage_run.write_results({"finetune": result, "cache": cache}, seed=c.seed)
                 metrics = result["metrics"]
                 headline = {
@@ -750,13 +750,9 @@ def _produced(cache: dict[str, Any], seconds: float | None) -> dict[str, Any]:
     return {**cache, "produced_seconds": None if seconds is None else round(seconds, 1)}
 
 
-def _hit(entry: CacheEntry) -> dict[str, Any]:
-    info = {"status": "reused", "key": entry.key, "entry": str(entry.path)}
-    return _produced(info, entry.seconds)
-
-
-def _trained(entry: CacheEntry) -> dict[str, Any]:
-    info = {"status": "trained", "key": entry.key, "entry": str(entry.path)}
+def _cached(entry: CacheEntry, status: str) -> dict[str, Any]:
+    """The cache info of a stage whose artifact is ``entry`` (``trained`` or ``reused``)."""
+    info = {"status": status, "key": entry.key, "entry": str(entry.path)}
     return _produced(info, entry.seconds)
 
 
@@ -848,24 +844,12 @@ def _requirements(config: DemoConfig) -> list[Callable[[], object]]:
         ),
         lambda: load_vqa_rad("test", data_dir),
     ]
-    needs_lm = v.checkpoint is None
     if v.checkpoint is not None:
-        meta = Path(v.checkpoint) / VLM_META_FILE
-        if not meta.is_file():
-            raise DataError(
-                f"vlm.checkpoint {v.checkpoint} is not a saved mini-llava ({VLM_META_FILE} is "
-                "missing); train one with `medshield train-vlm`, or leave vlm.checkpoint out"
-            )
-        try:
-            needs_lm = (
-                json.loads(meta.read_text(encoding="utf-8"))["init_kwargs"]["lm"] == "smollm2"
-            )
-        except (ValueError, KeyError, TypeError):
-            needs_lm = True  # loading the checkpoint reports what is wrong with it
-    elif v.vqa_rad:
-        checks.append(lambda: load_vqa_rad("train", data_dir))
-    if needs_lm:
-        checks.append(check_smollm)
+        checks.append(functools.partial(_check_vlm_checkpoint, Path(v.checkpoint)))
+    else:
+        checks.append(check_smollm)  # its tokenizer, even for a tiny random LM
+        if v.vqa_rad:
+            checks.append(lambda: load_vqa_rad("train", data_dir))
     redteam = c.redteam_config("check", None, DefenseConfig())
 
     def redteam_images() -> None:
@@ -874,6 +858,22 @@ def _requirements(config: DemoConfig) -> list[Callable[[], object]]:
 
     checks.append(redteam_images)
     return checks
+
+
+def _check_vlm_checkpoint(directory: Path) -> None:
+    """``directory`` holds a saved mini-llava, and SmolLM2 can be loaded when it is its LM."""
+    meta = directory / VLM_META_FILE
+    if not meta.is_file():
+        raise DataError(
+            f"vlm.checkpoint {directory} is not a saved mini-llava ({VLM_META_FILE} is "
+            "missing); train one with `medshield train-vlm`, or leave vlm.checkpoint out"
+        )
+    try:
+        lm = json.loads(meta.read_text(encoding="utf-8"))["init_kwargs"]["lm"]
+    except (ValueError, KeyError, TypeError):
+        return  # loading the checkpoint reports what is wrong with it
+    if lm == "smollm2":
+        check_smollm()
 
 
 def run_demo(config: DemoConfig, run: Run, log: Log = print) -> dict[str, Any]:
