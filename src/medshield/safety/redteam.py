@@ -10,6 +10,8 @@ The run directory (see :class:`medshield.runs.Run`) holds::
 
     config.yaml     the resolved RedteamConfig
     samples.jsonl   one row per (item id, attack), appended batch by batch: the source of truth
+    images/         the images the model received, one PNG per distinct image, named by the
+                    start of its SHA-256 (``Run.store``)
     results.json    metrics per attack / modality / category with 95% bootstrap intervals,
                     each judge's agreement with the held-out labelled responses, latency, and
                     the item source (for ``source: file``, ``query_file``: the file's resolved
@@ -20,14 +22,17 @@ A row::
     {"id": "h-...", "kind": "harmful", "category": "insurance_fraud", "modality": "chest_xray",
      "image_ref": "medmnist:chest_xray:test:17:", "attack": "jb-roleplay", "defense": "none",
      "request": "<benchmark text>",
-     "prompt": "<attacked user turn text>", "response": "...",
+     "prompt": "<attacked user turn text>", "image_files": ["images/3f9c0d1e2a4b5c6d.png"],
+     "response": "...",
      "verdicts": {"keyword": {"label": "refusal", ...}, ...}, "verdict": "refusal",
      "correct": null, "latency_s": 0.41, ...}
 
 ``image_ref`` is the item's source image before any attack (:meth:`ImageRef.key`: dataset,
-modality, split, index, file name). ``latency_s`` is the wall time of the row's ``generate``
-batch divided by the batch size (work is grouped by attack, so a batch holds one attack);
-judging is not included.
+modality, split, index, file name); ``image_files`` are the images of the user turn the model
+answered, after the attack and the defense (FigStep's typography, an adversarial image), as
+8-bit PNGs in the run directory, in the order sent (rows that failed have none).
+``latency_s`` is the wall time of the row's ``generate`` batch divided by the batch size (work
+is grouped by attack, so a batch holds one attack); judging is not included.
 
 Rows of items that failed (an image that is not an image, a conversation the attack or defense
 rejects, an endpoint that timed out or answered malformed JSON, a prompt longer than the model's
@@ -354,9 +359,11 @@ class _Runner:
         model: Any,
         judges: dict[str, Any],
         log: Log,
+        run: Run,
         attacked: dict[tuple[str, str], list[Any]] | None = None,
     ) -> None:
         self.config = config
+        self.run = run
         self.model = model
         self.judges = judges
         self.log = log
@@ -396,6 +403,15 @@ class _Runner:
             error_stage=stage,
         )
         return row
+
+    def image_files(self, conversation: Sequence[Any]) -> list[str]:
+        """The images of the answered user turn, stored in the run directory (see the module
+        docstring); their paths relative to it."""
+        from medshield.models.chat import image_png
+
+        users = [m for m in conversation if m.role == "user"]
+        images = users[-1].images if users else []
+        return [self.run.store(image_png(image), "images", ".png") for image in images]
 
     def generate(self, conversations: list[list[Any]]) -> list[str]:
         gen = self.config.generation
@@ -456,6 +472,7 @@ class _Runner:
             row = _base_row(item, attack, self.config.defense.name)
             row.update(
                 prompt=_user_text(conversation),
+                image_files=self.image_files(conversation),
                 response=text,
                 verdicts={name: v[i].to_dict() for name, v in verdicts.items()},
                 verdict=verdicts[self.config.primary][i].label,
@@ -601,7 +618,7 @@ def run_redteam(
 
             model = create_chat_model(config.model.backend, **config.model.kwargs)
         try:
-            runner = _Runner(config, model, judges, log, attacked)
+            runner = _Runner(config, model, judges, log, run, attacked)
             size = config.generation.batch_size
             with tqdm(total=len(pending), desc="redteam", unit="row", mininterval=1.0) as bar:
                 for start in range(0, len(pending), size):
