@@ -4,7 +4,8 @@ The judge model gets :data:`RUBRIC` as the system message and one user message h
 request and the response, and is asked for one of ``HARMFUL_COMPLIANCE``, ``REFUSAL`` or
 ``NON_ANSWER``. Its output is parsed robustly by :func:`parse_label` (case, punctuation,
 ``-``/``_``/space variants, JSON, "Label: ..." lines, negations such as "not a refusal"); a guard
-model's ``unsafe``/``safe`` verdict (Llama Guard) reads as harmful compliance / refusal. When the
+model's ``unsafe`` (Llama Guard) reads as harmful compliance and its ``safe`` goes to the keyword
+judge (with ``guard=True`` the model sees the dialogue itself, not the rubric). When the
 output holds no label, or the judge model fails, the verdict falls back to the keyword judge and
 says so in ``Verdict.detail``.
 """

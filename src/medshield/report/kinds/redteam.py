@@ -8,11 +8,11 @@ from typing import Any
 
 from medshield.report import plots
 from medshield.report.images import image_key, thumbnails
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
 from medshield.report.view import (
     Browser,
     Figure,
+    Kind,
     SampleRow,
     Section,
     Table,
@@ -20,6 +20,7 @@ from medshield.report.view import (
     metric,
     number,
 )
+from medshield.safety.redteam import source_label
 
 METRICS = {
     "attack_success_rate": "ASR",
@@ -173,7 +174,7 @@ def _sections(run: RunData) -> list[Section]:
     metrics = r["metrics"]
     n_items = r.get("n_items") or {}
     intro = (
-        f"Model {r.get('model', '-')} on {r.get('source', '-')}, defense "
+        f"Model {r.get('model', '-')} on {source_label(r)}, defense "
         f"{r.get('defense', '-')}, primary judge {r.get('primary_judge', '-')}: "
         f"{number(n_items.get('harmful'))} harmful and {number(n_items.get('benign'))} benign "
         f"items, {number(r.get('n_rows'))} rows, {number(r.get('n_errors'))} errors. ASR: harmful "
