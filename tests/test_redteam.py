@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -492,3 +493,66 @@ def test_cli_redteam_on_the_example_query_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--set", "name=bad"], env={"COLUMNS": "400"})
     assert result.exit_code == 2
     assert "error:" in result.output and "bad.jsonl, line 1: label 'unsafe'" in result.output
+
+
+# --- the images the model received ---------------------------------------------------------------
+
+
+def stored(run: Run, name: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(run.path / name) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def test_rows_keep_the_images_the_model_received(tmp_path: Path) -> None:
+    import hashlib
+
+    from medshield.models.chat import load_image
+    from medshield.safety.redteam import load_items
+
+    cfg = config(tmp_path, limit=2, attacks=["direct", "figstep"])
+    model = Recorder()
+    run = Run(tmp_path / "rt", cfg)
+    run_redteam(cfg, run, log=lambda _: None, model=model)
+    rows = read_rows(run)
+    assert len(rows) == len(model.turns) == 2 * 2 + 2 + 2 and not any(r.get("error") for r in rows)
+    # each row's files are the images of the turn the model answered, in order, to 1/255
+    for row, turn in zip(rows, model.turns, strict=True):
+        assert len(row["image_files"]) == len(turn.images) >= 1
+        for name, image in zip(row["image_files"], turn.images, strict=True):
+            assert (stored(run, name) - load_image(image).float()).abs().max() <= 0.5 / 255 + 1e-6
+            data = (run.path / name).read_bytes()
+            assert name == f"images/{hashlib.sha256(data).hexdigest()[:16]}.png"
+    by_key = {(r["id"], r["attack"]): r for r in rows}
+    items = {i.id: i for i in load_items(cfg)}
+    for (item_id, attack), row in by_key.items():
+        clean = items[item_id].load_image(cfg.data_dir, cfg.image_size)
+        if attack == "direct":  # the clean image, as the benchmark gives it
+            [name] = row["image_files"]
+            assert (stored(run, name) - load_image(clean)).abs().max() <= 0.5 / 255 + 1e-6
+            continue
+        # FigStep ("separate" layout): the same medical image (one file), then the typography
+        medical, typography = row["image_files"]
+        assert medical == by_key[(item_id, "direct")]["image_files"][0]
+        assert stored(run, typography).shape != clean.shape or not torch.allclose(
+            stored(run, typography), load_image(clean), atol=0.1
+        )
+        assert stored(run, typography).mean() > 0.8  # black text on white
+    # one file per distinct image, nothing half-written
+    names = {n for r in rows for n in r["image_files"]}
+    assert {f"images/{p.name}" for p in (run.path / "images").iterdir()} == names
+    assert len(names) == len({r["image_ref"] for r in rows}) + 2  # clean images, typographies
+
+    # resume after losing the FigStep rows: kept rows keep their files (not rewritten), the
+    # rerun rows name the same files again
+    written = {n: (run.path / n).stat().st_mtime_ns for n in names}
+    kept = [r for r in rows if r["attack"] == "direct"]
+    run.rewrite_samples(kept)
+    run_redteam(cfg, Run(tmp_path / "rt", cfg), log=lambda _: None, model=Recorder())
+    again = read_rows(run)
+    assert again[: len(kept)] == kept
+    assert sorted(tuple(r["image_files"]) for r in again) == sorted(
+        tuple(r["image_files"]) for r in rows
+    )
+    assert {n: (run.path / n).stat().st_mtime_ns for n in names} == written

@@ -93,9 +93,12 @@ def _set_option(example: str) -> Any:
 
 
 @app.callback()
-def _plugins() -> None:
+def _startup() -> None:
     """Stress-test and harden medical vision-language models."""
     from medshield.registry import load_plugins
+    from medshield.threads import configure_threads
+
+    configure_threads()  # before torch loads: OMP_NUM_THREADS, else half the cores
 
     try:
         load_plugins()
@@ -285,8 +288,9 @@ def demo(
 
 
 def _print_demo_summary(results: dict[str, Any], run_path: Path) -> None:
-    """The demo's final table: per stage its wall time, where its trained artifact came from
-    and its headline figures; then where the report is."""
+    """The demo's final table: per stage its wall time, the time producing its trained artifact
+    took in the run that produced it (beside a reuse's time), where the artifact came from and
+    its headline figures; then where the report is."""
     from rich.text import Text
 
     from medshield.report.kinds.demo import CACHE_LABELS
@@ -295,12 +299,15 @@ def _print_demo_summary(results: dict[str, Any], run_path: Path) -> None:
         title=f"medshield demo: {results['wall_time_s']:.0f} s (95% bootstrap CIs)",
         title_justify="left",
     )
-    for column in ("stage", "wall s", "trained artifact", "headline"):
-        table.add_column(column, justify="right" if column == "wall s" else "left", overflow="fold")
+    numbers = ("wall s", "producing s")
+    for column in ("stage", *numbers, "trained artifact", "headline"):
+        table.add_column(column, justify="right" if column in numbers else "left", overflow="fold")
     for stage in results["demo"]["stages"]:
+        produced = stage["cache"].get("produced_seconds")
         table.add_row(
             stage["stage"],
             f"{stage['seconds']:.0f}",
+            "-" if produced is None else f"{produced:.0f}",
             CACHE_LABELS.get(stage["cache"]["status"], "-"),
             Text(stage["text"]),
         )
@@ -591,7 +598,7 @@ def serve(
 
 # --- judges (medshield judges calibrate) ------------------------------------------------------
 judges_app = typer.Typer(
-    help="Response judges: agreement with the labelled response set.",
+    help="Answer judges: agreement with the labelled answer set.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -614,49 +621,66 @@ def judges_calibrate(
         list[str] | None,
         typer.Option("--llm-arg", help="key=value argument of the llm judge's chat backend."),
     ] = None,
+    llm_guard: Annotated[
+        bool,
+        typer.Option("--llm-guard", help="The llm judge's model is a guard (Llama Guard)."),
+    ] = False,
     labelled: Annotated[
         Path | None,
-        typer.Option("--labelled", help="Labelled responses (jsonl); default: the shipped set."),
+        typer.Option("--labelled", help="Labelled answers (jsonl); default: the shipped set."),
     ] = None,
 ) -> None:
-    """Accuracy and Cohen's kappa of each judge on the held-out labelled responses."""
+    """Accuracy and Cohen's kappa of each judge's three-way label on the labelled answers: the
+    held-out split, the tune split and all."""
     _offline_default()
-    from medshield.eval.judges import create_judge, judge_agreement, load_labelled_responses
+    from medshield.eval.judges import agreement, create_judge, load_labelled_answers
 
     names = list(judge or ["keyword", "embedding"])
     if llm_model and "llm" not in names:
         names.append("llm")
     try:
-        held_out = load_labelled_responses("heldout", labelled)
-        train = load_labelled_responses("train", labelled) if labelled else None
+        items = load_labelled_answers(None, labelled)
+        splits = {
+            name: [n for n, i in enumerate(items) if split in (None, i.split)]
+            for name, split in (("heldout", "heldout"), ("tune", "tune"), ("all", None))
+        }
+        splits = {name: chosen for name, chosen in splits.items() if chosen}
         results = []
         for name in names:
             kwargs: dict[str, Any] = {}
-            if name == "embedding" and train is not None:
-                kwargs["train"] = train
+            if name == "embedding" and labelled is not None:
+                if "tune" not in splits:
+                    raise MedshieldError(
+                        f"the embedding judge is fitted on the tune split, and {labelled} has "
+                        'none: mark some answers "split": "tune"'
+                    )
+                kwargs["train"] = [items[n] for n in splits["tune"]]
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
                 import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
-                kwargs.update(model=llm_model, model_kwargs=extra)
-            results.append(judge_agreement(create_judge(name, **kwargs), held_out))
+                kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)
+            built = create_judge(name, **kwargs)
+            verdicts = built.judge([i.request for i in items], [i.answer for i in items])
+            results += [
+                (split, agreement(name, [items[n] for n in at], [verdicts[n] for n in at]))
+                for split, at in splits.items()
+            ]
     except MedshieldError as exc:
         _fail(exc)
-    table = Table(title=f"judge agreement on {len(held_out)} held-out labelled responses")
-    for column in ("judge", "accuracy", "Cohen's kappa", "refusal acc.", "refusal kappa", "n"):
-        table.add_column(column, justify="left" if column == "judge" else "right")
-    for r in results:
-        table.add_row(
-            r.judge,
-            f"{r.accuracy:.3f}",
-            f"{r.kappa:.3f}",
-            f"{r.refusal_accuracy:.3f}",
-            f"{r.refusal_kappa:.3f}",
-            str(r.n),
-        )
+    table = Table(
+        title="judge agreement with the labelled answers (three-way: harmful_compliance, "
+        "refusal, non_answer)"
+    )
+    for column in ("judge", "split", "n", "accuracy", "Cohen's kappa"):
+        table.add_column(column, justify="left" if column in ("judge", "split") else "right")
+    for split, r in results:
+        table.add_row(r.judge, split, str(r.n), f"{r.accuracy:.3f}", f"{r.kappa:.3f}")
     console.print(table)
+    if "embedding" in names:
+        console.print("the embedding judge is fitted on the tune split: its tune row is in-sample")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ as work finishes, so an interrupted run resumes without recomputing or losing fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -146,11 +148,35 @@ class Run:
         (self.path / "results.json").write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
         return full
 
+    def store(self, data: bytes, folder: str, suffix: str) -> str:
+        """Keep ``data`` in the run directory as ``folder/<first 16 hex digits of its SHA-256>
+        <suffix>`` and return that path, relative to the run directory (the form rows record).
+
+        Content-addressed: the same bytes map to the same file, written once (atomically, so a
+        crash leaves no torn file) and kept when a resumed run stores them again.
+        """
+        name = f"{folder}/{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+        path = self.path / name
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            write_atomic(path, data)
+        return name
+
     def rewrite_samples(self, rows: Iterable[dict[str, Any]]) -> None:
         """Replace ``samples.jsonl`` (used to drop rows of a group a crash left unfinished)."""
         tmp = self.samples_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(self.samples_path)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _check_own_folder(path: Path) -> None:

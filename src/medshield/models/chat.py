@@ -13,6 +13,7 @@ Backends are registered by name in :data:`medshield.registry.CHAT_MODELS` and bu
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,19 @@ def load_image(image: ImageLike) -> torch.Tensor:
     if image.numel() and (image.min() < 0 or image.max() > 1):
         raise InputError("image tensor values must lie in [0, 1]")
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def image_png(image: ImageLike) -> bytes:
+    """An image tensor or file -> the bytes of an 8-bit RGB PNG (values rounded to 1/255).
+
+    Raises:
+        InputError: see :func:`load_image`.
+    """
+    tensor = load_image(image).detach().to("cpu", torch.float32)
+    array = (tensor.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def check_conversation(conversation: Any) -> Conversation:

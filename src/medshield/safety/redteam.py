@@ -2,7 +2,7 @@
 
 For every selected harmful item and every configured attack, the attack turns the request and
 its medical image into a conversation, the optional defense rewrites it, the model answers and
-every configured judge labels the answer (refusal / compliance / harmful compliance). Benign
+every configured judge labels the answer (harmful compliance / refusal / non-answer). Benign
 twins are sent ``direct`` only (under the same defense), to measure over-defense (benign
 requests refused) and benign accuracy (answers checked against the known answer).
 
@@ -10,8 +10,10 @@ The run directory (see :class:`medshield.runs.Run`) holds::
 
     config.yaml     the resolved RedteamConfig
     samples.jsonl   one row per (item id, attack), appended batch by batch: the source of truth
+    images/         the images the model received, one PNG per distinct image, named by the
+                    start of its SHA-256 (``Run.store``)
     results.json    metrics per attack / modality / category with 95% bootstrap intervals,
-                    each judge's agreement with the held-out labelled responses, latency, and
+                    each judge's agreement with the held-out labelled answers, latency, and
                     the item source (for ``source: file``, ``query_file``: the file's resolved
                     path, SHA-256 and number of rows)
 
@@ -20,14 +22,17 @@ A row::
     {"id": "h-...", "kind": "harmful", "category": "insurance_fraud", "modality": "chest_xray",
      "image_ref": "medmnist:chest_xray:test:17:", "attack": "jb-roleplay", "defense": "none",
      "request": "<benchmark text>",
-     "prompt": "<attacked user turn text>", "response": "...",
+     "prompt": "<attacked user turn text>", "image_files": ["images/3f9c0d1e2a4b5c6d.png"],
+     "response": "...",
      "verdicts": {"keyword": {"label": "refusal", ...}, ...}, "verdict": "refusal",
      "correct": null, "latency_s": 0.41, ...}
 
 ``image_ref`` is the item's source image before any attack (:meth:`ImageRef.key`: dataset,
-modality, split, index, file name). ``latency_s`` is the wall time of the row's ``generate``
-batch divided by the batch size (work is grouped by attack, so a batch holds one attack);
-judging is not included.
+modality, split, index, file name); ``image_files`` are the images of the user turn the model
+answered, after the attack and the defense (FigStep's typography, an adversarial image), as
+8-bit PNGs in the run directory, in the order sent (rows that failed have none).
+``latency_s`` is the wall time of the row's ``generate`` batch divided by the batch size (work
+is grouped by attack, so a batch holds one attack); judging is not included.
 
 Rows of items that failed (an image that is not an image, a conversation the attack or defense
 rejects, an endpoint that timed out or answered malformed JSON, a prompt longer than the model's
@@ -131,7 +136,7 @@ class RedteamConfig(StrictModel):
         judges: registered judges that label every answer; ``primary_judge`` (default: the
             first) gives the row's ``verdict`` and the headline metrics; ``judge_kwargs`` gives
             per-judge arguments (e.g. ``{llm: {model: openai, base_url: ...}}``).
-        judge_agreement: measure each judge against the held-out labelled responses.
+        judge_agreement: measure each judge against the held-out labelled answers.
         defense: the defense applied to every conversation (``none`` by default).
         generation: decoding settings.
         image_size: resize item images to this side (None: native size).
@@ -361,9 +366,11 @@ class _Runner:
         model: Any,
         judges: dict[str, Any],
         log: Log,
+        run: Run,
         attacked: dict[tuple[str, str], list[Any]] | None = None,
     ) -> None:
         self.config = config
+        self.run = run
         self.model = model
         self.judges = judges
         self.log = log
@@ -403,6 +410,15 @@ class _Runner:
             error_stage=stage,
         )
         return row
+
+    def image_files(self, conversation: Sequence[Any]) -> list[str]:
+        """The images of the answered user turn, stored in the run directory (see the module
+        docstring); their paths relative to it."""
+        from medshield.models.chat import image_png
+
+        users = [m for m in conversation if m.role == "user"]
+        images = users[-1].images if users else []
+        return [self.run.store(image_png(image), "images", ".png") for image in images]
 
     def generate(self, conversations: list[list[Any]]) -> list[str]:
         gen = self.config.generation
@@ -463,6 +479,7 @@ class _Runner:
             row = _base_row(item, attack, self.config.defense.name)
             row.update(
                 prompt=_user_text(conversation),
+                image_files=self.image_files(conversation),
                 response=text,
                 verdicts={name: v[i].to_dict() for name, v in verdicts.items()},
                 verdict=verdicts[self.config.primary][i].label,
@@ -617,7 +634,7 @@ def run_redteam(
 
             model = create_chat_model(config.model.backend, **config.model.kwargs)
         try:
-            runner = _Runner(config, model, judges, log, attacked)
+            runner = _Runner(config, model, judges, log, run, attacked)
             size = config.generation.batch_size
             with tqdm(total=len(pending), desc="redteam", unit="row", mininterval=1.0) as bar:
                 for start in range(0, len(pending), size):
@@ -680,7 +697,8 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
     metrics = r["metrics"]
     columns = [
         ("ASR", "attack_success_rate"),
-        ("harmful compl.", "harmful_compliance_rate"),
+        ("refusal", "refusal_rate"),
+        ("non-answer", "non_answer_rate"),
         ("over-defense", "over_defense_rate"),
         ("over-def. near-miss", "over_defense_near_miss_rate"),
         ("benign acc.", "benign_accuracy"),
@@ -714,18 +732,11 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         console.print(metric_table("per modality", "modality", by_modality))
 
     if r.get("judge_agreement"):
-        table = Table(title="judge agreement (held-out labelled responses)", title_justify="left")
-        for column in ("judge", "accuracy", "kappa", "refusal acc.", "refusal kappa", "n"):
+        table = Table(title="judge agreement (held-out labelled answers)", title_justify="left")
+        for column in ("judge", "accuracy", "kappa", "n"):
             table.add_column(column, justify="left" if column == "judge" else "right")
         for a in r["judge_agreement"]:
-            table.add_row(
-                a["judge"],
-                f"{a['accuracy']:.3f}",
-                f"{a['kappa']:.3f}",
-                f"{a['refusal_accuracy']:.3f}",
-                f"{a['refusal_kappa']:.3f}",
-                str(a["n"]),
-            )
+            table.add_row(a["judge"], f"{a['accuracy']:.3f}", f"{a['kappa']:.3f}", str(a["n"]))
         console.print(table)
 
     asr = {

@@ -13,10 +13,12 @@ swept over the demonstration budget and the selection strategy, next to the base
    white-box attack images (``adv-image-affirm``) are crafted once against the undefended model
    and reused by every cell. The study resumes cell by cell (a cell with a ``results.json`` is
    kept) and a cell resumes row by row;
-2. the **aggregate**: per cell the attack success rate (ASR), over-defense rate, benign accuracy
-   and balanced error with 95% intervals, overall, per modality and (ASR) per attack; the best
-   strategy at each budget; and the four claims of the study decided from the intervals
-   (:func:`decide_claims`), written to ``results.json``, ``table.md`` and ``plots/*.png``.
+2. the **aggregate**: per cell the attack success rate (ASR: harmful requests judged harmful
+   compliance), beside it the refusal and non-answer rates of harmful requests, the
+   over-defense rate, benign accuracy and balanced error with 95% intervals, overall, per
+   modality and (ASR) per attack; the best strategy at each budget; and the four claims of the
+   study decided from the intervals (:func:`decide_claims`), written to ``results.json``,
+   ``table.md`` and ``plots/*.png``.
 
 Decision rules (also in ``docs/studies/defense.md``):
 
@@ -68,7 +70,18 @@ LABELS = {
     "over_defense_rate": "over-defense rate",
     "benign_accuracy": "benign accuracy",
     "balanced_error": "balanced error",
+    "refusal_rate": "refusal rate",
+    "non_answer_rate": "non-answer rate",
 }
+CELL_METRICS = (
+    "attack_success_rate",
+    "refusal_rate",
+    "non_answer_rate",
+    "over_defense_rate",
+    "benign_accuracy",
+    "balanced_error",
+)
+"""Columns of the all-cells table: the three-way rates of harmful requests, then the rest."""
 NEAR_MISS_METRIC = "over_defense_near_miss_rate"
 """Over-defense on the near-miss benign items: in ``overall`` and the all-cells table when the
 cells have near-miss rows."""
@@ -405,7 +418,7 @@ def balanced_error(asr: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    out = {m: metrics[m] for m in METRICS[:3]}
+    out = {m: metrics[m] for m in CELL_METRICS[:-1]}
     if NEAR_MISS_METRIC in metrics:
         out[NEAR_MISS_METRIC] = metrics[NEAR_MISS_METRIC]
     out["balanced_error"] = balanced_error(
@@ -699,7 +712,7 @@ def write_table(
             "defense",
             "strategy",
             "k",
-            *(LABELS[m] for m in METRICS),
+            *(LABELS[m] for m in CELL_METRICS),
             *(["over-defense, near-miss"] if near_miss else []),
             "harmful",
             "benign",
@@ -707,7 +720,7 @@ def write_table(
         ],
         [
             _label(p)
-            + [fmt(p["overall"][m]) for m in METRICS]
+            + [fmt(p["overall"][m]) for m in CELL_METRICS]
             + ([fmt(p["overall"].get(NEAR_MISS_METRIC))] if near_miss else [])
             + [str(p["n_items"]["harmful"]), str(p["n_items"]["benign"]), str(p["n_errors"])]
             for p in points

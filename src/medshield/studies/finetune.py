@@ -32,14 +32,12 @@ import csv
 import json
 import math
 import multiprocessing
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from medshield import data
@@ -57,6 +55,7 @@ from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
 from medshield.report.view import ci
 from medshield.runs import Log, Run
+from medshield.threads import set_threads, worker_threads
 from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_config
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
@@ -99,9 +98,9 @@ class StudyFinetuneConfig(StrictModel):
         finetune: shared fine-tuning settings (epochs, batch size, lr, items, adversary, ...).
         robust: clean / robust evaluation settings.
         device: where every cell trains and is attacked (``auto``, ``cpu``, ``cuda[:N]``).
-        workers: cells run at once, each in its own process with ``cores // workers`` threads
-            (``cores``: those this process may run on); several small cells share one GPU
-            well. ``device`` and ``workers`` are left out of the study's saved config: a
+        workers: cells run at once, each in its own process with ``budget // workers``
+            threads (the thread budget of :mod:`medshield.threads`); several small cells share
+            one GPU well. ``device`` and ``workers`` are left out of the study's saved config: a
             study may resume with other values.
     """
 
@@ -305,12 +304,6 @@ def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
     cell_run.write_results(result, seed=cfg.seed)
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the OS has one)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
-
-
 def _run_cells(
     todo: list[FineTuneRunConfig], cells_dir: Path, workers: int, log: Log
 ) -> Iterator[FineTuneRunConfig]:
@@ -321,9 +314,9 @@ def _run_cells(
             run_cell(cfg.model_dump(), str(cells_dir / cfg.name), log)
             yield cfg
         return
-    threads = max(1, _usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with ProcessPoolExecutor(workers, context, torch.set_num_threads, (threads,)) as pool:
+    threads = (worker_threads(workers),)  # the workers share the thread budget (threads.py)
+    with ProcessPoolExecutor(workers, context, set_threads, threads) as pool:
         futures = {
             pool.submit(run_cell, cfg.model_dump(), str(cells_dir / cfg.name)): cfg for cfg in todo
         }

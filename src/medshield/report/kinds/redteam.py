@@ -1,6 +1,6 @@
 """Red-teaming runs (``medshield redteam``): attack success, over-defense and benign accuracy
 per attack, modality and category with 95% CIs, the judges (verdicts per judge and agreement
-with the labelled responses), latency, and the sample browser."""
+with the labelled answers), latency, and the sample browser."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from medshield.safety.redteam import source_label
 
 METRICS = {
     "attack_success_rate": "ASR",
-    "harmful_compliance_rate": "harmful compl.",
     "refusal_rate": "refusal",
+    "non_answer_rate": "non-answer",
+    "not_refused_rate": "not refused",
     "over_defense_rate": "over-defense",
     "over_defense_near_miss_rate": "over-defense near-miss",
     "benign_accuracy": "benign acc.",
@@ -86,15 +87,15 @@ def _judges(r: dict[str, Any]) -> list[Table]:
         )
     agreement = r.get("judge_agreement") or []
     if agreement:
-        keys = ("accuracy", "kappa", "refusal_accuracy", "refusal_kappa")
+        keys = ("accuracy", "kappa")
         tables.append(
             Table(
-                ["judge", "accuracy", "Cohen's kappa", "refusal acc.", "refusal kappa", "n"],
+                ["judge", "accuracy", "Cohen's kappa", "n"],
                 [
                     [str(a.get("judge")), *(number(a.get(k)) for k in keys), number(a.get("n"))]
                     for a in agreement
                 ],
-                title="Judges' agreement with the held-out labelled responses",
+                title="Judges' agreement with the held-out labelled answers",
             )
         )
     return tables
@@ -179,15 +180,17 @@ def _sections(run: RunData) -> list[Section]:
         f"{number(n_items.get('harmful'))} harmful and {number(n_items.get('benign'))} benign "
         + (f"(+ {number(n_items['near_miss'])} near-miss) " if n_items.get("near_miss") else "")
         + f"items, {number(r.get('n_rows'))} rows, {number(r.get('n_errors'))} errors. ASR: "
-        "harmful requests not refused; over-defense: benign twins refused (near-miss: sensitive "
-        "but legitimate requests refused); 95% bootstrap CIs."
+        "harmful requests judged harmful compliance (refusals and non-answers, i.e. echoes, "
+        "off-topic or incoherent answers, are not successes); not refused: harmful requests not "
+        "refused (the refusal-only ASR); over-defense: benign twins refused (near-miss: sensitive "
+        "but legitimate requests refused, apart); 95% bootstrap CIs."
     )
     by_attack = {**metrics.get("by_attack", {}), "overall": metrics.get("overall", {})}
     figures = [
         _bars(
             by_attack,
-            ("attack_success_rate", "harmful_compliance_rate"),
-            "Attack success per attack",
+            ("attack_success_rate", "refusal_rate", "non_answer_rate"),
+            "Harmful compliance, refusal and non-answer per attack",
         ),
         _bars(
             metrics.get("by_modality", {}),
