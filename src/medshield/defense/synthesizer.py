@@ -43,6 +43,8 @@ from medshield.errors import DataError, InputError, UnknownNameError
 from medshield.models.chat import ChatVLM, Message
 
 Kind = Literal["harmful", "benign"]
+PairMaker = Callable[[random.Random, str, str], tuple[str, str]]
+"""Draws a (request, response) pair from a random source, a topic and a modality."""
 KINDS: tuple[str, ...] = ("harmful", "benign")
 
 
@@ -160,71 +162,39 @@ class DemoSynthesizer:
         demos: list[Demonstration] = []
         seen: set[str] = set()
         counter = 0
-        for modality in self.modalities:
-            for category in HARM_CATEGORIES:
-                for v in range(self.variants):
-                    request, response = self._unique(
-                        lambda rng, c=category, m=modality: harmful_pair(c, m, rng),
-                        seen,
-                        "harmful",
-                        modality,
-                        category,
-                        v,
-                    )
-                    image, image_seed = self._image(modality, counter)
-                    counter += 1
-                    uid = f"harmful/{modality}/{category}/{v}"
-                    demos.append(
-                        Demonstration(
-                            "harmful", category, modality, request, response, image, uid, image_seed
-                        )
-                    )
-        for modality in self.modalities:
-            for topic in BENIGN_TOPICS:
-                for v in range(self.variants):
-                    request, response = self._unique(
-                        lambda rng, t=topic, m=modality: benign_pair(m, t, rng),
-                        seen,
-                        "benign",
-                        modality,
-                        topic,
-                        v,
-                    )
-                    image, image_seed = self._image(modality, counter)
-                    counter += 1
-                    uid = f"benign/{modality}/{topic}/{v}"
-                    demos.append(
-                        Demonstration(
-                            "benign", topic, modality, request, response, image, uid, image_seed
-                        )
-                    )
-        for modality in self.modalities:
-            for category in HARM_CATEGORIES:
-                for v in range(self.variants):
-                    request, response = self._unique(
-                        lambda rng, c=category, m=modality: near_miss_pair(c, m, rng),
-                        seen,
-                        "near_miss",
-                        modality,
-                        category,
-                        v,
-                    )
-                    image, image_seed = self._image(modality, counter)
-                    counter += 1
-                    uid = f"near_miss/{modality}/{category}/{v}"
-                    demos.append(
-                        Demonstration(
-                            "benign",
-                            category,
+        # (uid prefix, kind, topics, (rng, topic, modality) -> (request, response), near_miss)
+        groups: tuple[tuple[str, str, Sequence[str], PairMaker, bool], ...] = (
+            ("harmful", "harmful", HARM_CATEGORIES, lambda r, c, m: harmful_pair(c, m, r), False),
+            ("benign", "benign", BENIGN_TOPICS, lambda r, t, m: benign_pair(m, t, r), False),
+            ("near_miss", "benign", HARM_CATEGORIES, lambda r, c, m: near_miss_pair(c, m, r), True),
+        )
+        for group, kind, topics, pair, near_miss in groups:
+            for modality in self.modalities:
+                for topic in topics:
+                    for v in range(self.variants):
+                        request, response = self._unique(
+                            lambda rng, p=pair, t=topic, m=modality: p(rng, t, m),
+                            seen,
+                            group,
                             modality,
-                            request,
-                            response,
-                            image,
-                            uid,
-                            image_seed,
-                            near_miss=True,
+                            topic,
+                            v,
                         )
-                    )
+                        image, image_seed = self._image(modality, counter)
+                        counter += 1
+                        demos.append(
+                            Demonstration(
+                                kind,
+                                topic,
+                                modality,
+                                request,
+                                response,
+                                image,
+                                f"{group}/{modality}/{topic}/{v}",
+                                image_seed,
+                                near_miss=near_miss,
+                            )
+                        )
         self._pool = demos
         return list(demos)
 
