@@ -24,7 +24,9 @@ from medshield.train.finetune.workflow import (
 
 
 def test_adapted_encoder_is_the_classifier_image_path(base: MiniClip, train: TrainData) -> None:
-    _, result = run_method(base, train, "ran", kwargs={"rectifier": "mlp", "hidden": 8}, lr=1e-2)
+    _, result = run_method(
+        base, train, "ran", kwargs={"placement": "head", "rectifier": "mlp", "hidden": 8}, lr=1e-2
+    )
     clf = result.classifier
     encoder = adapted_encoder(clf)
     assert isinstance(encoder, RectifiedEncoder)
@@ -44,7 +46,11 @@ def _config(tmp_path: Path, data_dir: Path, name: str, **robust: Any) -> FineTun
         tmp_path,
         data_dir,
         name=name,
-        finetune={**FAST, "method": "ran", "kwargs": {"rectifier": "mlp", "hidden": 8}},
+        finetune={
+            **FAST,
+            "method": "ran",
+            "kwargs": {"placement": "head", "rectifier": "mlp", "hidden": 8},
+        },
         robust={**TINY_EVAL, "pgd_steps": [1], "apgd": False, **robust},
     )
 
