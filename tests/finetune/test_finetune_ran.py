@@ -11,10 +11,12 @@ import pytest
 import torch
 from finetune_support import FAST, run_method
 from peft.tuners.lora import LoraLayer
+from test_models_backends import make_tiny_open_clip_dir
 
 from medshield.errors import ConfigError, DataError
 from medshield.models.base import ZeroShotClassifier
 from medshield.models.mini_clip import MiniClip
+from medshield.models.open_clip_backend import OpenClipDualEncoder
 from medshield.train.finetune import (
     FineTunedClassifier,
     count_flops,
@@ -50,7 +52,25 @@ def test_tower_depths_pick_the_1x1_layers_of_those_blocks_and_the_projection(
         "image_proj",
     ]
     defaults = tower_targets(base, FineTuneConfig(method="ran").options)
-    assert [t.split(".")[2] for t in defaults[:4]] == ["3", "3", "8", "8"]  # early, middle
+    assert [t.split(".")[2] for t in defaults[:4]] == ["4", "4", "8", "8"]  # early, middle
+
+
+def test_tower_ran_on_a_vit_rectifies_its_mlps_and_merges(train: TrainData, tmp_path: Path) -> None:
+    """On an open_clip ViT the named depths land on residual blocks (not the stem or the final
+    norm), attention's raw-weight linears are left alone, and the merged model costs the same."""
+    model = OpenClipDualEncoder(
+        f"local-dir:{make_tiny_open_clip_dir(tmp_path / 'oc')}", pretrained=False
+    )
+    with pytest.raises(ConfigError, match="set projection: false"):
+        finetune(model, {**FAST, "method": "ran"}, train.modality, train=train)
+    kwargs = {**QUICK, "projection": False}
+    assert tower_targets(model, FineTuneConfig(method="ran", kwargs=kwargs).options) == [
+        f"model.visual.transformer.resblocks.{i}.mlp.{layer}"
+        for i in (0, 1)
+        for layer in ("c_fc", "c_proj")
+    ]
+    _, result = run_method(model, train, "ran", kwargs=kwargs)
+    assert result.report["overhead"]["flops_ratio"] == 1.0
 
 
 def test_tower_rectifiers_merge_into_the_base_architecture_with_the_same_logits(
@@ -90,7 +110,7 @@ def test_tower_ran_trains_logs_every_term_and_costs_what_the_base_costs(
         "svd",
         "contrastive",
     }
-    assert history[0]["keep"] == 0.0 < history[1]["keep"]  # the model left its start
+    assert history[0]["keep"] < history[1]["keep"]  # the model left its start
     assert all(history[1][k] != 0 for k in ("kl", "align", "cov", "svd", "contrastive"))
     lora_cfg = FineTuneConfig(method="lora", **FAST)
     lora = method_for(lora_cfg).build(copy.deepcopy(base), train.class_prompts)

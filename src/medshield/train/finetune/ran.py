@@ -156,24 +156,6 @@ _LOG_NAME = {"beta": "kl"}  # the history logs the KL term under its own name
 # --- tower placement ----------------------------------------------------------------------------
 
 
-def depth_index(depth: Depth, blocks: int) -> int:
-    """The index into ``image_blocks()`` of a depth: ``early`` (a quarter in), ``middle``
-    (halfway), ``late`` (the last block) or an index.
-
-    Raises:
-        ConfigError: an index the tower does not have.
-    """
-    named = {"early": blocks // 4, "middle": blocks // 2, "late": blocks - 1}
-    if isinstance(depth, str):
-        return named[depth]
-    if not 0 <= depth < blocks:
-        raise ConfigError(
-            f"ran depth {depth} does not exist: the image tower has {blocks} blocks "
-            f"(0-{blocks - 1}); use an index in that range or early, middle, late"
-        )
-    return depth
-
-
 def _rectifiable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
@@ -185,37 +167,57 @@ def _rectifiable(module: nn.Module) -> bool:
     )
 
 
+def _block_targets(model: nn.Module, block: nn.Module) -> list[str]:
+    names = {id(module): name for name, module in model.named_modules()}
+    inside_attention = {
+        id(child)
+        for m in block.modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child in m.modules()
+    }
+    return [
+        names[id(m)] for m in block.modules() if _rectifiable(m) and id(m) not in inside_attention
+    ]
+
+
 def tower_targets(model: DualEncoder, options: RANOptions) -> list[str]:
     """Full names of the layers the tower rectifiers adapt: the 1x1 stride-1 convolutions and
     linear layers of each block in ``depths`` (not the linears ``nn.MultiheadAttention`` reads
     as raw weights, which a LoRA wrapper would never see), and ``image_proj``.
+
+    A depth is an index into ``image_blocks()`` or a name, counted over the blocks that hold
+    such a layer: ``early`` (a quarter in), ``middle`` (halfway), ``late`` (the last).
 
     Raises:
         ConfigError: a depth the tower does not have, a block without such a layer, or no
             ``nn.Linear`` image projection with ``projection: true``.
     """
     blocks = model.image_blocks()
-    names = {id(module): name for name, module in model.named_modules()}
+    per_block = [_block_targets(model, block) for block in blocks]
+    candidates = [i for i, found in enumerate(per_block) if found]
     targets: list[str] = []
     for depth in options.depths:
-        index = depth_index(depth, len(blocks))
-        inside_attention = {
-            id(child)
-            for m in blocks[index].modules()
-            if isinstance(m, nn.MultiheadAttention)
-            for child in m.modules()
-        }
-        found = [
-            names[id(m)]
-            for m in blocks[index].modules()
-            if _rectifiable(m) and id(m) not in inside_attention
-        ]
-        if not found:
+        if isinstance(depth, str):
+            if not candidates:
+                raise ConfigError(
+                    f"{type(model).__name__}'s image blocks hold no 1x1 convolution or linear "
+                    "layer for a low-rank rectifier; use placement: head"
+                )
+            named = {"early": len(candidates) // 4, "middle": len(candidates) // 2, "late": -1}
+            index = candidates[named[depth]]
+        elif 0 <= depth < len(blocks):
+            index = depth
+        else:
+            raise ConfigError(
+                f"ran depth {depth} does not exist: the image tower has {len(blocks)} blocks "
+                f"(0-{len(blocks) - 1}); use an index in that range or early, middle, late"
+            )
+        if not per_block[index]:
             raise ConfigError(
                 f"ran depth {depth!r} (image block {index}) has no 1x1 convolution or linear "
-                "layer for a low-rank rectifier; choose another depth"
+                f"layer for a low-rank rectifier; blocks that have one: {candidates}"
             )
-        targets.extend(name for name in found if name not in targets)
+        targets.extend(name for name in per_block[index] if name not in targets)
     if options.projection:
         if not isinstance(getattr(model, "image_proj", None), nn.Linear):
             raise ConfigError(
