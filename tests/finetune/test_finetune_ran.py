@@ -27,6 +27,7 @@ from medshield.train.finetune import (
 from medshield.train.finetune.common import FineTuneConfig, TrainData, method_for
 from medshield.train.finetune.ran import (
     LinearRectifier,
+    covariance_penalty,
     fold_linear_rectifier,
     merge_rectifiers,
     tower_targets,
@@ -116,6 +117,16 @@ def test_tower_ran_trains_logs_every_term_and_costs_what_the_base_costs(
     lora = method_for(lora_cfg).build(copy.deepcopy(base), train.class_prompts)
     assert result.report["trainable_params"] < sum(
         p.numel() for p in lora.parameters() if p.requires_grad
+    )
+
+
+def test_the_decorrelation_term_is_scale_free_and_tells_correlated_from_independent() -> None:
+    torch.manual_seed(0)
+    independent = torch.randn(256, 8)
+    correlated = independent[:, :1] + 0.1 * torch.randn(256, 8)
+    assert covariance_penalty(independent) < 0.02 < 0.9 < covariance_penalty(correlated) <= 1
+    torch.testing.assert_close(
+        covariance_penalty(independent / 100), covariance_penalty(independent)
     )
 
 

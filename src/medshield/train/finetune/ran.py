@@ -36,13 +36,13 @@ its term off, and the per-epoch mean of every active term is in the run's histor
     features), and ``align`` x ``||f(x_adv) - f_ema(x)||^2`` pulls the adversarial features onto
     the clean features of an EMA teacher ``f_ema``, a copy whose trainable weights follow the
     student's with momentum ``ema_momentum`` (updated at the start of every step);
-(c) contrastive feature disentanglement, on the clean features: ``cov`` x the squared
-    off-diagonal batch covariance (divided by the width), ``svd`` x ``-sum_{i<=k} s_i /
-    sum_i s_i`` over the singular values of the centred batch (NMTune, Chen et al., ICLR
-    2024; ``k`` = ``svd_top_k``, default the number of classes), and ``contrastive`` x the
-    symmetric image-text InfoNCE against the frozen class-prompt embedding of each image's
-    class (CLIP's loss, same-class pairs as positives; on the VQA task the embedding of the
-    item's own question with its answer).
+(c) contrastive feature disentanglement, on the clean features: ``cov`` x the mean squared
+    off-diagonal entry of the batch correlation matrix (scale-free, in [0, 1]), ``svd`` x
+    ``-sum_{i<=k} s_i / sum_i s_i`` over the singular values of the centred batch (NMTune,
+    Chen et al., ICLR 2024; ``k`` = ``svd_top_k``, default the number of classes), and
+    ``contrastive`` x the symmetric image-text InfoNCE against the frozen class-prompt
+    embedding of each image's class (CLIP's loss, same-class pairs as positives; on the VQA
+    task the embedding of the item's own question with its answer).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class RANOptions(StrictModel):
     beta: float = 6.0
     keep: float = 1.0
     align: float = 1.0
-    cov: float = 0.1
+    cov: float = 1.0
     svd: float = 0.1
     contrastive: float = 0.5
     ema_momentum: float = 0.99
@@ -312,11 +312,17 @@ def fold_linear_rectifier(classifier: FineTunedClassifier) -> FineTunedClassifie
 
 
 def covariance_penalty(features: torch.Tensor) -> torch.Tensor:
-    """Squared off-diagonal entries of the batch covariance, summed, divided by the width."""
+    """Mean squared off-diagonal entry of the batch *correlation* matrix, in [0, 1].
+
+    Scale-free: the covariance itself (the first design's term) is about ``1 / D^2`` per
+    entry on unit-norm D-dimensional features, so it logged 0.000 and could not move the loss.
+    """
     centred = features - features.mean(0, keepdim=True)
-    cov = centred.T @ centred / max(len(features) - 1, 1)
-    off = cov - torch.diag(torch.diagonal(cov))
-    return (off**2).sum() / features.shape[1]
+    standardised = centred / centred.std(0, keepdim=True).clamp_min(1e-6)
+    corr = standardised.T @ standardised / max(len(features) - 1, 1)
+    width = features.shape[1]
+    off = corr - torch.diag(torch.diagonal(corr))
+    return (off**2).sum() / max(width * (width - 1), 1)
 
 
 def singular_value_penalty(features: torch.Tensor, top_k: int) -> torch.Tensor:
