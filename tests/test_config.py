@@ -88,3 +88,84 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def _loaders() -> dict[str, Callable[[list[str]], BaseModel]]:
+    """Every command's config loader, by command."""
+    from medshield.demo import load_demo_config
+    from medshield.safety.redteam import load_redteam_config
+    from medshield.studies.defense import load_defense_study_config
+    from medshield.studies.finetune import load_study_config
+    from medshield.studies.noise import load_noise_study_config
+    from medshield.train.finetune.workflow import load_finetune_config
+    from medshield.train.vlm import load_vlm_config
+
+    return {
+        "pretrain": lambda o: load_config(None, o),
+        "demo": lambda o: load_demo_config(None, o),
+        "redteam": lambda o: load_redteam_config(None, o),
+        "finetune": lambda o: load_finetune_config(None, o),
+        "train-vlm": lambda o: load_vlm_config(None, o),
+        "study noise": lambda o: load_noise_study_config(None, o),
+        "study finetune": lambda o: load_study_config(None, o),
+        "study defense": lambda o: load_defense_study_config(None, o),
+    }
+
+
+@pytest.mark.parametrize("command", list(_loaders()))
+@pytest.mark.parametrize("name", ["/abs/folder", ".", "..", "../escaped", "a/b", "a\\b", "''"])
+def test_a_run_name_is_one_folder_name_in_every_config(command: str, name: str) -> None:
+    load = _loaders()[command]
+    assert load(["name=ok-name_1.2"]).name == "ok-name_1.2"
+    with pytest.raises(ConfigError, match="must be a single folder name"):
+        load([f"name={name}"])
+
+
+def test_study_labels_that_name_cell_folders_are_folder_names() -> None:
+    from medshield.studies.finetune import load_study_config
+
+    with pytest.raises(ConfigError, match="'runs/x' must be a single folder name"):
+        load_study_config(None, ["checkpoints={runs/x: null}"])
+    with pytest.raises(ConfigError, match="'../up' must be a single folder name"):
+        load_study_config(None, ["methods=[{method: lora, label: ../up}]"])
+
+
+def test_every_config_model_refuses_non_finite_numbers() -> None:
+    import medshield.demo  # noqa: F401  (imports every command's config models)
+    import medshield.serve  # noqa: F401
+    import medshield.studies.defense  # noqa: F401
+    import medshield.studies.finetune  # noqa: F401
+    import medshield.studies.noise  # noqa: F401
+    import medshield.train.finetune  # noqa: F401
+    from medshield.config import StrictModel
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in [sub, *subclasses(sub)]]
+
+    models = subclasses(StrictModel)
+    assert len(models) > 25
+    assert all(m.model_config.get("allow_inf_nan") is False for m in models)
+
+
+@pytest.mark.parametrize(
+    "command, override",
+    [
+        ("pretrain", "pretrain.lr=.inf"),
+        ("pretrain", "pretrain.weight_decay=.nan"),
+        ("pretrain", "evaluate.robust_eps=[1.0, .inf]"),
+        ("pretrain", "noise.eps=.inf"),
+        ("redteam", "generation.temperature=.nan"),
+        ("finetune", "finetune.lr=.inf"),
+        ("train-vlm", "lr=-.inf"),
+    ],
+)
+def test_non_finite_numbers_are_config_errors(command: str, override: str) -> None:
+    key = override.split("=")[0].split(".")[-1]
+    with pytest.raises(ConfigError, match=rf"(?s){key}.*finite number"):
+        _loaders()[command]([override])
+
+
+@pytest.mark.parametrize("value", ["[1, 2", "{a: 1", "a: b: c", "'unclosed"])
+def test_bad_yaml_in_an_override_names_the_override_and_the_fix(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"override .data.modalities=.*not valid YAML.*quote"):
+        load_config(None, [f"data.modalities={value}"])

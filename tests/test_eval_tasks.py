@@ -14,13 +14,13 @@ import torch
 import medshield.data
 from medshield.data import MedMNISTSplit, VQAItem, get_modality
 from medshield.errors import DataError, InputError
-from medshield.eval.features import embed_images, embed_texts, evaluating
+from medshield.eval.features import embed_images, embed_texts
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import summarize
 from medshield.eval.retrieval import retrieval_rows
 from medshield.eval.vqa import CoAttentionFusionHead, answer_vocabulary, vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
-from medshield.models.base import DualEncoder
+from medshield.models.base import DualEncoder, evaluating
 
 CENTRES = torch.linspace(0, 1, 51)
 WIDTH = 0.03

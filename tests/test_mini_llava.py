@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 
 import pytest
@@ -104,6 +105,20 @@ def test_save_load_round_trip(tmp_path, model: MiniLlava) -> None:
             loaded.score(convs(), ["a", "b", "c"]), model.score(convs(), ["a", "b", "c"])
         )
     assert loaded.generate(convs(), max_new_tokens=5) == model.generate(convs(), max_new_tokens=5)
+
+
+def test_edited_image_size_is_refused(tmp_path, model: MiniLlava) -> None:
+    model.save(tmp_path / "m")
+    meta_path = tmp_path / "m" / "medshield_chat_model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["init_kwargs"]["image_size"] = 128
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError,
+        match=r"medshield_chat_model\.json says image_size=128 but the weights in "
+        r".*mini_llava\.safetensors were saved with image_size=32",
+    ):
+        MiniLlava.load(tmp_path / "m")
 
 
 def test_lora_round_trip(tmp_path) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_models_backends import (
     make_tiny_biomedclip_like_dir,
     make_tiny_hf_clip_dir,
@@ -20,9 +21,11 @@ import medshield
 from medshield.errors import DataError, UnknownNameError, UnsafeFileError
 from medshield.models.base import DualEncoder
 from medshield.models.hf_clip import HFClipDualEncoder
-from medshield.models.io import create_model, load_model, save_model
+from medshield.models.io import create_model, load_model, read_record, save_model
+from medshield.models.mini_llava import MiniLlava
 from medshield.models.open_clip_backend import OpenClipDualEncoder
 from medshield.registry import MODELS
+from medshield.train.finetune.common import read_finetuned_meta
 
 TEST_BACKEND = "test-io-tiny"
 
@@ -171,22 +174,102 @@ def test_corrupt_or_incomplete_metadata(saved: Path) -> None:
         load_model(saved)
 
 
+@pytest.mark.parametrize(
+    ("read", "file", "what"),
+    [
+        (lambda d: read_record(d, "x.json", "saved thing"), "x.json", "saved thing"),
+        (load_model, "medshield_model.json", "saved medshield model"),
+        (lambda d: MiniLlava(checkpoint=d), "medshield_chat_model.json", "saved mini-llava"),
+        (read_finetuned_meta, "finetune.json", "fine-tuned medshield model"),
+    ],
+)
+def test_every_saved_record_is_read_with_the_same_errors(
+    tmp_path: Path, read: Callable[[Path], object], file: str, what: str
+) -> None:
+    with pytest.raises(DataError, match=f"is not a {what}: {file} is missing"):
+        read(tmp_path)
+    for content, message in [
+        (b"{not json", "is not valid JSON"),
+        (b'{"a": "\xff"}', "is not valid JSON"),
+        (b"[1, 2]", "must hold a JSON object, got list"),
+    ]:
+        (tmp_path / file).write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            read(tmp_path)
+
+
+def test_read_record_returns_the_object(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text('{"format": 1, "a": [2]}', encoding="utf-8")
+    assert read_record(tmp_path, "x.json", "saved thing") == {"format": 1, "a": [2]}
+
+
 def test_unknown_backend(saved: Path) -> None:
     edit_meta(saved, backend="no-such-backend")
     with pytest.raises(UnknownNameError, match="no-such-backend"):
         load_model(saved)
 
 
-def test_weights_that_do_not_fit(saved: Path) -> None:
+def test_edited_init_kwargs_are_caught_by_the_record_in_the_weights(saved: Path) -> None:
     edit_meta(saved, init_kwargs={"embed_dim": 7})
-    with pytest.raises(DataError, match=r"(?s)model\.safetensors do not fit.*size mismatch"):
+    with pytest.raises(
+        DataError,
+        match=r"says embed_dim=7 but the weights in .*model\.safetensors were saved "
+        r"with embed_dim=4",
+    ):
         load_model(saved)
+
+
+def test_unknown_init_kwargs_keys_are_named(saved: Path) -> None:
+    edit_meta(saved, init_kwargs={"embed_dim": 4, "depth": 3, "act": "gelu"})
+    with pytest.raises(
+        DataError,
+        match=r"medshield_model\.json: init_kwargs has unknown key\(s\) act, depth; "
+        r"the 'test-io-tiny' backend accepts embed_dim\.",
+    ):
+        load_model(saved)
+
+
+def _strip_record(directory: Path) -> None:
+    """Rewrite the weights as an older medshield saved them: no init_kwargs in the header."""
+    weights = directory / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file(tensors, str(weights))
+
+
+def test_weights_without_a_record_load_with_a_warning_naming_the_values_used(saved: Path) -> None:
+    _strip_record(saved)
+    with pytest.warns(UserWarning, match=r"older medshield.*using \{'embed_dim': 4\}"):
+        assert load_model(saved).init_kwargs == {"embed_dim": 4}
+    edit_meta(saved, init_kwargs={"embed_dim": "four"})
+    with (
+        pytest.warns(UserWarning, match="older medshield"),
+        pytest.raises(DataError, match=r"cannot build the 'test-io-tiny' model from .*four"),
+    ):
+        load_model(saved)
+
+
+def test_weights_that_do_not_fit(saved: Path) -> None:
     save_file({"unrelated": torch.zeros(2)}, str(saved / "model.safetensors"))
-    with pytest.raises(DataError, match=r"(?s)model\.safetensors do not fit.*unrelated"):
+    with (
+        pytest.warns(UserWarning, match="older medshield"),
+        pytest.raises(DataError, match=r"(?s)model\.safetensors do not fit.*unrelated"),
+    ):
         load_model(saved)
     (saved / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"model\.safetensors"):
+    with pytest.raises(DataError, match=r"model\.safetensors is not a readable safetensors file"):
         load_model(saved)
     (saved / "model.safetensors").unlink()
     with pytest.raises(DataError, match="no weights"):
         load_model(saved)
+
+
+def test_pickle_only_hf_clip_dir_is_refused_before_transformers_sees_it(tmp_path: Path) -> None:
+    source = make_tiny_hf_clip_dir(tmp_path / "src")
+    tensors = load_file(str(source / "model.safetensors"))
+    torch.save(tensors, source / "pytorch_model.bin")  # the layout of an older pickle-only port
+    (source / "model.safetensors").unlink()
+    with pytest.raises(UnsafeFileError, match=r"refusing to unpickle pytorch_model\.bin"):
+        HFClipDualEncoder(str(source))
+    (source / "pytorch_model.bin").unlink()
+    with pytest.raises(DataError, match="holds no model.safetensors"):
+        HFClipDualEncoder(str(source))

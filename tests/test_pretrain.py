@@ -150,3 +150,25 @@ def test_two_processes_match_one(tmp_path: Path, data_dir: Path) -> None:
     for key in one:
         assert not torch.equal(one[key], torch.zeros_like(one[key]))
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(
+    small_data: ImageCaptionDataset, tmp_path: Path
+) -> None:
+    from medshield.errors import NonFiniteError
+
+    model = create_model("mini-clip")
+    config = PretrainConfig(epochs=1, batch_size=8, lr=1e30, tower_lr=1e30, image_layers=1)
+    with pytest.raises(NonFiniteError, match=r"pretrain epoch 1 step \d+: .*pretrain.lr=1e\+30"):
+        pretrain(model, small_data, config, tmp_path, seed=0, progress=False)
+    assert not (tmp_path / "last").exists()  # no checkpoint of NaN weights to resume from
+
+
+def test_check_finite_loss_names_the_step_and_the_learning_rate() -> None:
+    from medshield.errors import NonFiniteError
+    from medshield.train import check_finite_loss
+
+    check_finite_loss(torch.tensor(2.5), "train-vlm step 3", "lr", 1e-3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteError, match=r"train-vlm step 3: .*\(lr=0.001\); rerun with"):
+            check_finite_loss(torch.tensor(bad), "train-vlm step 3", "lr", 1e-3)

@@ -3,10 +3,14 @@ and the report hook that never costs a run its results."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from markupsafe import escape
 from PIL import Image
@@ -57,6 +61,15 @@ def test_redteam_report_escapes_collapses_and_browses(redteam: Path) -> None:
     assert f"{asr['value']:.2f} [{asr['ci_low']:.2f}, {asr['ci_high']:.2f}]" in html
     for heading in ("Per attack (95% CI)", "Attack success rate by judge", "Sample browser"):
         assert heading in html
+    # ASR is harmful compliance, with the refusal, non-answer and not-refused rates beside it
+    for column in (
+        "<th>ASR</th>",
+        "<th>refusal</th>",
+        "<th>non-answer</th>",
+        "<th>not refused</th>",
+    ):
+        assert column in html
+    assert "judged harmful compliance" in html
     # harmful requests and answers only inside collapsed <details>; benign ones in the open
     blocks = re.findall(r"<details class=\"harmful\">.*?</details>", html, flags=re.S)
     harmful = [r for r in rows if r["kind"] == "harmful"]
@@ -72,10 +85,56 @@ def test_redteam_report_escapes_collapses_and_browses(redteam: Path) -> None:
     for name in ("attack", "verdict", "modality"):
         assert f'<select data-filter="{name}">' in html
     assert "<option>figstep</option>" in html
-    # benchmark images found through the item ids: inlined once each as thumbnails
+    # the images each row's model received, inlined once per distinct set as thumbnails
+    assert html.count('class="thumb t') == len(rows)
+    sets = {tuple(r["image_files"]) for r in rows}
+    figsteps = sum(r["attack"] == "figstep" for r in rows)
+    assert len(sets) == len({r["image_ref"] for r in rows}) + figsteps  # clean ones + FigStep's
+    assert len(re.findall(r"\.t\d+ \{ background-image", html)) == len(sets)
+    assert parse(html).tags["img"] >= 2  # the plots
+
+
+def thumbnail_of(html: str, item_id: str, attack: str) -> Image.Image:
+    """The thumbnail the sample browser shows for one row, decoded."""
+    row = re.search(
+        rf'<tr data-attack="{attack}"[^>]*>\s*<td><span class="thumb (t\d+)"[^>]*></span></td>'
+        rf"\s*<td class=\"meta\">.*?<code>{item_id}</code>",
+        html,
+        flags=re.S,
+    )
+    assert row, (item_id, attack)
+    uri = re.search(rf'\.{row.group(1)} \{{ background-image: url\("([^"]+)"\)', html)
+    assert uri
+    data = base64.b64decode(uri.group(1).split(",", 1)[1])
+    return Image.open(io.BytesIO(data)).convert("L")
+
+
+def test_redteam_thumbnails_show_the_attacked_images_and_old_rows_the_clean_one(
+    redteam: Path, tmp_path: Path
+) -> None:
+    rows = [json.loads(line) for line in (redteam / "samples.jsonl").read_text().splitlines()]
+    figstep = next(r for r in rows if r["attack"] == "figstep")
+    html = render_report(redteam)
+    # FigStep's row: the X-ray and the typography it was sent beside it, side by side
+    attacked = thumbnail_of(html, figstep["id"], "figstep")
+    clean = thumbnail_of(html, figstep["id"], "direct")
+    assert clean.width == clean.height and attacked.width > 1.8 * attacked.height
+    right = np.asarray(attacked)[:, attacked.width // 2 + 2 :]
+    assert 200 < right.mean() < 250 and right.min() < 200  # white paper, black text
+
+    # rows written before image_files: the clean benchmark image, found through the item id
+    old = tmp_path / "old"
+    shutil.copytree(redteam, old)
+    shutil.rmtree(old / "images")
+    (old / "samples.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "image_files"}) + "\n" for r in rows)
+    )
+    html = render_report(old)
+    assert_self_contained(html)
     assert html.count('class="thumb t') == len(rows)
     assert len(re.findall(r"\.t\d+ \{ background-image", html)) == len({r["id"] for r in rows})
-    assert parse(html).tags["img"] >= 2  # the plots
+    before = thumbnail_of(html, figstep["id"], "figstep")
+    assert before.size == clean.size and np.array_equal(np.asarray(before), np.asarray(clean))
 
 
 def test_evaluate_report_has_headline_bars_curve_and_sanity(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -41,6 +43,7 @@ from medshield.serve import (
     estimate_tokens,
     load_serve_config,
     serving,
+    untrained,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,6 +367,7 @@ def test_upstream_failure_is_502(failing_upstream: str, caplog: pytest.LogCaptur
             client(url).chat.completions.create(model="llava-7b", messages=[user(SECRET)])
         response = post(url, {"messages": [user(SECRET)]})
         health = httpx.get(f"{url}/health").json()
+        ready = httpx.get(f"{url}/ready")
     assert info.value.status_code == 502
     assert response.status_code == 502
     error = response.json()["error"]
@@ -372,6 +376,76 @@ def test_upstream_failure_is_502(failing_upstream: str, caplog: pytest.LogCaptur
     assert "upstream_error (EndpointError: HTTP 500)" in caplog.text
     assert "GPU caught fire" not in caplog.text and SECRET not in caplog.text
     assert health["backend"] == "openai" and health["defense"] == "self-reminder"
+    # GET /models on this upstream answers 501 (http.server's "unsupported method")
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+    assert ready.json()["reason"] == "the upstream endpoint answered HTTP 501"
+
+
+class ModelsUpstream(BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        payload = b'{"object": "list", "data": [{"id": "llava-7b", "object": "model"}]}'
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def openai_config(base_url: str) -> ServeConfig:
+    kwargs = {"base_url": base_url, "model": "llava-7b", "max_retries": 0, "timeout": 5}
+    return ServeConfig.model_validate({"model": {"backend": "openai", "kwargs": kwargs}})
+
+
+def test_ready_reflects_the_upstream_while_health_stays_ok() -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ModelsUpstream)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        with serving(
+            build_app(openai_config(f"http://127.0.0.1:{httpd.server_address[1]}/v1"))
+        ) as url:
+            up = httpx.get(f"{url}/ready")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert up.status_code == 200 and up.json() == {"status": "ready", "model": "llava-7b"}
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with serving(build_app(openai_config(f"http://127.0.0.1:{port}/v1"))) as url:
+        down = httpx.get(f"{url}/ready")
+        health = httpx.get(f"{url}/health")
+    assert down.status_code == 503
+    assert down.json() == {
+        "status": "unavailable",
+        "reason": "the upstream endpoint cannot be reached (connection failed)",
+        "model": "llava-7b",
+    }
+    assert str(port) not in down.text  # the upstream's address stays private
+    assert health.status_code == 200 and health.json()["status"] == "ok"  # liveness only
+
+
+def test_an_unexpected_failure_is_an_openai_style_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medshield.serve as serve
+
+    def broken(raw: bytes) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serve, "_parse", broken)
+    app = create_app(EchoVLM(), create_defense("none"), "echo-model")
+    with TestClient(app, raise_server_exceptions=False) as http:
+        response = http.post("/v1/chat/completions", json={"messages": GOOD})
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "message": "the server failed (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
 
 
 def test_backend_failures_map_to_statuses() -> None:
@@ -433,7 +507,10 @@ def test_concurrent_requests_are_batched_and_bounded() -> None:
 def test_health_and_models() -> None:
     with proxy(EchoVLM(), defense="self-reminder") as url:
         health = httpx.get(f"{url}/health")
+        ready = httpx.get(f"{url}/ready")
         models = client(url).models.list()
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "model": "echo-model"}
     assert health.status_code == 200
     assert health.json() == {
         "status": "ok",
@@ -542,7 +619,7 @@ def test_an_api_key_guards_the_v1_endpoints_but_not_health(
 def test_serving_beyond_loopback_without_a_key_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     import medshield.serve as serve
 
-    monkeypatch.setattr(serve, "build_app", lambda config: None)
+    monkeypatch.setattr(serve, "build_app", lambda config, allow_untrained: None)
     monkeypatch.setattr(serve.uvicorn, "run", lambda *args, **kwargs: None)
     monkeypatch.delenv("MEDSHIELD_SERVE_API_KEY", raising=False)
     lines: list[str] = []
@@ -554,3 +631,36 @@ def test_serving_beyond_loopback_without_a_key_warns(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MEDSHIELD_SERVE_API_KEY", "k")
     serve.run_server(load_serve_config(None, ["host=0.0.0.0"]), log=lines.append)
     assert any("clients must send the API key in $MEDSHIELD_SERVE_API_KEY" in x for x in lines)
+
+
+def test_an_untrained_mini_llava_is_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medshield.serve as serve
+
+    documented = load_serve_config(REPO / "configs/serve.yaml")
+    assert untrained(documented)
+    assert not untrained(load_serve_config(None, ["model.kwargs.checkpoint=runs/vlm/model"]))
+    assert not untrained(load_serve_config(None, ["model.backend=openai"]))
+    with pytest.raises(ConfigError, match="no checkpoint.*--allow-untrained"):
+        build_app(documented)  # refused before any weights load
+
+    built: list[dict[str, Any]] = []
+
+    def fake_model(name: str, **kwargs: Any) -> EchoVLM:
+        built.append({"name": name, **kwargs})
+        return EchoVLM()
+
+    monkeypatch.setattr(serve, "create_chat_model", fake_model)
+    monkeypatch.setattr(serve.uvicorn, "run", lambda *args, **kwargs: None)
+    runner = CliRunner()
+    refused = runner.invoke(cli_app, ["serve", "--config", str(REPO / "configs/serve.yaml")])
+    assert refused.exit_code == 2 and not built
+    assert "error: the mini-llava backend has no checkpoint" in refused.output
+    assert "--allow-untrained" in refused.output and "model.kwargs.checkpoint" in refused.output
+    allowed = runner.invoke(
+        cli_app, ["serve", "--config", str(REPO / "configs/serve.yaml"), "--allow-untrained"]
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert "WARNING: the mini-llava backend has no checkpoint" in allowed.output
+    trained = runner.invoke(cli_app, ["serve", "--set", "model.kwargs.checkpoint=runs/m/model"])
+    assert trained.exit_code == 0 and "WARNING" not in trained.output
+    assert built == [{"name": "mini-llava"}, {"name": "mini-llava", "checkpoint": "runs/m/model"}]

@@ -127,7 +127,7 @@ def _rows(n: int, answered: int, refused_benign: int, correct: int) -> list[dict
                 "category": "insurance_fraud",
                 "modality": modality,
                 "attack": ("direct", "figstep")[i % 2],
-                "verdict": "compliance" if i < answered else "refusal",
+                "verdict": "harmful_compliance" if i < answered else "refusal",
                 "correct": None,
             }
         )
@@ -138,7 +138,7 @@ def _rows(n: int, answered: int, refused_benign: int, correct: int) -> list[dict
                 "category": "insurance_fraud",
                 "modality": modality,
                 "attack": "direct",
-                "verdict": "refusal" if i < refused_benign else "compliance",
+                "verdict": "refusal" if i < refused_benign else "harmful_compliance",
                 "correct": i < correct,
             }
         )
@@ -182,6 +182,9 @@ def test_points_carry_rates_per_modality_and_attack() -> None:
     assert mixed["overall"]["over_defense_rate"]["value"] == pytest.approx(0.05)
     assert mixed["overall"]["benign_accuracy"]["value"] == pytest.approx(40 / 60)
     assert mixed["overall"]["balanced_error"]["value"] == pytest.approx(0.275)
+    # the three-way rates of harmful rows sit beside ASR (these rows hold no non-answer)
+    assert mixed["overall"]["refusal_rate"]["value"] == pytest.approx(0.5)
+    assert mixed["overall"]["non_answer_rate"]["value"] == pytest.approx(0.0)
     # the first 30 harmful rows are answered: 15 of each modality and attack
     assert mixed["by_modality"]["fundus"]["attack_success_rate"]["value"] == pytest.approx(0.5)
     assert set(mixed["by_attack"]) == {"direct", "figstep"}
@@ -276,12 +279,20 @@ def test_claims_are_decided_on_the_intervals() -> None:
     retrieval = claims["retrieval_beats_fixed_selection"]
     assert retrieval["verdict"] == "inconclusive"
     assert len(retrieval["comparisons"]) == 6  # 3 fixed strategies x 2 budgets
-    # without retrieval or mixed the claims cannot be decided, and say why
+    # without retrieval or mixed those claims are not tested, and say what they need
     fixed = [p for p in points if p["strategy"] not in ("retrieval", "mixed")]
     claims = decide_claims(fixed, ["harmful-only", "benign-only"], small_budget_max=4)
-    assert claims["retrieval_beats_fixed_selection"]["verdict"] == "inconclusive"
+    assert claims["retrieval_beats_fixed_selection"]["verdict"] == "not tested"
     assert "needs retrieval" in claims["retrieval_beats_fixed_selection"]["note"]
+    assert claims["mixed_best_balance_at_small_budgets"]["verdict"] == "not tested"
     assert "needs mixed" in claims["mixed_best_balance_at_small_budgets"]["note"]
+    assert claims["over_defense_falls_with_budget"]["verdict"] == "false"  # still decided
+    # only mixed: nothing to compare it or retrieval with (the report of issue 21)
+    only_mixed = [p for p in points if p["strategy"] in (None, "mixed")]
+    claims = decide_claims(only_mixed, ["mixed"], small_budget_max=4)
+    assert claims["retrieval_beats_fixed_selection"]["verdict"] == "not tested"
+    assert claims["mixed_best_balance_at_small_budgets"]["verdict"] == "not tested"
+    assert claims["demonstrations_cut_attack_success"]["verdict"] != "not tested"
 
 
 def test_table_lists_best_claims_and_every_cell(tmp_path: Path) -> None:
@@ -298,6 +309,7 @@ def test_table_lists_best_claims_and_every_cell(tmp_path: Path) -> None:
     for p in points:
         assert f"| {p['cell']} |" in text
     assert "## ASR per modality" in text and "| chest_xray | fundus |" in text
+    assert "| ASR | refusal rate | non-answer rate | over-defense rate |" in text
     assert fmt({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}) == "0.50 [0.25, 0.75]"
     assert fmt({"value": None}) == "-"
 
@@ -415,9 +427,21 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
         "mixed_best_balance_at_small_budgets",
         "retrieval_beats_fixed_selection",
     }
-    for claim in result["claims"].values():
-        assert claim["verdict"] in ("true", "false", "inconclusive")
-    assert "needs two or more" in result["claims"]["over_defense_falls_with_budget"]["note"]
+    claims = result["claims"]
+    assert claims["demonstrations_cut_attack_success"]["verdict"] in (
+        "true",
+        "false",
+        "inconclusive",
+    )
+    assert claims["mixed_best_balance_at_small_budgets"]["verdict"] in (
+        "true",
+        "false",
+        "inconclusive",
+    )
+    # one budget and no retrieval: those claims were never put to the test
+    assert claims["over_defense_falls_with_budget"]["verdict"] == "not tested"
+    assert "needs two or more" in claims["over_defense_falls_with_budget"]["note"]
+    assert claims["retrieval_beats_fixed_selection"]["verdict"] == "not tested"
     assert sorted(p.name for p in (study / "plots").iterdir()) == sorted(
         f"{m}.png" for m in METRICS
     )
@@ -432,6 +456,8 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
     results = json.loads((study / "results.json").read_text())
     assert results["cells"] == json.loads(json.dumps(result["cells"]))
     assert "demonstrations cut attack success:" in out.output
+    assert "retrieval beats fixed selection: not tested" in out.output
+    assert "over-defense falls as the budget grows: not tested" in out.output
 
     # a cell stopped mid-way resumes row by row
     (study / "cells" / "mixed_k1" / "results.json").unlink()

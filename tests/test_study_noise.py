@@ -15,7 +15,7 @@ from medshield.data import ImageCaptionDataset
 from medshield.errors import DataError, InputError
 from medshield.models.mini_clip import MiniClip
 from medshield.noise import NoisyCaptionDataset, NoisyMix, choose_perturbed, craft_noisy_dataset
-from medshield.studies.noise import load_noise_study_config, mean_ci
+from medshield.studies.noise import load_noise_study_config, mean_t_ci
 
 runner = CliRunner()
 TINY_STUDY = [  # the smallest study: one upstream modality, fundus held out, one tiny epoch
@@ -97,15 +97,15 @@ def test_mix_refuses_a_pool_of_another_dataset(pool: NoisyCaptionDataset, data_d
         NoisyMix(_clean(data_dir, seed=5), pool, 0.5, seed=0)
 
 
-def test_mean_ci_over_seeds() -> None:
-    one = mean_ci([0.5])
+def test_mean_t_ci_over_seeds() -> None:
+    one = mean_t_ci([0.5])
     assert one["value"] == 0.5 and one["ci_low"] is None
-    three = mean_ci([0.4, 0.5, 0.6])
+    three = mean_t_ci([0.4, 0.5, 0.6])
     assert three["value"] == pytest.approx(0.5)
     assert three["ci_low"] == pytest.approx(0.5 - 4.302653 * 0.1 / 3**0.5, rel=1e-5)
-    near_zero = mean_ci([0.0, 0.02, 0.07])  # the raw t-interval reaches below 0
+    near_zero = mean_t_ci([0.0, 0.02, 0.07])  # the raw t-interval reaches below 0
     assert near_zero["ci_low"] == 0.0 and near_zero["ci_high"] < 0.2
-    near_one = mean_ci([1.0, 0.98, 0.93])
+    near_one = mean_t_ci([1.0, 0.98, 0.93])
     assert near_one["ci_high"] == 1.0 and near_one["ci_low"] > 0.8
 
 

@@ -3,8 +3,9 @@
 An entry is one directory, ``<root>/<kind>-<key>/``, holding::
 
     artifact/     what was trained (a saved model, a noisy dataset, fine-tuned weights, ...)
-    entry.json    kind, key, the spec the key was computed from, the training summary, and the
-                  size and sha256 of every file under artifact/ (written last)
+    entry.json    kind, key, the spec the key was computed from, the training summary, the wall
+                  seconds producing the artifact took, and the size and sha256 of every file
+                  under artifact/ (written last)
 
 The key is a hash of the *spec*: the config section that produced the artifact plus the keys of
 the artifacts it was built from, so changing a setting upstream invalidates everything
@@ -59,12 +60,15 @@ class CacheEntry:
         kind: what it holds (e.g. ``mini-clip``).
         key: the hash of its spec.
         summary: the training summary stored with it (JSON).
+        seconds: the wall time producing the artifact took, in the run that published it (None
+            for an entry written before medshield recorded it).
     """
 
     path: Path
     kind: str
     key: str
     summary: dict[str, Any]
+    seconds: float | None = None
 
     @property
     def artifact(self) -> Path:
@@ -158,7 +162,9 @@ class ArtifactCache:
                 raise DataError(f"{name} is missing")
             if file.stat().st_size != info.get("size") or file_sha256(file) != info.get("sha256"):
                 raise DataError(f"{name} does not match its recorded size and sha256")
-        return CacheEntry(path, kind, key, dict(meta.get("summary") or {}))
+        seconds = meta.get("seconds")
+        seconds = float(seconds) if isinstance(seconds, (int, float)) else None
+        return CacheEntry(path, kind, key, dict(meta.get("summary") or {}), seconds)
 
     def publish(
         self,
@@ -167,9 +173,11 @@ class ArtifactCache:
         spec: dict[str, Any],
         source: str | Path,
         summary: dict[str, Any],
+        seconds: float,
     ) -> CacheEntry:
         """Move the directory ``source`` into the cache as the entry of ``(kind, key)`` (a
-        rename when on the same file system) and return the entry.
+        rename when on the same file system) and return the entry; ``seconds`` is the wall time
+        producing it took, kept so a run that reuses the entry can show what it saved.
 
         The entry is assembled in a temporary directory next to its final place and renamed into
         place only when complete; if that fails, ``source`` is moved back. When another process
@@ -196,6 +204,7 @@ class ArtifactCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "spec": spec,
                 "summary": summary,
+                "seconds": round(seconds, 1),
                 "files": _files(tmp / ARTIFACT_DIR),
             }
             (tmp / ENTRY_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -213,7 +222,7 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.log(f"cached {kind} in {final}")
-        return CacheEntry(final, kind, key, dict(summary))
+        return CacheEntry(final, kind, key, dict(summary), round(seconds, 1))
 
     def _remove_stale(self, kind: str, key: str) -> None:
         """Delete temporary directories of this entry left by processes that are gone."""

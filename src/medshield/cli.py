@@ -6,40 +6,99 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from medshield.errors import MedshieldError
 
+RESUMABLE = frozenset(
+    {"pretrain", "evaluate", "craft-noise", "demo", "train-vlm", "finetune", "redteam", "study"}
+)
+"""Commands that resume an interrupted run when run again with the same arguments."""
+
+
+class _Commands(TyperGroup):
+    """The top-level command group: Ctrl-C ends any command with exit status 130 and one line
+    (saying how to resume, for the commands that resume), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            resume = ctx.invoked_subcommand in RESUMABLE
+            console.print(
+                "interrupted" + ("; rerun the same command to resume" if resume else ""),
+                markup=False,
+            )
+            raise typer.Exit(code=130) from None
+
+
+# Help is plain click text: rich help would read [brackets] in it as markup and show every flag
+# as taking a <bool> value.
 app = typer.Typer(
+    cls=_Commands,
     help="Stress-test and harden medical vision-language models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-console = Console()
 study_app = typer.Typer(
     help="Studies: many runs swept over a grid, aggregated into one table and plots.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(study_app, name="study")
 
+UNBOUNDED = 100_000
+"""The width of output that is not a terminal: wider than any line medshield prints."""
+
+
+class _Console(Console):
+    """A console that prints text as it is (no rich markup: ``[online]`` in a message stays) and,
+    when the output is not a terminal (a pipe, a file, CI), never wraps or truncates it to fit
+    80 columns: tables keep every column and every interval whole."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(UNBOUNDED, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = _Console(markup=False)
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML run config (see configs/).")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a config value, e.g. pretrain.epochs=1."),
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Delete a run of the same name and start afresh.")
 ]
 
 
+def _set_option(example: str) -> Any:
+    """The ``--set`` option, its help showing an override that the command's config takes."""
+    return typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help=f"Override a config value (repeatable), e.g. {example}.",
+    )
+
+
 @app.callback()
-def _plugins() -> None:
+def _startup() -> None:
     """Stress-test and harden medical vision-language models."""
     from medshield.registry import load_plugins
+    from medshield.threads import configure_threads
+
+    configure_threads()  # before torch loads: OMP_NUM_THREADS, else half the cores
 
     try:
         load_plugins()
@@ -59,9 +118,14 @@ def _load(config: Path | None, overrides: list[str] | None, **forced: Any):
     return load_config(config, [*(overrides or []), *extra])
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
+def _fail(exc: MedshieldError) -> None:
+    console.print(Text.assemble(("error:", "bold red"), f" {exc}"))
+    raise typer.Exit(code=exc.exit_code)
+
+
+def _done(text: str, path: Path | str, after: str = "") -> None:
+    """A closing line naming where the output went: ``text`` + the path in bold + ``after``."""
+    console.print(Text.assemble(text, (str(path), "bold"), after))
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -92,22 +156,26 @@ def _print_sanity(sanity: dict[str, list[dict[str, Any]]]) -> None:
 
     for key, flags in sanity.items():
         failed = [f for f in flags if not f["passed"]]
-        status = "[green]all passed[/]" if not failed else f"[red]{len(failed)} FAILED[/]"
-        console.print(f"sanity flags {sanity_group(key)}: {len(flags)} checks, {status}")
+        status = ("all passed", "green") if not failed else (f"{len(failed)} FAILED", "red")
+        console.print(
+            Text.assemble(f"sanity flags {sanity_group(key)}: {len(flags)} checks, ", status)
+        )
         for f in failed:
-            console.print(f"  [red]{f['name']}[/]: {f['detail']}")
+            console.print(Text.assemble("  ", (f["name"], "red"), f": {f['detail']}"))
 
 
 def _report(run_path: Path) -> None:
     """Write ``report.html`` into a finished run; a rendering failure is only a warning."""
     from medshield.report import report_after_run
 
-    report_after_run(run_path, log=lambda line: console.print(line, markup=False, highlight=False))
+    report_after_run(run_path, log=lambda line: console.print(line, highlight=False))
 
 
 @app.command()
 def pretrain(
-    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, _set_option("pretrain.epochs=1")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Contrastively pretrain a dual encoder; resumes an interrupted run of the same name."""
     _offline_default()
@@ -122,7 +190,7 @@ def pretrain(
         run.write_results({"pretrain": result}, seed=cfg.seed)
     except MedshieldError as exc:
         _fail(exc)
-    console.print(f"model saved to [bold]{result['model_dir']}[/]; run in {run.path}")
+    _done("model saved to ", result["model_dir"], f"; run in {run.path}")
     _report(run.path)
 
 
@@ -136,7 +204,7 @@ def evaluate(
             "of a `medshield finetune` run."
         ),
     ] = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("evaluate.max_test_items=50")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Zero-shot, linear probe, robust accuracy, retrieval (clean, attacked), VQA-RAD; 95% CIs."""
@@ -154,7 +222,7 @@ def evaluate(
         _fail(exc)
     _print_metrics(result["metrics"])
     _print_sanity(result["sanity"])
-    console.print(f"results in [bold]{run.path}[/]")
+    _done("results in ", run.path)
     _report(run.path)
 
 
@@ -164,7 +232,7 @@ def craft_noise(
     surrogate: Annotated[
         Path | None, typer.Option(help="Saved medshield model to attack (model.checkpoint).")
     ] = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("noise.ratio=0.25")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a noisy upstream dataset: a fraction noise.ratio of the pairs made adversarial."""
@@ -179,11 +247,11 @@ def craft_noise(
         run.write_results({"craft_noise": result}, seed=cfg.seed)
     except MedshieldError as exc:
         _fail(exc)
-    console.print(
+    _done(
         f"{result['perturbed']} of {result['rows']} pairs adversarial "
-        f"(max L-inf {result['max_linf_255']:.2f}/255 after uint8 rounding); dataset in "
-        f"[bold]{result['noisy_dataset']}[/]; pretrain on it with "
-        f"--set data.noisy_dataset={result['noisy_dataset']}"
+        f"(max L-inf {result['max_linf_255']:.2f}/255 after uint8 rounding); dataset in ",
+        result["noisy_dataset"],
+        f"; pretrain on it with --set data.noisy_dataset={result['noisy_dataset']}",
     )
     _report(run.path)
 
@@ -191,7 +259,7 @@ def craft_noise(
 @app.command()
 def demo(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("vlm.steps=8")] = None,
     overwrite: OverwriteOpt = False,
     no_cache: Annotated[
         bool,
@@ -208,7 +276,7 @@ def demo(
     from medshield.runs import Run
 
     def log(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, highlight=False)
 
     try:
         cfg = load_demo_config(config, [*(set_ or []), *(["cache=false"] if no_cache else [])])
@@ -220,8 +288,9 @@ def demo(
 
 
 def _print_demo_summary(results: dict[str, Any], run_path: Path) -> None:
-    """The demo's final table: per stage its wall time, where its trained artifact came from
-    and its headline figures; then where the report is."""
+    """The demo's final table: per stage its wall time, the time producing its trained artifact
+    took in the run that produced it (beside a reuse's time), where the artifact came from and
+    its headline figures; then where the report is."""
     from rich.text import Text
 
     from medshield.report.kinds.demo import CACHE_LABELS
@@ -230,17 +299,20 @@ def _print_demo_summary(results: dict[str, Any], run_path: Path) -> None:
         title=f"medshield demo: {results['wall_time_s']:.0f} s (95% bootstrap CIs)",
         title_justify="left",
     )
-    for column in ("stage", "wall s", "trained artifact", "headline"):
-        table.add_column(column, justify="right" if column == "wall s" else "left", overflow="fold")
+    numbers = ("wall s", "producing s")
+    for column in ("stage", *numbers, "trained artifact", "headline"):
+        table.add_column(column, justify="right" if column in numbers else "left", overflow="fold")
     for stage in results["demo"]["stages"]:
+        produced = stage["cache"].get("produced_seconds")
         table.add_row(
             stage["stage"],
             f"{stage['seconds']:.0f}",
+            "-" if produced is None else f"{produced:.0f}",
             CACHE_LABELS.get(stage["cache"]["status"], "-"),
             Text(stage["text"]),
         )
     console.print(table)
-    console.print(f"report: [bold]{run_path / 'report.html'}[/] (links every stage's report)")
+    _done("report: ", run_path / "report.html", " (links every stage's report)")
 
 
 @app.command("train-vlm")
@@ -249,7 +321,7 @@ def train_vlm(
     clip: Annotated[
         Path | None, typer.Option(help="Saved mini-clip directory for the image tower.")
     ] = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("steps=20")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Instruction-tune mini-llava and report VQA-RAD closed accuracy with/without the image."""
@@ -278,13 +350,15 @@ def train_vlm(
             f"image minus {control}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, "
             f"{d['ci_high']:+.3f}] (paired)"
         )
-    console.print(f"model saved to [bold]{result['model_dir']}[/]; run in {run.path}")
+    _done("model saved to ", result["model_dir"], f"; run in {run.path}")
     _report(run.path)
 
 
 @study_app.command("noise")
 def study_noise(
-    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, _set_option("seeds=[0]")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Noise-level study: pretrain at each noise ratio x eps x seed, evaluate, aggregate."""
     _offline_default()
@@ -299,7 +373,7 @@ def study_noise(
     except MedshieldError as exc:
         _fail(exc)
     console.print((run.path / "table.md").read_text())
-    console.print(f"study in [bold]{run.path}[/] (results.json, table.md, plots/, cells/)")
+    _done("study in ", run.path, " (results.json, table.md, plots/, cells/)")
     _report(run.path)
 
 
@@ -310,7 +384,7 @@ def finetune(
         Path | None, typer.Option(help="Saved base model directory (model.checkpoint).")
     ] = None,
     method: Annotated[str | None, typer.Option(help="finetune.method, e.g. ran, lora.")] = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("finetune.epochs=2")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune one method on one modality or vqa_rad_closed; clean + PGD/APGD robust accuracy
@@ -335,17 +409,20 @@ def finetune(
     for name, m in result["metrics"].items():
         console.print(f"{name}: {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
     report = result["report"]
-    console.print(
+    _done(
         f"trainable parameters {report['trainable_params']:,}, training {report['train_wall_s']}"
         f" s, FLOPs x{report['overhead']['flops_ratio']:.4f}, latency "
-        f"x{report['overhead']['latency_ratio']:.2f}; run in [bold]{run.path}[/]"
+        f"x{report['overhead']['latency_ratio']:.2f}; run in ",
+        run.path,
     )
     _report(run.path)
 
 
 @study_app.command("finetune")
 def study_finetune(
-    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, _set_option("seeds=[0]")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tuning comparison: checkpoints x methods x tasks (modalities, VQA-RAD) x seeds."""
     _offline_default()
@@ -360,13 +437,15 @@ def study_finetune(
     except MedshieldError as exc:
         _fail(exc)
     console.print((run.path / "table.md").read_text())
-    console.print(f"study in [bold]{run.path}[/] (results.json, table.md/csv, plots, cells/)")
+    _done("study in ", run.path, " (results.json, table.md/csv, plots, cells/)")
     _report(run.path)
 
 
 @study_app.command("defense")
 def study_defense(
-    config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+    config: ConfigOpt = None,
+    set_: Annotated[list[str] | None, _set_option("budgets=[0,4]")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Defense study: demonstration budgets x selection strategies, and the baselines, against
     every attack; ASR, over-defense and benign accuracy with 95% CIs, plots, claims decided."""
@@ -381,8 +460,8 @@ def study_defense(
     except MedshieldError as exc:
         _fail(exc)
     for claim in result["claims"].values():
-        console.print(f"{claim['statement']}: [bold]{claim['verdict']}[/]")
-    console.print(f"study in [bold]{run.path}[/] (table.md, results.json, plots/, cells/)")
+        console.print(Text.assemble(f"{claim['statement']}: ", (claim["verdict"], "bold")))
+    _done("study in ", run.path, " (table.md, results.json, plots/, cells/)")
     _report(run.path)
 
 
@@ -400,7 +479,7 @@ def report_(
         path = write_report(run_dir, out)
     except MedshieldError as exc:
         _fail(exc)
-    console.print(f"report written to [bold]{path}[/] ({path.stat().st_size / 1024:.0f} KiB)")
+    _done("report written to ", path, f" ({path.stat().st_size / 1024:.0f} KiB)")
 
 
 @app.command("list")
@@ -423,14 +502,14 @@ def list_(
     if kind not in REGISTRIES:
         _fail(MedshieldError(f"unknown kind {kind!r}; choose one of {', '.join(REGISTRIES)}"))
     for entry in REGISTRIES[kind].entries():
-        console.print(f"[bold]{entry.name}[/]  {entry.description}")
+        console.print(Text.assemble((entry.name, "bold"), f"  {entry.description}"))
 
 
 # --- red-teaming (medshield redteam) -----------------------------------------------------------
 @app.command()
 def redteam(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("generation.max_new_tokens=64")] = None,
     overwrite: OverwriteOpt = False,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Chat backend (model.backend).")
@@ -471,7 +550,7 @@ def redteam(
     except MedshieldError as exc:
         _fail(exc)
     print_redteam_summary(results, console)
-    console.print(f"run in [bold]{run.path}[/] (samples.jsonl, results.json)")
+    _done("run in ", run.path, " (samples.jsonl, results.json)")
     _report(run.path)
 
 
@@ -479,7 +558,7 @@ def redteam(
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, _set_option("limits.timeout_s=30")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Chat backend (model.backend).")
     ] = None,
@@ -490,6 +569,13 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Port to listen on.")] = None,
     log_content: Annotated[
         bool, typer.Option("--log-content", help="Log request text and replies (debugging).")
+    ] = False,
+    allow_untrained: Annotated[
+        bool,
+        typer.Option(
+            "--allow-untrained",
+            help="Serve mini-llava without a checkpoint (untrained weights; smoke tests only).",
+        ),
     ] = False,
 ) -> None:
     """Serve a chat backend behind a defense as an OpenAI-compatible API (/v1/chat/completions)."""
@@ -504,14 +590,17 @@ def serve(
     extra += [f"port={port}"] if port is not None else []
     extra += ["log_content=true"] if log_content else []
     try:
-        run_server(load_serve_config(config, [*(set_ or []), *extra]), log=console.print)
+        cfg = load_serve_config(config, [*(set_ or []), *extra])
+        run_server(cfg, log=console.print, allow_untrained=allow_untrained)
     except MedshieldError as exc:
         _fail(exc)
 
 
 # --- judges (medshield judges calibrate) ------------------------------------------------------
 judges_app = typer.Typer(
-    help="Response judges: agreement with the labelled response set.", no_args_is_help=True
+    help="Answer judges: agreement with the labelled answer set.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(judges_app, name="judges")
 
@@ -532,49 +621,66 @@ def judges_calibrate(
         list[str] | None,
         typer.Option("--llm-arg", help="key=value argument of the llm judge's chat backend."),
     ] = None,
+    llm_guard: Annotated[
+        bool,
+        typer.Option("--llm-guard", help="The llm judge's model is a guard (Llama Guard)."),
+    ] = False,
     labelled: Annotated[
         Path | None,
-        typer.Option("--labelled", help="Labelled responses (jsonl); default: the shipped set."),
+        typer.Option("--labelled", help="Labelled answers (jsonl); default: the shipped set."),
     ] = None,
 ) -> None:
-    """Accuracy and Cohen's kappa of each judge on the held-out labelled responses."""
+    """Accuracy and Cohen's kappa of each judge's three-way label on the labelled answers: the
+    held-out split, the tune split and all."""
     _offline_default()
-    from medshield.eval.judges import create_judge, judge_agreement, load_labelled_responses
+    from medshield.eval.judges import agreement, create_judge, load_labelled_answers
 
     names = list(judge or ["keyword", "embedding"])
     if llm_model and "llm" not in names:
         names.append("llm")
     try:
-        held_out = load_labelled_responses("heldout", labelled)
-        train = load_labelled_responses("train", labelled) if labelled else None
+        items = load_labelled_answers(None, labelled)
+        splits = {
+            name: [n for n, i in enumerate(items) if split in (None, i.split)]
+            for name, split in (("heldout", "heldout"), ("tune", "tune"), ("all", None))
+        }
+        splits = {name: chosen for name, chosen in splits.items() if chosen}
         results = []
         for name in names:
             kwargs: dict[str, Any] = {}
-            if name == "embedding" and train is not None:
-                kwargs["train"] = train
+            if name == "embedding" and labelled is not None:
+                if "tune" not in splits:
+                    raise MedshieldError(
+                        f"the embedding judge is fitted on the tune split, and {labelled} has "
+                        'none: mark some answers "split": "tune"'
+                    )
+                kwargs["train"] = [items[n] for n in splits["tune"]]
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
                 import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
-                kwargs.update(model=llm_model, model_kwargs=extra)
-            results.append(judge_agreement(create_judge(name, **kwargs), held_out))
+                kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)
+            built = create_judge(name, **kwargs)
+            verdicts = built.judge([i.request for i in items], [i.answer for i in items])
+            results += [
+                (split, agreement(name, [items[n] for n in at], [verdicts[n] for n in at]))
+                for split, at in splits.items()
+            ]
     except MedshieldError as exc:
         _fail(exc)
-    table = Table(title=f"judge agreement on {len(held_out)} held-out labelled responses")
-    for column in ("judge", "accuracy", "Cohen's kappa", "refusal acc.", "refusal kappa", "n"):
-        table.add_column(column, justify="left" if column == "judge" else "right")
-    for r in results:
-        table.add_row(
-            r.judge,
-            f"{r.accuracy:.3f}",
-            f"{r.kappa:.3f}",
-            f"{r.refusal_accuracy:.3f}",
-            f"{r.refusal_kappa:.3f}",
-            str(r.n),
-        )
+    table = Table(
+        title="judge agreement with the labelled answers (three-way: harmful_compliance, "
+        "refusal, non_answer)"
+    )
+    for column in ("judge", "split", "n", "accuracy", "Cohen's kappa"):
+        table.add_column(column, justify="left" if column in ("judge", "split") else "right")
+    for split, r in results:
+        table.add_row(r.judge, split, str(r.n), f"{r.accuracy:.3f}", f"{r.kappa:.3f}")
     console.print(table)
+    if "embedding" in names:
+        console.print("the embedding judge is fitted on the tune split: its tune row is in-sample")
 
 
 if __name__ == "__main__":

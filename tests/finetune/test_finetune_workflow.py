@@ -16,6 +16,7 @@ from medshield.train.finetune.workflow import (
     derangement,
     load_finetune_config,
     run_finetune,
+    share_bootstrap_ci,
 )
 
 
@@ -141,3 +142,17 @@ def test_a_classifier_that_ignores_the_image_fails_uses_image() -> None:
     assert image_use_flag(own, [False] * 4)["passed"]
     assert majority_hits(clean) == [True, True, False, False]
     assert majority_hits([]) == []
+
+
+def test_share_bootstrap_ci_is_the_share_of_true_values_with_a_seeded_bootstrap() -> None:
+    values = [True] * 6 + [False] * 2
+    share = share_bootstrap_ci(values, resamples=200, seed=3)
+    assert share["value"] == 0.75 and share["n"] == 8
+    assert 0 <= share["ci_low"] < 0.75 < share["ci_high"] <= 1
+    assert share_bootstrap_ci(values, resamples=200, seed=3) == share
+    assert share_bootstrap_ci([True] * 5, resamples=50) == {
+        "value": 1.0,
+        "ci_low": 1.0,
+        "ci_high": 1.0,
+        "n": 5,
+    }

@@ -1,6 +1,6 @@
 """The :class:`Attack` base class shared by every image attack.
 
-Conventions (see DESIGN.md): images are float tensors in [0, 1], shape (N, C, H, W); the model
+Conventions (see docs/design.md): images are float tensors in [0, 1], shape (N, C, H, W); the model
 owns normalisation, so attacks never normalise. Budgets ``eps`` and step sizes ``alpha`` are given
 in /255 units (``eps=4`` means 4/255), for the L-inf and the L2 norm alike.
 

@@ -2,10 +2,10 @@
 
 A multimodal attack perturbs both halves of matched image-caption pairs against a surrogate
 :class:`~medshield.models.DualEncoder`: each image gets a bounded L-inf perturbation (budgets in
-/255 units, images in [0, 1], see DESIGN.md) and each caption bounded word substitutions, so that
-the pair moves apart in the surrogate's embedding space. Noisy upstream datasets are crafted with
-them (DESIGN.md, Part 1); :meth:`MultimodalAttack.config` gives the arguments a dataset manifest
-records, and ``ATTACKS.get(name)(**config)`` rebuilds the attack.
+/255 units, images in [0, 1], see docs/design.md) and each caption bounded word substitutions,
+so that the pair moves apart in the surrogate's embedding space. Noisy upstream datasets are
+crafted with them; :meth:`MultimodalAttack.config` gives the arguments a dataset manifest
+records, and :func:`build_multimodal_attack` builds the attack a config names.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 
 from medshield.attacks.base import attack_mode, check_budget, check_count
 from medshield.attacks.text import WordSubstitutionAttack
-from medshield.errors import InputError
+from medshield.errors import ConfigError, InputError
 from medshield.models.base import DualEncoder, check_images, check_texts
+from medshield.registry import ATTACKS
 
 
 @dataclass
@@ -117,6 +118,17 @@ class MultimodalAttack(ABC):
         adversarial captions and their edit counts."""
         results = self.text_attack(model, captions, reference=reference)
         return [r.perturbed for r in results], [len(r.edits) for r in results]
+
+
+def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:
+    """The registered multimodal attack ``name`` built with ``kwargs``, or a ConfigError."""
+    attack_class = ATTACKS.get(name)
+    if not (isinstance(attack_class, type) and issubclass(attack_class, MultimodalAttack)):
+        raise ConfigError(f"{name!r} is not a multimodal (image-text pair) attack")
+    try:
+        return attack_class(**kwargs)
+    except (TypeError, InputError) as exc:
+        raise ConfigError(f"the arguments {kwargs} do not fit attack {name!r}: {exc}") from None
 
 
 def check_pairs(model: Any, images: Any, captions: Any) -> tuple[torch.Tensor, list[str]]:

@@ -29,8 +29,7 @@ from torch import nn
 
 from medshield.attacks.base import Attack, attack_mode, check_budget, check_norm
 from medshield.errors import InputError
-from medshield.eval.features import evaluating
-from medshield.models.base import check_images
+from medshield.models.base import check_images, evaluating
 
 Row = dict[str, Any]
 

@@ -7,6 +7,7 @@ from medshield.data.medmnist import (
     class_balanced_indices,
     data_root,
     load_split,
+    missing_data_error,
 )
 from medshield.data.modalities import MODALITIES, Modality, get_modality
 from medshield.data.vqa_rad import VQAItem, load_vqa_image, load_vqa_rad
@@ -24,4 +25,5 @@ __all__ = [
     "load_split",
     "load_vqa_image",
     "load_vqa_rad",
+    "missing_data_error",
 ]

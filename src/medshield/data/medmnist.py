@@ -32,6 +32,12 @@ IMAGE_SIZE = 28
 # What np.load raises on a truncated, corrupt or non-npz file.
 _READ_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error)
 
+# The second fix every missing-data error offers (the `online` extra is the medmnist package).
+ONLINE_FIX = (
+    "run `pip install -e '.[online]'` (the online extra: the medmnist package) on a machine "
+    "with network access"
+)
+
 
 def data_root(data_dir: str | Path | None = None) -> Path:
     """The directory that holds medshield's data (``medmnist/``, ``vqa_rad/``, ...).
@@ -136,18 +142,51 @@ def load_split(
     if without_split:
         listing = "; ".join(f"{path} has keys {keys}" for path, keys in without_split)
         raise DataError(
-            f"no {split!r} split for modality {mod.name!r}: {listing}. Put the full "
-            f"{subsets[0]}.npz in {directory} (set MEDSHIELD_DATA_DIR to choose the directory), "
-            "or run `pip install medshield[online]` on a machine with internet so medshield "
-            "can download it."
+            f"no {split!r} split for modality {mod.name!r}: {listing}. Fix: put the full "
+            f"{subsets[0]}.npz in {directory}, or point MEDSHIELD_DATA_DIR at a folder whose "
+            f"medmnist/ subfolder holds it, or {ONLINE_FIX} so medshield downloads it."
         )
     expected = ", ".join(f"{s}.npz or {s}_*.npz" for s in subsets)
     raise DataError(
-        f"no MedMNIST file for modality {mod.name!r} in {directory}; expected {expected}. "
-        "Fix: set MEDSHIELD_DATA_DIR to a directory whose medmnist/ folder holds one of these "
-        "files, or run `pip install medshield[online]` on a machine with internet so medshield "
-        "downloads it with the medmnist package."
+        f"no MedMNIST file for modality {mod.name!r} in {_searched(directory)}; expected "
+        f"{expected}. Fix: point MEDSHIELD_DATA_DIR at a folder whose medmnist/ subfolder holds "
+        f"one of these files, or {ONLINE_FIX} so medshield downloads it."
     )
+
+
+def missing_data_error(
+    split: str, data_dir: str | Path | None = None, select: str = "data.modalities"
+) -> DataError:
+    """The error for "no modality has a usable local ``split``" (``modalities: available``).
+
+    It names the folder searched, the files expected, every file found there but unusable
+    (with the reason) and both fixes: point ``MEDSHIELD_DATA_DIR`` at the files, or install
+    the ``online`` extra and name the modalities to download in the config key ``select``.
+    """
+    directory = data_root(data_dir) / "medmnist"
+    expected = ", ".join(f"{s}.npz" for m in MODALITIES.values() for s in m.subsets)
+    unusable = []
+    for name, mod in MODALITIES.items():
+        if _candidate_files(directory, mod.subsets):
+            try:
+                load_split(name, split, data_dir, download=False)
+            except DataError as exc:
+                unusable.append(str(exc).rstrip("."))
+    found = f" Found but unusable: {' | '.join(unusable)}." if unusable else ""
+    return DataError(
+        f"no MedMNIST file with a {split!r} split in {_searched(directory)}; expected one or "
+        f"more of {expected} (or partial files <subset>_*.npz holding {split}_images and "
+        f"{split}_labels).{found} Fix: point MEDSHIELD_DATA_DIR at a folder whose medmnist/ "
+        f"subfolder holds these files, or {ONLINE_FIX} and list the modalities to download in "
+        f"{select} (e.g. --set '{select}=[chest_xray]'; by default only files already on disk "
+        "are used)."
+    )
+
+
+def _searched(directory: Path) -> str:
+    """``directory`` as absolute path, saying when it does not exist."""
+    absolute = directory.absolute()
+    return str(absolute) if directory.is_dir() else f"{absolute} (which does not exist)"
 
 
 def available_modalities(data_dir: str | Path | None = None, split: str = "test") -> list[str]:
@@ -207,9 +246,11 @@ def _candidate_files(directory: Path, subsets: Sequence[str]) -> list[tuple[str,
 
 
 def _read_error(path: Path, exc: BaseException) -> DataError:
+    # numpy's own advice for such a file is to allow pickle: never repeat it
+    detail = "numpy sees no array in it" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
     return DataError(
-        f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt, truncated or not "
-        "an .npz archive. Delete it and download it again."
+        f"cannot read {path} ({detail}); the file is corrupt, truncated or not an .npz archive. "
+        "Delete it and download it again."
     )
 
 
@@ -230,6 +271,11 @@ def _npz_keys(path: Path) -> list[str]:
 def _make_split(mod: Modality, subset: str, split: str, path: Path) -> MedMNISTSplit:
     stat = path.stat()
     images, labels = _read_split(str(path), split, (stat.st_mtime_ns, stat.st_size))
+    if not len(labels):
+        raise DataError(
+            f"{path}: the {split!r} split of {subset} is empty ({split}_images has shape "
+            f"{images.shape}, zero images). Replace the file with a complete {subset}.npz."
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= mod.num_classes):
         raise DataError(
             f"{path}: {split}_labels has values in [{labels.min()}, {labels.max()}] but modality "

@@ -1,4 +1,4 @@
-"""Inference-time defenses against harmful clinical requests and jailbreaks (Part 2 of DESIGN.md).
+"""Inference-time defenses against harmful clinical requests and jailbreaks (docs/design.md).
 
 Synthetic demonstrations (:mod:`~medshield.defense.images`, :mod:`~medshield.defense.text`,
 :mod:`~medshield.defense.synthesizer`), selection strategies

@@ -2,7 +2,7 @@
 
 Every image is drawn from geometric primitives, smooth noise and speckle with numpy and
 scikit-image, from a seed alone, so a demonstration never carries patient data (the property the
-synthetic-demonstration defense of Part 2 of ``DESIGN.md`` rests on). Each modality has one
+synthetic-demonstration defense of ``docs/design.md`` rests on). Each modality has one
 generator that draws the structures a reader would expect:
 
 * ``chest_xray`` — thorax, dark lung fields, bright mediastinum and heart, curved ribs, diaphragm.

@@ -7,16 +7,15 @@ bar appears only for inputs of at least :data:`PROGRESS_MIN_ITEMS` items.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medshield.errors import InputError
-from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
+from medshield.errors import InputError, NonFiniteError
+from medshield.models.base import DualEncoder, check_images, check_texts, evaluating
 
 PROGRESS_MIN_ITEMS = 2048
 
@@ -26,13 +25,6 @@ Batch = TypeVar("Batch", torch.Tensor, list[str])
 def _module_device(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode (each submodule's own mode restored afterwards) and no gradients."""
-    with eval_mode(module), torch.no_grad():
-        yield module
 
 
 def _run_batched(
@@ -50,7 +42,19 @@ def _run_batched(
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc=desc, disable=len(items) < PROGRESS_MIN_ITEMS):
             outputs.append(fn(items[start : start + batch_size]).float().cpu())
-    return torch.cat(outputs)
+    return check_finite_outputs(torch.cat(outputs), desc)
+
+
+def check_finite_outputs(outputs: torch.Tensor, desc: str) -> torch.Tensor:
+    """``outputs`` (embeddings or logits) when every value is finite; a NonFiniteError naming
+    the likely cause otherwise, before NaN scores become predictions."""
+    if not torch.isfinite(outputs).all():
+        raise NonFiniteError(
+            f"{desc}: the model gave NaN or infinite outputs, so its weights are probably not "
+            "finite (a training run that diverged, e.g. with a too high learning rate); "
+            "retrain it with a lower lr or evaluate another checkpoint"
+        )
+    return outputs
 
 
 def _run_on_images(

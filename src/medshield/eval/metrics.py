@@ -1,7 +1,7 @@
 """Metrics with 95% bootstrap confidence intervals, and the sample-row summariser.
 
-Every evaluation task writes one JSON-serialisable *row* per evaluated item (see DESIGN.md,
-"Runs are directories"); :func:`summarize` derives every aggregate from those rows alone, so the
+Every evaluation task writes one JSON-serialisable *row* per evaluated item (see docs/design.md,
+"Conventions"); :func:`summarize` derives every aggregate from those rows alone, so the
 rows reloaded from ``samples.jsonl`` give exactly the same table.
 
 Confidence intervals are percentile bootstraps over rows. Within one (task, modality) group all

@@ -38,9 +38,9 @@ from medshield.attacks.sanity import (
     stronger_flag,
 )
 from medshield.errors import InputError
-from medshield.eval.features import evaluating
+from medshield.eval.features import check_finite_outputs
 from medshield.eval.zero_shot import balanced_subset
-from medshield.models.base import DualEncoder, ZeroShotClassifier
+from medshield.models.base import DualEncoder, ZeroShotClassifier, evaluating
 
 TASK = "robust_zero_shot"
 
@@ -158,8 +158,9 @@ def _zero_gradients(
     with attack_mode(classifier):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].clone().requires_grad_(True)
+            logits = check_finite_outputs(classifier(x), "attacking the classifier")
             loss = torch.nn.functional.cross_entropy(
-                classifier(x), labels[start : start + batch_size], reduction="sum"
+                logits, labels[start : start + batch_size], reduction="sum"
             )
             (grad,) = torch.autograd.grad(loss, x)
             zero.extend((grad.flatten(1) == 0).all(dim=1).tolist())

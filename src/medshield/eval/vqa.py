@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medshield import data
+from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.errors import DataError, InputError
-from medshield.eval.features import embed_images, embed_texts, evaluating
-from medshield.models.base import DualEncoder
+from medshield.eval.features import embed_images, embed_texts
+from medshield.models.base import DualEncoder, evaluating
 
 
 class CoAttentionFusionHead(nn.Module):
@@ -269,8 +270,6 @@ def _attacked_predictions(
     seed: int,
     batch_size: int = 64,
 ) -> list[int]:
-    from medshield.attacks.pgd import PGD, pgd_step_size  # attacks import eval.features: a cycle
-
     classifier = _AnswerClassifier(model, head)
     attack = PGD(
         classifier, eps=eps, alpha=pgd_step_size(eps, steps), steps=steps, random_start=True

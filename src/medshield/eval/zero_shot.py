@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from medshield import data
-from medshield.eval.features import classify_images, evaluating
-from medshield.models.base import DualEncoder, ZeroShotClassifier
+from medshield.eval.features import classify_images
+from medshield.models.base import DualEncoder, ZeroShotClassifier, evaluating
 
 SCORE_DIGITS = 6
 

@@ -1,6 +1,6 @@
 """The dual-encoder (CLIP-style) interface every backend implements.
 
-Conventions (see DESIGN.md): images enter as float tensors in [0, 1], shape (N, C, H, W) with
+Conventions (see docs/design.md): images enter as float tensors in [0, 1], shape (N, C, H, W) with
 C = 1 (grayscale) or 3. The wrapper owns resizing, grayscale-to-RGB and mean/std normalisation,
 so attacks and training code never normalise.
 """
@@ -35,6 +35,13 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (each submodule's own mode restored afterwards) and no gradients."""
+    with eval_mode(module), torch.no_grad():
+        yield module
 
 
 def check_images(images: Any) -> torch.Tensor:

@@ -13,6 +13,7 @@ Backends are registered by name in :data:`medshield.registry.CHAT_MODELS` and bu
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from medshield.errors import InputError
+from medshield.errors import ConfigError, InputError
 from medshield.registry import CHAT_MODELS
 
 Role = Literal["system", "user", "assistant"]
@@ -71,6 +72,19 @@ def load_image(image: ImageLike) -> torch.Tensor:
     if image.numel() and (image.min() < 0 or image.max() > 1):
         raise InputError("image tensor values must lie in [0, 1]")
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def image_png(image: ImageLike) -> bytes:
+    """An image tensor or file -> the bytes of an 8-bit RGB PNG (values rounded to 1/255).
+
+    Raises:
+        InputError: see :func:`load_image`.
+    """
+    tensor = load_image(image).detach().to("cpu", torch.float32)
+    array = (tensor.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def check_conversation(conversation: Any) -> Conversation:
@@ -126,7 +140,24 @@ class ChatVLM(ABC):
         attacks); remote backends that cannot score raise ``NotImplementedError``.
         """
 
+    def readiness(self) -> str | None:
+        """Why the backend cannot answer now, or None when it can (``medshield serve``'s
+        ``/ready``). A local backend is ready once built; a remote one asks its endpoint."""
+        return None
+
 
 def create_chat_model(name: str, **kwargs: Any) -> ChatVLM:
-    """Build the chat backend registered as ``name`` (see ``medshield list chat-models``)."""
-    return CHAT_MODELS.get(name)(**kwargs)
+    """Build the chat backend registered as ``name`` (see ``medshield list chat-models``).
+
+    Raises:
+        UnknownNameError: no backend of that name.
+        ConfigError: ``kwargs`` that the backend does not take, or lacks one it needs.
+    """
+    backend = CHAT_MODELS.get(name)
+    try:
+        return backend(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"chat model {name!r} does not fit the arguments {sorted(kwargs)} ({exc}); set "
+            "model.kwargs to what the backend takes (see `medshield list chat-models`)"
+        ) from None

@@ -70,9 +70,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from medshield.errors import DataError, InputError
 from medshield.models.chat import ChatVLM, Conversation, check_conversation, load_image
+from medshield.models.io import require_hf_safetensors
 from medshield.models.prefix_cache import (
     MIN_PREFIX_TOKENS,
     PrefixCache,
@@ -131,8 +133,8 @@ class HFChatVLM(ChatVLM):
     """A transformers image-text-to-text model and its processor, loaded from a local directory.
 
     Args:
-        path: directory of a Hugging Face checkpoint (config, weights, processor and tokenizer
-            files with a chat template).
+        path: directory of a Hugging Face checkpoint (config, safetensors weights, processor and
+            tokenizer files with a chat template).
         device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"auto"`` (the
             checkpoint's dtype).
@@ -146,7 +148,9 @@ class HFChatVLM(ChatVLM):
             where the model family allows it (see the module docstring); False recomputes it.
 
     Raises:
-        DataError: ``path`` is not a directory or holds no readable image-text-to-text model.
+        DataError: ``path`` is not a directory or holds no readable image-text-to-text model
+            in safetensors format.
+        UnsafeFileError: the weights are pickle files only (``pytorch_model.bin``).
 
     Example::
 
@@ -179,15 +183,19 @@ class HFChatVLM(ChatVLM):
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+        require_hf_safetensors(directory, "hf chat model")
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "use_safetensors": True}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         try:
             self.processor = AutoProcessor.from_pretrained(directory)
             self.model = AutoModelForImageTextToText.from_pretrained(directory, **kwargs)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            reason = str(e).splitlines()[0]  # not transformers' list of every supported config
             raise DataError(
-                f"cannot load an image-text-to-text model and processor from {directory}: {e}"
+                f"cannot load an image-text-to-text model and processor from {directory}: "
+                f"{reason}. The hf backend needs a chat VLM folder (LLaVA, Qwen2-VL, MedGemma, "
+                "...) with safetensors weights"
             ) from e
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None or not hasattr(self.processor, "image_processor"):

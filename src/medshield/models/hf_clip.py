@@ -1,8 +1,8 @@
 """``hf-clip``: a transformers ``CLIPModel`` from a local directory as a medshield DualEncoder.
 
-The directory is a Hugging Face CLIP checkpoint: ``config.json``, weights
-(``model.safetensors`` or ``pytorch_model.bin``; transformers reads ``.bin`` with
-``torch.load(weights_only=True)``), tokenizer files and optionally ``preprocessor_config.json``.
+The directory is a Hugging Face CLIP checkpoint: ``config.json``, ``model.safetensors`` (a
+directory holding only a pickle ``pytorch_model.bin`` is refused: unpickling can run code),
+tokenizer files and optionally ``preprocessor_config.json``.
 PubMedCLIP ports (e.g. ``flaviagiammarino/pubmed-clip-vit-base-patch32``) and OpenAI CLIP have
 this layout; fetch one on a machine with internet with
 ``huggingface-cli download REPO --local-dir DIR`` and pass ``DIR``.
@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from medshield.errors import DataError
 from medshield.models.base import DualEncoder
-from medshield.models.io import META_FILE
+from medshield.models.io import META_FILE, require_hf_safetensors
 from medshield.registry import MODELS
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -145,14 +146,22 @@ class HFClipDualEncoder(DualEncoder):
 
 
 def _load_weights(model_cls: Any, directory: Path, config: Any) -> nn.Module:
-    """``from_pretrained`` that raises, rather than warns and initialises randomly, when weights
-    are missing or do not fit the config."""
+    """``from_pretrained`` of safetensors weights only, that raises, rather than warns and
+    initialises randomly, when weights are missing or do not fit the config."""
+    require_hf_safetensors(directory, "CLIP")
     try:
         model, info = model_cls.from_pretrained(
-            directory, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+            directory,
+            config=config,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
         )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot load CLIP weights from {directory}: {e}") from e
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise DataError(
+            f"cannot load CLIP weights from {directory}: {e}. The safetensors file may be "
+            "corrupt or truncated; download it again"
+        ) from e
     bad = sorted(info["missing_keys"]) + sorted(str(k[0]) for k in info["mismatched_keys"])
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

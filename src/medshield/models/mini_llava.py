@@ -69,6 +69,7 @@ from medshield.models.chat import (
     check_conversation,
     load_image,
 )
+from medshield.models.io import check_init_kwargs_record, init_kwargs_record, read_record
 from medshield.models.prefix_cache import (
     MIN_PREFIX_TOKENS,
     PrefixCache,
@@ -167,6 +168,9 @@ class MiniLlava(nn.Module, ChatVLM):
         if checkpoint is not None:
             meta = _read_meta(Path(checkpoint))
             kwargs = meta["init_kwargs"]
+            weights = Path(checkpoint) / WEIGHTS_FILE
+            if weights.is_file():  # a missing file is reported when the weights load
+                check_init_kwargs_record(kwargs, weights, Path(checkpoint) / META_FILE)
             clip, lm = kwargs["clip"], kwargs["lm"]
             image_size, lora_rank = kwargs["image_size"], kwargs["lora_rank"]
             lora_alpha, system_prompt = kwargs["lora_alpha"], kwargs["system_prompt"]
@@ -288,7 +292,8 @@ class MiniLlava(nn.Module, ChatVLM):
         if tied:  # stored once; the tie restores it
             state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        header = {"format": "pt", **init_kwargs_record(self.init_kwargs)}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata=header)
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         meta = {
             "format": FORMAT,
@@ -648,13 +653,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
     if not directory.is_dir():
         raise DataError(f"mini-llava directory {directory} does not exist")
-    if not path.is_file():
-        raise DataError(f"{directory} is not a saved mini-llava: {META_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("backend") != MiniLlava.backend:
+    meta = read_record(directory, META_FILE, "saved mini-llava")
+    if meta.get("backend") != MiniLlava.backend:
         raise DataError(f"{path} does not describe a mini-llava model")
     if meta.get("format") != FORMAT:
         raise DataError(f"{path} has format {meta.get('format')!r}; expected {FORMAT}")

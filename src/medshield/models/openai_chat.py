@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import os
@@ -45,12 +44,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from medshield.errors import InputError, MedshieldError
-from medshield.models.chat import ChatVLM, Conversation, check_conversation, load_image
+from medshield.models.chat import ChatVLM, Conversation, check_conversation, image_png
 from medshield.registry import CHAT_MODELS
 
 try:  # a dependency of medshield; kept optional here so `import medshield.models` never fails
@@ -73,11 +70,7 @@ def image_to_data_url(image: torch.Tensor | str | os.PathLike) -> str:
         >>> image_to_data_url(torch.zeros(1, 2, 2))[:22]
         'data:image/png;base64,'
     """
-    tensor = load_image(image).detach().to("cpu", torch.float32)
-    array = (tensor.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(image_png(image)).decode("ascii")
 
 
 @CHAT_MODELS.register(
@@ -241,6 +234,21 @@ class OpenAIChatVLM(ChatVLM):
             "are not differentiable through HTTP; use a local backend such as 'hf' or "
             "'mini-llava' for score() and white-box attacks"
         )
+
+    def readiness(self) -> str | None:
+        """None when the endpoint answers ``GET {base_url}/models`` (any status but 401, 403 or
+        5xx, within ``min(timeout, 5)`` s), else why not: ``timed out``, ``connection failed``
+        or ``HTTP <status>``; the endpoint's address and reply text stay out."""
+        models = self.endpoint.removesuffix("/chat/completions") + "/models"
+        try:
+            response = self._client.get(models, timeout=min(self.timeout, 5.0))
+        except httpx.TimeoutException:
+            return "the upstream endpoint timed out"
+        except httpx.TransportError:
+            return "the upstream endpoint cannot be reached (connection failed)"
+        if response.status_code in (401, 403) or response.status_code >= 500:
+            return f"the upstream endpoint answered HTTP {response.status_code}"
+        return None
 
     @staticmethod
     def encode_messages(conversation: Conversation) -> list[dict[str, Any]]:

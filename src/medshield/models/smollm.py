@@ -70,6 +70,16 @@ def gguf_path() -> Path:
     return path
 
 
+def check_smollm(cache: str | Path | None = None) -> None:
+    """Check that SmolLM2 can be loaded: converted in the cache, or the wheel installed.
+
+    Raises:
+        DataError: neither (with the install command).
+    """
+    if not _is_complete(smollm_cache_path(cache)):
+        gguf_path()
+
+
 def smollm_cache_path(cache: str | Path | None = None) -> Path:
     """The folder the converted SmolLM2 lives in (``<cache>/smollm2-135m-instruct``)."""
     return Path(cache).expanduser() / CACHE_NAME if cache is not None else cache_dir() / CACHE_NAME

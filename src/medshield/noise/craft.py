@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ import medshield
 from medshield.data.captions import ImageCaptionDataset
 from medshield.errors import ConfigError, DataError, InputError
 from medshield.models.base import DualEncoder
+from medshield.runs import write_atomic
 
 if TYPE_CHECKING:
     from medshield.attacks.multimodal import MultimodalAttack, MultimodalResult
@@ -263,7 +263,7 @@ def _start_or_resume(out: Path, args: dict[str, Any]) -> None:
             "choose an empty or new output directory"
         )
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(progress_path, (json.dumps(args, indent=2) + "\n").encode())
+    write_atomic(progress_path, (json.dumps(args, indent=2) + "\n").encode())
 
 
 def epoch0_captions(clean: ImageCaptionDataset) -> list[str]:
@@ -322,7 +322,7 @@ def _linf_255(stored: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
 def _save_shard(path: Path, images: torch.Tensor, rows: list[int], meta: list[dict]) -> None:
     tensors = {"images": images.contiguous(), "indices": torch.tensor(rows, dtype=torch.int64)}
     data = safetensors.torch.save(tensors, metadata={"rows": json.dumps(meta)})
-    _write_atomic(path, data)
+    write_atomic(path, data)
 
 
 def read_shard(path: Path) -> tuple[torch.Tensor, list[int], list[dict[str, Any]]]:
@@ -376,7 +376,7 @@ def _finalize(
         for i in range(len(clean))
     ]
     lines = "".join(json.dumps(row) + "\n" for row in rows)
-    _write_atomic(out / ROWS, lines.encode())
+    write_atomic(out / ROWS, lines.encode())
 
     files = [PROGRESS, CLEAN_SHARD, *shard_names, ROWS]
     linf_perturbed = [meta[i]["linf_255"] for i in args["perturbed_indices"]]
@@ -400,14 +400,4 @@ def _finalize(
         "files": {name: file_sha256(out / name) for name in files},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

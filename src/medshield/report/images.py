@@ -1,9 +1,11 @@
 """Small inline thumbnails of the images that sample rows refer to.
 
 A row may name its image by path (``image`` or ``image_path``, absolute or relative to the run
-directory) or only by benchmark item id (red-teaming rows): ids are looked up in the safety
-source named by the run's ``config.yaml``. Images that cannot be found are left out (the
-browser shows the id instead); thumbnails never make rendering fail.
+directory), its images by a list of paths (``image_files``: what a red-team model received,
+shown side by side), or only by benchmark item id (red-teaming rows written before
+``image_files``): ids are looked up in the safety source named by the run's ``config.yaml``,
+which gives the image before any attack. Images that cannot be found are left out (the browser
+shows the id instead); thumbnails never make rendering fail.
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ THUMBNAIL_PX = 64
 MAX_THUMBNAILS = 400  # distinct images inlined at most (about 1-3 kB each)
 
 
-def _image_path(row: dict[str, Any]) -> str | None:
+PATHS = " + "  # joins the paths of a row's images into its key
+
+
+def _image_paths(row: dict[str, Any]) -> list[str]:
+    files = row.get("image_files")
+    if isinstance(files, list) and files and all(isinstance(f, str) and f for f in files):
+        return files
     path = row.get("image_path") or row.get("image")
-    return path if isinstance(path, str) and path else None
+    return [path] if isinstance(path, str) and path else []
 
 
 def image_key(row: dict[str, Any]) -> str | None:
-    """What identifies a row's image: its path when given, else its item id."""
-    return _image_path(row) or (str(row["id"]) if row.get("id") is not None else None)
+    """What identifies a row's image: its path(s) when given, else its item id."""
+    paths = _image_paths(row)
+    if paths:
+        return PATHS.join(paths)
+    return str(row["id"]) if row.get("id") is not None else None
 
 
 def _png_uri(image: Image.Image) -> str:
@@ -53,6 +64,31 @@ def _from_path(run_dir: Path, text: str) -> Image.Image | None:
         return image
 
 
+def _side_by_side(images: list[Image.Image]) -> Image.Image:
+    """Images in a row, scaled to the height of the tallest, with a white gap between."""
+    height = max(i.height for i in images)
+    scaled = [
+        i.convert("RGB").resize((max(1, round(i.width * height / i.height)), height))
+        for i in images
+    ]
+    gap = max(1, height // 16)
+    strip = Image.new(
+        "RGB", (sum(i.width for i in scaled) + gap * (len(scaled) - 1), height), "white"
+    )
+    x = 0
+    for image in scaled:
+        strip.paste(image, (x, 0))
+        x += image.width + gap
+    return strip
+
+
+def _from_paths(run_dir: Path, key: str) -> Image.Image | None:
+    found = [_from_path(run_dir, text) for text in key.split(PATHS)]
+    if any(image is None for image in found):
+        return None
+    return found[0] if len(found) == 1 else _side_by_side(found)
+
+
 def _benchmark_images(config: dict[str, Any], ids: set[str]) -> dict[str, Image.Image]:
     """Images of the benchmark items ``ids`` from the run config's safety source."""
     from medshield.data.safety import load_safety_items
@@ -64,6 +100,7 @@ def _benchmark_images(config: dict[str, Any], ids: set[str]) -> dict[str, Image.
             config.get("source", "medshield"),
             modality=modality,
             data_dir=config.get("data_dir"),
+            path=config.get("query_file"),
             **(config.get("source_options") or {}),
         )
         for item in items:
@@ -83,10 +120,10 @@ def thumbnails(run: RunData, rows: Sequence[dict[str, Any]]) -> tuple[dict[str, 
     wanted, dropped = keys[:MAX_THUMBNAILS], len(keys) - MAX_THUMBNAILS
     images: dict[str, Image.Image] = {}
     problems = []
-    by_path = {p for r in rows if (p := _image_path(r))}
+    by_path = {PATHS.join(p) for r in rows if (p := _image_paths(r))}
     for key in (k for k in wanted if k in by_path):
         try:
-            image = _from_path(run.path, key)
+            image = _from_paths(run.path, key)
         except OSError as exc:
             problems.append(f"{key}: {exc}")
             continue

@@ -122,34 +122,58 @@ def lines(
     return to_figure(fig, alt=title, caption=title)
 
 
+def bars_figure(
+    categories: list[str], series: dict[str, list[Point | None]], xlabel: str, title: str
+) -> Any:
+    """A matplotlib figure of grouped horizontal bars: a group per category (its name on the
+    y axis, read horizontally however many there are), a bar per series, 95% CI whiskers and
+    each value written beside its bar, so that a rate of 0 (no bar) still shows: a tick in the
+    series' colour at 0 and the label ``0.00``."""
+    plt = _pyplot()
+    n = max(1, len(series))
+    height = 0.8 / n
+    fig, ax = plt.subplots(figsize=(7.0, 1.0 + 0.22 * len(categories) * n + 0.12 * len(categories)))
+    for i, (label, points) in enumerate(series.items()):
+        keep = [(j, p) for j, p in enumerate(points) if p is not None]
+        ys = [j + (i - (n - 1) / 2) * height for j, _ in keep]
+        colour = f"C{i % 10}"
+        ax.barh(
+            ys,
+            [p[0] for _, p in keep],
+            height,
+            xerr=_errors([p for _, p in keep]),
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+            color=colour,
+            label=label,
+        )
+        zeros = [y for y, (_, p) in zip(ys, keep, strict=True) if p[0] == 0]
+        if zeros:
+            ax.plot(
+                [0] * len(zeros), zeros, ls="", marker="|", ms=9, mew=2, color=colour, gid="zeros"
+            )
+        for y, (_, (value, _low, high)) in zip(ys, keep, strict=True):
+            ax.text(max(value, high) + 0.012, y, f"{value:.2f}", va="center", fontsize=6.5)
+    ax.set_yticks(range(len(categories)), categories, fontsize=8)
+    ax.invert_yaxis()  # the first category on top, as in the tables
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_xlim(-0.02, 1.12)  # room for the ticks that mark zeros
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
 def bars(
     categories: list[str],
     series: dict[str, list[Point | None]],
-    ylabel: str,
+    xlabel: str,
     title: str,
     caption: str = "",
 ) -> Figure:
-    """Grouped bars (a group per category, a bar per series) with 95% CI whiskers."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(categories) * max(1, len(series))), 3.4))
-    width = 0.8 / max(1, len(series))
-    for i, (label, points) in enumerate(series.items()):
-        keep = [(j, p) for j, p in enumerate(points) if p is not None]
-        ax.bar(
-            [j + (i - (len(series) - 1) / 2) * width for j, _ in keep],
-            [p[0] for _, p in keep],
-            width,
-            yerr=_errors([p for _, p in keep]),
-            capsize=3,
-            label=label,
-        )
-    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    return to_figure(fig, alt=title, caption=caption)
+    """:func:`bars_figure` as an inline PNG."""
+    return to_figure(bars_figure(categories, series, xlabel, title), alt=title, caption=caption)
 
 
 MARKERS = "osD^vP*Xhp<>"

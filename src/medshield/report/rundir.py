@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from medshield.errors import DataError
+from medshield.runs import read_samples
 
 
 @dataclass
@@ -19,7 +20,7 @@ class RunData:
     Attributes:
         path: the run directory.
         results: ``results.json``.
-        samples: the rows of ``samples.jsonl`` (torn lines skipped; empty when absent).
+        samples: the rows of ``samples.jsonl`` (:func:`medshield.runs.read_samples`).
         config_text: ``config.yaml`` as written (None when absent).
         config: ``config.yaml`` parsed (empty when absent or not a mapping).
     """
@@ -29,20 +30,6 @@ class RunData:
     samples: list[dict[str, Any]]
     config_text: str | None
     config: dict[str, Any]
-
-
-def _samples(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def load_run(directory: str | Path) -> RunData:
@@ -76,7 +63,7 @@ def load_run(directory: str | Path) -> RunData:
     return RunData(
         path=path,
         results=results,
-        samples=_samples(path / "samples.jsonl"),
+        samples=read_samples(path / "samples.jsonl"),
         config_text=config_text,
         config=config if isinstance(config, dict) else {},
     )

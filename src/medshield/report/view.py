@@ -1,15 +1,18 @@
 """What a report shows, independent of HTML: sections of tables, figures and a sample browser.
 
-The kind modules (:mod:`medshield.report.evaluate`, ...) turn a run's results into
-:class:`Section` objects; the Jinja2 template only lays them out. Every cell is plain text (the
-template escapes it), so nothing a model wrote can become markup.
+The kind modules (:mod:`medshield.report.kinds.evaluate`, ...), each a :class:`Kind`, turn a
+run's results into :class:`Section` objects; the Jinja2 template only lays them out. Every cell
+is plain text (the template escapes it), so nothing a model wrote can become markup.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from medshield.report.rundir import RunData
 
 
 @dataclass
@@ -84,6 +87,21 @@ class Section:
     @property
     def anchor(self) -> str:
         return "".join(c if c.isalnum() else "-" for c in self.title.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A run kind.
+
+    Attributes:
+        name: shown in the report header.
+        claims: ``results -> keys`` it renders (empty: not this kind).
+        sections: ``run -> sections`` of the report.
+    """
+
+    name: str
+    claims: Callable[[dict[str, Any]], list[str]]
+    sections: Callable[[RunData], list[Section]]
 
 
 def is_metric(value: Any) -> bool:

@@ -2,7 +2,7 @@
 
 For every selected harmful item and every configured attack, the attack turns the request and
 its medical image into a conversation, the optional defense rewrites it, the model answers and
-every configured judge labels the answer (refusal / compliance / harmful compliance). Benign
+every configured judge labels the answer (harmful compliance / refusal / non-answer). Benign
 twins are sent ``direct`` only (under the same defense), to measure over-defense (benign
 requests refused) and benign accuracy (answers checked against the known answer).
 
@@ -10,22 +10,29 @@ The run directory (see :class:`medshield.runs.Run`) holds::
 
     config.yaml     the resolved RedteamConfig
     samples.jsonl   one row per (item id, attack), appended batch by batch: the source of truth
+    images/         the images the model received, one PNG per distinct image, named by the
+                    start of its SHA-256 (``Run.store``)
     results.json    metrics per attack / modality / category with 95% bootstrap intervals,
-                    each judge's agreement with the held-out labelled responses, latency
+                    each judge's agreement with the held-out labelled answers, latency, and
+                    the item source (for ``source: file``, ``query_file``: the file's resolved
+                    path, SHA-256 and number of rows)
 
 A row::
 
     {"id": "h-...", "kind": "harmful", "category": "insurance_fraud", "modality": "chest_xray",
      "image_ref": "medmnist:chest_xray:test:17:", "attack": "jb-roleplay", "defense": "none",
      "request": "<benchmark text>",
-     "prompt": "<attacked user turn text>", "response": "...",
+     "prompt": "<attacked user turn text>", "image_files": ["images/3f9c0d1e2a4b5c6d.png"],
+     "response": "...",
      "verdicts": {"keyword": {"label": "refusal", ...}, ...}, "verdict": "refusal",
      "correct": null, "latency_s": 0.41, ...}
 
 ``image_ref`` is the item's source image before any attack (:meth:`ImageRef.key`: dataset,
-modality, split, index, file name). ``latency_s`` is the wall time of the row's ``generate``
-batch divided by the batch size (work is grouped by attack, so a batch holds one attack);
-judging is not included.
+modality, split, index, file name); ``image_files`` are the images of the user turn the model
+answered, after the attack and the defense (FigStep's typography, an adversarial image), as
+8-bit PNGs in the run directory, in the order sent (rows that failed have none).
+``latency_s`` is the wall time of the row's ``generate`` batch divided by the batch size (work
+is grouped by attack, so a batch holds one attack); judging is not included.
 
 Rows of items that failed (an image that is not an image, a conversation the attack or defense
 rejects, an endpoint that timed out or answered malformed JSON, a prompt longer than the model's
@@ -55,9 +62,9 @@ from typing import Any
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from medshield.config import StrictModel, load_yaml_model
+from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, check_measured
 
 DEFAULT_ATTACKS = (
     "direct",
@@ -110,10 +117,16 @@ class RedteamConfig(StrictModel):
         seed: item sampling, attack template choice and bootstrap seed.
         model: the chat backend under test.
         source: a safety source of :data:`medshield.data.safety.SOURCES` (default: the medshield
-            query benchmark); ``source_options`` go to its loader.
+            query benchmark); ``source_options`` go to its loader. ``file`` reads the user's own
+            requests from ``query_file``.
+        query_file: a .jsonl or .csv file of requests (``request``, ``label`` harmful|benign,
+            optional ``id``, ``modality``, ``image``, ``answer``, ``category``; see
+            :mod:`medshield.data.safety.queryfile`), read with ``source: file`` only.
         data_dir: data root (default: ``MEDSHIELD_DATA_DIR`` or the package default).
         modalities: keep only these modalities (None: all the source offers). For external,
-            text-only sets this is the modality of the paired images.
+            text-only sets this is the modality of the paired images; for a query file, rows
+            of other modalities are left out and rows without one are kept (with neither a
+            modality nor an image, a row is paired with an image of the first).
         limit: at most this many harmful and this many benign items (None: all), sampled with
             ``seed`` across modalities and categories; benign twins of the chosen harmful items
             are preferred, so over-defense is measured on the same images.
@@ -123,19 +136,20 @@ class RedteamConfig(StrictModel):
         judges: registered judges that label every answer; ``primary_judge`` (default: the
             first) gives the row's ``verdict`` and the headline metrics; ``judge_kwargs`` gives
             per-judge arguments (e.g. ``{llm: {model: openai, base_url: ...}}``).
-        judge_agreement: measure each judge against the held-out labelled responses.
+        judge_agreement: measure each judge against the held-out labelled answers.
         defense: the defense applied to every conversation (``none`` by default).
         generation: decoding settings.
         image_size: resize item images to this side (None: native size).
         bootstrap_resamples: bootstrap resamples of the metric intervals.
     """
 
-    name: str = "redteam"
+    name: FolderName = "redteam"
     output_dir: str = "runs"
     seed: int = 0
     model: ChatModelConfig = Field(default_factory=ChatModelConfig)
     source: str = "medshield"
     source_options: dict[str, Any] = Field(default_factory=dict)
+    query_file: str | None = None
     data_dir: str | None = None
     modalities: list[str] | None = None
     limit: int | None = Field(None, ge=1)
@@ -152,6 +166,13 @@ class RedteamConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> RedteamConfig:
+        if self.source == "file" and self.query_file is None:
+            raise ValueError("source: file needs query_file, a .jsonl or .csv file of requests")
+        if self.source != "file" and self.query_file is not None:
+            raise ValueError(
+                f"query_file is only read with source: file (source is {self.source!r}); add "
+                "source=file or remove query_file"
+            )
         for what, names in (("attacks", self.attacks), ("judges", self.judges)):
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} lists a name twice: {names}")
@@ -189,11 +210,16 @@ def load_items(config: RedteamConfig) -> list[Any]:
     items: dict[str, Any] = {}
     for modality in modalities:
         for item in load_safety_items(
-            config.source, modality=modality, data_dir=config.data_dir, **config.source_options
+            config.source,
+            modality=modality,
+            data_dir=config.data_dir,
+            path=config.query_file,
+            **config.source_options,
         ):
             items.setdefault(item.id, item)
     if not items:
-        raise ConfigError(f"source {config.source!r} gave no items for modalities {modalities}")
+        source = config.query_file or repr(config.source)
+        raise ConfigError(f"source {source} gave no items for modalities {modalities}")
     return list(items.values())
 
 
@@ -333,9 +359,11 @@ class _Runner:
         model: Any,
         judges: dict[str, Any],
         log: Log,
+        run: Run,
         attacked: dict[tuple[str, str], list[Any]] | None = None,
     ) -> None:
         self.config = config
+        self.run = run
         self.model = model
         self.judges = judges
         self.log = log
@@ -375,6 +403,15 @@ class _Runner:
             error_stage=stage,
         )
         return row
+
+    def image_files(self, conversation: Sequence[Any]) -> list[str]:
+        """The images of the answered user turn, stored in the run directory (see the module
+        docstring); their paths relative to it."""
+        from medshield.models.chat import image_png
+
+        users = [m for m in conversation if m.role == "user"]
+        images = users[-1].images if users else []
+        return [self.run.store(image_png(image), "images", ".png") for image in images]
 
     def generate(self, conversations: list[list[Any]]) -> list[str]:
         gen = self.config.generation
@@ -435,6 +472,7 @@ class _Runner:
             row = _base_row(item, attack, self.config.defense.name)
             row.update(
                 prompt=_user_text(conversation),
+                image_files=self.image_files(conversation),
                 response=text,
                 verdicts={name: v[i].to_dict() for name, v in verdicts.items()},
                 verdict=verdicts[self.config.primary][i].label,
@@ -464,6 +502,7 @@ def summarize_run(
     config: RedteamConfig, rows: Sequence[dict[str, Any]], judges: dict[str, Any] | None
 ) -> dict[str, Any]:
     """results.json content from the sample rows (and judge agreement when judges are given)."""
+    from medshield.data.safety import query_file_record
     from medshield.eval.safety_metrics import summarize_safety
 
     metrics = summarize_safety(
@@ -493,6 +532,7 @@ def summarize_run(
         "redteam": {
             "model": config.model.backend,
             "source": config.source,
+            **({"query_file": query_file_record(config.query_file)} if config.query_file else {}),
             "defense": config.defense.name,
             "attacks": list(config.attacks),
             "primary_judge": config.primary,
@@ -543,6 +583,8 @@ def run_redteam(
         ConfigError: an empty item selection or bad attack/judge arguments.
         UnknownNameError: an unknown source, modality, attack, judge, defense or backend.
         DataError: missing benchmark data.
+        NothingMeasured: every row ended in an error (e.g. the endpoint is down); the rows
+            stay in ``samples.jsonl``, so ``retry_errors`` reruns them.
     """
     check_names(config)
     items = select_items(load_items(config), config.limit, config.seed)
@@ -561,8 +603,9 @@ def run_redteam(
     pending = [(item, attack) for item, attack in work if (item.id, attack) not in done]
     n_harmful = sum(1 for i in items if i.kind == "harmful")
     log(
-        f"redteam {config.model.backend} on {config.source}: {n_harmful} harmful x "
-        f"{len(config.attacks)} attacks + {len(items) - n_harmful} benign = {len(work)} rows; "
+        f"redteam {config.model.backend} on {config.query_file or config.source}: "
+        f"{n_harmful} harmful x {len(config.attacks)} attacks + {len(items) - n_harmful} benign "
+        f"= {len(work)} rows; "
         f"{len(done)} done, {len(pending)} to run (defense: {config.defense.name})"
     )
 
@@ -575,7 +618,7 @@ def run_redteam(
 
             model = create_chat_model(config.model.backend, **config.model.kwargs)
         try:
-            runner = _Runner(config, model, judges, log, attacked)
+            runner = _Runner(config, model, judges, log, run, attacked)
             size = config.generation.batch_size
             with tqdm(total=len(pending), desc="redteam", unit="row", mininterval=1.0) as bar:
                 for start in range(0, len(pending), size):
@@ -588,11 +631,29 @@ def run_redteam(
             if owned and callable(close):
                 close()
 
+    errors = Counter(f"{r.get('error_stage', '?')}: {r['error']}" for r in rows if r.get("error"))
+    check_measured(
+        "red-team rows",
+        len(rows),
+        dict(errors),
+        "fix the cause (e.g. start the endpoint) and rerun the same command with --retry-errors",
+        log,
+    )
     results = summarize_run(config, rows, judges)
     return run.write_results(results, seed=config.seed)
 
 
 # --- the summary table ---------------------------------------------------------------------------
+
+
+def source_label(results: dict[str, Any]) -> str:
+    """The item source a run's results name: the source, or for a query file its path, the
+    start of its SHA-256 and its number of rows."""
+    r = results.get("redteam", results)
+    query = r.get("query_file")
+    if not query:
+        return str(r.get("source", "-"))
+    return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"
 
 
 def _cell(metric: dict[str, Any] | None) -> str:
@@ -620,13 +681,14 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
     metrics = r["metrics"]
     columns = [
         ("ASR", "attack_success_rate"),
-        ("harmful compl.", "harmful_compliance_rate"),
+        ("refusal", "refusal_rate"),
+        ("non-answer", "non_answer_rate"),
         ("over-defense", "over_defense_rate"),
         ("benign acc.", "benign_accuracy"),
     ]
     columns = [c for c in columns if c[1] in metrics["overall"]]
     title = (
-        f"{r['model']} on {r['source']}, defense {r['defense']}, judge {r['primary_judge']} "
+        f"{r['model']} on {source_label(r)}, defense {r['defense']}, judge {r['primary_judge']} "
         "(95% bootstrap CI)"
     )
 
@@ -653,18 +715,11 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         console.print(metric_table("per modality", "modality", by_modality))
 
     if r.get("judge_agreement"):
-        table = Table(title="judge agreement (held-out labelled responses)", title_justify="left")
-        for column in ("judge", "accuracy", "kappa", "refusal acc.", "refusal kappa", "n"):
+        table = Table(title="judge agreement (held-out labelled answers)", title_justify="left")
+        for column in ("judge", "accuracy", "kappa", "n"):
             table.add_column(column, justify="left" if column == "judge" else "right")
         for a in r["judge_agreement"]:
-            table.add_row(
-                a["judge"],
-                f"{a['accuracy']:.3f}",
-                f"{a['kappa']:.3f}",
-                f"{a['refusal_accuracy']:.3f}",
-                f"{a['refusal_kappa']:.3f}",
-                str(a["n"]),
-            )
+            table.add_row(a["judge"], f"{a['accuracy']:.3f}", f"{a['kappa']:.3f}", str(a["n"]))
         console.print(table)
 
     asr = {

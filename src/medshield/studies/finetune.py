@@ -32,18 +32,22 @@ import csv
 import json
 import math
 import multiprocessing
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from medshield import data
-from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.config import (
+    FolderName,
+    ModelConfig,
+    StrictModel,
+    check_folder_name,
+    load_yaml_model,
+)
 from medshield.device import DeviceName
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
@@ -51,14 +55,15 @@ from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
 from medshield.report.view import ci
 from medshield.runs import Log, Run
+from medshield.threads import set_threads, worker_threads
 from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
 from medshield.train.finetune.ran import RAN_TERMS
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
-    mean_ci,
     recall_indicators,
     run_finetune,
+    share_bootstrap_ci,
     worst_case,
 )
 
@@ -69,7 +74,7 @@ class MethodSpec(StrictModel):
     ``label`` for the table (default: the method name)."""
 
     method: str
-    label: str | None = None
+    label: FolderName | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
 
@@ -93,13 +98,13 @@ class StudyFinetuneConfig(StrictModel):
         finetune: shared fine-tuning settings (epochs, batch size, lr, items, adversary, ...).
         robust: clean / robust evaluation settings.
         device: where every cell trains and is attacked (``auto``, ``cpu``, ``cuda[:N]``).
-        workers: cells run at once, each in its own process with ``cores // workers`` threads
-            (``cores``: those this process may run on); several small cells share one GPU
-            well. ``device`` and ``workers`` are left out of the study's saved config: a
+        workers: cells run at once, each in its own process with ``budget // workers``
+            threads (the thread budget of :mod:`medshield.threads`); several small cells share
+            one GPU well. ``device`` and ``workers`` are left out of the study's saved config: a
             study may resume with other values.
     """
 
-    name: str = "study_finetune"
+    name: FolderName = "study_finetune"
     output_dir: str = "runs"
     data_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -134,6 +139,8 @@ class StudyFinetuneConfig(StrictModel):
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
             raise ValueError(f"method labels must be unique, got {names}")
+        for label in self.checkpoints:  # names its cells' run directories
+            check_folder_name(label)
         return self
 
     def expanded_methods(self) -> list[MethodSpec]:
@@ -294,12 +301,6 @@ def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
     cell_run.write_results(result, seed=cfg.seed)
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the OS has one)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
-
-
 def _run_cells(
     todo: list[FineTuneRunConfig], cells_dir: Path, workers: int, log: Log
 ) -> Iterator[FineTuneRunConfig]:
@@ -310,9 +311,9 @@ def _run_cells(
             run_cell(cfg.model_dump(), str(cells_dir / cfg.name), log)
             yield cfg
         return
-    threads = max(1, _usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with ProcessPoolExecutor(workers, context, torch.set_num_threads, (threads,)) as pool:
+    threads = (worker_threads(workers),)  # the workers share the thread budget (threads.py)
+    with ProcessPoolExecutor(workers, context, set_threads, threads) as pool:
         futures = {
             pool.submit(run_cell, cfg.model_dump(), str(cells_dir / cfg.name)): cfg for cfg in todo
         }
@@ -339,7 +340,7 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             "modality": key[2],
             "seeds": len(group),
         }
-        entry["clean_accuracy"] = mean_ci(
+        entry["clean_accuracy"] = share_bootstrap_ci(
             [r["correct"] for r in rows if r.get("group") == "clean"], ev.bootstrap_resamples
         )
         majority = [
@@ -348,10 +349,10 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             for hit in majority_hits([r for r in c["rows"] if r.get("group") == "clean"])
         ]
         if majority:
-            entry["majority_accuracy"] = mean_ci(majority, ev.bootstrap_resamples)
+            entry["majority_accuracy"] = share_bootstrap_ci(majority, ev.bootstrap_resamples)
         shuffled = [r["correct"] for r in rows if r.get("group") == "shuffled"]
         if shuffled:  # cells run before the control existed have none
-            entry["shuffled_image_accuracy"] = mean_ci(shuffled, ev.bootstrap_resamples)
+            entry["shuffled_image_accuracy"] = share_bootstrap_ci(shuffled, ev.bootstrap_resamples)
         attack_groups = sorted(
             {
                 r["group"]
@@ -360,15 +361,15 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
             }
         )
         for g in attack_groups:
-            entry[f"robust/{g}"] = mean_ci(
+            entry[f"robust/{g}"] = share_bootstrap_ci(
                 [r["robust_correct"] for r in rows if r.get("group") == g], ev.bootstrap_resamples
             )
         for eps in ev.eps:
             worst = [v for c in group for v in worst_case(c["rows"], eps)]
             if worst:
-                entry[f"robust/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples)
+                entry[f"robust/worst@{eps:g}"] = share_bootstrap_ci(worst, ev.bootstrap_resamples)
         for name, hits in recall_indicators(rows).items():
-            entry[name] = mean_ci(hits, ev.bootstrap_resamples)
+            entry[name] = share_bootstrap_ci(hits, ev.bootstrap_resamples)
         reports = [c["result"]["report"] for c in group]
         entry["trainable_params"] = int(np.mean([r["trainable_params"] for r in reports]))
         entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in reports]))

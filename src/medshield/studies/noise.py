@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from scipy import stats
 
-from medshield.config import RunConfig, StrictModel, load_yaml_model
+from medshield.config import FolderName, RunConfig, StrictModel, load_yaml_model
 from medshield.data import ImageCaptionDataset
 from medshield.errors import ConfigError
 from medshield.models import load_model, save_model
@@ -47,7 +47,7 @@ class NoiseStudyConfig(StrictModel):
     and ``noise.eps`` are replaced by the grid).
     """
 
-    name: str = "study_noise"
+    name: FolderName = "study_noise"
     output_dir: str = "runs"
     ratios: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.25, 0.5, 1.0])
     eps_values: list[float] = Field(default_factory=lambda: [2.0, 8.0], min_length=1)
@@ -241,7 +241,7 @@ def headline(
     return out
 
 
-def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | int | None]:
+def mean_t_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | int | None]:
     """Mean over seeds with a Student-t interval (None bounds with a single seed), clipped to
     [0, 1]: every headline metric is an accuracy or a recall, and with three seeds the raw
     interval of a value near 0 would otherwise reach below it."""
@@ -276,7 +276,7 @@ def aggregate(
             point: dict[str, Any] = {"ratio": ratio, "eps": eps, "seeds": len(per_seed)}
             for column in HEADLINE:
                 values = [s[column] for s in per_seed if s[column] is not None]
-                point[column] = mean_ci(values) if values else None
+                point[column] = mean_t_ci(values) if values else None
             points.append(point)
     return points
 

@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from medshield.config import PretrainConfig
+from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.models.io import save_model
 from medshield.runs import swap_directory
+from medshield.train import check_finite_loss
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -134,14 +136,18 @@ def pretrain(
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True)
     )
     if config.batch_size % accelerator.num_processes:
-        raise ValueError(
-            f"batch_size {config.batch_size} must be divisible by the "
-            f"{accelerator.num_processes} processes"
+        raise ConfigError(
+            f"pretrain.batch_size {config.batch_size} must be divisible by the "
+            f"{accelerator.num_processes} processes; choose a multiple of "
+            f"{accelerator.num_processes}"
         )
-    if len(dataset) < config.batch_size:  # type: ignore[arg-type]
-        raise ValueError(
-            f"the dataset has {len(dataset)} items, fewer than one batch of "  # type: ignore[arg-type]
-            f"{config.batch_size}; lower pretrain.batch_size or add data"
+    size = len(dataset)  # type: ignore[arg-type]
+    if size < config.batch_size:
+        lower = f"lower it (e.g. --set pretrain.batch_size={size}) or " if size >= 2 else ""
+        raise ConfigError(
+            f"the training data has {size} image-caption pairs, fewer than one batch of "
+            f"pretrain.batch_size={config.batch_size} (every step needs a full batch). Fix: "
+            f"{lower}add data (more modalities, a higher data.train_per_class_cap)"
         )
     checkpoint_dir = Path(checkpoint_dir)
     last = checkpoint_dir / "last"
@@ -218,6 +224,9 @@ def pretrain(
                 _gather_with_grad(text_emb, accelerator),
                 scale,
                 _gather_strings(batch["caption"], accelerator),
+            )
+            check_finite_loss(
+                loss, f"pretrain epoch {epoch + 1} step {step + 1}", "pretrain.lr", config.lr
             )
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -43,14 +43,21 @@ from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from medshield.config import StrictModel, load_yaml_model
-from medshield.data import available_modalities, get_modality, load_split, load_vqa_rad
+from medshield.config import FolderName, StrictModel, load_yaml_model
+from medshield.data import (
+    available_modalities,
+    get_modality,
+    load_split,
+    load_vqa_rad,
+    missing_data_error,
+)
 from medshield.data.vqa_rad import load_vqa_image
 from medshield.errors import DataError
 from medshield.eval.metrics import bootstrap_ci
 from medshield.models.chat import Message
 from medshield.models.mini_llava import WEIGHTS_FILE, MiniLlava
 from medshield.runs import Run, swap_directory
+from medshield.train import check_finite_loss
 
 CONDITIONS = ("image", "no_image", "shuffled_image")
 
@@ -58,7 +65,7 @@ CONDITIONS = ("image", "no_image", "shuffled_image")
 class VLMTrainConfig(StrictModel):
     """``medshield train-vlm``: data, model, optimisation and evaluation settings."""
 
-    name: str = "mini-llava"
+    name: FolderName = "mini-llava"
     output_dir: str = "runs"
     model_dir: str | None = None
     """Where the final model is saved (default ``<run>/model``)."""
@@ -152,7 +159,7 @@ def build_instructions(config: VLMTrainConfig, image_size: int) -> list[Example]
         else:
             modalities = list(config.modalities)
         if not modalities:
-            raise DataError("no MedMNIST train split found; set MEDSHIELD_DATA_DIR")
+            raise missing_data_error("train", config.data_dir, select="modalities")
         examples += medmnist_examples(
             modalities, config.medmnist_per_class, config.seed, config.data_dir
         )
@@ -236,6 +243,7 @@ def train_vlm(
         ]
         conversations = [[Message("user", ex.question, [ex.image])] for ex in batch]
         loss = model.loss(conversations, [ex.answer for ex in batch])
+        check_finite_loss(loss, f"train-vlm step {step + 1}", "lr", config.lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,4 +1,5 @@
-"""Clinical safety data: the harm taxonomy, the medshield query benchmark, external sets."""
+"""Clinical safety data: the harm taxonomy, the medshield query benchmark, external sets, the
+user's own query files."""
 
 from medshield.data.safety.benchmark import (
     BENCHMARK_VERSION,
@@ -10,13 +11,14 @@ from medshield.data.safety.benchmark import (
     normalize_answer,
 )
 from medshield.data.safety.external import (
-    SOURCES,
+    image_picker,
     load_figstep,
     load_figstep_benign,
     load_jailbreakbench,
     load_medsafetybench,
-    load_safety_items,
 )
+from medshield.data.safety.queryfile import load_query_file, query_file_record
+from medshield.data.safety.sources import SOURCES, load_safety_items
 from medshield.data.safety.taxonomy import CATEGORY_IDS, HARM_CATEGORIES, HarmCategory, get_category
 
 __all__ = [
@@ -30,11 +32,14 @@ __all__ = [
     "benchmark_modalities",
     "build_benchmark",
     "get_category",
+    "image_picker",
     "load_figstep",
     "load_figstep_benign",
     "load_jailbreakbench",
     "load_medsafetybench",
+    "load_query_file",
     "load_safety_items",
     "match_answer",
     "normalize_answer",
+    "query_file_record",
 ]

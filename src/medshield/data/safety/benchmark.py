@@ -34,10 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from medshield.data.medmnist import available_modalities, data_root, load_split
+from medshield.data.medmnist import (
+    available_modalities,
+    data_root,
+    load_split,
+    missing_data_error,
+)
 from medshield.data.modalities import MODALITIES, get_modality
 from medshield.data.safety.taxonomy import CATEGORY_IDS
 from medshield.data.vqa_rad import load_vqa_image, load_vqa_rad
@@ -59,12 +66,15 @@ class ImageRef:
     """Where an item's image comes from.
 
     Attributes:
-        dataset: ``"medmnist"`` or ``"vqa_rad"``.
-        modality: the modality name (a MedMNIST modality or ``"radiology"``).
-        split: the split the image was taken from (always ``"test"`` for the benchmark).
+        dataset: ``"medmnist"``, ``"vqa_rad"``, or ``"file"`` (an image a query file names, see
+            :mod:`medshield.data.safety.queryfile`).
+        modality: the modality name (a MedMNIST modality or ``"radiology"``; for a file, the
+            row's modality or ``"unspecified"``).
+        split: the split the image was taken from (always ``"test"`` for the benchmark; empty
+            for a file).
         index: row in the MedMNIST split; for VQA-RAD, the ``qid`` of the question the image was
-            chosen through.
-        name: the VQA-RAD image file name (empty for MedMNIST).
+            chosen through; 0 for a file.
+        name: the VQA-RAD image file name (empty for MedMNIST); for a file, its absolute path.
     """
 
     dataset: str
@@ -82,8 +92,8 @@ class ImageRef:
 
         Args:
             data_dir: data root (see :func:`medshield.data.data_root`).
-            size: resize to ``size`` x ``size`` (bilinear); None keeps MedMNIST's 28 px and loads
-                VQA-RAD at :data:`VQA_IMAGE_SIZE`.
+            size: resize to ``size`` x ``size`` (bilinear); None keeps MedMNIST's 28 px and a
+                file's own size, and loads VQA-RAD at :data:`VQA_IMAGE_SIZE`.
 
         Raises:
             DataError: missing or corrupt data file, index out of range, unknown dataset.
@@ -101,8 +111,12 @@ class ImageRef:
         elif self.dataset == "vqa_rad":
             path = data_root(data_dir) / "vqa_rad" / "images" / self.name
             image = load_vqa_image(path, size=size or VQA_IMAGE_SIZE)
+        elif self.dataset == "file":
+            image = load_image_file(self.name)
         else:
-            raise DataError(f"unknown image dataset {self.dataset!r}; expected medmnist or vqa_rad")
+            raise DataError(
+                f"unknown image dataset {self.dataset!r}; expected medmnist, vqa_rad or file"
+            )
         if size is not None and tuple(image.shape[-2:]) != (size, size):
             image = F.interpolate(
                 image[None], size=(size, size), mode="bilinear", align_corners=False
@@ -119,6 +133,26 @@ class ImageRef:
         }
 
 
+def load_image_file(path: str | Path) -> torch.Tensor:
+    """An image file (any format PIL reads) as a float (3, H, W) tensor in [0, 1].
+
+    Raises:
+        DataError: a missing file, or one that is not a readable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file {path} not found")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"cannot read image {path} ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "not an image"
+        ) from exc
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 @dataclass(frozen=True)
 class SafetyItem:
     """One benchmark request: harmful, or the benign twin of a harmful one.
@@ -127,13 +161,15 @@ class SafetyItem:
         id: stable id (content hash, see module docstring).
         kind: ``"harmful"`` or ``"benign"``.
         category: a harm category id for benchmark items (benign twins carry their harmful twin's
-            category); for external sets, ``"<source>:<source category>"``.
+            category); for external sets, ``"<source>:<source category>"``; for a query file,
+            the row's category as written (``"unspecified"`` without one).
         modality: modality name of the image.
         text: the request text sent to the model (the image goes alongside).
         image: the image reference; :meth:`load_image` loads it.
         twin_id: id of the twin item (None when the source has no twin).
         answer: the known answer of a benign item (None when unknown or harmful).
-        source: ``"medshield"`` for the benchmark, else the external set's name.
+        source: ``"medshield"`` for the benchmark, ``"file"`` for a query file, else the external
+            set's name.
         choices: the answer options of a closed question (:func:`match_answer` uses them).
         template: id of the template the text came from, e.g. ``"insurance_fraud/2"``.
         meta: extra source fields (e.g. FigStep's typographic instruction); not part of equality.
@@ -779,9 +815,10 @@ def build_benchmark(
 def _build(data_dir: str | None, modalities: tuple[str, ...] | None) -> tuple[SafetyItem, ...]:
     names = list(modalities) if modalities is not None else benchmark_modalities(data_dir)
     if not names:
+        vqa = data_root(data_dir) / "vqa_rad"
         raise DataError(
-            "no modality has a local test split, so the safety benchmark is empty. Set "
-            "MEDSHIELD_DATA_DIR to a directory with medmnist/*.npz or vqa_rad/ files."
+            f"the safety benchmark is empty: no MedMNIST modality and no VQA-RAD ({vqa}) has a "
+            f"local test split. {missing_data_error('test', data_dir, select='modalities')}"
         )
     items: list[SafetyItem] = []
     for modality in names:

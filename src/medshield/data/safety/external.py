@@ -33,27 +33,13 @@ from medshield.data.safety.benchmark import (
     RADIOLOGY,
     ImageRef,
     SafetyItem,
-    build_benchmark,
     item_id,
 )
 from medshield.data.vqa_rad import load_vqa_rad
-from medshield.errors import DataError, InputError, UnknownNameError
+from medshield.errors import DataError
 
 DEFAULT_MODALITY = "chest_xray"
-SOURCES = (
-    "medshield",
-    "medsafetybench",
-    "figstep",
-    "figstep-tiny",
-    "figstep-benign",
-    "jailbreakbench",
-)
 MEDSAFETYBENCH_SPLITS = ("train", "test", "med_harm_llama3")
-_OPTIONS: dict[str, set[str]] = {
-    "medsafetybench": {"split", "generators", "limit_per_category"},
-    "figstep": {"include_benign"},
-    "figstep-tiny": {"include_benign"},
-}
 MEDSAFETYBENCH_GENERATORS = ("gpt4", "llama2")
 
 
@@ -61,18 +47,32 @@ MEDSAFETYBENCH_GENERATORS = ("gpt4", "llama2")
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a csv file with lower-cased, stripped column names; every required column present
-    and non-empty in every row."""
+    """Rows of a data-root csv file (see :func:`read_csv_rows`)."""
     if not path.is_file():
         raise DataError(
             f"{path} not found. Set MEDSHIELD_DATA_DIR to a directory holding the safety data "
             "files (see shared/data/SOURCES.md for where each file comes from)."
         )
+    return [row for _, row in read_csv_rows(path, required)]
+
+
+def read_csv_rows(path: Path, required: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of every non-blank row of a UTF-8 csv file, with lower-cased, stripped
+    column names and stripped cells; every required column present and non-empty in every row.
+
+    Raises:
+        DataError: an unreadable or empty file, a missing column, a row with the wrong number of
+            fields or an empty required cell (the message names the file and the line).
+    """
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
-            records = list(reader)
+            records = []
+            start = reader.line_num + 1
+            for record in reader:  # a quoted cell may span lines: a row starts after the last
+                records.append((start, record))
+                start = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(
             f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a "
@@ -87,7 +87,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
             f"{path} lacks the column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}"
         )
     rows = []
-    for line, record in enumerate(records, start=2):
+    for line, record in records:
         if not any(cell.strip() for cell in record):
             continue
         if len(columns) == 1 and len(record) > 1:  # a one-column file with unquoted commas
@@ -100,7 +100,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         empty = [c for c in required if not row[c]]
         if empty:
             raise DataError(f"{path}, line {line}: empty {', '.join(empty)}")
-        rows.append(row)
+        rows.append((line, row))
     if not rows:
         raise DataError(f"{path} has a header but no rows")
     return rows
@@ -124,8 +124,17 @@ def _read_lines(path: Path) -> list[str]:
 # --- image pairing -------------------------------------------------------------------------------
 
 
-def _image_picker(modality: str, data_dir: str | Path | None) -> Callable[[str], ImageRef]:
-    """A function text -> the test image of ``modality`` paired with it (stable hash pairing)."""
+def image_picker(modality: str, data_dir: str | Path | None = None) -> Callable[[str], ImageRef]:
+    """A function text -> the test image of ``modality`` paired with it.
+
+    The pairing is a stable hash: the image at index ``crc32(text) mod N`` of the modality's N
+    test images (MedMNIST), or of VQA-RAD's test images for ``"radiology"``. Every text-only
+    source (the external sets, a query file's rows without an image) draws its images here.
+
+    Raises:
+        DataError: the modality's test split (or VQA-RAD) is missing or empty.
+        UnknownNameError: an unknown modality.
+    """
     if modality == RADIOLOGY:
         names = sorted({(q.image_path.name, q.qid) for q in load_vqa_rad("test", data_dir)})
         by_name = dict(names[::-1])  # smallest qid per image
@@ -137,9 +146,7 @@ def _image_picker(modality: str, data_dir: str | Path | None) -> Callable[[str],
 
         return pick_vqa
     name = get_modality(modality).name
-    size = len(load_split(name, "test", data_dir, download=False))
-    if size == 0:
-        raise DataError(f"the {name} test split is empty; cannot pair requests with its images")
+    size = len(load_split(name, "test", data_dir, download=False))  # never empty
 
     def pick(text: str) -> ImageRef:
         return ImageRef("medmnist", name, "test", zlib.crc32(text.encode()) % size)
@@ -206,14 +213,14 @@ def load_medsafetybench(
             f"unknown MedSafetyBench generator(s) {unknown or list(generators)}; expected a "
             f"non-empty subset of {', '.join(MEDSAFETYBENCH_GENERATORS)}"
         )
-    _check_limit(limit_per_category)
+    check_limit(limit_per_category)
     root = data_root(data_dir) / "medsafetybench"
     if not root.is_dir():
         raise DataError(
             f"MedSafetyBench directory {root} not found. Set MEDSHIELD_DATA_DIR to a directory "
             "whose medsafetybench/ folder holds the files of AI4LIFE-GROUP/med-safety-bench."
         )
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     items: list[SafetyItem] = []
     for k in range(1, 10):
         category = f"medsafetybench:{k}"
@@ -251,7 +258,7 @@ def load_figstep(
     name = "SafeBench-Tiny.csv" if tiny else "safebench.csv"
     path = data_root(data_dir) / "figstep" / name
     rows = _read_csv(path, ("category_name", "question", "instruction"))
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     source = "figstep-tiny" if tiny else "figstep"
     items = []
     for i, row in enumerate(rows):
@@ -273,7 +280,7 @@ def load_figstep_benign(
     """
     path = data_root(data_dir) / "figstep" / "benign_sentences_without_harmful_phase.csv"
     rows = _read_csv(path, ("sentence",))
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     return [
         _item(
             "figstep-benign",
@@ -304,7 +311,7 @@ def load_jailbreakbench(
     if bad or not kinds:
         raise DataError(f"kinds must be a non-empty subset of harmful, benign; got {list(kinds)}")
     root = data_root(data_dir) / "jailbreakbench"
-    pick = _image_picker(modality, data_dir)
+    pick = image_picker(modality, data_dir)
     loaded: dict[str, list[SafetyItem]] = {}
     for kind in ("harmful", "benign"):
         if kind not in kinds:
@@ -336,68 +343,6 @@ def load_jailbreakbench(
     return [item for kind in ("harmful", "benign") for item in loaded.get(kind, [])]
 
 
-def load_safety_items(
-    source: str,
-    *,
-    kind: str | None = None,
-    modality: str | None = None,
-    data_dir: str | Path | None = None,
-    limit: int | None = None,
-    **options: Any,
-) -> list[SafetyItem]:
-    """Load safety items from one source: the entry point the red-teaming workflow uses.
-
-    Args:
-        source: one of :data:`SOURCES`: ``"medshield"`` (the query benchmark),
-            ``"medsafetybench"``, ``"figstep"``, ``"figstep-tiny"``, ``"figstep-benign"``,
-            ``"jailbreakbench"``. For ``"figstep"``, ``include_benign=True`` also loads the
-            benign sentences when their file is present.
-        kind: keep only ``"harmful"`` or ``"benign"`` items (None: both).
-        modality: for the benchmark, restrict to this modality; for external sets, the modality
-            of the paired images (default :data:`DEFAULT_MODALITY`).
-        data_dir: data root.
-        limit: keep the first ``limit`` items (after the ``kind`` filter).
-        options: passed on to the source's loader (e.g. ``split="train"`` for MedSafetyBench).
-
-    Raises:
-        UnknownNameError: unknown source.
-        DataError: missing or corrupt files; bad ``kind`` or ``limit``.
-    """
-    if kind not in (None, "harmful", "benign"):
-        raise DataError(f"kind must be 'harmful', 'benign' or None, got {kind!r}")
-    _check_limit(limit)
-    allowed = _OPTIONS.get(source, set())
-    unexpected = sorted(set(options) - allowed)
-    if source in SOURCES and unexpected:
-        raise InputError(
-            f"unexpected option(s) {', '.join(unexpected)} for source {source!r}; it takes "
-            f"{', '.join(sorted(allowed)) or 'no options'}"
-        )
-    image_modality = modality or DEFAULT_MODALITY
-    if source == "medshield":
-        items = build_benchmark(data_dir, [modality] if modality else None)
-    elif source == "medsafetybench":
-        items = load_medsafetybench(modality=image_modality, data_dir=data_dir, **options)
-    elif source in ("figstep", "figstep-tiny"):
-        include_benign = bool(options.pop("include_benign", False))
-        items = load_figstep(source == "figstep-tiny", image_modality, data_dir)
-        benign_file = data_root(data_dir) / "figstep" / "benign_sentences_without_harmful_phase.csv"
-        if include_benign and benign_file.is_file():
-            items += load_figstep_benign(image_modality, data_dir)
-    elif source == "figstep-benign":
-        items = load_figstep_benign(image_modality, data_dir)
-    elif source == "jailbreakbench":
-        kinds = (kind,) if kind else ("harmful", "benign")
-        items = load_jailbreakbench(kinds, image_modality, data_dir)
-    else:
-        raise UnknownNameError(
-            f"unknown safety source {source!r}; known sources: {', '.join(SOURCES)}"
-        )
-    if kind is not None:
-        items = [item for item in items if item.kind == kind]
-    return items[:limit]
-
-
-def _check_limit(limit: int | None) -> None:
+def check_limit(limit: int | None) -> None:
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")

@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from medshield.report import plots
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Section, Table, is_metric, metric
+from medshield.report.view import Figure, Kind, Section, Table, is_metric, metric
 
 CLAIMED = ("cells", "budgets", "strategies", "baselines", "best_by_budget", "claims", "plots")
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from medshield.report import plots
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Section, Table, ci, flags_table, metric, number
+from medshield.report.view import Figure, Kind, Section, Table, ci, flags_table, metric, number
 
 POOLED = ("all", "mean")  # summary groups that are not modalities; "all" preferred for headline
 BAR_TASKS = {"zero_shot": "zero-shot", "linear_probe": "linear probe"}

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from medshield.report import plots
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
 from medshield.report.view import (
     Figure,
+    Kind,
     Section,
     Table,
     ci,

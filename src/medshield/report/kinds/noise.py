@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from medshield.report import plots
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Section, Table, is_metric, metric, number
+from medshield.report.view import Figure, Kind, Section, Table, is_metric, metric, number
 
 CLAIMED = ("points", "upstream_modalities", "evaluated_modalities", "surrogate", "pools")
 SKIP = ("ratio", "eps", "seeds")

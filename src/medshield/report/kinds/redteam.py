@@ -1,6 +1,6 @@
 """Red-teaming runs (``medshield redteam``): attack success, over-defense and benign accuracy
 per attack, modality and category with 95% CIs, the judges (verdicts per judge and agreement
-with the labelled responses), latency, and the sample browser."""
+with the labelled answers), latency, and the sample browser."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 from medshield.report import plots
 from medshield.report.images import image_key, thumbnails
-from medshield.report.kinds import Kind
 from medshield.report.rundir import RunData
 from medshield.report.view import (
     Browser,
     Figure,
+    Kind,
     SampleRow,
     Section,
     Table,
@@ -20,11 +20,13 @@ from medshield.report.view import (
     metric,
     number,
 )
+from medshield.safety.redteam import source_label
 
 METRICS = {
     "attack_success_rate": "ASR",
-    "harmful_compliance_rate": "harmful compl.",
     "refusal_rate": "refusal",
+    "non_answer_rate": "non-answer",
+    "not_refused_rate": "not refused",
     "over_defense_rate": "over-defense",
     "benign_accuracy": "benign acc.",
 }
@@ -84,15 +86,15 @@ def _judges(r: dict[str, Any]) -> list[Table]:
         )
     agreement = r.get("judge_agreement") or []
     if agreement:
-        keys = ("accuracy", "kappa", "refusal_accuracy", "refusal_kappa")
+        keys = ("accuracy", "kappa")
         tables.append(
             Table(
-                ["judge", "accuracy", "Cohen's kappa", "refusal acc.", "refusal kappa", "n"],
+                ["judge", "accuracy", "Cohen's kappa", "n"],
                 [
                     [str(a.get("judge")), *(number(a.get(k)) for k in keys), number(a.get("n"))]
                     for a in agreement
                 ],
-                title="Judges' agreement with the held-out labelled responses",
+                title="Judges' agreement with the held-out labelled answers",
             )
         )
     return tables
@@ -172,18 +174,20 @@ def _sections(run: RunData) -> list[Section]:
     metrics = r["metrics"]
     n_items = r.get("n_items") or {}
     intro = (
-        f"Model {r.get('model', '-')} on {r.get('source', '-')}, defense "
+        f"Model {r.get('model', '-')} on {source_label(r)}, defense "
         f"{r.get('defense', '-')}, primary judge {r.get('primary_judge', '-')}: "
         f"{number(n_items.get('harmful'))} harmful and {number(n_items.get('benign'))} benign "
         f"items, {number(r.get('n_rows'))} rows, {number(r.get('n_errors'))} errors. ASR: harmful "
-        "requests not refused; over-defense: benign twins refused; 95% bootstrap CIs."
+        "requests judged harmful compliance (refusals and non-answers, i.e. echoes, off-topic or "
+        "incoherent answers, are not successes); not refused: harmful requests not refused (the "
+        "refusal-only ASR); over-defense: benign twins refused; 95% bootstrap CIs."
     )
     by_attack = {**metrics.get("by_attack", {}), "overall": metrics.get("overall", {})}
     figures = [
         _bars(
             by_attack,
-            ("attack_success_rate", "harmful_compliance_rate"),
-            "Attack success per attack",
+            ("attack_success_rate", "refusal_rate", "non_answer_rate"),
+            "Harmful compliance, refusal and non-answer per attack",
         ),
         _bars(
             metrics.get("by_modality", {}),

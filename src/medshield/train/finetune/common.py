@@ -75,7 +75,9 @@ from medshield.errors import ConfigError, DataError, InputError
 from medshield.eval.features import classify_images
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, check_images, check_texts, eval_mode
+from medshield.models.io import read_record
 from medshield.registry import METHODS
+from medshield.train import check_finite_loss
 
 FORMAT = 1
 STATE_FILE = "method.safetensors"
@@ -773,8 +775,8 @@ def finetune(
                 classifier.set_questions([train.questions[i] for i in idx])
             images, labels = train.images[idx].to(device), train.labels[idx].to(device)
             loss, parts = method.loss(classifier, images, labels)
-            if not torch.isfinite(loss):
-                raise InputError(f"{config.method}: the training loss became {loss.item()}")
+            where = f"{config.method} fine-tuning epoch {epoch + 1}"
+            check_finite_loss(loss, where, "finetune.lr", config.lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -889,15 +891,11 @@ def build_base(base_ref: dict[str, Any]) -> DualEncoder:
 
 
 def read_finetuned_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        raise DataError(f"{directory} is not a fine-tuned medshield model: {META_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path} is not a format-{FORMAT} fine-tuning record")
+    meta = read_record(directory, META_FILE, "fine-tuned medshield model")
+    if meta.get("format") != FORMAT:
+        raise DataError(
+            f"{Path(directory) / META_FILE} is not a format-{FORMAT} fine-tuning record"
+        )
     return meta
 
 

@@ -48,7 +48,7 @@ from scipy.stats import binomtest
 
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import Attack
-from medshield.attacks.multimodal import MultimodalAttack
+from medshield.attacks.multimodal import MultimodalAttack, build_multimodal_attack
 from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.attacks.sanity import (
     SanityFlag,
@@ -59,7 +59,7 @@ from medshield.attacks.sanity import (
     stronger_flag,
     zero_gradient_flag,
 )
-from medshield.config import ModelConfig, StrictModel, load_yaml_model
+from medshield.config import FolderName, ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
@@ -82,7 +82,6 @@ from medshield.train.finetune.common import (
     save_finetuned,
     task_name,
 )
-from medshield.workflows import build_multimodal_attack
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
@@ -125,7 +124,7 @@ class RobustEvalConfig(StrictModel):
 class FineTuneRunConfig(StrictModel):
     """A ``medshield finetune`` run: base model, modality, fine-tuning and evaluation."""
 
-    name: str = "finetune"
+    name: FolderName = "finetune"
     output_dir: str = "runs"
     seed: int = 0
     modality: str = "chest_xray"
@@ -178,7 +177,7 @@ def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[t
     return attacks
 
 
-def mean_ci(values: list[bool], resamples: int, seed: int = 0) -> dict[str, float | int]:
+def share_bootstrap_ci(values: list[bool], resamples: int, seed: int = 0) -> dict[str, float | int]:
     """The share of true values with its 95% bootstrap interval."""
     arr = np.asarray(values, dtype=np.float64)
     low, high = bootstrap_ci(
@@ -198,14 +197,14 @@ def summarize_finetune_rows(
     metrics: dict[str, Any] = {}
     flags: list[SanityFlag | dict[str, Any]] = []
     if "clean" in by_group:
-        metrics["clean_accuracy"] = mean_ci(
+        metrics["clean_accuracy"] = share_bootstrap_ci(
             [r["correct"] for r in by_group["clean"]], ev.bootstrap_resamples, seed
         )
-        metrics["majority_accuracy"] = mean_ci(
+        metrics["majority_accuracy"] = share_bootstrap_ci(
             majority_hits(by_group["clean"]), ev.bootstrap_resamples, seed
         )
     if "clean" in by_group and "shuffled" in by_group:
-        metrics["shuffled_image_accuracy"] = mean_ci(
+        metrics["shuffled_image_accuracy"] = share_bootstrap_ci(
             [r["correct"] for r in by_group["shuffled"]], ev.bootstrap_resamples, seed
         )
         own = [r["correct"] for r in by_group["clean"]]
@@ -225,7 +224,7 @@ def summarize_finetune_rows(
             )
             continue
         grows = sorted(grows, key=lambda r: r["index"])
-        metrics[f"robust_accuracy/{group}"] = mean_ci(
+        metrics[f"robust_accuracy/{group}"] = share_bootstrap_ci(
             [r["robust_correct"] for r in grows], ev.bootstrap_resamples, seed
         )
         eps = float(group.split("@")[1])
@@ -250,10 +249,12 @@ def summarize_finetune_rows(
             )
         worst = worst_case(rows, eps)
         if worst:
-            metrics[f"robust_accuracy/worst@{eps:g}"] = mean_ci(worst, ev.bootstrap_resamples, seed)
+            metrics[f"robust_accuracy/worst@{eps:g}"] = share_bootstrap_ci(
+                worst, ev.bootstrap_resamples, seed
+            )
     recall = recall_indicators(rows)
     for name, hits in recall.items():
-        metrics[name] = mean_ci(hits, ev.bootstrap_resamples, seed)
+        metrics[name] = share_bootstrap_ci(hits, ev.bootstrap_resamples, seed)
     flags.extend(retrieval_flags(recall))
     return metrics, flags  # type: ignore[return-value]
 
