@@ -28,7 +28,7 @@ TINY = [
     "evaluate.bootstrap_resamples=50",
     "noise.batch_size=16",
     "noise.attack_kwargs={steps: 2, max_edits: 1}",
-    "finetune.methods=[{method: ran, kwargs: {rectifier: linear, rank: 4}}, "
+    "finetune.methods=[{method: ran, kwargs: {placement: head, rectifier: linear, rank: 4}}, "
     "{method: lora, kwargs: {rank: 2}}]",
     "finetune.finetune={epochs: 1, batch_size: 8, max_train_items: 16, "
     "adversary: {eps: 2, steps: 1}}",

@@ -22,7 +22,7 @@ def ran_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
     tmp_path = tmp_path_factory.mktemp("ft")
     cfg = run_config(tmp_path, data_dir)
     cfg.finetune.method = "ran"
-    cfg.finetune.kwargs = {"rectifier": "mlp", "hidden": 8}
+    cfg.finetune.kwargs = {"placement": "head", "rectifier": "mlp", "hidden": 8}
     cfg.robust.retrieval = False
     return run_finetune(cfg, Run(tmp_path / "ft", cfg), log=lambda _: None, progress=False)
 

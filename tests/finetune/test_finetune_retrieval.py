@@ -24,7 +24,13 @@ from medshield.train.finetune.workflow import (
 
 
 def test_adapted_encoder_is_the_classifier_image_path(base: MiniClip, train: TrainData) -> None:
-    _, result = run_method(base, train, "ran", kwargs={"rectifier": "mlp", "hidden": 8}, lr=1e-2)
+    _, result = run_method(
+        base,
+        train,
+        "ran",
+        kwargs={"placement": "head", "rectifier": "mlp", "hidden": 8, "pgd_steps": 1},
+        lr=1e-2,
+    )
     clf = result.classifier
     encoder = adapted_encoder(clf)
     assert isinstance(encoder, RectifiedEncoder)
@@ -44,7 +50,11 @@ def _config(tmp_path: Path, data_dir: Path, name: str, **robust: Any) -> FineTun
         tmp_path,
         data_dir,
         name=name,
-        finetune={**FAST, "method": "ran", "kwargs": {"rectifier": "mlp", "hidden": 8}},
+        finetune={
+            **FAST,
+            "method": "ran",
+            "kwargs": {"placement": "head", "rectifier": "mlp", "hidden": 8, "pgd_steps": 1},
+        },
         robust={**TINY_EVAL, "pgd_steps": [1], "apgd": False, **robust},
     )
 
@@ -52,7 +62,7 @@ def _config(tmp_path: Path, data_dir: Path, name: str, **robust: Any) -> FineTun
 def test_finetune_run_reports_retrieval_clean_and_under_attack(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    attack = {"eps": 16, "alpha": 4, "steps": 3, "max_edits": 1}
+    attack = {"eps": 16, "alpha": 4, "steps": 8, "max_edits": 2}
     cfg = _config(
         tmp_path, data_dir, "ft", retrieval_per_class_cap=3, retrieval_attack_kwargs=attack
     )

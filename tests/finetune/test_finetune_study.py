@@ -29,7 +29,7 @@ def test_the_shipped_ablation_shares_the_main_studys_heavy_ran_cells() -> None:
     assert main.finetune["epochs"] == ablation.finetune["epochs"] == 10
     assert {s.name for s in ablation.expanded_methods()} == {"ran"} | {
         f"ran-no_{term}"
-        for term in ("task_clean", "task_adv", "keep", "align", "cov", "svd", "contrastive")
+        for term in ("task_clean", "beta", "keep", "align", "cov", "svd", "contrastive")
     }
 
 
@@ -41,7 +41,7 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
         data_dir,
         methods=[
             {"method": "linear-probe"},
-            {"method": "ran", "kwargs": {"rectifier": "linear", "rank": 4}},
+            {"method": "ran", "kwargs": {"placement": "head", "rectifier": "linear", "rank": 4}},
         ],
         ran_ablations=["svd"],
         modalities=["chest_xray"],

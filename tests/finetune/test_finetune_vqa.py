@@ -55,7 +55,8 @@ def test_vqa_items_carry_questions_and_start_from_zero_shot_answers(
 
 
 @pytest.mark.parametrize(
-    ("method", "kwargs"), [("ran", {"rectifier": "mlp", "hidden": 8}), ("lora", {"rank": 2})]
+    ("method", "kwargs"),
+    [("ran", {"placement": "head", "rectifier": "mlp", "hidden": 8}), ("lora", {"rank": 2})],
 )
 def test_vqa_methods_train_and_round_trip(
     base: MiniClip, vqa_train: TrainData, tmp_path: Path, method: str, kwargs: dict
@@ -83,7 +84,7 @@ def test_study_runs_the_vqa_task_for_ran_lora_and_a_baseline(
         methods=[
             {"method": "tecoa"},
             {"method": "lora", "kwargs": {"rank": 2}},
-            {"method": "ran", "kwargs": {"rectifier": "mlp", "hidden": 8}},
+            {"method": "ran", "kwargs": {"placement": "head", "rectifier": "mlp", "hidden": 8}},
         ],
         modalities=[],
         vqa_closed=True,

@@ -88,8 +88,8 @@ def test_wrong_checkpoint_and_bad_config_fail_before_training(
     assert not (tmp_path / "ft" / "finetuned").exists()
     with pytest.raises(ConfigError, match="unknown fine-tuning method"):
         load_finetune_config(None, ["finetune.method=lorax"])
-    with pytest.raises(ConfigError, match="needs a task loss"):
-        load_finetune_config(None, ["finetune.ran.task_clean=0", "finetune.ran.task_adv=0"])
+    with pytest.raises(ConfigError, match="beta must be >= 0"):
+        load_finetune_config(None, ["finetune.method=ran", "finetune.kwargs={beta: -1}"])
 
 
 def test_cli_refuses_an_unknown_method_with_a_clear_message(tmp_path: Path) -> None:

@@ -136,8 +136,6 @@ class DemoFinetuneConfig(StrictModel):
     def method_config(self, spec: MethodSpec) -> FineTuneConfig:
         """The validated fine-tuning config of one method (shared settings + its own)."""
         raw = {**self.finetune, **spec.finetune, "method": spec.method, "kwargs": spec.kwargs}
-        if spec.ran:
-            raw["ran"] = {**self.finetune.get("ran", {}), **spec.ran}
         try:
             return parse_finetune_config(raw)
         except ConfigError as exc:

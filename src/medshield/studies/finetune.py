@@ -56,7 +56,8 @@ from medshield.report import plots
 from medshield.report.view import ci
 from medshield.runs import Log, Run
 from medshield.threads import set_threads, worker_threads
-from medshield.train.finetune.common import RAN_TERMS, VQA_TASK, parse_finetune_config
+from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
+from medshield.train.finetune.ran import RAN_TERMS
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
@@ -68,14 +69,13 @@ from medshield.train.finetune.workflow import (
 
 
 class MethodSpec(StrictModel):
-    """One compared method: a registered ``method``, its ``kwargs``, RAN weight overrides,
-    per-method ``finetune`` overrides (e.g. a smaller ``lr`` for full fine-tuning) and a
+    """One compared method: a registered ``method``, its ``kwargs`` (RAN's loss weights among
+    them), per-method ``finetune`` overrides (e.g. a smaller ``lr`` for full fine-tuning) and a
     ``label`` for the table (default: the method name)."""
 
     method: str
     label: FolderName | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    ran: dict[str, float] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -163,8 +163,7 @@ def _ablations(ran: MethodSpec, terms: Sequence[str]) -> list[MethodSpec]:
         MethodSpec(
             method="ran",
             label=f"{ran.name}-no_{term}",
-            kwargs=ran.kwargs,
-            ran={**ran.ran, term: 0.0},
+            kwargs={**ran.kwargs, term: 0.0},
             finetune=ran.finetune,
         )
         for term in terms
@@ -183,8 +182,6 @@ def load_study_config(
 
 def _finetune_config(config: StudyFinetuneConfig, spec: MethodSpec) -> Any:
     raw = {**config.finetune, **spec.finetune, "method": spec.method, "kwargs": spec.kwargs}
-    if spec.ran:
-        raw["ran"] = {**config.finetune.get("ran", {}), **spec.ran}
     try:
         return parse_finetune_config(raw)
     except ConfigError as exc:

@@ -96,7 +96,8 @@ Log = Callable[[str], None]
 
 
 class AdversaryConfig(StrictModel):
-    """On-the-fly PGD adversary used while training (TeCoA, FARE, RAN), L-inf, /255 units.
+    """On-the-fly PGD adversary used while training (TeCoA, FARE; RAN uses its ``eps`` with its
+    own ``pgd_steps`` / ``pgd_step``), L-inf, /255 units.
 
     ``alpha`` defaults to :func:`medshield.attacks.pgd.pgd_step_size`: ``2.5 * eps / steps``
     (Madry et al., 2018), at least ``eps / 4``.
@@ -111,36 +112,8 @@ class AdversaryConfig(StrictModel):
         return self.alpha if self.alpha is not None else pgd_step_size(self.eps, self.steps)
 
 
-class RANWeights(StrictModel):
-    """Weights of the RAN loss terms (see :mod:`medshield.train.finetune.ran`).
-
-    A weight of 0 switches its term off (an ablation); negative weights are refused, and so is
-    switching off both task terms (nothing would then teach the downstream task).
-    """
-
-    task_clean: float = Field(1.0, ge=0)
-    task_adv: float = Field(1.0, ge=0)
-    keep: float = Field(1.0, ge=0)
-    align: float = Field(1.0, ge=0)
-    cov: float = Field(0.1, ge=0)
-    svd: float = Field(0.1, ge=0)
-    contrastive: float = Field(0.5, ge=0)
-
-    @model_validator(mode="after")
-    def _needs_task(self) -> RANWeights:
-        if self.task_clean == 0 and self.task_adv == 0:
-            raise ValueError(
-                "RAN needs a task loss: task_clean and task_adv cannot both be 0 (an ablation "
-                "switches off one of them at most)"
-            )
-        return self
-
-
-RAN_TERMS = tuple(RANWeights.model_fields)
-
-
 class FineTuneConfig(StrictModel):
-    """How to fine-tune: method, optimisation budget, per-method kwargs, RAN weights, adversary.
+    """How to fine-tune: method, optimisation budget, per-method kwargs, adversary.
 
     Attributes:
         method: a name registered in :data:`medshield.registry.METHODS`.
@@ -154,9 +127,10 @@ class FineTuneConfig(StrictModel):
             scored after every epoch (``val_accuracy`` in the history); 0 holds out nothing.
         keep_best: end with the weights of the epoch of highest validation accuracy (the
             earliest on a tie) instead of the last epoch's; needs ``val_fraction`` above 0.
-        kwargs: method-specific options, validated by the method (unknown keys are refused).
-        ran: RAN loss weights (used by ``ran`` only).
-        adversary: PGD used to craft training examples on the fly (TeCoA, FARE, RAN).
+        kwargs: method-specific options, validated by the method (unknown keys are refused;
+            RAN's loss weights are among its options).
+        adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN takes
+            its ``eps`` and sets its own steps).
     """
 
     method: str = "ran"
@@ -168,7 +142,6 @@ class FineTuneConfig(StrictModel):
     val_fraction: float = Field(0.0, ge=0, le=0.5)
     keep_best: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    ran: RANWeights = Field(default_factory=RANWeights)
     adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
 
     @model_validator(mode="after")

@@ -127,6 +127,22 @@ def _plain_layer(model: nn.Module, name: str) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
 
 
+def inject_lora(
+    model: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0
+) -> None:
+    """Freeze ``model`` and give the named Conv2d / Linear modules trainable peft LoRA factors
+    (``B`` starts at zero, so the model computes what it computed before)."""
+    freeze(model)
+    for name in targets:
+        _plain_layer(model, name)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
+    )
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
 @METHODS.register("lora", "LoRA (peft) on image-tower convs/linears and text-tower attention")
 class Lora(FineTuneMethod):
     name = "lora"
@@ -150,19 +166,7 @@ class Lora(FineTuneMethod):
     ) -> FineTunedClassifier:
         options: LoraOptions = self.options
         targets = lora_targets(model, options)
-        freeze(model)
-        for name in targets:
-            _plain_layer(model, name)
-        config = LoraConfig(
-            r=options.rank,
-            lora_alpha=options.alpha,
-            lora_dropout=options.dropout,
-            target_modules=targets,
-            bias="none",
-        )
-        inject_adapter_in_model(config, model)
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
+        inject_lora(model, targets, options.rank, options.alpha, options.dropout)
         return FineTunedClassifier(model, class_prompts, head="live")
 
     def loss(

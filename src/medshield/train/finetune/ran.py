@@ -1,73 +1,245 @@
 """``ran``: Rectify Adversarial Noise, medshield's light-weight robust fine-tuning method.
 
-The backbone (both towers and their projections) stays frozen. A small residual *rectifier*
-``r(z) = z + g(z)`` acts on the unnormalised image embedding ``z`` of the frozen model, and a
-linear head (initialised from the class-prompt embeddings) classifies ``normalize(r(z))``.
-The rectifier and the head are trained with (weights in :class:`RANWeights`, each term off at 0):
+**Where the rectifiers live** (``placement``):
 
-(a) ``task_clean`` / ``task_adv``: cross-entropy on clean images and on PGD examples crafted on
-    the fly against the current classifier (noise-aware fine-tuning; the adversary is
-    ``FineTuneConfig.adversary``, as in adversarial training, Madry et al., ICLR 2018);
-(b) ``keep``: ``||n(r(z)) - n(z)||^2`` keeps rectified features close to the pretrained ones,
-    and ``align``: ``||n(r(z_adv)) - sg(n(r(z)))||^2`` pulls adversarial features onto clean
-    ones (the feature-matching idea of TRADES / FARE applied to the rectified features);
-(c) ``cov``: the squared off-diagonal covariance of the batch of rectified features (divided by
-    the width), which decorrelates feature dimensions, and ``svd``:
-    ``-sum_{i<=k} s_i / sum_i s_i`` over the singular values of the centred batch, which
-    restores the dominance of the top-k singular directions; both reshape the feature spectrum
-    that noisy pretraining flattens, as in NMTune (Chen et al., "Understanding and Mitigating
-    the Label Noise in Pre-training on Downstream Tasks", ICLR 2024), ``k`` defaults to the
-    number of classes;
-(d) ``contrastive``: the symmetric image-text InfoNCE between rectified features and the frozen
-    class-prompt text embeddings of each image's class (CLIP's loss, Radford et al., 2021,
-    with same-class pairs as positives; on the VQA task the embedding of the item's own
-    question with its answer), which keeps the rectified space aligned with the text tower,
-    i.e. keeps zero-shot use possible.
+- ``tower`` (the default): low-rank rectifiers *inside* the image tower. At each block named in
+  ``depths`` (``early``, ``middle``, ``late``, or indices into the model's ``image_blocks()``)
+  every 1x1 stride-1 convolution and every linear layer the block calls gets a LoRA update
+  ``W + (alpha / r) B A`` through ``peft`` (the same injection as the ``lora`` method,
+  :func:`~medshield.train.finetune.lora.inject_lora`), and so does the image projection with
+  ``projection: true``. The rest of the model, the text tower included, stays frozen; the head
+  is learned, initialised from the class-prompt embeddings. After training peft merges each
+  ``B A`` into its base weight and the LoRA wrappers are dropped (:func:`merge_rectifiers`), so
+  the deployed classifier is the base architecture with other weights: zero parameters and zero
+  FLOPs of overhead. Why low-rank *weight* updates: they merge exactly, which a nonlinear
+  adapter cannot; why not after the tower: a 2/255 perturbation moves the frozen tower's
+  embedding further than the gap between class centres (docs/studies/finetune.md), so a
+  rectifier there has nothing left to rectify.
+- ``head`` (the ablation, the first design): a residual rectifier ``r(z) = z + g(z)`` on the
+  unnormalised embedding ``z`` of the frozen model, ``rectifier: linear``
+  (``(I + U V) z``, rank ``rank``, ``null`` = full; folded into the image projection after
+  training with ``fold``, :func:`fold_linear_rectifier`) or ``rectifier: mlp``
+  (``z + W2 GELU(W1 z + b1) + b2``, ``hidden`` units; it cannot fold).
 
-Rectifiers (``kwargs.rectifier``):
+**The objective** (the same for both placements; each weight an option, a weight of 0 switches
+its term off, and the per-epoch mean of every active term is in the run's history):
 
-- ``linear``: ``r(z) = (I + U V) z`` (``rank`` r; ``rank: null`` means a full D x D matrix).
-  After training it is folded into the image projection, ``W_proj <- (I + U V) W_proj``, so
-  the deployed model has exactly the base architecture: zero parameters and zero FLOPs of
-  overhead (:func:`fold_linear_rectifier`).
-- ``mlp``: ``r(z) = z + W2 GELU(W1 z + b1) + b2`` with ``hidden`` units; it cannot fold, and
-  its cost (``4 D hidden`` FLOPs per image) is a tiny fraction of the tower's; the report
-  measures it with ``torch.utils.flop_counter``.
+(a) noise-aware fine-tuning, TRADES (Zhang et al., ICML 2019): ``task_clean`` x the
+    cross-entropy on clean images + ``beta`` x ``kl``, the KL divergence between the class
+    distributions of clean and adversarial images, ``sum p_clean (log p_clean - log p_adv)``
+    as in TRADES, with gradients through both. The adversarial images maximise that KL: PGD
+    (:class:`~medshield.attacks.pgd.PGD`, which runs the model in eval mode) against the
+    current classifier, L-inf ball of ``FineTuneConfig.adversary.eps``, ``pgd_steps`` steps of
+    ``pgd_step`` x eps (default 5 steps of eps / 4) from a random start;
+(b) dynamic re-alignment: ``keep`` x ``||f(x) - f_0(x)||^2`` keeps the clean unit image
+    features near those of a frozen copy ``f_0`` of the model as training began (the pretrained
+    features), and ``align`` x ``||f(x_adv) - f_ema(x)||^2`` pulls the adversarial features onto
+    the clean features of an EMA teacher ``f_ema``, a copy whose trainable weights follow the
+    student's with momentum ``ema_momentum`` (updated at the start of every step);
+(c) contrastive feature disentanglement, on the clean features: ``cov`` x the mean squared
+    off-diagonal entry of the batch correlation matrix (scale-free, in [0, 1]), ``svd`` x
+    ``-sum_{i<=k} s_i / sum_i s_i`` over the singular values of the centred batch (NMTune,
+    Chen et al., ICLR 2024; ``k`` = ``svd_top_k``, default the number of classes), and
+    ``contrastive`` x the symmetric image-text InfoNCE against the frozen class-prompt
+    embedding of each image's class (CLIP's loss, same-class pairs as positives; on the VQA
+    task the embedding of the item's own question with its answer).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from peft.tuners.lora import LoraLayer
+from pydantic import model_validator
 from torch import nn
 
 from medshield.attacks.pgd import PGD
 from medshield.config import StrictModel
 from medshield.errors import ConfigError
-from medshield.models.base import DualEncoder
+from medshield.models.base import DualEncoder, eval_mode
 from medshield.registry import METHODS
 from medshield.train.finetune.common import (
     FineTunedClassifier,
     FineTuneMethod,
-    RANWeights,
+    TrainData,
     freeze,
 )
+from medshield.train.finetune.lora import inject_lora
 from medshield.train.pretrain import contrastive_loss
+
+Depth = int | Literal["early", "middle", "late"]
+TOWER_ONLY = frozenset({"depths", "projection", "alpha"})
+HEAD_ONLY = frozenset({"rectifier", "hidden", "fold"})
 
 
 class RANOptions(StrictModel):
-    """``rectifier``: linear | mlp; ``rank`` (linear, null = full), ``hidden`` (mlp),
-    ``svd_top_k`` (null = number of classes), ``fold`` (fold a linear rectifier after training)."""
+    """RAN's options (see the module docstring): where the rectifiers live, their size, the
+    training adversary's steps, and the loss weights (:data:`RAN_TERMS`)."""
 
+    placement: Literal["tower", "head"] = "tower"
+    # tower placement
+    depths: list[Depth] = ["early", "middle", "late"]
+    projection: bool = True
+    alpha: float = 16.0
+    # both placements: the LoRA rank (tower) or the linear rectifier's rank (head, null = full)
+    rank: int | None = 8
+    # head placement
     rectifier: Literal["linear", "mlp"] = "mlp"
-    rank: int | None = Field(16, ge=1)
-    hidden: int = Field(64, ge=1)
-    svd_top_k: int | None = Field(None, ge=1)
+    hidden: int = 64
     fold: bool = True
+    # the adversary: pgd_steps steps of pgd_step x FineTuneConfig.adversary.eps
+    pgd_steps: int = 5
+    pgd_step: float = 0.25
+    # loss weights (0 switches a term off) and the EMA teacher's momentum
+    task_clean: float = 1.0
+    beta: float = 6.0
+    keep: float = 1.0
+    align: float = 1.0
+    cov: float = 1.0
+    svd: float = 0.1
+    contrastive: float = 0.5
+    ema_momentum: float = 0.99
+    svd_top_k: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RANOptions:
+        for name in RAN_TERMS:
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"RAN loss weight {name} must be >= 0, got {getattr(self, name)}; "
+                    "0 switches its term off"
+                )
+        if self.task_clean == 0 and self.contrastive == 0:
+            raise ValueError(
+                "RAN needs a term that teaches the labels: task_clean and contrastive cannot "
+                "both be 0 (an ablation switches off one of them at most)"
+            )
+        if self.pgd_steps < 1:
+            raise ValueError(
+                f"pgd_steps must be at least 1, got {self.pgd_steps}: RAN's noise-aware terms "
+                "need a PGD adversary (the default is 5 steps of eps / 4)"
+            )
+        if not 0 < self.pgd_step <= 1:
+            raise ValueError(f"pgd_step is a fraction of eps in (0, 1], got {self.pgd_step}")
+        if not 0 <= self.ema_momentum < 1:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        for name, value in (("hidden", self.hidden), ("rank", self.rank), ("alpha", self.alpha)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.svd_top_k is not None and self.svd_top_k < 1:
+            raise ValueError(f"svd_top_k must be at least 1, got {self.svd_top_k}")
+        wrong = (HEAD_ONLY if self.placement == "tower" else TOWER_ONLY) & self.model_fields_set
+        if wrong:
+            other = "head" if self.placement == "tower" else "tower"
+            raise ValueError(
+                f"{', '.join(sorted(wrong))} only apply with placement: {other}; "
+                f"this config has placement: {self.placement}"
+            )
+        if self.placement == "tower":
+            if self.rank is None:
+                raise ValueError("tower rectifiers are low rank: set rank to a number")
+            if not self.depths and not self.projection:
+                raise ValueError("no rectifier: give depths or set projection: true")
+        return self
+
+
+RAN_TERMS = ("task_clean", "beta", "keep", "align", "cov", "svd", "contrastive")
+"""RAN's loss weights, the terms a study ablates (``ran-no_<term>``)."""
+
+_LOG_NAME = {"beta": "kl"}  # the history logs the KL term under its own name
+
+
+# --- tower placement ----------------------------------------------------------------------------
+
+
+def _rectifiable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.groups == 1
+    )
+
+
+def _block_targets(model: nn.Module, block: nn.Module) -> list[str]:
+    names = {id(module): name for name, module in model.named_modules()}
+    inside_attention = {
+        id(child)
+        for m in block.modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child in m.modules()
+    }
+    return [
+        names[id(m)] for m in block.modules() if _rectifiable(m) and id(m) not in inside_attention
+    ]
+
+
+def tower_targets(model: DualEncoder, options: RANOptions) -> list[str]:
+    """Full names of the layers the tower rectifiers adapt: the 1x1 stride-1 convolutions and
+    linear layers of each block in ``depths`` (not the linears ``nn.MultiheadAttention`` reads
+    as raw weights, which a LoRA wrapper would never see), and ``image_proj``.
+
+    A depth is an index into ``image_blocks()`` or a name, counted over the blocks that hold
+    such a layer: ``early`` (a quarter in), ``middle`` (halfway), ``late`` (the last).
+
+    Raises:
+        ConfigError: a depth the tower does not have, a block without such a layer, or no
+            ``nn.Linear`` image projection with ``projection: true``.
+    """
+    blocks = model.image_blocks()
+    per_block = [_block_targets(model, block) for block in blocks]
+    candidates = [i for i, found in enumerate(per_block) if found]
+    targets: list[str] = []
+    for depth in options.depths:
+        if isinstance(depth, str):
+            if not candidates:
+                raise ConfigError(
+                    f"{type(model).__name__}'s image blocks hold no 1x1 convolution or linear "
+                    "layer for a low-rank rectifier; use placement: head"
+                )
+            named = {"early": len(candidates) // 4, "middle": len(candidates) // 2, "late": -1}
+            index = candidates[named[depth]]
+        elif 0 <= depth < len(blocks):
+            index = depth
+        else:
+            raise ConfigError(
+                f"ran depth {depth} does not exist: the image tower has {len(blocks)} blocks "
+                f"(0-{len(blocks) - 1}); use an index in that range or early, middle, late"
+            )
+        if not per_block[index]:
+            raise ConfigError(
+                f"ran depth {depth!r} (image block {index}) has no 1x1 convolution or linear "
+                f"layer for a low-rank rectifier; blocks that have one: {candidates}"
+            )
+        targets.extend(name for name in per_block[index] if name not in targets)
+    if options.projection:
+        if not isinstance(getattr(model, "image_proj", None), nn.Linear):
+            raise ConfigError(
+                f"ran projection: true needs an nn.Linear `image_proj`, which "
+                f"{type(model).__name__} does not have; set projection: false"
+            )
+        targets.append("image_proj")
+    return targets
+
+
+def merge_rectifiers(module: nn.Module, merge: bool = True) -> None:
+    """Merge every peft LoRA layer's ``B A`` into its base weight (``merge``) and put the base
+    layer back in its place, so ``module`` has the base architecture again (in place)."""
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, LoraLayer):
+            if merge:
+                layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, layer.base_layer)
+
+
+# --- head placement -----------------------------------------------------------------------------
 
 
 class LinearRectifier(nn.Module):
@@ -136,12 +308,21 @@ def fold_linear_rectifier(classifier: FineTunedClassifier) -> FineTunedClassifie
     return classifier
 
 
+# --- losses -------------------------------------------------------------------------------------
+
+
 def covariance_penalty(features: torch.Tensor) -> torch.Tensor:
-    """Squared off-diagonal entries of the batch covariance, summed, divided by the width."""
+    """Mean squared off-diagonal entry of the batch *correlation* matrix, in [0, 1].
+
+    Scale-free: the covariance itself (the first design's term) is about ``1 / D^2`` per
+    entry on unit-norm D-dimensional features, so it logged 0.000 and could not move the loss.
+    """
     centred = features - features.mean(0, keepdim=True)
-    cov = centred.T @ centred / max(len(features) - 1, 1)
-    off = cov - torch.diag(torch.diagonal(cov))
-    return (off**2).sum() / features.shape[1]
+    standardised = centred / centred.std(0, keepdim=True).clamp_min(1e-6)
+    corr = standardised.T @ standardised / max(len(features) - 1, 1)
+    width = features.shape[1]
+    off = corr - torch.diag(torch.diagonal(corr))
+    return (off**2).sum() / max(width * (width - 1), 1)
 
 
 def singular_value_penalty(features: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -151,19 +332,33 @@ def singular_value_penalty(features: torch.Tensor, top_k: int) -> torch.Tensor:
     return -s[:top_k].sum() / s.sum().clamp_min(1e-8)
 
 
-@METHODS.register("ran", "RAN: frozen backbone, residual rectifier, robust + spectral losses")
+def trades_kl(adv_logits: torch.Tensor, clean_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-example ``sum p_clean (log p_clean - log p_adv)`` (TRADES's KL), (N,)."""
+    adv_log_probs = F.log_softmax(adv_logits, dim=-1)
+    return (clean_log_probs.exp() * (clean_log_probs - adv_log_probs)).sum(-1)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    copied = copy.deepcopy(module).eval()
+    freeze(copied)
+    return copied
+
+
+@METHODS.register("ran", "RAN: low-rank rectifiers merged into the tower, TRADES + re-alignment")
 class RAN(FineTuneMethod):
     name = "ran"
     paper = (
-        "medshield RAN; losses after Madry et al. ICLR 2018, NMTune (Chen et al. ICLR 2024), "
-        "CLIP (Radford et al. ICML 2021)"
+        "medshield RAN; losses after TRADES (Zhang et al. ICML 2019), NMTune (Chen et al. ICLR "
+        "2024), CLIP (Radford et al. ICML 2021); rectifiers are peft LoRA (Hu et al. ICLR 2022)"
     )
     Options = RANOptions
 
     def check(self, model: DualEncoder) -> None:
         super().check(model)
         o: RANOptions = self.options
-        if o.rectifier == "linear" and o.fold:
+        if o.placement == "tower":
+            tower_targets(model, o)
+        elif o.rectifier == "linear" and o.fold:
             proj = _image_projection(model)
             if proj.out_features != model.embed_dim:
                 raise ConfigError(
@@ -175,6 +370,11 @@ class RAN(FineTuneMethod):
         self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
     ) -> FineTunedClassifier:
         o: RANOptions = self.options
+        self.top_k = o.svd_top_k or len(class_prompts)
+        if o.placement == "tower":
+            assert o.rank is not None  # RANOptions refuses a tower without a rank
+            inject_lora(model, tower_targets(model, o), o.rank, o.alpha)
+            return FineTunedClassifier(model, class_prompts, head="learned")
         freeze(model)
         dim = int(model.embed_dim)
         if o.rectifier == "linear":
@@ -182,52 +382,82 @@ class RAN(FineTuneMethod):
             rectifier: nn.Module = LinearRectifier(dim, rank)
         else:
             rectifier = MLPRectifier(dim, o.hidden)
-        self.top_k = o.svd_top_k or len(class_prompts)
         return FineTunedClassifier(model, class_prompts, head="learned", rectifier=rectifier)
+
+    def prepare(self, classifier: nn.Module, train: TrainData) -> None:
+        """Keep the frozen copy of the starting model and start the EMA teacher from it."""
+        self.pretrained = _frozen_copy(classifier)
+        self.teacher = _frozen_copy(classifier)
+        self.ema_pairs = [
+            (t, s)
+            for t, s in zip(self.teacher.parameters(), classifier.parameters(), strict=True)
+            if s.requires_grad
+        ]
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """``teacher <- m teacher + (1 - m) student`` over the trainable weights."""
+        m = self.options.ema_momentum
+        for teacher, student in self.ema_pairs:
+            teacher.lerp_(student.detach(), 1 - m)
 
     def loss(
         self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        w: RANWeights = self.config.ran
-        model = classifier.model
-        with torch.no_grad():
-            z = model._encode_pixels(model.preprocess(images))
-        rect = F.normalize(classifier.rectifier(z), dim=-1)
+        o: RANOptions = self.options
+        self.update_teacher()
+        clean = classifier.image_embeddings(images)
+        clean_logits = classifier.logits(clean)
         terms: dict[str, torch.Tensor] = {}
-        if w.task_adv > 0 or w.align > 0:
-            adv_cfg = self.config.adversary
-            attack = PGD(classifier, eps=adv_cfg.eps, alpha=adv_cfg.step_size, steps=adv_cfg.steps)
-            adv = attack(images, labels)
+        if o.task_clean > 0:
+            terms["task_clean"] = F.cross_entropy(clean_logits, labels)
+        if o.beta > 0 or o.align > 0:
+            with torch.no_grad(), eval_mode(classifier):
+                target = F.log_softmax(classifier(images), dim=-1)
+            eps = self.config.adversary.eps
+            attack = PGD(
+                classifier, eps=eps, alpha=o.pgd_step * eps, steps=o.pgd_steps, loss_fn=trades_kl
+            )
+            adv = classifier.image_embeddings(attack(images, target))
+            if o.beta > 0:
+                clean_log_probs = F.log_softmax(clean_logits, dim=-1)
+                terms["beta"] = trades_kl(classifier.logits(adv), clean_log_probs).mean()
+            if o.align > 0:
+                with torch.no_grad():
+                    teacher = self.teacher.image_embeddings(images)
+                terms["align"] = ((adv - teacher) ** 2).sum(-1).mean()
+        if o.keep > 0:
             with torch.no_grad():
-                z_adv = model._encode_pixels(model.preprocess(adv))
-            rect_adv = F.normalize(classifier.rectifier(z_adv), dim=-1)
-            if w.task_adv > 0:
-                terms["task_adv"] = F.cross_entropy(classifier.logits(rect_adv), labels)
-            if w.align > 0:
-                terms["align"] = ((rect_adv - rect.detach()) ** 2).sum(-1).mean()
-        if w.task_clean > 0:
-            terms["task_clean"] = F.cross_entropy(classifier.logits(rect), labels)
-        if w.keep > 0:
-            terms["keep"] = ((rect - F.normalize(z, dim=-1)) ** 2).sum(-1).mean()
-        if w.cov > 0:
-            terms["cov"] = covariance_penalty(rect)
-        if w.svd > 0:
-            terms["svd"] = singular_value_penalty(rect, self.top_k)
-        if w.contrastive > 0:
+                pretrained = self.pretrained.image_embeddings(images)
+            terms["keep"] = ((clean - pretrained) ** 2).sum(-1).mean()
+        if o.cov > 0:
+            terms["cov"] = covariance_penalty(clean)
+        if o.svd > 0:
+            terms["svd"] = singular_value_penalty(clean, self.top_k)
+        if o.contrastive > 0:
             text = classifier.label_embeddings(labels)
             captions = [str(int(y)) for y in labels]
-            scale = model.logit_scale.exp()
-            terms["contrastive"] = contrastive_loss(rect, text, scale, captions)
-        total = sum(getattr(w, name) * value for name, value in terms.items())
-        return total, {name: float(value.detach()) for name, value in terms.items()}
+            scale = classifier.model.logit_scale.exp()
+            terms["contrastive"] = contrastive_loss(clean, text, scale, captions)
+        total = sum(getattr(o, name) * value for name, value in terms.items())
+        return total, {_LOG_NAME.get(k, k): float(v.detach()) for k, v in terms.items()}
 
     def finalize(self, classifier: nn.Module) -> nn.Module:
+        self.pretrained = self.teacher = None  # type: ignore[assignment]  # free the copies
+        self.ema_pairs = []
         classifier = super().finalize(classifier)
-        if self.options.rectifier == "linear" and self.options.fold:
+        o: RANOptions = self.options
+        if o.placement == "tower":
+            merge_rectifiers(classifier)
+            classifier.structure_meta = {"merged": True}
+        elif o.rectifier == "linear" and o.fold:
             fold_linear_rectifier(classifier)
         return classifier
 
     def restore_structure(self, classifier: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        if meta.get("merged"):  # the saved weights already hold B A: drop the wrappers only
+            merge_rectifiers(classifier, merge=False)
+            classifier.structure_meta = {"merged": True}
         if meta.get("folded"):
             classifier.rectifier = None
             classifier.structure_meta = {"folded": True}
