@@ -1,4 +1,4 @@
-"""Image attacks (FGSM, PGD, APGD-CE) on tiny in-test models: budgets, strength, model state."""
+"""Image attacks (FGSM, PGD, APGD-CE, APGD-DLR) on tiny in-test models: budgets, strength, model state."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medshield.attacks import APGD, FGSM, PGD, Attack
+from medshield.attacks import APGD, APGDDLR, FGSM, PGD, Attack, dlr_loss
 from medshield.attacks.apgd import checkpoints
 from medshield.attacks.pgd import pgd_step_size
 from medshield.errors import InputError
@@ -62,14 +62,16 @@ ATTACK_CONFIGS = {
     "pgd-restarts": lambda m: PGD(m, eps=16, alpha=4, steps=3, restarts=2),
     "apgd-linf": lambda m: APGD(m, eps=16, steps=8),
     "apgd-l2": lambda m: APGD(m, eps=200, steps=8, norm="L2", restarts=2),
+    "apgd-dlr-linf": lambda m: APGDDLR(m, eps=16, steps=8),
+    "apgd-dlr-l2": lambda m: APGDDLR(m, eps=200, steps=8, norm="L2"),
 }
 
 
 def test_registry_has_the_image_attacks() -> None:
     assert {"fgsm", "pgd", "apgd-ce"} <= set(ATTACKS.names())
     assert ATTACKS.get("fgsm") is FGSM and ATTACKS.get("pgd") is PGD
-    assert ATTACKS.get("apgd-ce") is APGD
-    for cls in (FGSM, PGD, APGD):
+    assert ATTACKS.get("apgd-ce") is APGD and ATTACKS.get("apgd-dlr") is APGDDLR
+    for cls in (FGSM, PGD, APGD, APGDDLR):
         assert cls.paper and cls.threat_model and "Arguments" in cls.__doc__
 
 
@@ -286,3 +288,41 @@ def test_zero_shot_classifier_over_a_dual_encoder() -> None:
 def test_attack_base_is_abstract() -> None:
     with pytest.raises(TypeError):
         Attack(make_model())  # type: ignore[abstract]
+
+
+def test_dlr_loss_matches_the_reference_formula() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.5, 2.0, 1.5, 0.0], [1.0, 4.0, 2.0, 3.0]])
+    labels = torch.tensor([0, 0, 3])
+    # -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), z sorted descending
+    expected = torch.tensor([-(3 - 1) / (3 - 0), -(0.5 - 2) / (2 - 0.5), -(3 - 4) / (4 - 2)])
+    assert torch.allclose(dlr_loss(logits, labels), expected)
+    # invariant to shifting and scaling the logits
+    assert torch.allclose(dlr_loss(7 * logits - 5, labels), expected, atol=1e-6)
+    # two classes: the plain margin loss -(z_y - z_other)
+    binary = torch.tensor([[2.0, -1.0], [0.0, 0.5]])
+    assert torch.allclose(dlr_loss(binary, torch.tensor([0, 0])), torch.tensor([-3.0, 0.5]))
+    with pytest.raises(InputError, match="at least 2 classes"):
+        dlr_loss(torch.zeros(2, 1), torch.tensor([0, 0]))
+    with pytest.raises(InputError, match="DLR loss needs"):
+        dlr_loss(torch.zeros(2, 3, 1), torch.tensor([0, 0]))
+
+
+def test_apgd_dlr_is_at_least_as_strong_as_fgsm(trained) -> None:
+    model, images, labels = trained
+    torch.manual_seed(0)
+    dlr = accuracy(model, APGDDLR(model, eps=8, steps=20)(images, labels), labels)
+    fgsm = accuracy(model, FGSM(model, eps=8)(images, labels), labels)
+    assert dlr < accuracy(model, images, labels)
+    assert dlr <= fgsm
+
+
+def test_apgd_dlr_ignores_the_logit_scale_that_masks_cross_entropy(trained) -> None:
+    model, images, labels = trained
+    scaled = nn.Sequential(model, nn.Identity())
+    scaled.register_forward_hook(lambda _m, _i, out: out * 1e4)  # saturates the softmax
+    clean = accuracy(model, images, labels)
+    torch.manual_seed(0)
+    ce = accuracy(model, APGD(scaled, eps=8, steps=20)(images, labels), labels)
+    torch.manual_seed(0)
+    dlr = accuracy(model, APGDDLR(scaled, eps=8, steps=20)(images, labels), labels)
+    assert dlr < ce <= clean

@@ -75,7 +75,7 @@ def write_study_config(tmp_path: Path, data_dir: Path, **extra: Any) -> Path:
         "checkpoints": {"base": None},
         "seeds": [0],
         "finetune": FAST,
-        "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False},
+        "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False, "apgd_dlr": False},
         **extra,
     }
     path = tmp_path / "study.yaml"

@@ -33,6 +33,7 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
         "pgd1@2",
         "pgd2@2",
         "apgd-ce@2",
+        "apgd-dlr@2",
         "zero-grad@2",
         "retrieval",
         "retrieval_adv",
@@ -44,8 +45,15 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
         <= m["clean_accuracy"]["value"]
         <= m["clean_accuracy"]["ci_high"]
     )
-    for name in ("robust_accuracy/pgd2@2", "robust_accuracy/apgd-ce@2", "robust_accuracy/worst@2"):
-        assert m[name]["value"] <= m["clean_accuracy"]["value"]
+    attacked = ("pgd1@2", "pgd2@2", "apgd-ce@2", "apgd-dlr@2")
+    for name in (*attacked, "worst@2"):
+        assert m[f"robust_accuracy/{name}"]["value"] <= m["clean_accuracy"]["value"]
+    # the worst case is the per-image minimum over every attack, APGD-DLR included
+    robust = {
+        g: {r["index"]: r["robust_correct"] for r in rows if r["group"] == g} for g in attacked
+    }
+    worst = [all(robust[g][i] for g in attacked) for i in sorted(robust["apgd-dlr@2"])]
+    assert m["robust_accuracy/worst@2"]["value"] == pytest.approx(sum(worst) / len(worst))
     clean_rows = [r for r in rows if r["group"] == "clean"]
     shuffled_rows = [r for r in rows if r["group"] == "shuffled"]
     assert [(r["index"], r["label"]) for r in shuffled_rows] == [
@@ -113,7 +121,8 @@ def test_cli_finetune_writes_results_and_its_report(tmp_path: Path, data_dir: Pa
 
     cfg = run_config(tmp_path, data_dir)
     cfg.finetune.max_train_items, cfg.finetune.val_fraction = 12, 0.5
-    cfg.robust.retrieval, cfg.robust.pgd_steps, cfg.robust.apgd = False, [1], False
+    cfg.robust.retrieval, cfg.robust.pgd_steps = False, [1]
+    cfg.robust.apgd, cfg.robust.apgd_dlr = False, False
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["finetune", "--config", str(path)])

@@ -7,6 +7,7 @@ Image attacks take [0, 1] NCHW images and a model that normalises them itself::
 """
 
 from medshield.attacks.apgd import APGD
+from medshield.attacks.apgd_dlr import APGDDLR, dlr_loss
 from medshield.attacks.base import Attack, attack_mode, cross_entropy_loss
 from medshield.attacks.co_attack import CoAttack
 from medshield.attacks.fgsm import FGSM
@@ -19,6 +20,7 @@ from medshield.attacks.text import WordSubstitutionAttack
 
 __all__ = [
     "APGD",
+    "APGDDLR",
     "FGSM",
     "PGD",
     "SGA",
@@ -32,6 +34,7 @@ __all__ = [
     "WordSubstitutionAttack",
     "attack_mode",
     "cross_entropy_loss",
+    "dlr_loss",
     "robust_accuracy",
     "sanity_checks",
 ]

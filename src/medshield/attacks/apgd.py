@@ -97,7 +97,7 @@ class APGD(Attack):
 
     def __repr__(self) -> str:
         return (
-            f"APGD(eps={self.eps:g}/255, steps={self.steps}, norm={self.norm}, "
+            f"{type(self).__name__}(eps={self.eps:g}/255, steps={self.steps}, norm={self.norm}, "
             f"restarts={self.restarts})"
         )
 

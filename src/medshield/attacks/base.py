@@ -36,16 +36,17 @@ def _is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Default attack loss: per-example cross-entropy of (N, K) logits against (N,) labels."""
+def check_class_logits(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
+    """Validate (N, K) logits and (N,) integer labels in 0..K-1 for the classification ``loss``
+    (its name, for the error message)."""
     if logits.ndim != 2:
         raise InputError(
-            f"the default cross-entropy loss needs (N, K) logits, got model output of shape "
+            f"the {loss} loss needs (N, K) logits, got model output of shape "
             f"{tuple(logits.shape)}; pass loss_fn=... to attack a model with other outputs"
         )
     if labels.ndim != 1 or not _is_integer(labels):
         raise InputError(
-            f"the default cross-entropy loss needs 1-D integer labels, got {labels.dtype} "
+            f"the {loss} loss needs 1-D integer labels, got {labels.dtype} "
             f"of shape {tuple(labels.shape)}"
         )
     num_classes = logits.shape[1]
@@ -54,6 +55,11 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             f"labels must lie in 0..{num_classes - 1} (the model has {num_classes} classes), "
             f"got [{labels.min().item()}, {labels.max().item()}]"
         )
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Default attack loss: per-example cross-entropy of (N, K) logits against (N,) labels."""
+    check_class_logits(logits, labels, "default cross-entropy")
     return F.cross_entropy(logits, labels.long(), reduction="none")
 
 

@@ -83,6 +83,7 @@ class DemoRobustConfig(RobustEvalConfig):
     pgd_steps: list[int] = Field(default_factory=lambda: [10])
     restarts: int = Field(1, ge=1)
     apgd: bool = False
+    apgd_dlr: bool = False
     max_test_items: int | None = Field(100, ge=1)
     retrieval: bool = False
 

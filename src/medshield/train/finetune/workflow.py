@@ -16,9 +16,11 @@ Evaluation on a class-balanced test subsample:
   prompts or class priors, not the image). A constant classifier keeps ``majority_accuracy``
   under any image attack, so a robust accuracy below it is worse than ignoring the image;
 - for every budget ``eps`` (default 1, 2, 4 /255): PGD with each of ``pgd_steps`` (default 10
-  and 50, ``restarts`` random restarts, Madry et al. 2018) and APGD-CE (Croce and Hein 2020),
-  one row per image from :func:`medshield.attacks.sanity.robust_accuracy` (on the VQA task the
-  image is attacked, its question stays);
+  and 50, ``restarts`` random restarts, Madry et al. 2018), APGD-CE and APGD-DLR (Croce and
+  Hein 2020; ``apgd`` / ``apgd_dlr``, ``apgd_steps`` each; DLR is the plain margin loss on a
+  two-class task, see :func:`medshield.attacks.apgd_dlr.dlr_loss`), one row per image from
+  :func:`medshield.attacks.sanity.robust_accuracy` (on the VQA task the image is attacked, its
+  question stays), and ``robust_accuracy/worst@eps``, the per-image worst case over them;
 - ``zero-grad@eps``: the gradient-masking check of :mod:`medshield.attacks.sanity`;
 - on a modality, unless ``robust.retrieval`` is false, ``retrieval`` and ``retrieval_adv``:
   image-text retrieval over the modality's test images (``retrieval_per_class_cap`` per class)
@@ -47,6 +49,7 @@ from pydantic import Field, model_validator
 from scipy.stats import binomtest
 
 from medshield.attacks.apgd import APGD
+from medshield.attacks.apgd_dlr import APGDDLR
 from medshield.attacks.base import Attack
 from medshield.attacks.multimodal import MultimodalAttack, build_multimodal_attack
 from medshield.attacks.pgd import PGD, pgd_step_size
@@ -89,6 +92,9 @@ RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 class RobustEvalConfig(StrictModel):
     """Clean and robust evaluation after fine-tuning (budgets and step sizes in /255).
 
+    ``apgd`` / ``apgd_dlr``: also attack with APGD-CE / APGD-DLR, ``apgd_steps`` steps each;
+    every attack is a row group of its own and enters the per-image worst case.
+
     ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
     modality, clean and under the registered multimodal ``retrieval_attack`` built with
     ``retrieval_attack_kwargs``, over ``retrieval_per_class_cap`` test images per class.
@@ -99,6 +105,7 @@ class RobustEvalConfig(StrictModel):
     restarts: int = Field(2, ge=1)
     apgd_steps: int = Field(50, ge=1)
     apgd: bool = True
+    apgd_dlr: bool = True
     max_test_items: int | None = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
     bootstrap_resamples: int = Field(1000, ge=10)
@@ -174,6 +181,8 @@ def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[t
     ]
     if ev.apgd:
         attacks.append(("apgd-ce", APGD(model, eps=eps, steps=ev.apgd_steps)))
+    if ev.apgd_dlr:
+        attacks.append(("apgd-dlr", APGDDLR(model, eps=eps, steps=ev.apgd_steps)))
     return attacks
 
 
