@@ -1,4 +1,5 @@
-"""Image attacks (FGSM, PGD, APGD-CE, APGD-DLR) on tiny in-test models: budgets, strength, model state."""
+"""Image attacks (FGSM, PGD, APGD-CE, APGD-DLR) on tiny in-test models: budgets, strength,
+model state."""
 
 from __future__ import annotations
 
