@@ -7,10 +7,10 @@ data and adversary for every method (matched budgets). The tasks are the modalit
 questions answered "yes" or "no", each method fine-tuned as a yes/no classifier whose class
 prompts are the item's own question followed by each answer (``"<question> yes"``,
 ``"<question> no"``, see :mod:`medshield.train.finetune.common`), evaluated clean and with the
-image under the same PGD / APGD-CE attacks and budgets as the modalities. A cell with a
-``results.json`` is done and kept; an interrupted cell resumes from its own ``samples.jsonl``;
-the study resumes per cell. ``ran_ablations`` adds RAN variants with one loss term switched off
-each (``ran-no_<term>``).
+image under the same PGD / APGD-CE / APGD-DLR attacks and budgets as the modalities. A cell
+with a ``results.json`` is done and kept; an interrupted cell resumes from its own
+``samples.jsonl``; the study resumes per cell. ``ran_ablations`` adds RAN variants with one loss
+term switched off each (``ran-no_<term>``).
 
 The study directory gets ``table.csv`` / ``table.md`` (per checkpoint, method and task: clean
 accuracy, the two image-free references ``majority_accuracy`` and ``shuffled_image_accuracy``
