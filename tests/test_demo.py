@@ -275,6 +275,7 @@ def test_overriding_one_key_keeps_the_demo_defaults_of_its_section() -> None:
     )
     assert config.evaluate.tasks == ["zero_shot"] and config.data.train_per_class_cap == 40
     assert (config.noise.eps, config.noise.ratio) == (8.0, 0.5)
-    assert config.finetune.robust.eps == [1.0, 2.0] and not config.finetune.robust.apgd
+    robust = config.finetune.robust
+    assert robust.eps == [1.0, 2.0] and not robust.apgd and not robust.apgd_dlr
     assert config.finetune.finetune["max_train_items"] == 256
     assert config.redteam.generation.max_new_tokens == 24
