@@ -1,10 +1,12 @@
 """The adv-* baselines: registered, train on RAN's TRADES objective through the same functions
 RAN uses (a non-zero KL term in the log), keep their clean namesake's trainable parameters, and
-refuse a config without an adversary before training."""
+refuse a config without an adversary before training; the new baselines (with TeCoA and
+fare-probe) train on a modality and on the VQA task and save and load."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from finetune_support import FAST, run_method
 from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.registry import METHODS
-from medshield.train.finetune import adv, ran, trades
+from medshield.train.finetune import adv, load_finetuned, ran, save_finetuned, trades
 from medshield.train.finetune.common import (
     FineTuneConfig,
     TrainData,
@@ -105,3 +107,35 @@ def test_adv_lora_keeps_loras_options() -> None:
         {"method": "adv-lora", "kwargs": {"rank": 4, "beta": 1}}
     ).options
     assert options.rank == 4 and options.beta == 1 and options.merge
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "epochs"),
+    [
+        ("adv-lora", {"rank": 2, **QUICK}, 1),
+        ("adv-adapter", QUICK, 1),
+        ("tecoa", {}, 1),
+        ("fare-probe", {}, 2),
+    ],
+)
+@pytest.mark.parametrize("task", ["train", "vqa_train"])
+def test_new_baselines_train_on_both_task_kinds_and_round_trip(
+    base: MiniClip,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    method: str,
+    kwargs: dict,
+    epochs: int,
+    task: str,
+) -> None:
+    items: TrainData = request.getfixturevalue(task)
+    _, result = run_method(base, items, method, kwargs=kwargs, lr=1e-2, epochs=epochs)
+    assert all(epoch["loss"] > 0 for epoch in result.report["history"])
+    save_finetuned(result, tmp_path / method)
+    loaded, _ = load_finetuned(tmp_path / method, model=copy.deepcopy(base))
+    x, clf = items.images[:4], result.classifier
+    if items.questions is not None:
+        for c in (clf, loaded):
+            c.set_questions(items.questions[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), clf(x))
