@@ -115,3 +115,21 @@ def test_fare_probe_without_probe_epochs_fails_before_training(
 ) -> None:
     with pytest.raises(ConfigError, match="leaves none for the linear probe"):
         _two_epochs(base, train, "fare-probe", epochs=epochs, kwargs=kwargs)
+
+
+def test_fare_probe_trains_its_head_at_probe_lr(base: MiniClip, train: TrainData) -> None:
+    cfg = FineTuneConfig(
+        method="fare-probe", kwargs={"probe_lr": 1e-2}, **{**FAST, "epochs": 2, "lr": 1e-9}
+    )
+    method = method_for(cfg)
+    clf = method.build(copy.deepcopy(base), train.class_prompts)
+    trainable = [p for p in clf.parameters() if p.requires_grad]
+    tower, head = method.param_groups(clf, trainable)
+    assert "lr" not in tower and head["lr"] == 1e-2
+    assert {id(p) for p in head["params"]} == {id(clf.class_weight), id(clf.bias)}
+    assert len(tower["params"]) + 2 == len(trainable)
+    model, result = _two_epochs(base, train, "fare-probe", lr=1e-9, kwargs={"probe_lr": 1e-2})
+    clf = result.classifier
+    moved = (clf.class_weight - clf.zero_shot_embeddings).abs().max()
+    tower_moved = (model.image_proj.weight - base.image_proj.weight).abs().max()
+    assert moved > 1e-3 > 1e-6 > tower_moved

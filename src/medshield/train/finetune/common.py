@@ -454,6 +454,13 @@ class FineTuneMethod(ABC):
     def start_epoch(self, epoch: int) -> None:  # noqa: B027
         """Hook run at the start of every epoch (0-based), before its first step."""
 
+    def param_groups(
+        self, classifier: nn.Module, trainable: list[nn.Parameter]
+    ) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group may set its own ``lr`` (by default one
+        group at ``FineTuneConfig.lr``)."""
+        return [{"params": trainable}]
+
     def finalize(self, classifier: nn.Module) -> nn.Module:
         """Turn the trained classifier into the inference classifier (fold, refresh buffers)."""
         if isinstance(classifier, FineTunedClassifier):
@@ -761,7 +768,8 @@ def finetune(
             f"hold {QUESTION_FIELD} (a question-conditioned FineTunedClassifier)"
         )
     method.prepare(classifier, train)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    groups = method.param_groups(classifier, trainable)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # accuracy, epoch, state

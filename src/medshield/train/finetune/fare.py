@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +91,11 @@ class FARE(FineTuneMethod):
 
 
 class FAREProbeOptions(StrictModel):
-    """``fare_epochs``: the epochs of FARE before the probe (None: half of them, at least 1)."""
+    """``fare_epochs``: the epochs of FARE before the probe (None: half of them, at least 1);
+    ``probe_lr``: the head's learning rate (None: ``FineTuneConfig.lr``, which the tower uses)."""
 
     fare_epochs: int | None = Field(None, ge=1)
+    probe_lr: float | None = Field(None, gt=0)
 
 
 @METHODS.register("fare-probe", "FARE, then a linear probe on its frozen image features")
@@ -101,8 +104,9 @@ class FAREProbe(FARE):
     linear probe (:mod:`~medshield.train.finetune.linear_probe`: the head learned with
     cross-entropy on the FARE features, computed in eval mode without gradients, so the tower
     stays as FARE left it) for the rest: FARE's supervised score, beside ``fare``'s zero-shot
-    one. One optimiser serves both phases; a parameter without a gradient in a phase is left
-    alone by AdamW, so each phase updates its own part only."""
+    one. One optimiser serves both phases, the tower at ``FineTuneConfig.lr`` and the head at
+    ``probe_lr`` (a probe needs a larger step than FARE's 1e-5 scale); a parameter without a
+    gradient in a phase is left alone by AdamW, so each phase updates its own part only."""
 
     name = "fare-probe"
     paper = "Schlarmann et al. ICML 2024 (FARE), then a CLIP linear probe (Radford et al. 2021)"
@@ -126,6 +130,19 @@ class FAREProbe(FARE):
     ) -> FineTunedClassifier:
         image_side_trainable(model)
         return FineTunedClassifier(model, class_prompts, head="learned")
+
+    def param_groups(
+        self, classifier: nn.Module, trainable: list[nn.Parameter]
+    ) -> list[dict[str, Any]]:
+        """The tower at ``FineTuneConfig.lr`` (FARE's), the head at ``probe_lr``."""
+        head = {id(classifier.class_weight), id(classifier.bias)}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in trainable if id(p) not in head]},
+            {"params": [p for p in trainable if id(p) in head]},
+        ]
+        if self.options.probe_lr is not None:
+            groups[1]["lr"] = self.options.probe_lr
+        return groups
 
     def prepare(self, classifier: nn.Module, train: TrainData) -> None:
         super().prepare(classifier, train)
