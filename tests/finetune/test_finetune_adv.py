@@ -22,6 +22,7 @@ from medshield.train.finetune.common import (
     TrainData,
     method_for,
     parse_finetune_config,
+    prompt_embeddings,
 )
 
 ADV = ("adv-lora", "adv-adapter", "adv-linear-probe")
@@ -139,3 +140,20 @@ def test_new_baselines_train_on_both_task_kinds_and_round_trip(
             c.set_questions(items.questions[:4])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), clf(x))
+
+
+def test_the_adversary_of_a_live_head_sees_the_current_text_tower(
+    base: MiniClip, train: TrainData
+) -> None:
+    cfg = FineTuneConfig(method="adv-lora", kwargs=QUICK, **FAST)
+    clf = method_for(cfg).build(copy.deepcopy(base), train.class_prompts)
+    with torch.no_grad():
+        for name, p in clf.model.named_parameters():
+            if "text_tower" in name and "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    stale = clf.class_weight.clone()
+    trades.trades_adversary(clf, train.images[:2], cfg.adversary.eps, cfg.options)
+    assert not torch.allclose(clf.class_weight, stale)
+    with torch.no_grad():
+        current = prompt_embeddings(clf.eval().model, train.class_prompts)
+    torch.testing.assert_close(clf.class_weight, current)
