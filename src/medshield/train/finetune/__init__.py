@@ -1,11 +1,14 @@
-"""Fine-tuning methods, one file each, registered in :data:`medshield.registry.METHODS`.
+"""Fine-tuning methods, one file each (the ``adv-*`` baselines share ``adv.py``), registered in
+:data:`medshield.registry.METHODS`.
 
-``linear-probe``, ``full``, ``lora``, ``adapter``, ``tecoa``, ``fare`` and ``ran``; see
+``linear-probe``, ``full``, ``lora``, ``adapter``, ``tecoa``, ``fare``, ``ran`` and the
+adversarial baselines ``adv-lora``, ``adv-adapter`` and ``adv-linear-probe``; see
 :mod:`medshield.train.finetune.common` for the shared classifier, loop and save/load.
 """
 
 from medshield.train.finetune import (  # noqa: F401  (registration)
     adapter,
+    adv,
     fare,
     full,
     linear_probe,

@@ -96,15 +96,18 @@ Log = Callable[[str], None]
 
 
 class AdversaryConfig(StrictModel):
-    """On-the-fly PGD adversary used while training (TeCoA, FARE; RAN uses its ``eps`` with its
-    own ``pgd_steps`` / ``pgd_step``), L-inf, /255 units.
+    """On-the-fly PGD adversary used while training (TeCoA, FARE; RAN and the ``adv-*`` methods
+    use its ``eps`` with their own ``pgd_steps`` / ``pgd_step``), L-inf, /255 units.
 
-    ``alpha`` defaults to :func:`medshield.attacks.pgd.pgd_step_size`: ``2.5 * eps / steps``
-    (Madry et al., 2018), at least ``eps / 4``.
+    ``steps`` defaults to 10 and ``alpha`` to :func:`medshield.attacks.pgd.pgd_step_size`,
+    ``2.5 * eps / steps`` (Madry et al., 2018) but at least ``eps / 4``: 10 steps of eps / 4,
+    the TeCoA and FARE reference training adversary (RobustVLM, Schlarmann et al. 2024). Until
+    2026-12 the default was 2 steps of 1.25 x eps, an FGSM-like adversary that invites
+    catastrophic overfitting.
     """
 
     eps: float = Field(2.0, gt=0)
-    steps: int = Field(2, ge=1)
+    steps: int = Field(10, ge=1)
     alpha: float | None = Field(None, gt=0)
 
     @property
@@ -129,8 +132,8 @@ class FineTuneConfig(StrictModel):
             earliest on a tie) instead of the last epoch's; needs ``val_fraction`` above 0.
         kwargs: method-specific options, validated by the method (unknown keys are refused;
             RAN's loss weights are among its options).
-        adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN takes
-            its ``eps`` and sets its own steps).
+        adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN and the
+            ``adv-*`` methods take its ``eps`` and set their own steps).
     """
 
     method: str = "ran"
@@ -318,9 +321,12 @@ class FineTunedClassifier(nn.Module):
             raise InputError(f"{len(labels)} labels for {len(embeddings)} questions")
         return embeddings[torch.arange(len(labels), device=labels.device), labels]
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from unit image embeddings."""
-        classes, scale = self.class_embeddings(), self.model.logit_scale.exp()
+    def logits(
+        self, features: torch.Tensor, scale: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits from unit image embeddings, at the model's logit scale or at ``scale``."""
+        classes = self.class_embeddings()
+        scale = self.model.logit_scale.exp() if scale is None else scale
         if classes.ndim == 2:
             return scale * features @ classes.T + self.bias
         if len(classes) != len(features):
@@ -444,6 +450,16 @@ class FineTuneMethod(ABC):
 
     def prepare(self, classifier: nn.Module, train: TrainData) -> None:  # noqa: B027
         """Hook run once before the first step (e.g. keep a frozen copy)."""
+
+    def start_epoch(self, epoch: int) -> None:  # noqa: B027
+        """Hook run at the start of every epoch (0-based), before its first step."""
+
+    def param_groups(
+        self, classifier: nn.Module, trainable: list[nn.Parameter]
+    ) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group may set its own ``lr`` (by default one
+        group at ``FineTuneConfig.lr``)."""
+        return [{"params": trainable}]
 
     def finalize(self, classifier: nn.Module) -> nn.Module:
         """Turn the trained classifier into the inference classifier (fold, refresh buffers)."""
@@ -752,7 +768,8 @@ def finetune(
             f"hold {QUESTION_FIELD} (a question-conditioned FineTunedClassifier)"
         )
     method.prepare(classifier, train)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    groups = method.param_groups(classifier, trainable)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # accuracy, epoch, state
@@ -764,6 +781,7 @@ def finetune(
         )
     start = time.perf_counter()
     for epoch in range(config.epochs):
+        method.start_epoch(epoch)
         batches = _batches(len(train.images), config.batch_size, generator)
         if len(batches) > 1 and len(batches[-1]) < 2:
             batches = batches[:-1]  # a 1-item batch breaks BatchNorm and batch statistics

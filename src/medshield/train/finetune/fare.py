@@ -10,18 +10,28 @@ with ``phi`` the (unnormalised) image embedding being trained and ``phi_orig`` a
 the original model; the maximisation is PGD (``FineTuneConfig.adversary``). No labels are used,
 and the text tower is untouched, so the classifier is the zero-shot classifier with the base
 class-prompt embeddings. The labels of the downstream split are ignored (FARE is unsupervised).
+The adversary is ``FineTuneConfig.adversary``, by default PGD-10 with steps of eps / 4, as in
+the reference training (RobustVLM: 10 steps of 1/255 at eps 4/255, AdamW, lr 1e-5).
+
+``fare`` is scored as the zero-shot classifier it is; ``fare-probe`` (:class:`FAREProbe`)
+trains FARE and then a linear probe on its frozen features, for the supervised comparison.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from medshield.attacks.pgd import PGD
-from medshield.models.base import DualEncoder
+from medshield.config import StrictModel
+from medshield.errors import ConfigError
+from medshield.models.base import DualEncoder, eval_mode
 from medshield.registry import METHODS
 from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, TrainData, freeze
 from medshield.train.finetune.tecoa import image_side_trainable
@@ -78,3 +88,74 @@ class FARE(FineTuneMethod):
     def finalize(self, classifier: nn.Module) -> nn.Module:
         self.original = None  # type: ignore[assignment]  # free the frozen copy
         return super().finalize(classifier)
+
+
+class FAREProbeOptions(StrictModel):
+    """``fare_epochs``: the epochs of FARE before the probe (None: half of them, at least 1);
+    ``probe_lr``: the head's learning rate (None: ``FineTuneConfig.lr``, which the tower uses)."""
+
+    fare_epochs: int | None = Field(None, ge=1)
+    probe_lr: float | None = Field(None, gt=0)
+
+
+@METHODS.register("fare-probe", "FARE, then a linear probe on its frozen image features")
+class FAREProbe(FARE):
+    """FARE for the first ``fare_epochs`` epochs (unsupervised, the head untouched), then a
+    linear probe (:mod:`~medshield.train.finetune.linear_probe`: the head learned with
+    cross-entropy on the FARE features, computed in eval mode without gradients, so the tower
+    stays as FARE left it) for the rest: FARE's supervised score, beside ``fare``'s zero-shot
+    one. One optimiser serves both phases, the tower at ``FineTuneConfig.lr`` and the head at
+    ``probe_lr`` (a probe needs a larger step than FARE's 1e-5 scale); a parameter without a
+    gradient in a phase is left alone by AdamW, so each phase updates its own part only."""
+
+    name = "fare-probe"
+    paper = "Schlarmann et al. ICML 2024 (FARE), then a CLIP linear probe (Radford et al. 2021)"
+    Options = FAREProbeOptions
+
+    def fare_epochs(self) -> int:
+        epochs = self.config.epochs
+        return self.options.fare_epochs or max(1, epochs // 2)
+
+    def check(self, model: DualEncoder) -> None:
+        super().check(model)
+        if self.fare_epochs() >= self.config.epochs:
+            raise ConfigError(
+                f"fare-probe trains FARE for {self.fare_epochs()} of {self.config.epochs} epochs "
+                "and leaves none for the linear probe: give at least 2 epochs and fare_epochs "
+                "below epochs"
+            )
+
+    def build(
+        self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
+    ) -> FineTunedClassifier:
+        image_side_trainable(model)
+        return FineTunedClassifier(model, class_prompts, head="learned")
+
+    def param_groups(
+        self, classifier: nn.Module, trainable: list[nn.Parameter]
+    ) -> list[dict[str, Any]]:
+        """The tower at ``FineTuneConfig.lr`` (FARE's), the head at ``probe_lr``."""
+        head = {id(classifier.class_weight), id(classifier.bias)}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in trainable if id(p) not in head]},
+            {"params": [p for p in trainable if id(p) in head]},
+        ]
+        if self.options.probe_lr is not None:
+            groups[1]["lr"] = self.options.probe_lr
+        return groups
+
+    def prepare(self, classifier: nn.Module, train: TrainData) -> None:
+        super().prepare(classifier, train)
+        self.probing = False
+
+    def start_epoch(self, epoch: int) -> None:
+        self.probing = epoch >= self.fare_epochs()
+
+    def loss(
+        self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.probing:
+            return super().loss(classifier, images, labels)
+        with torch.no_grad(), eval_mode(classifier.model):
+            features = classifier.image_embeddings(images)
+        return F.cross_entropy(classifier.logits(features), labels), {}

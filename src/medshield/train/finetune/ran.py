@@ -26,11 +26,9 @@ its term off, and the per-epoch mean of every active term is in the run's histor
 
 (a) noise-aware fine-tuning, TRADES (Zhang et al., ICML 2019): ``task_clean`` x the
     cross-entropy on clean images + ``beta`` x ``kl``, the KL divergence between the class
-    distributions of clean and adversarial images, ``sum p_clean (log p_clean - log p_adv)``
-    as in TRADES, with gradients through both. The adversarial images maximise that KL: PGD
-    (:class:`~medshield.attacks.pgd.PGD`, which runs the model in eval mode) against the
-    current classifier, L-inf ball of ``FineTuneConfig.adversary.eps``, ``pgd_steps`` steps of
-    ``pgd_step`` x eps (default 5 steps of eps / 4) from a random start;
+    distributions of clean and adversarial images, with the PGD adversary of
+    :mod:`medshield.train.finetune.trades` (default 5 steps of eps / 4, in eval mode); the
+    ``adv-*`` baselines train on the same objective and adversary without (b) and (c);
 (b) dynamic re-alignment: ``keep`` x ``||f(x) - f_0(x)||^2`` keeps the clean unit image
     features near those of a frozen copy ``f_0`` of the model as training began (the pretrained
     features), and ``align`` x ``||f(x_adv) - f_ema(x)||^2`` pulls the adversarial features onto
@@ -57,10 +55,8 @@ from peft.tuners.lora import LoraLayer
 from pydantic import model_validator
 from torch import nn
 
-from medshield.attacks.pgd import PGD
-from medshield.config import StrictModel
 from medshield.errors import ConfigError
-from medshield.models.base import DualEncoder, eval_mode
+from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
 from medshield.train.finetune.common import (
     FineTunedClassifier,
@@ -69,6 +65,7 @@ from medshield.train.finetune.common import (
     freeze,
 )
 from medshield.train.finetune.lora import inject_lora
+from medshield.train.finetune.trades import TradesOptions, trades_adversary, trades_kl
 from medshield.train.pretrain import contrastive_loss
 
 Depth = int | Literal["early", "middle", "late"]
@@ -76,9 +73,10 @@ TOWER_ONLY = frozenset({"depths", "projection", "alpha"})
 HEAD_ONLY = frozenset({"rectifier", "hidden", "fold"})
 
 
-class RANOptions(StrictModel):
+class RANOptions(TradesOptions):
     """RAN's options (see the module docstring): where the rectifiers live, their size, the
-    training adversary's steps, and the loss weights (:data:`RAN_TERMS`)."""
+    loss weights (:data:`RAN_TERMS`), and, from :class:`TradesOptions`, ``beta`` and the
+    training adversary's steps."""
 
     placement: Literal["tower", "head"] = "tower"
     # tower placement
@@ -91,12 +89,8 @@ class RANOptions(StrictModel):
     rectifier: Literal["linear", "mlp"] = "mlp"
     hidden: int = 64
     fold: bool = True
-    # the adversary: pgd_steps steps of pgd_step x FineTuneConfig.adversary.eps
-    pgd_steps: int = 5
-    pgd_step: float = 0.25
-    # loss weights (0 switches a term off) and the EMA teacher's momentum
+    # loss weights (0 switches a term off; beta is TradesOptions') and the EMA teacher's momentum
     task_clean: float = 1.0
-    beta: float = 6.0
     keep: float = 1.0
     align: float = 1.0
     cov: float = 1.0
@@ -118,13 +112,6 @@ class RANOptions(StrictModel):
                 "RAN needs a term that teaches the labels: task_clean and contrastive cannot "
                 "both be 0 (an ablation switches off one of them at most)"
             )
-        if self.pgd_steps < 1:
-            raise ValueError(
-                f"pgd_steps must be at least 1, got {self.pgd_steps}: RAN's noise-aware terms "
-                "need a PGD adversary (the default is 5 steps of eps / 4)"
-            )
-        if not 0 < self.pgd_step <= 1:
-            raise ValueError(f"pgd_step is a fraction of eps in (0, 1], got {self.pgd_step}")
         if not 0 <= self.ema_momentum < 1:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         for name, value in (("hidden", self.hidden), ("rank", self.rank), ("alpha", self.alpha)):
@@ -332,12 +319,6 @@ def singular_value_penalty(features: torch.Tensor, top_k: int) -> torch.Tensor:
     return -s[:top_k].sum() / s.sum().clamp_min(1e-8)
 
 
-def trades_kl(adv_logits: torch.Tensor, clean_log_probs: torch.Tensor) -> torch.Tensor:
-    """Per-example ``sum p_clean (log p_clean - log p_adv)`` (TRADES's KL), (N,)."""
-    adv_log_probs = F.log_softmax(adv_logits, dim=-1)
-    return (clean_log_probs.exp() * (clean_log_probs - adv_log_probs)).sum(-1)
-
-
 def _frozen_copy(module: nn.Module) -> nn.Module:
     copied = copy.deepcopy(module).eval()
     freeze(copied)
@@ -412,13 +393,8 @@ class RAN(FineTuneMethod):
         if o.task_clean > 0:
             terms["task_clean"] = F.cross_entropy(clean_logits, labels)
         if o.beta > 0 or o.align > 0:
-            with torch.no_grad(), eval_mode(classifier):
-                target = F.log_softmax(classifier(images), dim=-1)
-            eps = self.config.adversary.eps
-            attack = PGD(
-                classifier, eps=eps, alpha=o.pgd_step * eps, steps=o.pgd_steps, loss_fn=trades_kl
-            )
-            adv = classifier.image_embeddings(attack(images, target))
+            adv_images = trades_adversary(classifier, images, self.config.adversary.eps, o)
+            adv = classifier.image_embeddings(adv_images)
             if o.beta > 0:
                 clean_log_probs = F.log_softmax(clean_logits, dim=-1)
                 terms["beta"] = trades_kl(classifier.logits(adv), clean_log_probs).mean()

@@ -4,9 +4,19 @@ Mao, Geng, Yang, Wang and Vondrick, "Understanding Zero-Shot Adversarial Robustn
 Vision-Language Models", ICLR 2023. The image tower (and its projection) is fine-tuned on PGD
 examples crafted on the fly against the current model, with the cross-entropy of
 ``logit_scale * <image embedding, class-prompt embedding>`` (the text-guided loss); the text
-tower stays frozen, so the class-prompt embeddings are fixed. The adversary is
-``FineTuneConfig.adversary`` (L-inf PGD, ``eps``/``alpha`` in /255, ``steps``; the paper trains
-with eps 1/255 and 2 steps).
+tower stays frozen, so the class-prompt embeddings are fixed.
+
+Two settings follow the reference code (RobustVLM's ``adversarial_training_clip.py --loss ce``,
+Schlarmann et al. 2024, which trains TeCoA as its baseline):
+
+- ``logit_scale`` (default 100, CLIP's trained scale) is the scale of the training loss and of
+  the adversary's loss, not the model's own scale: mini-clip's is about 14, and with chest
+  X-ray class prompts at cosine 0.92 to each other that caps the logit gap at
+  ``14 ||c_1 - c_2|| = 5.6`` (1.9 on abdominal CT), so the cross-entropy cannot get small
+  however well the images separate. The deployed classifier keeps the model's scale (the same
+  prediction: the head is fixed and its bias zero).
+- The adversary is ``FineTuneConfig.adversary``, by default PGD-10 with steps of eps / 4
+  (``steps`` and ``alpha`` configurable, /255 units), crafted in eval mode.
 """
 
 from __future__ import annotations
@@ -15,11 +25,32 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
 
 from medshield.attacks.pgd import PGD
+from medshield.config import StrictModel
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
 from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, freeze
+
+
+class TeCoAOptions(StrictModel):
+    """``logit_scale``: the scale of the training (and adversary's) cross-entropy."""
+
+    logit_scale: float = Field(100.0, gt=0)
+
+
+class ScaledLogits(nn.Module):
+    """A :class:`FineTunedClassifier`'s logits at a fixed ``scale`` (images -> logits)."""
+
+    def __init__(self, classifier: FineTunedClassifier, scale: float) -> None:
+        super().__init__()
+        self.classifier, self.scale = classifier, scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.classifier.image_embeddings(images)
+        return self.classifier.logits(features, scale=self.scale)
 
 
 def image_side_trainable(model: DualEncoder) -> None:
@@ -37,7 +68,8 @@ def image_side_trainable(model: DualEncoder) -> None:
 @METHODS.register("tecoa", "adversarial fine-tuning, CE over class prompts on PGD (Mao 2023)")
 class TeCoA(FineTuneMethod):
     name = "tecoa"
-    paper = "Mao et al. ICLR 2023 (TeCoA)"
+    paper = "Mao et al. ICLR 2023 (TeCoA); settings of Schlarmann et al. ICML 2024 (RobustVLM)"
+    Options = TeCoAOptions
 
     def build(
         self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
@@ -48,7 +80,8 @@ class TeCoA(FineTuneMethod):
     def loss(
         self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        scaled = ScaledLogits(classifier, self.options.logit_scale)
         adv_cfg = self.config.adversary
-        attack = PGD(classifier, eps=adv_cfg.eps, alpha=adv_cfg.step_size, steps=adv_cfg.steps)
+        attack = PGD(scaled, eps=adv_cfg.eps, alpha=adv_cfg.step_size, steps=adv_cfg.steps)
         adv = attack(images, labels)
-        return F.cross_entropy(classifier(adv), labels), {}
+        return F.cross_entropy(scaled(adv), labels), {}
