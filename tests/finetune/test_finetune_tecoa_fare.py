@@ -13,7 +13,6 @@ from finetune_support import FAST, run_method
 from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.registry import METHODS
-from medshield.train.finetune import finetune
 from medshield.train.finetune.common import (
     AdversaryConfig,
     FineTuneConfig,
@@ -56,18 +55,7 @@ def test_tecoa_refuses_a_non_positive_logit_scale() -> None:
 
 
 def _two_epochs(base: MiniClip, train: TrainData, method: str, **kwargs):
-    model = copy.deepcopy(base)
-    cfg = {**FAST, "epochs": kwargs.pop("epochs", 2), "method": method, "lr": 1e-2, **kwargs}
-    result = finetune(
-        model,
-        cfg,
-        train.modality,
-        train=train,
-        overhead_batch=2,
-        latency_repeats=1,
-        progress=False,
-    )
-    return model, result
+    return run_method(base, train, method, **{"epochs": 2, "lr": 1e-2, **kwargs})
 
 
 def test_fare_probe_trains_fare_then_a_probe_on_its_frozen_features(
