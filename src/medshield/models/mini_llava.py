@@ -194,11 +194,6 @@ class MiniLlava(nn.Module, ChatVLM):
         }
         self.system_prompt = system_prompt
         self.prefix_cache = prefix_cache
-        if type(prefix_cache_entries) is not int or prefix_cache_entries < 1:
-            raise InputError(
-                f"prefix_cache_entries must be an integer >= 1, got {prefix_cache_entries!r} "
-                "(prefix_cache=False turns caching off)"
-            )
         self._prefix_kv = PrefixCache(max_entries=prefix_cache_entries)
 
         tower, self.image_size, mean, std = _build_tower(str(clip), image_size)

@@ -56,6 +56,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from medshield.errors import InputError
+
 PrefixKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """One prefix's cached keys and values: per decoder layer, (keys, values) of shape
 (1, kv_heads, prefix_length, head_dim)."""
@@ -97,7 +99,7 @@ class PrefixCache:
     """A bounded LRU of prefix KV caches (see the module docstring).
 
     Args:
-        max_entries: the most prefixes kept.
+        max_entries: the most prefixes kept (at least 1; a backend's ``prefix_cache_entries``).
         max_bytes: the most bytes of keys and values kept (a prefix larger than this is computed
             and used but not kept).
 
@@ -107,6 +109,11 @@ class PrefixCache:
     """
 
     def __init__(self, max_entries: int = 16, max_bytes: int = 512 * 2**20) -> None:
+        if type(max_entries) is not int or max_entries < 1:
+            raise InputError(
+                f"prefix_cache_entries must be an integer >= 1, got {max_entries!r} "
+                "(prefix_cache=False turns caching off)"
+            )
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.hits = 0
@@ -145,7 +152,7 @@ class PrefixCache:
     def put(self, key: PrefixKey, kv: PrefixKV) -> None:
         """Keep ``kv`` for ``key``, evicting least recently used entries to stay in bounds."""
         size = _nbytes(kv)
-        if size > self.max_bytes or self.max_entries < 1:
+        if size > self.max_bytes:
             return
         self._entries.pop(key, None)
         held = self.nbytes
