@@ -32,8 +32,10 @@ Shared prefix (``mini-llava``)
     positions in preallocated buffers; :func:`shared_prefix_attention` (installed by
     :func:`use_shared_prefix_attention` as a transformers attention implementation, sdpa in
     every other call) reads the prefix once for the whole batch. This took the defended cost at
-    k = 8 from 1.35-1.47x to 1.17-1.30x the undefended one (``benchmarks/prefix_cache.py``). The
-    ``hf`` backend hands its cache to ``model.generate`` and keeps per-row copies.
+    k = 8 with a **fixed** demonstration set from 1.35-1.47x to 1.17-1.30x the undefended one
+    (``benchmarks/prefix_cache.py``). Retrieval gains only when a selected set repeats: a new
+    set is computed like an uncached prefix, and a batch of different sets gets per-row copies.
+    The ``hf`` backend hands its cache to ``model.generate`` and keeps per-row copies.
 
 Validity
     Entries hold for one set of weights. :func:`weights_fingerprint` (device, dtype and every
