@@ -146,6 +146,7 @@ class HFChatVLM(ChatVLM):
             checkpoint's; without one the processor's template is used, else the tokenizer's.
         prefix_cache: reuse the KV cache of the turns before the last user turn across requests
             where the model family allows it (see the module docstring); False recomputes it.
+        prefix_cache_entries: the most distinct prefixes kept (least recently used out first).
 
     Raises:
         DataError: ``path`` is not a directory or holds no readable image-text-to-text model
@@ -170,6 +171,7 @@ class HFChatVLM(ChatVLM):
         attn_implementation: str | None = None,
         chat_template: str | Path | None = None,
         prefix_cache: bool = True,
+        prefix_cache_entries: int = 16,
     ) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -232,7 +234,7 @@ class HFChatVLM(ChatVLM):
         self._placeholders = list(dict.fromkeys(t for t in candidates if isinstance(t, str) and t))
         self.prefix_cache = prefix_cache
         self.prefix_cache_unsupported = self._prefix_cache_support()
-        self._prefix_kv = PrefixCache()
+        self._prefix_kv = PrefixCache(max_entries=prefix_cache_entries)
         self._head_ids: OrderedDict[tuple[str, tuple[bytes, ...]], list[int]] = OrderedDict()
 
     def _prefix_cache_support(self) -> str | None:

