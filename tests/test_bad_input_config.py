@@ -47,6 +47,12 @@ CASES = [
         r"(?s)label\s+Value error, 'a/b' must be a single folder name",
     ),
     ("name-study", "study noise --set name={tmp}/keep", "must be a single folder name"),
+    (
+        "study-workers-above-cores",
+        "study finetune --set workers=100000",
+        r"workers: 100000 is more than the \d+ core\(s\) this process may run on; set workers "
+        r"to at most \d+",
+    ),
     ("name-redteam", "redteam --set name=../keep --overwrite", "must be a single folder"),
     (
         "overwrite-not-a-run",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from bad_input_support import run_cli
 from finetune_support import TINY_EVAL, run_config, run_method
 
 from medshield.config import dump_config
@@ -40,6 +41,16 @@ def test_a_gpu_asked_for_without_one_fails_before_training(tmp_path: Path, data_
     with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):
         run_finetune(cfg, Run(tmp_path / "ft", cfg))
     assert not (tmp_path / "ft" / "finetuned").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_study_asking_for_a_gpu_without_one_fails_before_any_cell(tmp_path: Path) -> None:
+    code, out = run_cli(
+        ["study", "finetune", "--set", f"output_dir={tmp_path}", "--set", "device=cuda"]
+    )
+    assert code == 2 and "Traceback" not in out, out
+    assert "error: device 'cuda' asked for, but torch sees no CUDA GPU here" in out
+    assert list(tmp_path.iterdir()) == []  # no study folder, no cell
 
 
 def test_the_device_is_not_part_of_a_runs_identity(tmp_path: Path, data_dir: Path) -> None:

@@ -48,14 +48,14 @@ from medshield.config import (
     check_folder_name,
     load_yaml_model,
 )
-from medshield.device import DeviceName
+from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
 from medshield.report.view import ci
 from medshield.runs import Log, Run
-from medshield.threads import set_threads, worker_threads
+from medshield.threads import set_threads, usable_cores, worker_threads
 from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
 from medshield.train.finetune.ran import RAN_TERMS
 from medshield.train.finetune.workflow import (
@@ -173,10 +173,24 @@ def _ablations(ran: MethodSpec, terms: Sequence[str]) -> list[MethodSpec]:
 def load_study_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> StudyFinetuneConfig:
-    """Read the study YAML and overrides, and validate every cell's fine-tuning config."""
+    """Read the study YAML and overrides, and validate every cell's fine-tuning config, the
+    device and the worker count on this machine.
+
+    Raises:
+        ConfigError: a bad cell config, a CUDA device this machine lacks, or more ``workers``
+            than the cores this process may run on (more processes than cores only wait on
+            each other).
+    """
     config = load_yaml_model(StudyFinetuneConfig, path, overrides)
     for spec in config.expanded_methods():
         _finetune_config(config, spec)  # every method's config fails now, not mid-study
+    resolve_device(config.device)  # a GPU this machine lacks fails before any cell
+    cores = usable_cores()
+    if config.workers > cores:
+        raise ConfigError(
+            f"workers: {config.workers} is more than the {cores} core(s) this process may run "
+            f"on; set workers to at most {cores} (e.g. --set workers={cores})"
+        )
     return config
 
 
