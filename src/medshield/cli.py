@@ -30,10 +30,7 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             resume = ctx.invoked_subcommand in RESUMABLE
-            console.print(
-                "interrupted" + ("; rerun the same command to resume" if resume else ""),
-                markup=False,
-            )
+            console.print("interrupted" + ("; rerun the same command to resume" if resume else ""))
             raise typer.Exit(code=130) from None
 
 

@@ -164,9 +164,7 @@ class Run:
 
     def rewrite_samples(self, rows: Iterable[dict[str, Any]]) -> None:
         """Replace ``samples.jsonl`` (used to drop rows of a group a crash left unfinished)."""
-        tmp = self.samples_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(self.samples_path)
+        write_atomic(self.samples_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def write_atomic(path: Path, data: bytes) -> None:
