@@ -12,9 +12,17 @@ from medshield.attacks import CoAttack
 from medshield.errors import InputError
 from medshield.eval.metrics import summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
-from medshield.eval.robust import check_eps_values, robust_flags, robust_zero_shot_rows
+from medshield.config import AttackEntry, attack_labels
+from medshield.eval.robust import (
+    check_eps_values,
+    robust_flags,
+    robust_rows,
+    robust_zero_shot_rows,
+    worst_case,
+)
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.models.mini_clip import MiniClip
+from medshield.train.finetune.workflow import RobustEvalConfig
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +137,103 @@ def test_vqa_under_attack_adds_robust_fields(model: MiniClip, data_dir: Path) ->
     clean_only = vqa_closed_rows(model, epochs=1, data_dir=data_dir)
     assert "adv_correct" not in clean_only[0]
     assert [r["pred"] for r in clean_only] == [r["pred"] for r in rows]  # attack adds, not alters
+
+
+# --- the defaults reproduce the evaluation before the one-path refactor (issue 24) -----------
+# Computed on main before the refactor (attacks.sanity.robust_accuracy with fine-tuning's
+# PGD-10/50 x 2 restarts, APGD-CE-50 and APGD-DLR-50 after torch.manual_seed(1), at 8 and 16
+# /255; eval.robust.pgd_rows with PGD-3 and seed 5): per image the adversarial prediction,
+# robust_correct and the perturbation's L2 size (/255, 4 decimals; rows keep 6) of the best
+# restart.
+FINETUNE_BEFORE = {
+    "pgd10@8": (
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+        [50.5846, 54.1012, 53.0653, 54.7822, 55.0047, 54.0602, 54.2572, 55.0878, 54.6838, 55.4256],
+    ),
+    "pgd50@8": (
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+        [50.5251, 54.3039, 53.0653, 54.7822, 55.0047, 54.0602, 54.2572, 55.0878, 54.6838, 55.4256],
+    ),
+    "apgd-ce@8": (
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+        [50.3061, 54.3039, 53.0653, 54.7822, 55.0047, 54.0602, 54.2572, 55.0878, 54.6838, 55.4256],
+    ),
+    "apgd-dlr@8": (
+        [0, 0, 0, 0, 0, 2, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 0, 1, 1, 1, 1],
+        [33.2703, 32.9539, 52.9035, 54.7822, 54.6202, 54.0602, 54.584, 48.8248, 54.8923, 54.8501],
+    ),
+    "pgd10@16": (
+        [0, 0, 1, 1, 0, 2, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
+        [99.4077, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 104.4854, 107.1674, 107.9127, 109.6901],
+    ),
+    "pgd50@16": (
+        [0, 0, 1, 1, 0, 2, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
+        [100.1941, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 104.4854, 107.1674, 107.9127, 109.6901],
+    ),
+    "apgd-ce@16": (
+        [0, 0, 1, 1, 0, 2, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
+        [99.7368, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 105.6473, 107.1674, 107.9127, 109.6901],
+    ),
+    "apgd-dlr@16": (
+        [0, 0, 1, 1, 0, 2, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 1, 1, 1],
+        [63.5902, 66.9906, 102.0676, 108.78, 86.0671, 105.4997, 102.49, 103.2432, 108.5472, 101.6284],
+    ),
+}
+EVALUATE_BEFORE = {
+    8.0: ([0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [51.5702, 53.719, 53.0653, 54.7822, 55.0047, 54.0602, 54.2572, 54.1267, 54.6838, 55.4256]),
+    16.0: ([0, 0, 0, 0, 1, 0, 1, 1, 1, 1], [98.505, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 106.7326, 104.7399, 107.9127, 109.4134]),
+}
+
+
+def _tiny_classifier() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    ).eval()
+    images = torch.rand(10, 3, 4, 4)
+    labels = model(images).argmax(1)
+    labels[:2] = (labels[:2] + 1) % 3
+    return model, images, labels
+
+
+def test_finetune_default_attacks_reproduce_the_rows_before_the_refactor() -> None:
+    model, images, labels = _tiny_classifier()
+    ev = RobustEvalConfig(eps=[8, 16], retrieval=False)
+    names = attack_labels(ev.attacks)
+    torch.manual_seed(1)
+    rows = []
+    for eps in ev.eps:  # as run_finetune runs its groups: budget by budget, attack by attack
+        for name, entry in zip(names, ev.attacks, strict=True):
+            rows += robust_rows(model, images, labels, [entry], [eps], None, 4, [name])
+    assert {(r["attack"], r["restart"]) for r in rows} == {
+        ("pgd10", 0), ("pgd10", 1), ("pgd50", 0), ("pgd50", 1), ("apgd-ce", 0), ("apgd-dlr", 0)
+    }
+    for group, (preds, robust, l2) in FINETUNE_BEFORE.items():
+        name, eps = group.split("@")
+        assert worst_case(rows, float(eps), name) == [bool(v) for v in robust], group
+        runs = [
+            [r for r in rows if r["attack"] == name and r["eps"] == float(eps) and r["restart"] == k]
+            for k in range(2 if name.startswith("pgd") else 1)
+        ]
+        for i in range(len(images)):
+            # the old row held the best restart's adversarial image: one of the new rows
+            assert any(
+                run[i]["adv_pred"] == preds[i] and abs(run[i]["l2"] - l2[i]) <= 1e-4 for run in runs
+            ), (group, i)
+
+
+def test_evaluate_default_attack_reproduces_the_rows_before_the_refactor() -> None:
+    model, images, labels = _tiny_classifier()
+    rows = robust_rows(model, images, labels, [AttackEntry(name="pgd", steps=3)], [16, 8], 5, 4)
+    for eps, (robust, l2) in EVALUATE_BEFORE.items():
+        at = [r for r in rows if r["eps"] == eps]
+        assert [r["robust_correct"] for r in at] == [bool(v) for v in robust]
+        assert [r["l2"] for r in at] == pytest.approx(l2, abs=1e-4)

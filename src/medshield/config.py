@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medshield.errors import ConfigError
 
@@ -84,15 +92,84 @@ class PretrainConfig(StrictModel):
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
+class AttackEntry(BaseModel):
+    """One image attack of a robust evaluation: a registered image attack's ``name``, how many
+    independent ``restarts`` to run (each one a row of its own), and the attack's own keyword
+    arguments beside them, e.g. ``{name: pgd, steps: 50, restarts: 2}``. The budget is not an
+    argument: the evaluation runs every entry at each of its budgets. An attack with a step
+    size ``alpha`` that the entry leaves out gets medshield's default for its budget and steps
+    (:func:`medshield.attacks.pgd.pgd_step_size`). Names and arguments are checked against the
+    attack registry by :func:`medshield.eval.robust.check_attacks`."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    name: str
+    restarts: int = Field(1, ge=1)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The attack's own arguments (every key besides ``name`` and ``restarts``)."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _no_budget(self) -> AttackEntry:
+        for key in ("eps", "model"):
+            if key in self.kwargs:
+                raise ValueError(
+                    f"attack {self.name!r}: {key!r} is not an entry argument; the evaluation "
+                    "passes the model and each of its budgets (set the budgets in the eps list)"
+                )
+        return self
+
+
+def attack_labels(entries: list[AttackEntry]) -> list[str]:
+    """The label of each entry in rows, group and metric names: its ``name``, or, when several
+    entries share the name, the name and its ``steps`` (``pgd10``, ``pgd50``)."""
+    names = [e.name for e in entries]
+    labels = [
+        e.name if names.count(e.name) == 1 else f"{e.name}{e.kwargs.get('steps', '')}"
+        for e in entries
+    ]
+    repeats = sorted({label for label in labels if labels.count(label) > 1})
+    if repeats:
+        raise ValueError(
+            f"attacks {repeats} repeat: entries of the same attack need distinct 'steps'"
+        )
+    return labels
+
+
+def check_attack_entries(entries: list[AttackEntry]) -> list[AttackEntry]:
+    """A non-empty list with distinct labels (see :func:`attack_labels`)."""
+    if not entries:
+        raise ValueError("list at least one attack, e.g. [{name: pgd, steps: 10}]")
+    attack_labels(entries)
+    return entries
+
+
+AttackList = Annotated[list[AttackEntry], AfterValidator(check_attack_entries)]
+"""A robust evaluation's image attacks: ``[{name: pgd, steps: 10}, {name: apgd-ce, steps: 50}]``."""
+
+
+def refuse_old_fields(raw: Any, old: dict[str, str]) -> Any:
+    """Raise a ValueError naming the replacement when ``raw`` (a config section's mapping) sets
+    a field that an earlier medshield had (``old``: field -> what replaces it)."""
+    if isinstance(raw, dict):
+        found = [key for key in old if key in raw]
+        if found:
+            raise ValueError("; ".join(f"{key!r} is gone: {old[key]}" for key in found))
+    return raw
+
+
 class EvaluateConfig(StrictModel):
     """Downstream evaluation on test splits.
 
-    ``robust_zero_shot``: zero-shot accuracy under L-inf PGD at each of ``robust_eps`` (/255)
-    with ``attack_steps`` steps on ``robust_max_items`` images per modality, with sanity flags.
+    ``robust_zero_shot``: zero-shot accuracy under every image attack of ``robust_attacks``
+    (registered names with their arguments, see :class:`AttackEntry`; default PGD-10) at each
+    of ``robust_eps`` (/255) on ``robust_max_items`` images per modality, the per-image worst
+    case over attacks and restarts, with sanity flags.
     ``retrieval_adv``: retrieval with each query's image-caption pair perturbed by the
     registered multimodal ``retrieval_attack`` (``retrieval_attack_kwargs``, e.g. ``eps``).
-    ``vqa_attack_eps``: VQA-RAD closed questions are also answered on PGD-perturbed images
-    (None: clean only).
+    ``vqa_attack_eps``: VQA-RAD closed questions are also answered on images perturbed by PGD
+    of ``vqa_attack_steps`` steps (None: clean only).
     """
 
     tasks: list[EvalTask] = Field(
@@ -112,11 +189,23 @@ class EvaluateConfig(StrictModel):
     bootstrap_resamples: int = Field(1000, ge=10)
     robust_eps: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
     robust_max_items: int | None = Field(200, ge=1)
-    attack_steps: int = Field(10, ge=1)
+    robust_attacks: AttackList = Field(default_factory=lambda: [AttackEntry(name="pgd", steps=10)])
     retrieval_attack: str = "co-attack"
     retrieval_attack_kwargs: dict[str, Any] = Field(default_factory=lambda: {"eps": 2.0})
     retrieval_adv_per_class_cap: int | None = Field(5, ge=1)
     vqa_attack_eps: float | None = Field(2.0, gt=0, le=255)
+    vqa_attack_steps: int = Field(10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_fields(cls, raw: Any) -> Any:
+        return refuse_old_fields(
+            raw,
+            {
+                "attack_steps": "list the attacks with their steps under robust_attacks, e.g. "
+                "robust_attacks: [{name: pgd, steps: 10}], and set vqa_attack_steps for VQA",
+            },
+        )
 
     @field_validator("robust_eps")
     @classmethod

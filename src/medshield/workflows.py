@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medshield.attacks.multimodal import build_multimodal_attack
-from medshield.config import RunConfig
+from medshield.config import AttackEntry, RunConfig
 from medshield.data import (
     ImageCaptionDataset,
     available_modalities,
@@ -29,7 +29,7 @@ from medshield.errors import DataError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import image_use_flag, summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
-from medshield.eval.robust import robust_flags, robust_zero_shot_rows
+from medshield.eval.robust import check_attacks, per_image, robust_flags, robust_zero_shot_rows
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
@@ -191,9 +191,9 @@ def run_evaluate(
 
     With ``finetuned`` (``(classifier, record)`` from :func:`build_evaluated`), the fine-tuned
     classifier is also evaluated on its own task (group ``finetuned/<task>``: clean and under
-    PGD at ``robust_eps`` with ``attack_steps`` steps on ``robust_max_items`` test images, with
-    the same sanity flags as ``robust_zero_shot`` plus ``uses image``, against the shuffled-image
-    control), and the result holds the method's record
+    every attack of ``robust_attacks`` at ``robust_eps`` on ``robust_max_items`` test images,
+    with the same sanity flags as ``robust_zero_shot`` plus ``uses image``, against the
+    shuffled-image control), and the result holds the method's record
     (method, task, trainable parameters, wall time, inference overhead).
 
     Rows are written one (task, modality) group at a time, each row tagged with its group and
@@ -204,6 +204,7 @@ def run_evaluate(
         NothingMeasured: every group was skipped.
     """
     ev, seed, data_dir = config.evaluate, config.seed, config.data.data_dir
+    check_attacks(ev.robust_attacks)
     modalities = resolve_modalities(config, "test")
     all_rows = run.load_samples()
     eval_rows = [r for r in all_rows if "group" in r]
@@ -249,7 +250,7 @@ def run_evaluate(
                         model,
                         m,
                         eps_values=ev.robust_eps,
-                        steps=ev.attack_steps,
+                        attacks=ev.robust_attacks,
                         max_items=ev.robust_max_items,
                         seed=seed,
                         data_dir=data_dir,
@@ -295,7 +296,7 @@ def run_evaluate(
                     classifier,
                     record["modality"],
                     ev.robust_eps,
-                    ev.attack_steps,
+                    ev.robust_attacks,
                     ev.robust_max_items,
                     seed=seed,
                     data_dir=data_dir,
@@ -312,7 +313,7 @@ def run_evaluate(
                     seed=seed,
                     data_dir=data_dir,
                     attack_eps=ev.vqa_attack_eps,
-                    attack_steps=ev.attack_steps,
+                    attack_steps=ev.vqa_attack_steps,
                 ),
             )
         )
@@ -341,11 +342,12 @@ def run_evaluate(
     )
     rows = [r for r in run.load_samples() if "group" in r]
     metrics = summarize(rows, n_resamples=ev.bootstrap_resamples)
-    sanity = robust_sanity(rows)
+    sanity = robust_sanity(rows, ev.robust_attacks)
     for group, flags in sanity.items():
         for flag in flags:
             if not flag["passed"]:
-                log(f"  SANITY FAIL {sanity_group(group)} {flag['name']}: {flag['detail']}")
+                where = f"{sanity_group(group)} {flag.get('group', '')}".strip()
+                log(f"  SANITY FAIL {where} {flag['name']}: {flag['detail']}")
     result = {"modalities": modalities, "metrics": metrics, "sanity": sanity, "skipped": skipped}
     if finetuned is not None:
         record = finetuned[1]
@@ -364,22 +366,23 @@ def sanity_group(key: str) -> str:
     return key if "/" in key else f"robust_zero_shot/{key}"
 
 
-def robust_sanity(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Sanity flags of the robust rows (JSON-ready): per modality for ``robust_zero_shot``,
-    under ``finetuned/<task>`` for a fine-tuned classifier (see :func:`sanity_group`), where
-    rows with the shuffled control add the ``uses image`` flag."""
+def robust_sanity(
+    rows: list[dict[str, Any]], attacks: list[AttackEntry] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Sanity flags of the robust rows (:func:`medshield.eval.robust.robust_flags` of the
+    evaluation's ``attacks``): per modality for ``robust_zero_shot``, under ``finetuned/<task>``
+    for a fine-tuned classifier (see :func:`sanity_group`), where rows with the shuffled control
+    add the ``uses image`` flag."""
     by_group: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("task") == "robust_zero_shot":
             by_group.setdefault(r["modality"], []).append(r)
         elif r.get("task") == "finetuned":
             by_group.setdefault(f"finetuned/{r['modality']}", []).append(r)
-    sanity = {
-        g: [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in robust_flags(group)]
-        for g, group in sorted(by_group.items())
-    }
+    sanity = {g: robust_flags(group, attacks) for g, group in sorted(by_group.items())}
     for g, group in by_group.items():
-        if g.startswith("finetuned/") and all("shuffled_correct" in r for r in group):
-            own = [bool(r["clean_correct"]) for r in group]
-            sanity[g].append(image_use_flag(own, [bool(r["shuffled_correct"]) for r in group]))
+        images = per_image(group)
+        if g.startswith("finetuned/") and all("shuffled_correct" in r for r in images):
+            own = [bool(r["clean_correct"]) for r in images]
+            sanity[g].append(image_use_flag(own, [bool(r["shuffled_correct"]) for r in images]))
     return sanity

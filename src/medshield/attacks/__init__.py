@@ -14,7 +14,7 @@ from medshield.attacks.fgsm import FGSM
 from medshield.attacks.jailbreak import FigStep, JailbreakAttack
 from medshield.attacks.multimodal import MultimodalAttack, MultimodalResult
 from medshield.attacks.pgd import PGD
-from medshield.attacks.sanity import SanityFlag, robust_accuracy, sanity_checks
+from medshield.attacks.sanity import SanityFlag
 from medshield.attacks.sga import SGA
 from medshield.attacks.text import WordSubstitutionAttack
 
@@ -35,6 +35,4 @@ __all__ = [
     "attack_mode",
     "cross_entropy_loss",
     "dlr_loss",
-    "robust_accuracy",
-    "sanity_checks",
 ]

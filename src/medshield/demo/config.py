@@ -11,6 +11,8 @@ from pydantic import Field, field_validator, model_validator
 
 from medshield.attacks.jailbreak import JailbreakAttack
 from medshield.config import (
+    AttackEntry,
+    AttackList,
     DataConfig,
     EvalTask,
     EvaluateConfig,
@@ -80,10 +82,7 @@ class DemoRobustConfig(RobustEvalConfig):
     100 test images by default, no retrieval."""
 
     eps: list[float] = Field(default_factory=lambda: [1.0, 2.0])
-    pgd_steps: list[int] = Field(default_factory=lambda: [10])
-    restarts: int = Field(1, ge=1)
-    apgd: bool = False
-    apgd_dlr: bool = False
+    attacks: AttackList = Field(default_factory=lambda: [AttackEntry(name="pgd", steps=10)])
     max_test_items: int | None = Field(100, ge=1)
     retrieval: bool = False
 

@@ -22,13 +22,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medshield.errors import InputError
+from medshield.eval.robust import eps_key, per_image, worst_case
 
 # Row fields each task needs; the order of TASK_FIELDS is the order of the summary.
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "zero_shot": ("label", "pred", "scores"),
     "linear_probe": ("label", "pred", "scores"),
-    "robust_zero_shot": ("clean_correct", "robust_correct"),
-    "finetuned": ("label", "clean_correct", "robust_correct"),
+    "robust_zero_shot": ("attack", "eps", "index", "clean_correct", "robust_correct"),
+    "finetuned": ("attack", "eps", "index", "label", "clean_correct", "robust_correct"),
     "retrieval_i2t": ("rank",),
     "retrieval_t2i": ("rank",),
     "retrieval_i2t_adv": ("rank",),
@@ -306,22 +307,32 @@ def _group_estimates(
             "macro_auc": _Estimate(macro_auc(scores, labels), auc_samples, len(rows)),
         }
     if task in ("robust_zero_shot", "finetuned"):
+        images = per_image(rows)
         estimates = {
             "clean_accuracy": _indicator_estimate(
-                np.array([bool(r["clean_correct"]) for r in rows]), n_resamples, seed
+                np.array([bool(r["clean_correct"]) for r in images]), n_resamples, seed
             )
         }
         if task == "finetuned":
-            majority = np.array(majority_hits(rows))
+            majority = np.array(majority_hits(images))
             estimates["majority_accuracy"] = _indicator_estimate(majority, n_resamples, seed)
-            if all("shuffled_correct" in r for r in rows):
-                shuffled = np.array([bool(r["shuffled_correct"]) for r in rows])
+            if all("shuffled_correct" in r for r in images):
+                shuffled = np.array([bool(r["shuffled_correct"]) for r in images])
                 estimates["shuffled_image_accuracy"] = _indicator_estimate(
                     shuffled, n_resamples, seed
                 )
-        for key in sorted(rows[0]["robust_correct"], key=float):
-            robust = np.array([bool(r["robust_correct"][key]) for r in rows])
-            estimates[f"robust_accuracy@{key}"] = _indicator_estimate(robust, n_resamples, seed)
+        budgets = sorted({float(r["eps"]) for r in rows})
+        attacks = list(dict.fromkeys(r["attack"] for r in rows))
+        for eps in budgets:
+            robust = np.array(worst_case(rows, eps))
+            estimates[f"robust_accuracy@{eps_key(eps)}"] = _indicator_estimate(
+                robust, n_resamples, seed
+            )
+            for attack in attacks if len(attacks) > 1 else ():
+                robust = np.array(worst_case(rows, eps, attack))
+                estimates[f"robust_accuracy/{attack}@{eps_key(eps)}"] = _indicator_estimate(
+                    robust, n_resamples, seed
+                )
         return estimates
     if task.startswith("retrieval_"):
         ranks = np.array([r["rank"] for r in rows], dtype=np.int64)
@@ -400,11 +411,13 @@ def summarize(
 
     - ``zero_shot``, ``linear_probe``: ``accuracy`` and ``macro_auc`` (rows need ``label``,
       ``pred``, ``scores``);
-    - ``robust_zero_shot``: ``clean_accuracy`` and ``robust_accuracy@<eps>`` per budget (rows
-      need ``clean_correct`` and a ``robust_correct`` dict keyed by budget, see
-      :mod:`medshield.eval.robust`);
+    - ``robust_zero_shot``: ``clean_accuracy`` and ``robust_accuracy@<eps>`` per budget, the
+      per-image worst case over the attacks and restarts, and with several attacks
+      ``robust_accuracy/<attack>@<eps>`` per attack (the flat rows of
+      :mod:`medshield.eval.robust`: ``attack``, ``eps``, ``index``, ``clean_correct``,
+      ``robust_correct``);
     - ``finetuned``: the same, for a fine-tuned classifier on its own task (rows from
-      :func:`medshield.train.finetune.workflow.finetuned_rows`, which carry ``label``), plus
+      :func:`medshield.train.finetune.workflow.finetuned_eval_rows`, which carry ``label``), plus
       ``majority_accuracy`` (:func:`majority_hits`) and, when every row has
       ``shuffled_correct`` (the prediction with another test item's image), the control
       ``shuffled_image_accuracy``;

@@ -1,52 +1,67 @@
-"""Robust zero-shot accuracy under L-inf PGD at several budgets, with sanity flags.
+"""Robust accuracy under registered image attacks: one evaluation path, flat rows, sanity flags.
 
-For each image of a (class-balanced) test subsample, the zero-shot classifier is attacked with
-PGD at every budget in ``eps_values`` (/255 units). One sample row per image holds the clean
-result and, per budget (keyed by the budget written with ``:g``, e.g. ``"2"``), the adversarial
-result and the perturbation's size and range::
+Every robust evaluation (``medshield evaluate``, ``medshield finetune`` and the studies built on
+them) runs :func:`robust_rows`: each attack of a config's list (:class:`~medshield.config.
+AttackEntry`, e.g. ``[{name: pgd, steps: 10}, {name: apgd-ce, steps: 50}]``) at each budget, each
+restart separately, and writes one flat row per image, attack, budget and restart::
 
-    {"task": "robust_zero_shot", "modality": "chest_xray", "index": 17, "label": 1,
-     "clean_correct": true, "zero_gradient": false,
-     "adv_correct": {"1": true, "2": false, "4": false},
-     "robust_correct": {"1": true, "2": false, "4": false},
-     "linf": {"1": 1.0, "2": 2.0, "4": 4.0}, "adv_min": {...}, "adv_max": {...}}
+    {"attack": "pgd10", "eps": 2.0, "restart": 0, "index": 17, "label": 1,
+     "clean_pred": 1, "adv_pred": 0, "clean_correct": true, "adv_correct": false,
+     "robust_correct": false, "linf": 2.0, "l2": 51.3, "adv_min": 0.0, "adv_max": 1.0,
+     "size": 784, "zero_gradient": false}
 
-``robust_correct`` is AutoAttack's convention (right clean *and* adversarial).
-:func:`robust_flags` turns a group of such rows into the sanity flags of
-:mod:`medshield.attacks.sanity`: budget, range, robust<=clean, a larger budget never leaving more
-robust accuracy than a smaller one, and no exactly-zero input gradients.
+``attack`` is the entry's label (:func:`~medshield.config.attack_labels`), ``eps`` the budget
+in /255 units, ``restart`` the run of the attack (0 to ``restarts - 1``), ``linf`` and ``l2``
+the perturbation's size in /255 units, ``adv_min`` / ``adv_max`` the adversarial image's value
+range, ``size`` its values, and ``zero_gradient`` whether the input gradient of the attack's
+loss at the clean image is exactly zero. ``robust_correct`` is AutoAttack's convention (right
+clean *and* adversarial). Callers add their tags (``task``, ``modality``, ``group``).
+
+From such rows, in one place each: :func:`worst_case`, the per-image worst case over attacks
+and restarts (robust accuracy is its mean); :func:`per_image`, one record per image; and
+:func:`robust_flags`, the sanity flags in the spirit of AutoAttack and RobustBench (budget,
+range, robust<=clean, stronger<=weaker, zero-gradients; see
+:mod:`medshield.attacks.sanity`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
+import medshield.attacks  # noqa: F401 - registers the built-in attacks
 from medshield import data
-from medshield.attacks.base import attack_mode, check_budget, check_count
-from medshield.attacks.pgd import PGD, pgd_step_size
+from medshield.attacks.base import Attack, attack_mode, check_budget
+from medshield.attacks.pgd import pgd_step_size
 from medshield.attacks.sanity import (
     SanityFlag,
     accuracy_flag,
     budget_flag,
     range_flag,
-    robust_accuracy,
     stronger_flag,
+    zero_gradient_flag,
 )
-from medshield.errors import InputError
+from medshield.config import AttackEntry, attack_labels
+from medshield.errors import ConfigError, InputError, UnknownNameError
 from medshield.eval.features import check_finite_outputs
 from medshield.eval.zero_shot import balanced_subset
-from medshield.models.base import DualEncoder, ZeroShotClassifier, evaluating
+from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, evaluating
+from medshield.registry import ATTACKS
 
 TASK = "robust_zero_shot"
+Row = dict[str, Any]
+
+#: ``medshield evaluate``'s attacks when the config names none: PGD-10.
+DEFAULT_ATTACKS = (AttackEntry(name="pgd", steps=10),)
 
 
 def eps_key(eps: float) -> str:
-    """The row key of a budget: ``2.0 -> "2"``, ``0.5 -> "0.5"``."""
+    """The name of a budget in groups and metrics: ``2.0 -> "2"``, ``0.5 -> "0.5"``."""
     return f"{eps:g}"
 
 
@@ -62,37 +77,218 @@ def check_eps_values(eps_values: Sequence[float]) -> list[float]:
     return sorted(values)
 
 
+# --- attacks from config entries -------------------------------------------------------------
+
+
+def image_attack_names() -> list[str]:
+    """The registered image attacks (subclasses of :class:`~medshield.attacks.base.Attack`)."""
+    return [e.name for e in ATTACKS.entries() if _is_image_attack(e.obj)]
+
+
+def _is_image_attack(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Attack)
+
+
+def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
+    """The registered image attack of ``entry`` on ``model`` at budget ``eps`` (/255), one run
+    (restarts are the caller's: :func:`attacked_rows`). An attack that takes a step size
+    ``alpha`` the entry leaves out gets :func:`~medshield.attacks.pgd.pgd_step_size` of its
+    budget and steps.
+
+    Raises:
+        ConfigError: an unknown or non-image attack, or arguments that do not fit it.
+    """
+    try:
+        cls = ATTACKS.get(entry.name)
+    except UnknownNameError:
+        cls = None
+    if not _is_image_attack(cls):
+        raise ConfigError(
+            f"{entry.name!r} is not a registered image attack; the image attacks are "
+            f"{', '.join(image_attack_names())} (medshield list attacks)"
+        )
+    kwargs = entry.kwargs
+    params = inspect.signature(cls).parameters
+    if "alpha" in params and "alpha" not in kwargs:
+        steps = kwargs.get("steps", params["steps"].default if "steps" in params else 1)
+        kwargs["alpha"] = pgd_step_size(eps, steps)
+    try:
+        return cls(model, eps=eps, **kwargs)
+    except (TypeError, InputError) as exc:
+        raise ConfigError(
+            f"the arguments {entry.kwargs} do not fit attack {entry.name!r}: {exc}"
+        ) from None
+
+
+def check_attacks(entries: Sequence[AttackEntry]) -> None:
+    """Build every entry once on a stand-in model, so an unknown name or a bad argument is a
+    :class:`~medshield.errors.ConfigError` when the config loads, not after hours of work."""
+    for entry in entries:
+        build_attack(entry, nn.Identity(), 1.0)
+
+
+# --- the evaluation --------------------------------------------------------------------------
+
+
+def _device(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_inputs(images: Any, labels: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = check_images(images)
+    if len(images) == 0:
+        raise InputError("got zero images")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(images),):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InputError(f"labels must be a ({len(images)},) tensor, got {shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return images, labels
+
+
+def attacked_rows(
+    model: nn.Module,
+    attack: Attack,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 128,
+    restarts: int = 1,
+) -> list[Row]:
+    """Attack every image (untargeted) ``restarts`` times and classify it clean and adversarial.
+
+    Args:
+        model: the classifier evaluated, [0, 1] NCHW images -> (N, K) logits (usually
+            ``attack.model``; another model gives a transfer evaluation).
+        attack: the attack (one run per call; each restart calls it again on the batch).
+        images: float (N, C, H, W) in [0, 1].
+        labels: (N,) integer class indices.
+        batch_size: images per attack call.
+        restarts: runs per batch, one row each.
+
+    Returns:
+        Per batch, per restart, one row per image in the format of the module docstring without
+        ``attack`` and ``eps`` (``index``: the image's position in ``images``).
+    """
+    images, labels = _check_inputs(images, labels, batch_size)
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
+    device = _device(model)
+    rows: list[Row] = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        with attack_mode(attack.model):
+            _, _, grad = attack.loss_and_grad(x, y, None)
+        zero = (grad.flatten(1) == 0).all(dim=1).tolist()
+        with evaluating(model):
+            clean_pred = check_finite_outputs(model(x), "attacking the classifier").argmax(dim=1)
+        for restart in range(restarts):
+            adv = attack(x, y)
+            with evaluating(model):
+                adv_pred = model(adv).argmax(dim=1)
+            delta = (adv - x).flatten(1).double()
+            linf = delta.abs().amax(dim=1) * 255
+            l2 = delta.norm(dim=1) * 255
+            flat = adv.flatten(1)
+            for j in range(len(x)):
+                clean_ok = bool(clean_pred[j] == y[j])
+                adv_ok = bool(adv_pred[j] == y[j])
+                rows.append(
+                    {
+                        "restart": restart,
+                        "index": start + j,
+                        "label": int(y[j]),
+                        "clean_pred": int(clean_pred[j]),
+                        "adv_pred": int(adv_pred[j]),
+                        "clean_correct": clean_ok,
+                        "adv_correct": adv_ok,
+                        "robust_correct": clean_ok and adv_ok,
+                        "linf": round(float(linf[j]), 6),
+                        "l2": round(float(l2[j]), 6),
+                        "adv_min": float(flat[j].min()),
+                        "adv_max": float(flat[j].max()),
+                        "size": flat.shape[1],
+                        "zero_gradient": bool(zero[j]),
+                    }
+                )
+    return rows
+
+
+def robust_rows(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attacks: Sequence[AttackEntry],
+    eps_values: Sequence[float],
+    seed: int | None = 0,
+    batch_size: int = 128,
+    names: Sequence[str] | None = None,
+) -> list[Row]:
+    """Attack ``classifier`` (images -> logits) with every entry of ``attacks`` at every budget
+    of ``eps_values`` (budget by budget, attack by attack, in the given order): the flat rows
+    of the module docstring, ``index`` the position in ``images``.
+
+    ``seed``: the random starts are drawn from a generator seeded with it, leaving the global
+    one untouched; None draws them from the global generator. ``names``: the entries' labels
+    when ``attacks`` is part of a longer list (default :func:`~medshield.config.attack_labels`).
+
+    Raises:
+        ConfigError: an attack entry that does not fit the registry.
+        InputError: bad budgets, images or labels.
+    """
+    eps_values = check_eps_values(eps_values)
+    labels_of = list(names) if names is not None else attack_labels(list(attacks))
+    rows: list[Row] = []
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for eps in eps_values:
+            for label, entry in zip(labels_of, attacks, strict=True):
+                attack = build_attack(entry, classifier, eps)
+                rows.extend(
+                    {"attack": label, "eps": eps, **row}
+                    for row in attacked_rows(
+                        classifier, attack, images, labels, batch_size, entry.restarts
+                    )
+                )
+    return rows
+
+
 def robust_zero_shot_rows(
     model: DualEncoder,
     modality: str,
     eps_values: Sequence[float] = (1, 2, 4),
-    steps: int = 10,
+    attacks: Sequence[AttackEntry] = DEFAULT_ATTACKS,
     max_items: int | None = 200,
     seed: int = 0,
     split: str = "test",
     data_dir: str | Path | None = None,
     batch_size: int = 128,
-) -> list[dict[str, Any]]:
-    """Attack the zero-shot classifier of one modality with L-inf PGD at every budget.
+) -> list[Row]:
+    """Attack the zero-shot classifier of one modality with every attack at every budget.
 
     Args:
         model: the dual encoder (left in the train/eval mode and with the gradient flags it had).
         modality: modality name.
         eps_values: budgets in /255 units.
-        steps: PGD iterations, with a random start and the step size of
-            :func:`medshield.attacks.pgd.pgd_step_size`.
+        attacks: the image attacks (default PGD-10 from a random start).
         max_items: class-balanced subsample size (see :func:`balanced_subset`); None: all.
         seed: seed of the subsample and of the random starts.
         split: the split attacked.
         data_dir: data root (see :func:`medshield.data.load_split`).
         batch_size: images per attack call.
 
+    Returns:
+        The rows of :func:`robust_rows` tagged with ``task`` and ``modality``; ``index`` is the
+        image's row in the split.
+
     Raises:
-        InputError: bad budgets or steps.
+        InputError: bad budgets.
+        ConfigError: a bad attack entry.
         DataError: the split cannot be loaded.
     """
     eps_values = check_eps_values(eps_values)
-    steps = check_count(steps, "steps")
     samples = data.load_split(modality, split, data_dir)
     mod = samples.modality
     indices = balanced_subset(samples.labels, mod.num_classes, max_items, seed)
@@ -100,114 +296,170 @@ def robust_zero_shot_rows(
     labels = torch.as_tensor(samples.labels[indices], dtype=torch.long)
     with evaluating(model):
         classifier = ZeroShotClassifier(model, mod.prompts())
-
-    rows = pgd_rows(classifier, images, labels, eps_values, steps, seed, batch_size)
+    rows = robust_rows(classifier, images, labels, attacks, eps_values, seed, batch_size)
     return [
-        {"task": TASK, "modality": mod.name, "index": int(index), "label": int(label), **row}
-        for index, label, row in zip(indices, labels.tolist(), rows, strict=True)
+        {"task": TASK, "modality": mod.name, **row, "index": int(indices[row["index"]])}
+        for row in rows
     ]
 
 
-def pgd_rows(
-    classifier: torch.nn.Module,
+# --- aggregation and sanity flags ------------------------------------------------------------
+
+
+def _attack_rows(rows: Sequence[Row], eps: float | None, attack: str | None) -> list[Row]:
+    return [
+        r
+        for r in rows
+        if "attack" in r
+        and (eps is None or eps_key(r["eps"]) == eps_key(eps))
+        and (attack is None or r["attack"] == attack)
+    ]
+
+
+def per_image(
+    rows: Sequence[Row], eps: float | None = None, attack: str | None = None
+) -> list[Row]:
+    """One record per attacked image (ascending ``index``) of the rows at ``eps`` (all budgets
+    when None) under ``attack`` (every attack when None): ``index``, ``label``, the clean
+    result, the worst case over the rows (``adv_correct`` and ``robust_correct`` true only when
+    true in every row), the largest perturbation and the widest value range, ``size``,
+    ``zero_gradient`` and, when the rows carry it, ``shuffled_correct``."""
+    records: dict[int, Row] = {}
+    for r in _attack_rows(rows, eps, attack):
+        rec = records.get(r["index"])
+        if rec is None:
+            records[r["index"]] = {
+                key: r[key]
+                for key in (
+                    "index",
+                    "label",
+                    "clean_correct",
+                    "adv_correct",
+                    "robust_correct",
+                    "linf",
+                    "l2",
+                    "adv_min",
+                    "adv_max",
+                    "size",
+                    "zero_gradient",
+                    "shuffled_correct",
+                )
+                if key in r
+            }
+            continue
+        rec["adv_correct"] = rec["adv_correct"] and r["adv_correct"]
+        rec["robust_correct"] = rec["robust_correct"] and r["robust_correct"]
+        for key, pick in (("linf", max), ("l2", max), ("adv_min", min), ("adv_max", max)):
+            rec[key] = pick(rec[key], r[key])
+        rec["zero_gradient"] = rec["zero_gradient"] or r["zero_gradient"]
+    return [records[i] for i in sorted(records)]
+
+
+def worst_case(
+    rows: Sequence[Row], eps: float | None = None, attack: str | None = None
+) -> list[bool]:
+    """Per attacked image (ascending ``index``): right clean and under every attack row at
+    ``eps`` (every attack and restart, or only ``attack``'s restarts); robust accuracy is the
+    mean. Rows without ``attack`` (clean, shuffled, retrieval rows) are ignored."""
+    return [bool(r["robust_correct"]) for r in per_image(rows, eps, attack)]
+
+
+def _flag(flag: SanityFlag, group: str) -> Row:
+    return {"name": flag.name, "group": group, "passed": flag.passed, "detail": flag.detail}
+
+
+def stronger_pairs(attacks: Sequence[AttackEntry]) -> list[tuple[str, str]]:
+    """``(weaker, stronger)`` labels: consecutive entries of the same attack by ``steps`` and
+    ``restarts`` (``pgd10`` -> ``pgd50``)."""
+    labels = attack_labels(list(attacks))
+    by_name: dict[str, list[tuple[tuple[Any, int], str]]] = {}
+    for label, entry in zip(labels, attacks, strict=True):
+        key = (entry.kwargs.get("steps", 0), entry.restarts)
+        by_name.setdefault(entry.name, []).append((key, label))
+    pairs = []
+    for group in by_name.values():
+        ordered = [label for _, label in sorted(group, key=lambda g: g[0])]
+        pairs.extend(zip(ordered, ordered[1:], strict=False))
+    return pairs
+
+
+def robust_flags(
+    rows: Sequence[Row], attacks: Sequence[AttackEntry] | None = None
+) -> list[dict[str, Any]]:
+    """The sanity flags (JSON-ready: ``name``, ``group``, ``passed``, ``detail``) of one
+    evaluation's attack rows, restarts folded per image (:func:`per_image`):
+
+    - per attack and budget (group ``<attack>@<eps>``): "budget", "range", "robust<=clean";
+    - per attack, between consecutive budgets (group ``<attack>@<a>-><b>``):
+      "stronger<=weaker", a larger ball leaves no more robust accuracy;
+    - with ``attacks``, per budget between entries of the same attack ordered by steps and
+      restarts (group ``<weaker>-><stronger>@<eps>``, :func:`stronger_pairs`):
+      "stronger<=weaker";
+    - "zero-gradients" (group ``inputs``): images whose input gradient is exactly zero point
+      to gradient masking.
+    """
+    rows = _attack_rows(rows, None, None)
+    if not rows:
+        raise InputError("robust_flags needs at least one attack row")
+    keys = list(dict.fromkeys((r["attack"], eps_key(r["eps"])) for r in rows))
+    images = {key: per_image(rows, float(key[1]), key[0]) for key in keys}
+    flags = []
+    for (attack, eps), at in images.items():
+        for flag in (budget_flag(at, float(eps)), range_flag(at), accuracy_flag(at)):
+            flags.append(_flag(flag, f"{attack}@{eps}"))
+    for attack in dict.fromkeys(a for a, _ in keys):
+        budgets = sorted((e for a, e in keys if a == attack), key=float)
+        for small, large in zip(budgets, budgets[1:], strict=False):
+            flag = stronger_flag(images[(attack, small)], images[(attack, large)])
+            flags.append(_flag(flag, f"{attack}@{small}->{large}"))
+    for weak, strong in stronger_pairs(attacks or []):
+        for eps in dict.fromkeys(e for _, e in keys):
+            a, b = images.get((weak, eps)), images.get((strong, eps))
+            if a and b and len(a) == len(b):
+                flags.append(_flag(stronger_flag(a, b), f"{weak}->{strong}@{eps}"))
+    flags.append(_flag(zero_gradient_flag(per_image(rows)), "inputs"))
+    return flags
+
+
+def sanity_checks(
+    model: nn.Module,
+    attack: Attack,
     images: torch.Tensor,
     labels: torch.Tensor,
-    eps_values: Sequence[float],
-    steps: int,
-    seed: int = 0,
+    stronger: Attack | None = None,
     batch_size: int = 128,
-) -> list[dict[str, Any]]:
-    """Attack ``classifier`` (images -> logits) with L-inf PGD (``steps`` steps of
-    :func:`pgd_step_size`, random start) at every budget; one row per image in the format of the
-    module docstring, without ``task``, ``modality``, ``index`` and ``label``.
+    norm: str | None = None,
+    tolerance: float = 1e-3,
+    uint8: bool = False,
+) -> list[SanityFlag]:
+    """Run every check on ``attack`` against ``model`` over ``images``::
 
-    The random starts are seeded with ``seed`` without touching the global generator.
+        flags = sanity_checks(classifier, PGD(classifier, eps=4), images, labels,
+                              stronger=PGD(classifier, eps=4, steps=50, restarts=3))
+
+    Args:
+        model: the classifier evaluated.
+        attack: the attack checked.
+        images, labels: the evaluation set, [0, 1] NCHW images and (N,) class indices.
+        stronger: a stronger configuration of the attack (more steps or restarts); when given,
+            the "stronger<=weaker" check runs.
+        batch_size: images per attack call.
+        norm: norm of the budget check; default: the attack's ``norm`` attribute, else "Linf".
+        tolerance, uint8: see :func:`medshield.attacks.sanity.budget_flag`.
+
+    Returns:
+        Flags "budget", "range", "robust<=clean", "zero-gradients" and, with ``stronger``,
+        "stronger<=weaker".
     """
-    eps_values = check_eps_values(eps_values)
-    steps = check_count(steps, "steps")
-    fields = ("adv_correct", "robust_correct", "linf", "adv_min", "adv_max")
-    rows: list[dict[str, Any]] = [
-        {"zero_gradient": bool(zero), **{field: {} for field in fields}}
-        for zero in _zero_gradients(classifier, images, labels, batch_size)
+    norm = norm or getattr(attack, "norm", "Linf")
+    rows = attacked_rows(model, attack, images, labels, batch_size)
+    flags = [
+        budget_flag(rows, attack.eps, norm, tolerance, uint8),
+        range_flag(rows),
+        accuracy_flag(rows),
+        zero_gradient_flag(rows),
     ]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for eps in eps_values:
-            attack = PGD(
-                classifier, eps=eps, alpha=pgd_step_size(eps, steps), steps=steps, random_start=True
-            )
-            key = eps_key(eps)
-            for row, result in zip(
-                rows, robust_accuracy(classifier, attack, images, labels, batch_size), strict=True
-            ):
-                row["clean_correct"] = result["clean_correct"]
-                row["size"] = result["size"]
-                row["adv_correct"][key] = result["adv_correct"]
-                row["robust_correct"][key] = result["robust_correct"]
-                row["linf"][key] = round(result["linf"], 6)
-                row["adv_min"][key] = result["adv_min"]
-                row["adv_max"][key] = result["adv_max"]
-    return rows
-
-
-def _zero_gradients(
-    classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
-) -> list[bool]:
-    """Per image: is the input gradient of the clean cross-entropy exactly zero?"""
-    zero: list[bool] = []
-    with attack_mode(classifier):
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].clone().requires_grad_(True)
-            logits = check_finite_outputs(classifier(x), "attacking the classifier")
-            loss = torch.nn.functional.cross_entropy(
-                logits, labels[start : start + batch_size], reduction="sum"
-            )
-            (grad,) = torch.autograd.grad(loss, x)
-            zero.extend((grad.flatten(1) == 0).all(dim=1).tolist())
-    return zero
-
-
-def _rows_at(rows: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """The rows of one budget in the format of :func:`medshield.attacks.robust_accuracy`."""
-    return [
-        {
-            "clean_correct": r["clean_correct"],
-            "adv_correct": r["adv_correct"][key],
-            "robust_correct": r["robust_correct"][key],
-            "linf": r["linf"][key],
-            "adv_min": r["adv_min"][key],
-            "adv_max": r["adv_max"][key],
-            "size": r["size"],
-        }
-        for r in rows
-    ]
-
-
-def robust_flags(rows: Sequence[dict[str, Any]]) -> list[SanityFlag]:
-    """The sanity flags of one group of :func:`robust_zero_shot_rows` rows.
-
-    Per budget: "budget@eps", "range@eps", "robust<=clean@eps"; between consecutive budgets:
-    "stronger<=weaker@a->b" (a larger ball cannot leave more robust accuracy); and
-    "zero-gradients" (a share of images above 0 suggests gradient masking).
-    """
-    if not rows:
-        raise InputError("robust_flags needs at least one row")
-    keys = sorted(rows[0]["linf"], key=float)
-    flags: list[SanityFlag] = []
-    for key in keys:
-        at = _rows_at(rows, key)
-        for flag in (budget_flag(at, float(key)), range_flag(at), accuracy_flag(at)):
-            flags.append(SanityFlag(f"{flag.name}@{key}", flag.passed, flag.detail))
-    for small, large in zip(keys, keys[1:], strict=False):
-        flag = stronger_flag(_rows_at(rows, small), _rows_at(rows, large))
-        flags.append(SanityFlag(f"{flag.name}@{small}->{large}", flag.passed, flag.detail))
-    zero = int(np.sum([bool(r["zero_gradient"]) for r in rows]))
-    flags.append(
-        SanityFlag(
-            "zero-gradients",
-            zero == 0,
-            f"{zero} of {len(rows)} images have an exactly zero input gradient"
-            + ("; gradient masking?" if zero else ""),
-        )
-    )
+    if stronger is not None:
+        strong_rows = attacked_rows(model, stronger, images, labels, batch_size)
+        flags.append(stronger_flag(rows, strong_rows))
     return flags

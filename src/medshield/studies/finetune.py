@@ -51,6 +51,7 @@ from medshield.config import (
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
+from medshield.eval.robust import worst_case
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
 from medshield.report.view import ci
@@ -64,7 +65,6 @@ from medshield.train.finetune.workflow import (
     recall_indicators,
     run_finetune,
     share_bootstrap_ci,
-    worst_case,
 )
 
 
@@ -367,17 +367,10 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
         shuffled = [r["correct"] for r in rows if r.get("group") == "shuffled"]
         if shuffled:  # cells run before the control existed have none
             entry["shuffled_image_accuracy"] = share_bootstrap_ci(shuffled, ev.bootstrap_resamples)
-        attack_groups = sorted(
-            {
-                r["group"]
-                for r in rows
-                if "robust_correct" in r and not r["group"].startswith("zero-grad")
-            }
-        )
-        for g in attack_groups:
-            entry[f"robust/{g}"] = share_bootstrap_ci(
-                [r["robust_correct"] for r in rows if r.get("group") == g], ev.bootstrap_resamples
-            )
+        attack_groups = sorted({(r["attack"], r["eps"]) for r in rows if "attack" in r})
+        for attack, eps in attack_groups:
+            hits = [v for c in group for v in worst_case(c["rows"], eps, attack)]
+            entry[f"robust/{attack}@{eps:g}"] = share_bootstrap_ci(hits, ev.bootstrap_resamples)
         for eps in ev.eps:
             worst = [v for c in group for v in worst_case(c["rows"], eps)]
             if worst:

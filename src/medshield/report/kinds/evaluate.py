@@ -143,7 +143,11 @@ def _evaluate_sections(run: RunData) -> list[Section]:
     sections = [headline]
     sanity = ev.get("sanity") or {}
     if sanity:
-        flags = [(modality, flag) for modality, group in sanity.items() for flag in group]
+        flags = [
+            (" ".join(filter(None, (modality, flag.get("group")))), flag)
+            for modality, group in sanity.items()
+            for flag in group
+        ]
         table = flags_table(
             flags,
             "modality",

@@ -15,13 +15,16 @@ Evaluation on a class-balanced test subsample:
   ``uses image`` flag (clean accuracy above it: otherwise the classifier answers from its
   prompts or class priors, not the image). A constant classifier keeps ``majority_accuracy``
   under any image attack, so a robust accuracy below it is worse than ignoring the image;
-- for every budget ``eps`` (default 1, 2, 4 /255): PGD with each of ``pgd_steps`` (default 10
-  and 50, ``restarts`` random restarts, Madry et al. 2018), APGD-CE and APGD-DLR (Croce and
-  Hein 2020; ``apgd`` / ``apgd_dlr``, ``apgd_steps`` each; DLR is the plain margin loss on a
-  two-class task, see :func:`medshield.attacks.apgd_dlr.dlr_loss`), one row per image from
-  :func:`medshield.attacks.sanity.robust_accuracy` (on the VQA task the image is attacked, its
-  question stays), and ``robust_accuracy/worst@eps``, the per-image worst case over them;
-- ``zero-grad@eps``: the gradient-masking check of :mod:`medshield.attacks.sanity`;
+- for every budget ``eps`` (default 1, 2, 4 /255) and every image attack of ``robust.attacks``
+  (registered names with their arguments, see :class:`~medshield.config.AttackEntry`; default
+  PGD-10 and PGD-50 with 2 random restarts each, Madry et al. 2018, APGD-CE-50 and
+  APGD-DLR-50, Croce and Hein 2020; DLR is the plain margin loss on a two-class task, see
+  :func:`medshield.attacks.apgd_dlr.dlr_loss`): a row group ``<attack>@<eps>`` of the flat rows
+  of :func:`medshield.eval.robust.robust_rows`, one per image and restart (on the VQA task the
+  image is attacked, its question stays); ``robust_accuracy/<attack>@<eps>`` and
+  ``robust_accuracy/worst@eps``, the per-image worst case over attacks and restarts
+  (:func:`medshield.eval.robust.worst_case`), and the sanity flags of
+  :func:`medshield.eval.robust.robust_flags`;
 - on a modality, unless ``robust.retrieval`` is false, ``retrieval`` and ``retrieval_adv``:
   image-text retrieval over the modality's test images (``retrieval_per_class_cap`` per class)
   with the fine-tuned dual encoder (:func:`~medshield.train.finetune.common.adapted_encoder`),
@@ -48,26 +51,22 @@ import torch
 from pydantic import Field, model_validator
 from scipy.stats import binomtest
 
-from medshield.attacks.apgd import APGD
-from medshield.attacks.apgd_dlr import APGDDLR
-from medshield.attacks.base import Attack
 from medshield.attacks.multimodal import MultimodalAttack, build_multimodal_attack
-from medshield.attacks.pgd import PGD, pgd_step_size
-from medshield.attacks.sanity import (
-    SanityFlag,
-    accuracy_flag,
-    budget_flag,
-    range_flag,
-    robust_accuracy,
-    stronger_flag,
-    zero_gradient_flag,
+from medshield.config import (
+    AttackEntry,
+    AttackList,
+    FolderName,
+    ModelConfig,
+    StrictModel,
+    attack_labels,
+    load_yaml_model,
+    refuse_old_fields,
 )
-from medshield.config import FolderName, ModelConfig, StrictModel, load_yaml_model
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
-from medshield.eval.robust import pgd_rows
+from medshield.eval.robust import check_attacks, robust_flags, robust_rows, worst_case
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import (
@@ -89,11 +88,28 @@ from medshield.train.finetune.common import (
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
 
+#: The attacks of ``medshield finetune``'s robust evaluation when the config names none.
+DEFAULT_ATTACKS = (
+    {"name": "pgd", "steps": 10, "restarts": 2},
+    {"name": "pgd", "steps": 50, "restarts": 2},
+    {"name": "apgd-ce", "steps": 50},
+    {"name": "apgd-dlr", "steps": 50},
+)
+
+OLD_FIELDS = dict.fromkeys(
+    ("pgd_steps", "restarts", "apgd_steps", "apgd", "apgd_dlr"),
+    "list the attacks under robust.attacks with their arguments, e.g. attacks: "
+    "[{name: pgd, steps: 10, restarts: 2}, {name: apgd-ce, steps: 50}]",
+)
+
+
 class RobustEvalConfig(StrictModel):
     """Clean and robust evaluation after fine-tuning (budgets and step sizes in /255).
 
-    ``apgd`` / ``apgd_dlr``: also attack with APGD-CE / APGD-DLR, ``apgd_steps`` steps each;
-    every attack is a row group of its own and enters the per-image worst case.
+    ``attacks``: the registered image attacks with their arguments and ``restarts`` (see
+    :class:`~medshield.config.AttackEntry`), each run at every budget of ``eps``; every attack
+    and budget is a row group of its own and enters the per-image worst case. Default: PGD-10
+    and PGD-50 with 2 restarts each, APGD-CE-50 and APGD-DLR-50.
 
     ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
     modality, clean and under the registered multimodal ``retrieval_attack`` built with
@@ -101,11 +117,9 @@ class RobustEvalConfig(StrictModel):
     """
 
     eps: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
-    pgd_steps: list[int] = Field(default_factory=lambda: [10, 50])
-    restarts: int = Field(2, ge=1)
-    apgd_steps: int = Field(50, ge=1)
-    apgd: bool = True
-    apgd_dlr: bool = True
+    attacks: AttackList = Field(
+        default_factory=lambda: [AttackEntry.model_validate(a) for a in DEFAULT_ATTACKS]
+    )
     max_test_items: int | None = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
     bootstrap_resamples: int = Field(1000, ge=10)
@@ -114,8 +128,17 @@ class RobustEvalConfig(StrictModel):
     retrieval_attack: str = "co-attack"
     retrieval_attack_kwargs: dict[str, Any] = Field(default_factory=lambda: {"eps": 2.0})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_fields(cls, raw: Any) -> Any:
+        return refuse_old_fields(raw, OLD_FIELDS)
+
     @model_validator(mode="after")
-    def _check_retrieval_attack(self) -> RobustEvalConfig:
+    def _check_attacks(self) -> RobustEvalConfig:
+        try:
+            check_attacks(self.attacks)
+        except ConfigError as exc:
+            raise ValueError(f"attacks: {exc}") from None
         if self.retrieval:
             try:
                 self.multimodal_attack()
@@ -171,21 +194,6 @@ def load_base(config: FineTuneRunConfig) -> DualEncoder:
     return build_base(base_reference(config))
 
 
-def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[tuple[str, Attack]]:
-    attacks: list[tuple[str, Attack]] = [
-        (
-            f"pgd{s}",
-            PGD(model, eps=eps, alpha=pgd_step_size(eps, s), steps=s, restarts=ev.restarts),
-        )
-        for s in ev.pgd_steps
-    ]
-    if ev.apgd:
-        attacks.append(("apgd-ce", APGD(model, eps=eps, steps=ev.apgd_steps)))
-    if ev.apgd_dlr:
-        attacks.append(("apgd-dlr", APGDDLR(model, eps=eps, steps=ev.apgd_steps)))
-    return attacks
-
-
 def share_bootstrap_ci(values: list[bool], resamples: int, seed: int = 0) -> dict[str, float | int]:
     """The share of true values with its 95% bootstrap interval."""
     arr = np.asarray(values, dtype=np.float64)
@@ -204,7 +212,7 @@ def summarize_finetune_rows(
         if "group" in r:
             by_group.setdefault(r["group"], []).append(r)
     metrics: dict[str, Any] = {}
-    flags: list[SanityFlag | dict[str, Any]] = []
+    flags: list[dict[str, Any]] = []
     if "clean" in by_group:
         metrics["clean_accuracy"] = share_bootstrap_ci(
             [r["correct"] for r in by_group["clean"]], ev.bootstrap_resamples, seed
@@ -219,53 +227,26 @@ def summarize_finetune_rows(
         own = [r["correct"] for r in by_group["clean"]]
         other = [r["correct"] for r in by_group["shuffled"]]
         flags.append({**image_use_flag(own, other), "group": "shuffled"})
-    for group, grows in sorted(by_group.items()):
-        if group in ("clean", "shuffled") or group in RETRIEVAL_GROUPS:
-            continue
-        if group.startswith("zero-grad@"):  # one row per question batch on the VQA task
-            flags.append(
-                {
-                    "name": "zero-gradients",
-                    "group": group,
-                    "passed": all(r["passed"] for r in grows),
-                    "detail": "; ".join(r["detail"] for r in grows),
-                }
-            )
-            continue
-        grows = sorted(grows, key=lambda r: r["index"])
-        metrics[f"robust_accuracy/{group}"] = share_bootstrap_ci(
-            [r["robust_correct"] for r in grows], ev.bootstrap_resamples, seed
-        )
-        eps = float(group.split("@")[1])
-        for flag in (budget_flag(grows, eps), range_flag(grows), accuracy_flag(grows)):
-            flags.append(
-                {"name": flag.name, "group": group, "passed": flag.passed, "detail": flag.detail}
-            )
+    names = attack_labels(ev.attacks)
     for eps in ev.eps:
-        weak, strong = by_group.get(f"pgd{min(ev.pgd_steps)}@{eps:g}"), None
-        strong = by_group.get(f"pgd{max(ev.pgd_steps)}@{eps:g}")
-        if weak and strong and len(ev.pgd_steps) > 1 and len(weak) == len(strong):
-            flag = stronger_flag(
-                sorted(weak, key=lambda r: r["index"]), sorted(strong, key=lambda r: r["index"])
-            )
-            flags.append(
-                {
-                    "name": flag.name,
-                    "group": f"pgd@{eps:g}",
-                    "passed": flag.passed,
-                    "detail": flag.detail,
-                }
-            )
+        for name in names:
+            hits = worst_case(rows, eps, name)
+            if hits:
+                metrics[f"robust_accuracy/{name}@{eps:g}"] = share_bootstrap_ci(
+                    hits, ev.bootstrap_resamples, seed
+                )
         worst = worst_case(rows, eps)
         if worst:
             metrics[f"robust_accuracy/worst@{eps:g}"] = share_bootstrap_ci(
                 worst, ev.bootstrap_resamples, seed
             )
+    if any("attack" in r for r in rows):
+        flags.extend(robust_flags(rows, ev.attacks))
     recall = recall_indicators(rows)
     for name, hits in recall.items():
         metrics[name] = share_bootstrap_ci(hits, ev.bootstrap_resamples, seed)
     flags.extend(retrieval_flags(recall))
-    return metrics, flags  # type: ignore[return-value]
+    return metrics, flags
 
 
 def derangement(n: int, seed: int) -> torch.Tensor:
@@ -322,17 +303,6 @@ def retrieval_flags(recall: dict[str, list[bool]]) -> list[dict[str, Any]]:
     return flags
 
 
-def worst_case(rows: list[dict[str, Any]], eps: float) -> list[bool]:
-    """Per attacked image (by ``index``): robust under every attack at ``eps``, the per-example
-    worst case over the attack groups ``<attack>@<eps>`` (the zero-gradient check excluded)."""
-    per_index: dict[int, bool] = {}
-    for r in rows:
-        group = r.get("group", "")
-        if group.endswith(f"@{eps:g}") and not group.startswith("zero-grad") and "index" in r:
-            per_index[r["index"]] = per_index.get(r["index"], True) and bool(r["robust_correct"])
-    return [per_index[i] for i in sorted(per_index)]
-
-
 def run_finetune(
     config: FineTuneRunConfig, run: Run, log: Log = print, progress: bool = True
 ) -> dict[str, Any]:
@@ -380,13 +350,6 @@ def run_finetune(
             for i, y, p in zip(test.ids, labels.tolist(), pred.tolist(), strict=True)
         ]
 
-    def attacked_rows(attack: Attack) -> list[dict[str, Any]]:
-        return [
-            {**r, "index": r["index"] + part.start}
-            for part in item_slices(classifier, test, ev.batch_size)
-            for r in robust_accuracy(classifier, attack, images[part], labels[part], ev.batch_size)
-        ]
-
     jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("clean", lambda: prediction_rows(images))
     ]
@@ -394,18 +357,15 @@ def run_finetune(
         shuffled = images[derangement(len(images), config.seed)]
         jobs.append(("shuffled", lambda: prediction_rows(shuffled)))
     for eps in ev.eps:
-        for name, attack in _attacks(classifier, ev, eps):
-            jobs.append((f"{name}@{eps:g}", lambda attack=attack: attacked_rows(attack)))
-        pgd = PGD(classifier, eps=eps, steps=1)
-
-        def zero_grad(pgd: PGD = pgd) -> list[dict[str, Any]]:
-            flags = [
-                zero_gradient_flag(pgd, images[part], labels[part], ev.batch_size)
-                for part in item_slices(classifier, test, ev.batch_size)
-            ]
-            return [{"passed": flag.passed, "detail": flag.detail} for flag in flags]
-
-        jobs.append((f"zero-grad@{eps:g}", zero_grad))
+        for name, entry in zip(attack_labels(ev.attacks), ev.attacks, strict=True):
+            jobs.append(
+                (
+                    f"{name}@{eps:g}",
+                    lambda eps=eps, name=name, entry=entry: attacked_test_rows(
+                        classifier, test, [entry], [eps], None, ev.batch_size, [name]
+                    ),
+                )
+            )
     if ev.retrieval and modality != VQA_TASK:
         encoder = adapted_encoder(classifier)
         retrieval = {
@@ -454,53 +414,72 @@ def run_finetune(
     }
 
 
+def attacked_test_rows(
+    classifier: FineTunedClassifier,
+    test: Any,
+    attacks: list[AttackEntry],
+    eps_values: list[float],
+    seed: int | None,
+    batch_size: int,
+    names: list[str] | None = None,
+    ids: bool = False,
+) -> list[dict[str, Any]]:
+    """The flat rows of :func:`medshield.eval.robust.robust_rows` for the test items ``test``
+    (a :class:`~medshield.train.finetune.common.TrainData`), a slice at a time (on the VQA task
+    with each slice's questions set); ``index``: the item's position in ``test``, or its id
+    (``ids``)."""
+    rows: list[dict[str, Any]] = []
+    for part in item_slices(classifier, test, batch_size):
+        for row in robust_rows(
+            classifier,
+            test.images[part],
+            test.labels[part],
+            attacks,
+            eps_values,
+            seed,
+            batch_size,
+            names,
+        ):
+            position = row["index"] + part.start
+            rows.append({**row, "index": int(test.ids[position]) if ids else position})
+    return rows
+
+
 def finetuned_rows(
     classifier: FineTunedClassifier,
     task: str,
     eps_values: list[float],
-    steps: int,
+    attacks: list[AttackEntry],
     max_items: int | None,
     seed: int = 0,
     data_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """A fine-tuned classifier on its own task under ``medshield evaluate``: one row per test
-    image (a class-balanced subsample of ``max_items``, chosen with ``seed``), clean and under
-    L-inf PGD at every budget, in the row format of :mod:`medshield.eval.robust` with task
-    ``finetuned`` (``modality``: the task, a modality or ``vqa_rad_closed``).
+    """A fine-tuned classifier on its own task under ``medshield evaluate``: the flat rows of
+    :func:`medshield.eval.robust.robust_rows` (every attack at every budget, random starts
+    seeded with ``seed``) on a class-balanced subsample of ``max_items`` test items, chosen with
+    ``seed``, tagged with task ``finetuned`` and ``modality`` (the task, a modality or
+    ``vqa_rad_closed``); ``index`` is the item's id.
 
     With at least two test images each row also carries ``shuffled_correct``: whether the
-    classifier is right when shown another test item's image (the run's shuffled control, the
-    same :func:`derangement` of the same items for the same ``seed``; on the VQA task the
-    question stays)."""
+    classifier is right on that item when shown another test item's image (the run's shuffled
+    control, the same :func:`derangement` of the same items for the same ``seed``; on the VQA
+    task the question stays)."""
     test = load_train_data(task, max_items, seed, data_dir, "test")
-    shuffled: list[bool | None] = [None] * len(test.images)
+    shuffled: dict[int, bool] = {}
     if len(test.images) > 1:
         shown = test.images[derangement(len(test.images), seed)]
-        shuffled = (predict_classes(classifier, test, shown, batch_size) == test.labels).tolist()
-    rows: list[dict[str, Any]] = []
-    for part in item_slices(classifier, test, batch_size):
-        rows.extend(
-            pgd_rows(
-                classifier,
-                test.images[part],
-                test.labels[part],
-                eps_values,
-                steps,
-                seed,
-                batch_size,
-            )
-        )
+        hits = (predict_classes(classifier, test, shown, batch_size) == test.labels).tolist()
+        shuffled = {int(i): hit for i, hit in zip(test.ids, hits, strict=True)}
+    rows = attacked_test_rows(classifier, test, attacks, eps_values, seed, batch_size, ids=True)
     return [
         {
             "task": "finetuned",
             "modality": task,
-            "index": int(i),
-            "label": int(y),
             **row,
-            **({} if hit is None else {"shuffled_correct": hit}),
+            **({"shuffled_correct": shuffled[row["index"]]} if shuffled else {}),
         }
-        for i, y, row, hit in zip(test.ids, test.labels.tolist(), rows, shuffled, strict=True)
+        for row in rows
     ]
 
 
