@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medshield.attacks import PGD, Attack, robust_accuracy, sanity_checks
+from medshield.attacks import PGD, Attack
 from medshield.attacks.sanity import (
     accuracy_flag,
     budget_flag,
@@ -18,6 +18,7 @@ from medshield.attacks.sanity import (
 )
 from medshield.errors import InputError
 from medshield.eval.metrics import bootstrap_ci
+from medshield.eval.robust import attacked_rows, sanity_checks
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +89,14 @@ def test_flags_trigger_on_an_attack_outside_budget_and_range(trained) -> None:
 def test_flags_trigger_on_zero_gradients(trained) -> None:
     model, images, labels = trained
     masked = RoundedModel(model)
-    flag = zero_gradient_flag(PGD(masked, eps=8), images, labels)
+    flag = zero_gradient_flag(attacked_rows(masked, PGD(masked, eps=8, steps=1), images, labels))
     assert not flag.passed and "60 of 60" in flag.detail
-    assert zero_gradient_flag(PGD(model, eps=8), images, labels).passed
+    assert zero_gradient_flag(
+        attacked_rows(model, PGD(model, eps=8, steps=1), images, labels)
+    ).passed
+    assert not names(sanity_checks(masked, PGD(masked, eps=8, steps=1), images, labels))[
+        "zero-gradients"
+    ]
 
 
 def test_accuracy_and_strength_flags_from_rows() -> None:
@@ -121,10 +127,11 @@ def test_budget_flag_uint8_allowance() -> None:
     assert not range_flag([{**rows[0], "adv_max": 1.01}]).passed
 
 
-def test_robust_accuracy_rows(trained) -> None:
+def test_attacked_rows(trained) -> None:
     model, images, labels = trained
-    rows = robust_accuracy(model, PGD(model, eps=16, alpha=4, steps=5), images, labels, 16)
+    rows = attacked_rows(model, PGD(model, eps=16, alpha=4, steps=5), images, labels, 16)
     assert [r["index"] for r in rows] == list(range(len(images)))
+    assert {r["restart"] for r in rows} == {0}
     assert all(r["robust_correct"] == (r["clean_correct"] and r["adv_correct"]) for r in rows)
     assert all(r["linf"] <= 16 + 1e-3 and 0 <= r["adv_min"] <= r["adv_max"] <= 1 for r in rows)
     clean = np.mean([r["clean_correct"] for r in rows])
@@ -133,6 +140,23 @@ def test_robust_accuracy_rows(trained) -> None:
     lo, hi = bootstrap_ci(lambda c: c.mean(-1), robust, vectorized=True)
     assert lo <= robust.mean() <= hi
     with pytest.raises(InputError):
-        robust_accuracy(model, PGD(model), images, labels[:-1])
+        attacked_rows(model, PGD(model), images, labels[:-1])
     with pytest.raises(InputError):
-        robust_accuracy(model, PGD(model), images, labels, batch_size=0)
+        attacked_rows(model, PGD(model), images, labels, batch_size=0)
+    with pytest.raises(InputError):
+        attacked_rows(model, PGD(model), images, labels, restarts=0)
+
+
+def test_restarts_are_rows_of_their_own(trained) -> None:
+    model, images, labels = trained
+    rows = attacked_rows(model, PGD(model, eps=8, steps=2), images[:8], labels[:8], 3, restarts=2)
+    # per batch of 3: restart 0, then restart 1, each one row per image of the batch
+    assert [(r["index"], r["restart"]) for r in rows[:6]] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (0, 1),
+        (1, 1),
+        (2, 1),
+    ]
+    assert len(rows) == 16

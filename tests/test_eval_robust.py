@@ -34,67 +34,107 @@ def model() -> MiniClip:
 def test_robust_zero_shot_rows_respect_budgets_and_summarize(
     model: MiniClip, data_dir: Path
 ) -> None:
+    attacks = [AttackEntry(name="pgd", steps=3), AttackEntry(name="fgsm", restarts=2)]
     rows = robust_zero_shot_rows(
-        model, "breast_ultrasound", eps_values=[4, 1], steps=3, max_items=6, data_dir=data_dir
+        model, "breast_ultrasound", [4, 1], attacks, max_items=6, data_dir=data_dir
     )
-    assert len(rows) == 6 and {r["task"] for r in rows} == {"robust_zero_shot"}
+    # one flat row per image, budget, attack and restart: 6 x 2 x (1 + 2)
+    assert len(rows) == 36 and {r["task"] for r in rows} == {"robust_zero_shot"}
+    assert {(r["attack"], r["eps"], r["restart"]) for r in rows} == {
+        (a, e, k) for e in (1.0, 4.0) for a, k in (("pgd", 0), ("fgsm", 0), ("fgsm", 1))
+    }
     for r in rows:
-        assert list(r["linf"]) == ["1", "4"]  # sorted budgets
-        for key in ("1", "4"):
-            assert r["linf"][key] <= float(key) + 1e-3
-            assert 0 <= r["adv_min"][key] <= r["adv_max"][key] <= 1
-            assert r["robust_correct"][key] == (r["clean_correct"] and r["adv_correct"][key])
+        assert r["linf"] <= r["eps"] + 1e-3 and 0 <= r["adv_min"] <= r["adv_max"] <= 1
+        assert r["robust_correct"] == (r["clean_correct"] and r["adv_correct"])
     metrics = summarize(rows, n_resamples=50)["robust_zero_shot"]["breast_ultrasound"]
-    assert set(metrics) == {"clean_accuracy", "robust_accuracy@1", "robust_accuracy@4"}
-    clean = sum(r["clean_correct"] for r in rows) / 6
-    assert metrics["clean_accuracy"]["value"] == pytest.approx(clean)
-    assert metrics["robust_accuracy@4"]["value"] <= metrics["clean_accuracy"]["value"]
-    flags = {f.name: f for f in robust_flags(rows)}
+    assert set(metrics) == {
+        "clean_accuracy",
+        "robust_accuracy@1",
+        "robust_accuracy@4",
+        "robust_accuracy/pgd@1",
+        "robust_accuracy/pgd@4",
+        "robust_accuracy/fgsm@1",
+        "robust_accuracy/fgsm@4",
+    }
+    indices = sorted({r["index"] for r in rows})
+    clean = {r["index"]: r["clean_correct"] for r in rows}
+    assert metrics["clean_accuracy"]["value"] == pytest.approx(sum(clean.values()) / 6)
+    worst = [
+        all(r["robust_correct"] for r in rows if r["index"] == i and r["eps"] == 4) for i in indices
+    ]
+    assert worst_case(rows, 4) == worst
+    assert metrics["robust_accuracy@4"]["value"] == pytest.approx(sum(worst) / 6)
+    assert metrics["robust_accuracy@4"]["value"] <= metrics["robust_accuracy/fgsm@4"]["value"]
+    flags = {(f["name"], f["group"]): f for f in robust_flags(rows, attacks)}
     assert {
-        "budget@1",
-        "range@4",
-        "robust<=clean@1",
-        "stronger<=weaker@1->4",
-        "zero-gradients",
+        ("budget", "pgd@1"),
+        ("range", "fgsm@4"),
+        ("robust<=clean", "pgd@1"),
+        ("stronger<=weaker", "pgd@1->4"),
+        ("zero-gradients", "inputs"),
     } <= set(flags)
-    assert flags["budget@1"].passed and flags["budget@4"].passed and flags["range@1"].passed
+    assert flags[("budget", "pgd@1")]["passed"] and flags[("budget", "fgsm@4")]["passed"]
 
 
 def test_robust_rows_leave_the_model_as_it_was(model: MiniClip, data_dir: Path) -> None:
     model.train()
     flags = [p.requires_grad for p in model.parameters()]
     robust_zero_shot_rows(
-        model, "breast_ultrasound", eps_values=[1], steps=1, max_items=2, data_dir=data_dir
+        model,
+        "breast_ultrasound",
+        [1],
+        [AttackEntry(name="pgd", steps=1)],
+        max_items=2,
+        data_dir=data_dir,
     )
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     model.eval()
 
 
-def _row(clean: bool, robust: dict[str, bool], linf: dict[str, float], zero: bool = False) -> dict:
-    return {
-        "task": "robust_zero_shot",
-        "modality": "m",
-        "index": 0,
-        "clean_correct": clean,
-        "adv_correct": robust,
-        "robust_correct": {k: clean and v for k, v in robust.items()},
-        "linf": linf,
-        "adv_min": dict.fromkeys(linf, 0.0),
-        "adv_max": dict.fromkeys(linf, 1.0),
-        "size": 12,
-        "zero_gradient": zero,
-    }
+def _rows(
+    robust: dict[float, bool], linf: dict[float, float], zero: bool = False, attack: str = "pgd"
+) -> list[dict]:
+    return [
+        {
+            "attack": attack,
+            "eps": eps,
+            "restart": 0,
+            "index": 0,
+            "label": 0,
+            "clean_correct": True,
+            "adv_correct": hit,
+            "robust_correct": hit,
+            "linf": linf[eps],
+            "adv_min": 0.0,
+            "adv_max": 1.0,
+            "size": 12,
+            "zero_gradient": zero,
+        }
+        for eps, hit in robust.items()
+    ]
+
+
+def _flags(rows: list[dict], attacks: list[AttackEntry] | None = None) -> dict:
+    return {(f["name"], f["group"]): f["passed"] for f in robust_flags(rows, attacks)}
 
 
 def test_robust_flags_catch_broken_evaluations() -> None:
-    ok = [_row(True, {"1": True, "2": False}, {"1": 1.0, "2": 2.0})]
-    assert all(f.passed for f in robust_flags(ok))
-    over = [_row(True, {"1": True, "2": False}, {"1": 1.5, "2": 2.0})]
-    assert not {f.name: f for f in robust_flags(over)}["budget@1"].passed
-    weaker = [_row(True, {"1": False, "2": True}, {"1": 1.0, "2": 2.0})]
-    assert not {f.name: f for f in robust_flags(weaker)}["stronger<=weaker@1->2"].passed
-    masked = [_row(True, {"1": True, "2": True}, {"1": 1.0, "2": 2.0}, zero=True)]
-    assert not {f.name: f for f in robust_flags(masked)}["zero-gradients"].passed
+    ok = _rows({1.0: True, 2.0: False}, {1.0: 1.0, 2.0: 2.0})
+    assert all(_flags(ok).values())
+    assert not _flags(_rows({1.0: True, 2.0: False}, {1.0: 1.5, 2.0: 2.0}))[("budget", "pgd@1")]
+    weaker = _rows({1.0: False, 2.0: True}, {1.0: 1.0, 2.0: 2.0})
+    assert not _flags(weaker)[("stronger<=weaker", "pgd@1->2")]
+    masked = _rows({1.0: True, 2.0: True}, {1.0: 1.0, 2.0: 2.0}, zero=True)
+    assert not _flags(masked)[("zero-gradients", "inputs")]
+    # more steps of the same attack leaving more robust accuracy: the attack does not optimise
+    entries = [AttackEntry(name="pgd", steps=10), AttackEntry(name="pgd", steps=50)]
+    steps = _rows({1.0: False}, {1.0: 1.0}, attack="pgd10") + _rows(
+        {1.0: True}, {1.0: 1.0}, attack="pgd50"
+    )
+    assert not _flags(steps, entries)[("stronger<=weaker", "pgd10->pgd50@1")]
+    # a restart that breaks the image counts: the worst case folds restarts per image
+    restarts = ok + [{**ok[0], "restart": 1, "adv_correct": False, "robust_correct": False}]
+    assert worst_case(restarts, 1.0) == [False] and worst_case(ok, 1.0) == [True]
 
 
 @pytest.mark.parametrize("bad", [[], [0], [1, 1], [-2], "2"])
@@ -169,27 +209,88 @@ FINETUNE_BEFORE = {
     "pgd10@16": (
         [0, 0, 1, 1, 0, 2, 0, 0, 0, 0],
         [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
-        [99.4077, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 104.4854, 107.1674, 107.9127, 109.6901],
+        [
+            99.4077,
+            106.1306,
+            103.3116,
+            108.78,
+            108.2729,
+            105.4695,
+            104.4854,
+            107.1674,
+            107.9127,
+            109.6901,
+        ],
     ),
     "pgd50@16": (
         [0, 0, 1, 1, 0, 2, 0, 0, 0, 0],
         [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
-        [100.1941, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 104.4854, 107.1674, 107.9127, 109.6901],
+        [
+            100.1941,
+            106.1306,
+            103.3116,
+            108.78,
+            108.2729,
+            105.4695,
+            104.4854,
+            107.1674,
+            107.9127,
+            109.6901,
+        ],
     ),
     "apgd-ce@16": (
         [0, 0, 1, 1, 0, 2, 0, 0, 0, 0],
         [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
-        [99.7368, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 105.6473, 107.1674, 107.9127, 109.6901],
+        [
+            99.7368,
+            106.1306,
+            103.3116,
+            108.78,
+            108.2729,
+            105.4695,
+            105.6473,
+            107.1674,
+            107.9127,
+            109.6901,
+        ],
     ),
     "apgd-dlr@16": (
         [0, 0, 1, 1, 0, 2, 1, 0, 0, 0],
         [0, 0, 0, 0, 1, 0, 0, 1, 1, 1],
-        [63.5902, 66.9906, 102.0676, 108.78, 86.0671, 105.4997, 102.49, 103.2432, 108.5472, 101.6284],
+        [
+            63.5902,
+            66.9906,
+            102.0676,
+            108.78,
+            86.0671,
+            105.4997,
+            102.49,
+            103.2432,
+            108.5472,
+            101.6284,
+        ],
     ),
 }
 EVALUATE_BEFORE = {
-    8.0: ([0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [51.5702, 53.719, 53.0653, 54.7822, 55.0047, 54.0602, 54.2572, 54.1267, 54.6838, 55.4256]),
-    16.0: ([0, 0, 0, 0, 1, 0, 1, 1, 1, 1], [98.505, 106.1306, 103.3116, 108.78, 108.2729, 105.4695, 106.7326, 104.7399, 107.9127, 109.4134]),
+    8.0: (
+        [0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+        [51.5702, 53.719, 53.0653, 54.7822, 55.0047, 54.0602, 54.2572, 54.1267, 54.6838, 55.4256],
+    ),
+    16.0: (
+        [0, 0, 0, 0, 1, 0, 1, 1, 1, 1],
+        [
+            98.505,
+            106.1306,
+            103.3116,
+            108.78,
+            108.2729,
+            105.4695,
+            106.7326,
+            104.7399,
+            107.9127,
+            109.4134,
+        ],
+    ),
 }
 
 
@@ -214,13 +315,22 @@ def test_finetune_default_attacks_reproduce_the_rows_before_the_refactor() -> No
         for name, entry in zip(names, ev.attacks, strict=True):
             rows += robust_rows(model, images, labels, [entry], [eps], None, 4, [name])
     assert {(r["attack"], r["restart"]) for r in rows} == {
-        ("pgd10", 0), ("pgd10", 1), ("pgd50", 0), ("pgd50", 1), ("apgd-ce", 0), ("apgd-dlr", 0)
+        ("pgd10", 0),
+        ("pgd10", 1),
+        ("pgd50", 0),
+        ("pgd50", 1),
+        ("apgd-ce", 0),
+        ("apgd-dlr", 0),
     }
     for group, (preds, robust, l2) in FINETUNE_BEFORE.items():
         name, eps = group.split("@")
         assert worst_case(rows, float(eps), name) == [bool(v) for v in robust], group
         runs = [
-            [r for r in rows if r["attack"] == name and r["eps"] == float(eps) and r["restart"] == k]
+            [
+                r
+                for r in rows
+                if r["attack"] == name and r["eps"] == float(eps) and r["restart"] == k
+            ]
             for k in range(2 if name.startswith("pgd") else 1)
         ]
         for i in range(len(images)):

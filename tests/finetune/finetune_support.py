@@ -19,9 +19,12 @@ TINY_MODEL = {
 }
 TINY_EVAL = {
     "eps": [2],
-    "pgd_steps": [1, 2],
-    "restarts": 1,
-    "apgd_steps": 2,
+    "attacks": [
+        {"name": "pgd", "steps": 1},
+        {"name": "pgd", "steps": 2},
+        {"name": "apgd-ce", "steps": 2},
+        {"name": "apgd-dlr", "steps": 2},
+    ],
     "max_test_items": 4,
     "batch_size": 4,
     "bootstrap_resamples": 20,
@@ -75,7 +78,7 @@ def write_study_config(tmp_path: Path, data_dir: Path, **extra: Any) -> Path:
         "checkpoints": {"base": None},
         "seeds": [0],
         "finetune": FAST,
-        "robust": {**TINY_EVAL, "pgd_steps": [1], "apgd": False, "apgd_dlr": False},
+        "robust": {**TINY_EVAL, "attacks": [{"name": "pgd", "steps": 1}]},
         **extra,
     }
     path = tmp_path / "study.yaml"

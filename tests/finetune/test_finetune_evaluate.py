@@ -11,6 +11,7 @@ from finetune_support import run_config, run_method
 from typer.testing import CliRunner
 
 from medshield.cli import app
+from medshield.config import AttackEntry
 from medshield.runs import Run
 from medshield.train.finetune.common import VQA_TASK
 from medshield.train.finetune.workflow import finetuned_rows, run_finetune
@@ -36,7 +37,7 @@ def test_evaluate_loads_a_finetuned_directory(tmp_path: Path, data_dir: Path, ra
         "evaluate.tasks=[zero_shot, robust_zero_shot]",
         "evaluate.max_test_items=8",
         "evaluate.robust_eps=[2]",
-        "evaluate.attack_steps=2",
+        "evaluate.robust_attacks=[{name: pgd, steps: 2}]",
         "evaluate.robust_max_items=4",  # the run's robust.max_test_items: the same images
         "evaluate.bootstrap_resamples=20",
     ]
@@ -56,11 +57,11 @@ def test_evaluate_loads_a_finetuned_directory(tmp_path: Path, data_dir: Path, ra
     assert own["shuffled_image_accuracy"]["value"] == run_shuffled
     assert own["robust_accuracy@2"]["value"] <= own["clean_accuracy"]["value"]
     assert {"zero_shot", "robust_zero_shot"} <= set(ev["metrics"])
-    assert {f["name"] for f in ev["sanity"]["finetuned/chest_xray"]} >= {
-        "budget@2",
-        "range@2",
-        "zero-gradients",
-        "uses image",
+    assert {(f["name"], f.get("group")) for f in ev["sanity"]["finetuned/chest_xray"]} >= {
+        ("budget", "pgd@2"),
+        ("range", "pgd@2"),
+        ("zero-gradients", "inputs"),
+        ("uses image", None),
     }
     html = (tmp_path / "eval_ft" / "report.html").read_text()
     assert "A fine-tuned model: ran on chest_xray" in html
@@ -85,8 +86,10 @@ def test_evaluate_refuses_a_finetuned_directory_of_another_base(tmp_path: Path, 
 
 def test_finetuned_rows_on_the_vqa_task(vqa_train, data_dir: Path, base) -> None:
     _, result = run_method(base, vqa_train, "linear-probe")
-    rows = finetuned_rows(result.classifier, VQA_TASK, [2], 1, 4, data_dir=data_dir, batch_size=2)
+    pgd = [AttackEntry(name="pgd", steps=1)]
+    rows = finetuned_rows(result.classifier, VQA_TASK, [2], pgd, 4, data_dir=data_dir, batch_size=2)
     assert len(rows) == 4 and all(r["task"] == "finetuned" for r in rows)
-    assert all(r["modality"] == VQA_TASK and r["linf"]["2"] <= 2.0 + 1e-4 for r in rows)
-    assert all(r["robust_correct"]["2"] <= r["clean_correct"] for r in rows)
+    assert all(r["modality"] == VQA_TASK and r["linf"] <= 2.0 + 1e-4 for r in rows)
+    assert all((r["attack"], r["eps"], r["restart"]) == ("pgd", 2.0, 0) for r in rows)
+    assert all(r["robust_correct"] <= r["clean_correct"] for r in rows)
     assert all(isinstance(r["shuffled_correct"], bool) for r in rows)  # the question stays

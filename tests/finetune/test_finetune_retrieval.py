@@ -55,7 +55,7 @@ def _config(tmp_path: Path, data_dir: Path, name: str, **robust: Any) -> FineTun
             "method": "ran",
             "kwargs": {"placement": "head", "rectifier": "mlp", "hidden": 8, "pgd_steps": 1},
         },
-        robust={**TINY_EVAL, "pgd_steps": [1], "apgd": False, "apgd_dlr": False, **robust},
+        robust={**TINY_EVAL, "attacks": [{"name": "pgd", "steps": 1}], **robust},
     )
 
 

@@ -88,7 +88,7 @@ def test_study_runs_the_vqa_task_for_ran_lora_and_a_baseline(
         ],
         modalities=[],
         vqa_closed=True,
-        robust={**TINY_EVAL, "pgd_steps": [1], "apgd": False, "apgd_dlr": False, "batch_size": 3},
+        robust={**TINY_EVAL, "attacks": [{"name": "pgd", "steps": 1}], "batch_size": 3},
     )
     cfg = load_study_config(config)
     result = run_study_finetune(cfg, Run(tmp_path / "study", cfg), log=lambda _: None)

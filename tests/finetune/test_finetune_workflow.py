@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from finetune_support import run_config
 
+from medshield.config import AttackEntry
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import image_use_flag, majority_hits
 from medshield.runs import Run
@@ -34,7 +35,6 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
         "pgd2@2",
         "apgd-ce@2",
         "apgd-dlr@2",
-        "zero-grad@2",
         "retrieval",
         "retrieval_adv",
     }
@@ -49,6 +49,11 @@ def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data
     for name in (*attacked, "worst@2"):
         assert m[f"robust_accuracy/{name}"]["value"] <= m["clean_accuracy"]["value"]
     # the worst case is the per-image minimum over every attack, APGD-DLR included
+    assert all(
+        (r["attack"], r["eps"], r["restart"]) == (r["group"].split("@")[0], 2.0, 0)
+        for r in rows
+        if r["group"] in attacked
+    )
     robust = {
         g: {r["index"]: r["robust_correct"] for r in rows if r["group"] == g} for g in attacked
     }
@@ -121,8 +126,8 @@ def test_cli_finetune_writes_results_and_its_report(tmp_path: Path, data_dir: Pa
 
     cfg = run_config(tmp_path, data_dir)
     cfg.finetune.max_train_items, cfg.finetune.val_fraction = 12, 0.5
-    cfg.robust.retrieval, cfg.robust.pgd_steps = False, [1]
-    cfg.robust.apgd, cfg.robust.apgd_dlr = False, False
+    cfg.robust.retrieval = False
+    cfg.robust.attacks = [AttackEntry(name="pgd", steps=1)]
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["finetune", "--config", str(path)])

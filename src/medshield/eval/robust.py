@@ -109,10 +109,10 @@ def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
         )
     kwargs = entry.kwargs
     params = inspect.signature(cls).parameters
-    if "alpha" in params and "alpha" not in kwargs:
-        steps = kwargs.get("steps", params["steps"].default if "steps" in params else 1)
-        kwargs["alpha"] = pgd_step_size(eps, steps)
     try:
+        if "alpha" in params and "alpha" not in kwargs:
+            steps = kwargs.get("steps", params["steps"].default if "steps" in params else 1)
+            kwargs["alpha"] = pgd_step_size(eps, steps)
         return cls(model, eps=eps, **kwargs)
     except (TypeError, InputError) as exc:
         raise ConfigError(
@@ -347,11 +347,17 @@ def per_image(
                 if key in r
             }
             continue
-        rec["adv_correct"] = rec["adv_correct"] and r["adv_correct"]
-        rec["robust_correct"] = rec["robust_correct"] and r["robust_correct"]
-        for key, pick in (("linf", max), ("l2", max), ("adv_min", min), ("adv_max", max)):
-            rec[key] = pick(rec[key], r[key])
-        rec["zero_gradient"] = rec["zero_gradient"] or r["zero_gradient"]
+        for key, pick in (
+            ("adv_correct", min),
+            ("robust_correct", min),
+            ("linf", max),
+            ("l2", max),
+            ("adv_min", min),
+            ("adv_max", max),
+            ("zero_gradient", max),
+        ):
+            if key in rec:
+                rec[key] = pick(rec[key], r[key])
     return [records[i] for i in sorted(records)]
 
 
