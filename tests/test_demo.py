@@ -32,7 +32,8 @@ TINY = [
     "{method: lora, kwargs: {rank: 2}}]",
     "finetune.finetune={epochs: 1, batch_size: 8, max_train_items: 16, "
     "adversary: {eps: 2, steps: 1}}",
-    "finetune.robust={eps: [1, 2], pgd_steps: [2], max_test_items: 8, bootstrap_resamples: 50}",
+    "finetune.robust={eps: [1, 2], attacks: [{name: pgd, steps: 2}], max_test_items: 8, "
+    "bootstrap_resamples: 50}",
     f"vlm.lm={json.dumps(LM)}",
     "vlm.steps=2",
     "vlm.batch_size=2",
@@ -268,7 +269,7 @@ def test_overriding_one_key_keeps_the_demo_defaults_of_its_section() -> None:
             "evaluate.max_test_items=50",
             "data.modalities=[chest_xray]",
             "noise.batch_size=8",
-            "finetune.robust.restarts=2",
+            "finetune.robust.max_test_items=50",
             "finetune.finetune={epochs: 1}",
             "redteam.generation.batch_size=2",
         ],
@@ -276,6 +277,7 @@ def test_overriding_one_key_keeps_the_demo_defaults_of_its_section() -> None:
     assert config.evaluate.tasks == ["zero_shot"] and config.data.train_per_class_cap == 40
     assert (config.noise.eps, config.noise.ratio) == (8.0, 0.5)
     robust = config.finetune.robust
-    assert robust.eps == [1.0, 2.0] and not robust.apgd and not robust.apgd_dlr
+    assert robust.eps == [1.0, 2.0] and robust.max_test_items == 50
+    assert [(e.name, e.kwargs, e.restarts) for e in robust.attacks] == [("pgd", {"steps": 10}, 1)]
     assert config.finetune.finetune["max_train_items"] == 256
     assert config.redteam.generation.max_new_tokens == 24

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from medshield.attacks import CoAttack
+from medshield.config import AttackEntry, attack_labels
 from medshield.errors import InputError
 from medshield.eval.metrics import summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
-from medshield.config import AttackEntry, attack_labels
 from medshield.eval.robust import (
     check_eps_values,
     robust_flags,

@@ -124,7 +124,7 @@ def test_evaluating_a_model_with_nan_weights_is_a_clear_error(tmp_path: Path, ta
                     f"evaluate.tasks={tasks}",
                     "evaluate.max_test_items=8",
                     "evaluate.robust_max_items=4",
-                    "evaluate.attack_steps=1",
+                    "evaluate.robust_attacks=[{name: pgd, steps: 1}]",
                 ]
             ),
         ]

@@ -130,7 +130,8 @@ def test_study_noise_runs_resumes_and_aggregates(tmp_path: Path, data_dir: Path)
         "base.evaluate.max_test_items=8",
         "base.evaluate.robust_max_items=4",
         "base.evaluate.robust_eps=[1]",
-        "base.evaluate.attack_steps=1",
+        "base.evaluate.robust_attacks=[{name: pgd, steps: 1}]",
+        "base.evaluate.vqa_attack_steps=1",
         "base.evaluate.bootstrap_resamples=20",
     ]
     args = ["study", "noise", *[a for s in sets for a in ("--set", s)]]

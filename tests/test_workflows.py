@@ -191,11 +191,17 @@ def finetuned_row(index: int, label: int, clean: bool, shuffled: bool | None) ->
         "modality": "chest_xray",
         "index": index,
         "label": label,
+        "attack": "pgd",
+        "eps": 2.0,
+        "restart": 0,
         "clean_correct": clean,
+        "adv_correct": False,
+        "robust_correct": False,
         "zero_gradient": False,
-        "size": [3, 8, 8],
-        **{f: {"2": v} for f, v in [("adv_correct", False), ("robust_correct", False)]},
-        **{f: {"2": v} for f, v in [("linf", 2.0), ("adv_min", 0.0), ("adv_max", 1.0)]},
+        "size": 192,
+        "linf": 2.0,
+        "adv_min": 0.0,
+        "adv_max": 1.0,
     }
     return row if shuffled is None else {**row, "shuffled_correct": shuffled}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from medshield.attacks import APGD, APGDDLR, PGD, Attack
 from medshield.attacks.pgd import pgd_step_size
-from medshield.config import AttackEntry, load_config
+from medshield.config import load_config
 from medshield.errors import ConfigError
 from medshield.eval.robust import build_attack, worst_case
 from medshield.registry import ATTACKS

@@ -395,7 +395,8 @@ def robust_flags(
     """The sanity flags (JSON-ready: ``name``, ``group``, ``passed``, ``detail``) of one
     evaluation's attack rows, restarts folded per image (:func:`per_image`):
 
-    - per attack and budget (group ``<attack>@<eps>``): "budget", "range", "robust<=clean";
+    - per attack and budget (group ``<attack>@<eps>``): "budget" (in the entry's ``norm``,
+      default L-inf), "range", "robust<=clean";
     - per attack, between consecutive budgets (group ``<attack>@<a>-><b>``):
       "stronger<=weaker", a larger ball leaves no more robust accuracy;
     - with ``attacks``, per budget between entries of the same attack ordered by steps and
@@ -409,9 +410,15 @@ def robust_flags(
         raise InputError("robust_flags needs at least one attack row")
     keys = list(dict.fromkeys((r["attack"], eps_key(r["eps"])) for r in rows))
     images = {key: per_image(rows, float(key[1]), key[0]) for key in keys}
+    entries = list(attacks or [])
+    norms = {
+        label: e.kwargs.get("norm", "Linf")
+        for label, e in zip(attack_labels(entries), entries, strict=True)
+    }
     flags = []
     for (attack, eps), at in images.items():
-        for flag in (budget_flag(at, float(eps)), range_flag(at), accuracy_flag(at)):
+        budget = budget_flag(at, float(eps), norms.get(attack, "Linf"))
+        for flag in (budget, range_flag(at), accuracy_flag(at)):
             flags.append(_flag(flag, f"{attack}@{eps}"))
     for attack in dict.fromkeys(a for a, _ in keys):
         budgets = sorted((e for a, e in keys if a == attack), key=float)
