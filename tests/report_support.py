@@ -90,18 +90,25 @@ def evaluate_rows() -> list[dict[str, Any]]:
                     {"task": task, "modality": modality, "index": i, "label": label}
                     | {"pred": pred, "scores": scores}
                 )
-            rows.append(
-                {"task": "robust_zero_shot", "modality": modality, "index": i}
-                | {"clean_correct": right, "robust_correct": {"1": right and i == 0, "4": False}}
-            )
+            for eps, robust in ((1.0, right and i == 0), (4.0, False)):
+                rows.append(
+                    {"task": "robust_zero_shot", "modality": modality, "index": i}
+                    | {"attack": "pgd", "eps": eps, "restart": 0}
+                    | {"clean_correct": right, "robust_correct": robust}
+                )
     return rows
 
 
 def evaluate_results() -> dict[str, Any]:
     metrics = summarize(evaluate_rows(), n_resamples=50)
     flags = [
-        {"name": "budget@1", "passed": True, "detail": "largest Linf 1/255"},
-        {"name": "robust<=clean@4", "passed": False, "detail": "robust 0.9 above clean 0.5"},
+        {"name": "budget", "group": "pgd@1", "passed": True, "detail": "largest Linf 1/255"},
+        {
+            "name": "robust<=clean",
+            "group": "pgd@4",
+            "passed": False,
+            "detail": "robust 0.9 above clean 0.5",
+        },
     ]
     return {
         "evaluate": {

@@ -146,6 +146,7 @@ def test_evaluate_report_has_headline_bars_curve_and_sanity(tmp_path: Path) -> N
     assert f"{zs['value']:.3f} [{zs['ci_low']:.3f}, {zs['ci_high']:.3f}]" in html
     assert "0.750" in html and "0.500" in html  # per-modality accuracies
     assert "Attack sanity flags: 1 of 2 passed" in html and '<tr class="fail">' in html
+    assert "chest_xray pgd@4" in html  # the flag's modality and attack group
     assert "Robust accuracy vs attack budget" in html and "VQA-RAD not found" in html
     assert parse(html).tags["img"] == 2  # per-modality bars, robust curve
     assert "name: tiny" in html  # the configuration
