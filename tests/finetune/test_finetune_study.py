@@ -55,7 +55,7 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     for row in table.values():
         clean = row["clean_accuracy"]
         assert clean["n"] == 4 and clean["ci_low"] <= clean["value"] <= clean["ci_high"]
-        assert "robust/pgd1@2" in row and "robust/worst@2" in row
+        assert "robust/pgd@2" in row and "robust/worst@2" in row  # one PGD entry: "pgd"
         assert row["majority_accuracy"]["value"] == pytest.approx(0.5)  # 2 + 2 test images
         assert row["shuffled_image_accuracy"]["n"] == 4
         for task in ("retrieval_i2t", "retrieval_i2t_adv", "retrieval_t2i", "retrieval_t2i_adv"):

@@ -111,7 +111,11 @@ def test_study_runs_the_vqa_task_for_ran_lora_and_a_baseline(
     assert len(by_group["shuffled"]) == 4  # each question kept, shown another question's image
     assert [r["index"] for r in by_group["shuffled"]] == [r["index"] for r in by_group["clean"]]
     zero_grad = next(f for f in sanity if f["name"] == "zero-gradients")
-    assert zero_grad["detail"].count("examples") == 2  # 4 questions in batches of 3
+    assert zero_grad["group"] == "inputs" and "of 4 examples" in zero_grad["detail"]
+    # 4 questions attacked in batches of 3, each question's row tagged with attack and budget
+    attacked = [r for r in rows if r.get("group") == "pgd@2"]
+    assert sorted(r["index"] for r in attacked) == [0, 1, 2, 3]
+    assert {(r["attack"], r["eps"], r["restart"]) for r in attacked} == {("pgd", 2.0, 0)}
 
 
 def test_study_without_vqa_rad_fails_before_any_cell(tmp_path: Path) -> None:
