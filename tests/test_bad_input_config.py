@@ -80,6 +80,18 @@ CASES = [
     ("lr-nan", "pretrain --set pretrain.lr=.nan", r"(?s)pretrain\.lr\s+Input should be a finite"),
     ("eps-inf", "evaluate --set evaluate.robust_eps=[1,.inf]", r"(?s)robust_eps.*finite number"),
     (
+        "unknown-image-attack",
+        "evaluate --set 'evaluate.robust_attacks=[{name: pgdx}]'",
+        r"'pgdx' is not a registered image attack; the image attacks are apgd-ce, apgd-dlr, fgsm",
+    ),
+    (
+        "bad-attack-argument",
+        "evaluate --set 'evaluate.robust_attacks=[{name: pgd, stepz: 3}]'",
+        r"the arguments \{'stepz': 3\} do not fit attack 'pgd'",
+    ),
+    ("old-attack-field", "evaluate --set evaluate.attack_steps=3", r"'attack_steps' is gone"),
+    ("old-robust-field", "finetune --set robust.apgd=false", r"'apgd' is gone.*robust.attacks"),
+    (
         "noise-eps-nan",
         "craft-noise --set noise.eps=.nan",
         r"(?s)noise\.eps\s+Input should be a fin",
