@@ -23,7 +23,9 @@ FLOPs and latency ratio to the base zero-shot classifier; failed sanity flags),
 ``robust_vs_clean_<checkpoint>_eps<eps>.png`` (worst-case robust accuracy against clean
 accuracy, one point per method and task with CI bars), and one per checkpoint and retrieval
 direction, ``retrieval_<direction>_<checkpoint>.png`` (R@1 under the multimodal attack against
-clean R@1).
+clean R@1) (both written by :mod:`medshield.studies.finetune_outputs`), and the issue-20 report
+of :mod:`medshield.studies.finetune_report`: per-task tables with their references, the targets
+with paired CIs and verdicts, the RAN ablation, the training curves and RAN's per-term log.
 """
 
 from __future__ import annotations
