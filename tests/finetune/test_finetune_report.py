@@ -120,7 +120,8 @@ def test_targets_flip_with_the_measured_accuracy(strong: bool) -> None:
     ran1 = by_claim(found, "ran worst-case robust accuracy @1/255")
     assert ran1["verdict"] == ("REACHED" if strong else "NOT REACHED")
     assert ran1["ci_clears"] == strong  # 0.6 of 300 images clears 0.40 with its whole CI
-    assert ran1["reference"]["method"] == "linear-probe"
+    assert ran1["reference"]["method"] == "linear-probe" and ran1["seeds"] == 3
+    assert ran1["reference"]["worst@1"]["value"] == ran1["value"]  # the same synthetic hits
     assert by_claim(found, "tecoa")["verdict"] == "NOT MEASURED"
     assert "tecoa" in by_claim(found, "tecoa")["note"]
     assert by_claim(found, "RAN robust @2/255 >= adv-adapter")["verdict"] == "NOT MEASURED"

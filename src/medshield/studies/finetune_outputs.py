@@ -183,7 +183,7 @@ def targets_md(targets: list[dict[str, Any]]) -> str:
             t["claim"],
             _measured(t),
             t["verdict"],
-            t.get("note", ""),
+            t.get("note", "") + _reference(t.get("reference")),
         ]
         for t in targets
     ]
@@ -196,6 +196,13 @@ def targets_md(targets: list[dict[str, Any]]) -> str:
         "",
     ]
     return "\n".join(intro + _md(header, rows)) + "\n"
+
+
+def _reference(ref: dict[str, Any] | None) -> str:
+    if not ref:
+        return ""
+    found = [f"{k} {_fmt(v)}" for k, v in ref.items() if isinstance(v, dict)]
+    return f" (reference {ref['method']}: {', '.join(found) or 'no cells'})"
 
 
 def _measured(t: dict[str, Any]) -> str:

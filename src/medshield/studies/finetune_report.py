@@ -41,6 +41,7 @@ FLAT_TOLERANCE = 0.05
 """A curve has flattened when its mean over the last quarter of the logged points moved at
 most this share from the quarter before."""
 RAN_LOG_TERMS = [_LOG_NAME.get(t, t) for t in RAN_TERMS]
+_NOT = "NOT MEASURED"
 
 Cell = dict[str, Any]
 Key = tuple[int, Any]  # (seed, test image)
@@ -74,7 +75,9 @@ def _group(cells: list[Cell]) -> dict[tuple[str, str, str], list[Cell]]:
 def single(cells: list[Cell], measure: str, resamples: int) -> dict[str, Any] | None:
     """One method's share of hits with its 95% bootstrap CI (None without any row)."""
     found = hits(cells, measure)
-    return share_bootstrap_ci(list(found.values()), resamples) if found else None
+    if not found:
+        return None
+    return {**share_bootstrap_ci(list(found.values()), resamples), "seeds": len(cells)}
 
 
 def paired(a: list[Cell], b: list[Cell], measure: str, resamples: int) -> dict[str, Any] | None:
@@ -93,7 +96,7 @@ def verdict(metric: dict[str, Any] | None, bar: float, missing: str = "") -> dic
     MEASURED without a measurement (``missing`` says what is absent); ``note`` says whether the
     whole CI clears the bar too, lies below it, or straddles it."""
     if metric is None:
-        return {"verdict": "NOT MEASURED", "note": missing}
+        return {"verdict": _NOT, "note": missing}
     value, low, high = metric["value"], metric["ci_low"], metric["ci_high"]
     point = value >= bar
     if low is None or high is None:
@@ -130,7 +133,11 @@ def targets(cells: list[Cell], checkpoints: list[str], resamples: int) -> list[d
         return f"no {measure} rows (the budget is not in robust.eps)"
 
     for ck in checkpoints:
-        reference = single(get(ck, "linear-probe", CHEST), "worst@1", resamples)
+        probe = get(ck, "linear-probe", CHEST)
+        reference = {
+            "method": "linear-probe",
+            **{m: single(probe, m, resamples) for m in ("clean", "worst@1")},
+        }
         for method in ("tecoa", "adv-lora", "ran"):
             found = single(get(ck, method, CHEST), "worst@1", resamples)
             gap = absent(ck, CHEST, method) or no_rows("worst@1")
@@ -141,7 +148,7 @@ def targets(cells: list[Cell], checkpoints: list[str], resamples: int) -> list[d
                     "checkpoint": ck,
                     "task": CHEST,
                     "bar": 0.40,
-                    "reference": {"method": "linear-probe", "worst@1": reference},
+                    "reference": reference,
                     **verdict(found, 0.40, gap),
                 }
             )
@@ -196,9 +203,6 @@ def targets(cells: list[Cell], checkpoints: list[str], resamples: int) -> list[d
                 }
             )
     return out
-
-
-_NOT = "NOT MEASURED"
 
 
 def _params(cells: list[Cell]) -> int | None:
