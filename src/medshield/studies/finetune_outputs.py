@@ -281,11 +281,11 @@ def plot_curves(curves: list[dict[str, Any]], path: Path) -> Path | None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     for ax, (checkpoint, task) in zip(axes.flat, panels, strict=False):
-        for c in curves:
-            if (c["checkpoint"], c["task"]) == (checkpoint, task):
-                ax.plot(c["steps"], c["loss"], marker=".", label=c["method"])
+        shown = [c for c in curves if (c["checkpoint"], c["task"]) == (checkpoint, task)]
+        for c in shown:
+            ax.plot(c["steps"], c["loss"], marker=".", label=c["method"])
         ax.set_title(f"{checkpoint}: {task}", fontsize=9)
-        ax.set_xlabel(curves[0]["x"], fontsize=8)
+        ax.set_xlabel(" / ".join(dict.fromkeys(c["x"] for c in shown)), fontsize=8)
         ax.set_ylabel("training loss (seed mean)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
