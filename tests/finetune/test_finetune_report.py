@@ -91,6 +91,8 @@ def test_verdict_states_the_point_estimate_and_the_ci() -> None:
     assert "straddles" in straddle["note"]
     below = verdict({"value": 0.3, "ci_low": 0.25, "ci_high": 0.35, "n": 9}, 0.40)
     assert below["verdict"] == "NOT REACHED" and "whole CI lies below" in below["note"]
+    exact = verdict({"value": 0.31 - 0.28, "ci_low": 0.01, "ci_high": 0.05, "n": 9}, 0.03)
+    assert exact["verdict"] == "REACHED"  # 0.31 - 0.28 < 0.03 in floating point
     missing = verdict(None, 0.40, "no cells of tecoa")
     assert missing == {"verdict": "NOT MEASURED", "note": "no cells of tecoa"}
 

@@ -98,6 +98,7 @@ def verdict(metric: dict[str, Any] | None, bar: float, missing: str = "") -> dic
     if metric is None:
         return {"verdict": _NOT, "note": missing}
     value, low, high = metric["value"], metric["ci_low"], metric["ci_high"]
+    bar -= 1e-9  # a gap of exactly 3 points clears "+ 0.03" despite float rounding
     point = value >= bar
     if low is None or high is None:
         where = "no CI"
