@@ -85,18 +85,20 @@ def test_bad_grids_fail_at_load(override: str, message: str) -> None:
 
 def test_shipped_config_and_plan() -> None:
     cfg = load_defense_study_config(Path(__file__).parents[1] / "configs" / "study_defense.yaml")
-    assert cfg.budgets == [0, 1, 2, 4, 8, 16]
-    assert "adv-image-affirm" in cfg.redteam.attacks and "figstep" in cfg.redteam.attacks
+    # the size that decides the claims (issue 23): 100 harmful and 100 benign items, the
+    # undefended model and self-reminder, every strategy at a small budget and at k = 8
+    assert cfg.redteam.limit >= 100 and cfg.redteam.attacks == ["direct"]
+    assert cfg.budgets == [0, 2, 4, 8] and cfg.small_budget_max == min(cfg.positive_budgets)
+    assert set(cfg.strategies) == {"harmful-only", "mixed", "retrieval", "benign-only"}
+    assert cfg.target.budget in cfg.budgets and (cfg.target.asr, cfg.target.over_defense) == (
+        0.2,
+        0.1,
+    )
     names = [c.name for c in plan_cells(cfg)]
-    # budget 0 once, `none` is that cell, the other baselines once, 4 strategies x 5 budgets
-    assert names[:4] == [
-        "undefended",
-        "baseline_self-reminder",
-        "baseline_adashield-static",
-        "baseline_demonstrations-real-images",
-    ]
-    assert len(names) == 4 + 4 * 5 and len(set(names)) == len(names)
-    assert names[4:8] == ["harmful-only_k1", "benign-only_k1", "mixed_k1", "retrieval_k1"]
+    # budget 0 once (`none` is that cell), self-reminder, 4 strategies x 3 budgets
+    assert names[:2] == ["undefended", "baseline_self-reminder"]
+    assert len(names) == 2 + 4 * 3 and len(set(names)) == len(names)
+    assert names[2:6] == ["harmful-only_k2", "mixed_k2", "retrieval_k2", "benign-only_k2"]
 
     cfg = load_defense_study_config(
         None,
