@@ -598,6 +598,32 @@ def test_study_runs_end_to_end_on_the_hf_backend_and_resumes(
     assert len(_samples(study, "mixed_k1")) == 6
 
 
+def test_study_runs_cells_in_worker_processes(
+    tmp_path: Path, tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = _study_raw(tmp_path, tiny_llava)
+    raw["redteam"].update(attacks=["direct"], attack_kwargs={})
+    cfg = DefenseStudyConfig.model_validate({**raw, "workers": 2})
+    spy = Spy(monkeypatch)
+    lines: list[str] = []
+    result = run_defense_study(cfg, Run(tmp_path / "sd", cfg), log=lines.append)
+    study = tmp_path / "sd"
+    assert spy.loads == 0  # the workers load their own models
+    assert "4 cells to run, 2 at a time (one model per worker)" in lines
+    assert sorted(line.split()[1] for line in lines if line.endswith(": done")) == sorted(
+        f"{c}:" for c in ("undefended", "baseline_self-reminder", "harmful-only_k1", "mixed_k1")
+    )
+    keys = [{(r["id"], r["attack"]) for r in _samples(study, p["cell"])} for p in result["cells"]]
+    assert all(k == keys[0] for k in keys) and len(keys[0]) == 6
+    assert (study / "claims.md").is_file() and "benchmark_target" in result["claims"]
+    # workers is a run-time setting: the study resumes with another value, every cell kept
+    again = run_defense_study(
+        DefenseStudyConfig.model_validate(raw), Run(tmp_path / "sd", cfg), log=spy.log
+    )
+    assert spy.loads == 0 and spy.generated == 0
+    assert again["cells"] == result["cells"]
+
+
 def cell_config_of(study: Path, cell: str) -> RedteamConfig:
     """A cell's config as the study wrote it."""
     raw = yaml.safe_load((study / "cells" / cell / "config.yaml").read_text())

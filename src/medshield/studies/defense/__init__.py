@@ -39,6 +39,9 @@ Decision rules (also in ``docs/studies/defense.md``):
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 from medshield.runs import Log, Run, read_samples
@@ -60,6 +63,7 @@ from medshield.studies.defense.config import (
 )
 from medshield.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
 from medshield.studies.defense.outputs import fmt, plot, write_table
+from medshield.threads import set_threads, worker_threads
 
 __all__ = [
     "METRICS",
@@ -96,25 +100,16 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
         f"defense study: {len(cells)} cells (undefended, {n_baselines} baselines, "
         f"{len(config.strategies)} strategies x budgets {config.positive_budgets})"
     )
-    judges = build_judges(config.redteam)
-    attacked: dict[tuple[str, str], list[Any]] = {}
-    model: Any = None
-    try:
-        for i, cell in enumerate(cells, 1):
-            cell_run = Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell))
-            if (cell_run.path / "results.json").exists():
-                log(f"[{i}/{len(cells)}] {cell.name}: done earlier, kept")
-                continue
-            log(f"[{i}/{len(cells)}] {cell.name}")
-            if model is None:
-                model = _load_model(config.redteam, log)
-            run_redteam(
-                cell_run.config, cell_run, log=log, model=model, judges=judges, attacked=attacked
-            )
-    finally:
-        close = getattr(model, "close", None)
-        if callable(close):
-            close()
+    todo = []
+    for i, cell in enumerate(cells, 1):
+        if (run.path / "cells" / cell.name / "results.json").exists():
+            log(f"[{i}/{len(cells)}] {cell.name}: done earlier, kept")
+        else:
+            todo.append(cell)
+    if config.workers > 1 and len(todo) > 1:
+        _run_cells_in_workers(config, run, todo, log)
+    else:
+        _run_cells(config, run, todo, cells, log)
 
     points = aggregate(
         [
@@ -155,6 +150,79 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
         "rules": RULES,
         "plots": [str(p) for p in plots],
     }
+
+
+def _run_cells(
+    config: DefenseStudyConfig, run: Run, todo: list[Cell], cells: list[Cell], log: Log
+) -> None:
+    """Run ``todo`` one after another with one model and one set of judges; the white-box
+    attack images are crafted in the first cell that needs them and reused by the others."""
+    judges = build_judges(config.redteam)
+    attacked: dict[tuple[str, str], list[Any]] = {}
+    model: Any = None
+    try:
+        for cell in todo:
+            log(f"[{cells.index(cell) + 1}/{len(cells)}] {cell.name}")
+            if model is None:
+                model = _load_model(config.redteam, log)
+            cell_run = Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell))
+            run_redteam(
+                cell_run.config, cell_run, log=log, model=model, judges=judges, attacked=attacked
+            )
+    finally:
+        close = getattr(model, "close", None)
+        if callable(close):
+            close()
+
+
+_WORKER: dict[str, Any] = {}
+"""A worker process's study config, model, judges and attacked conversations."""
+
+
+def _init_worker(raw: dict[str, Any], threads: int) -> None:
+    set_threads(threads)
+    config = DefenseStudyConfig.model_validate(raw)
+    _WORKER.update(
+        config=config,
+        model=_load_model(config.redteam, print),
+        judges=build_judges(config.redteam),
+        attacked={},
+    )
+
+
+def _run_in_worker(study_dir: str, cell: Cell) -> str:
+    config: DefenseStudyConfig = _WORKER["config"]
+    cell_run = Run(
+        Path(study_dir) / "cells" / cell.name, cell_config(config, Path(study_dir), cell)
+    )
+    run_redteam(
+        cell_run.config,
+        cell_run,
+        log=print,
+        model=_WORKER["model"],
+        judges=_WORKER["judges"],
+        attacked=_WORKER["attacked"],
+    )
+    return cell.name
+
+
+def _run_cells_in_workers(config: DefenseStudyConfig, run: Run, todo: list[Cell], log: Log) -> None:
+    """Run ``todo`` in ``config.workers`` processes, each loading the model once and taking the
+    next cell when it finishes one; each crafts the white-box attack images of its own cells.
+    The first failure stops the study."""
+    workers = min(config.workers, len(todo))
+    log(f"{len(todo)} cells to run, {workers} at a time (one model per worker)")
+    context = multiprocessing.get_context("spawn")
+    init = (config.model_dump(), worker_threads(workers))
+    with ProcessPoolExecutor(workers, context, _init_worker, init) as pool:
+        futures = [pool.submit(_run_in_worker, str(run.path), cell) for cell in todo]
+        try:
+            for count, future in enumerate(as_completed(futures), 1):
+                log(f"[{count}/{len(todo)}] {future.result()}: done")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _load_model(config: RedteamConfig, log: Log) -> Any:

@@ -4,7 +4,7 @@ settings every cell shares), the names it may use, and the decision rules it rep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -103,6 +103,9 @@ class DefenseStudyConfig(StrictModel):
         baseline_kwargs: per-baseline defense arguments (override the above).
         small_budget_max: positive budgets up to this one are "small" (the mixed claim).
         target: the benchmark target reported at its budget (the ``benchmark_target`` claim).
+        workers: cells run at once, each worker a process with its own copy of the model and
+            ``budget // workers`` threads (``medshield.threads``); left out of the saved config,
+            so a study resumes with another value.
         demonstrations: the demonstration pool.
         redteam: items, attacks, judges, model and decoding shared by every cell (its ``name``,
             ``output_dir`` and ``defense`` are set per cell and must be left as they are).
@@ -121,6 +124,8 @@ class DefenseStudyConfig(StrictModel):
     baseline_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     small_budget_max: int = Field(4, ge=1)
     target: TargetSettings = Field(default_factory=TargetSettings)
+    workers: int = Field(1, ge=1)
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
     demonstrations: DemonstrationSettings = Field(default_factory=DemonstrationSettings)
     redteam: RedteamConfig = Field(
         default_factory=lambda: RedteamConfig(attacks=list(STUDY_ATTACKS))
