@@ -87,7 +87,8 @@ def test_shipped_config_and_plan() -> None:
     cfg = load_defense_study_config(Path(__file__).parents[1] / "configs" / "study_defense.yaml")
     # the size that decides the claims (issue 23): 100 harmful and 100 benign items, the
     # undefended model and self-reminder, every strategy at a small budget and at k = 8
-    assert cfg.redteam.limit >= 100 and cfg.redteam.attacks == ["direct"]
+    assert cfg.redteam.limit >= 100 and cfg.redteam.attacks == ["direct", "jb-roleplay"]
+    assert cfg.workers == 2
     assert cfg.budgets == [0, 2, 4, 8] and cfg.small_budget_max == min(cfg.positive_budgets)
     assert set(cfg.strategies) == {"harmful-only", "mixed", "retrieval", "benign-only"}
     assert cfg.target.budget in cfg.budgets and (cfg.target.asr, cfg.target.over_defense) == (

@@ -184,7 +184,7 @@ def _init_worker(raw: dict[str, Any], threads: int) -> None:
     config = DefenseStudyConfig.model_validate(raw)
     _WORKER.update(
         config=config,
-        model=_load_model(config.redteam, print),
+        model=_load_model(config.redteam, print, "this worker"),
         judges=build_judges(config.redteam),
         attacked={},
     )
@@ -225,9 +225,9 @@ def _run_cells_in_workers(config: DefenseStudyConfig, run: Run, todo: list[Cell]
             raise
 
 
-def _load_model(config: RedteamConfig, log: Log) -> Any:
+def _load_model(config: RedteamConfig, log: Log, scope: str = "the study") -> Any:
     import medshield.models  # noqa: F401  (registers the chat backends)
     from medshield.models.chat import create_chat_model
 
-    log(f"loading chat model {config.model.backend} (once for the study)")
+    log(f"loading chat model {config.model.backend} (once for {scope})")
     return create_chat_model(config.model.backend, **config.model.kwargs)
