@@ -230,7 +230,7 @@ def test_defense_study_report(redteam: Path, tmp_path: Path) -> None:
         "strategies": ["mixed"],
         "baselines": ["none", "self-reminder", "demonstrations-real-images"],
         "cells": points,
-        "claims": decide_claims(points, ["mixed"], 4),
+        "claims": decide_claims(points, {}, ["mixed"]),
     }
     html = render_report(write_run(tmp_path / "defense", results))
     assert_self_contained(html)

@@ -458,7 +458,7 @@ def study_defense(
         _fail(exc)
     for claim in result["claims"].values():
         console.print(Text.assemble(f"{claim['statement']}: ", (claim["verdict"], "bold")))
-    _done("study in ", run.path, " (table.md, results.json, plots/, cells/)")
+    _done("study in ", run.path, " (claims.md, table.md, results.json, plots/, cells/)")
     _report(run.path)
 
 

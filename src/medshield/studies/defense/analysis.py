@@ -1,5 +1,5 @@
-"""The defense study's numbers: one point per cell, the best strategy at each budget, and the
-four claims decided from the intervals."""
+"""The defense study's numbers: one point per cell and the best strategy at each budget (the
+claims, decided on paired differences, are in :mod:`medshield.studies.defense.claims`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from typing import Any
 
 from medshield.studies.defense.config import (
     CELL_METRICS,
-    CONTROL_STRATEGIES,
     METRICS,
     NEAR_MISS_METRIC,
-    NOT_TESTED,
 )
 from medshield.studies.defense.grid import Cell
 
@@ -135,7 +133,7 @@ def best_strategies(points: list[dict[str, Any]], strategies: list[str]) -> list
     return best
 
 
-# --- claims --------------------------------------------------------------------------------------
+# --- interval comparison -------------------------------------------------------------------------
 
 
 def compare_lower(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -150,117 +148,3 @@ def compare_lower(a: dict[str, Any], b: dict[str, Any]) -> str:
     if a["ci_low"] > b["ci_high"]:
         return "false"
     return "inconclusive"
-
-
-def combine(verdicts: list[str]) -> str:
-    """``false`` if any comparison is false, ``true`` if all are true (and there is one),
-    ``inconclusive`` otherwise."""
-    if "false" in verdicts:
-        return "false"
-    if verdicts and all(v == "true" for v in verdicts):
-        return "true"
-    return "inconclusive"
-
-
-def _side(p: dict[str, Any], metric: str) -> dict[str, Any]:
-    m = p["overall"][metric]
-    return {"cell": p["cell"], "k": p["k"], "value": m["value"], "ci": [m["ci_low"], m["ci_high"]]}
-
-
-def _comparison(metric: str, lower: dict[str, Any], than: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "metric": metric,
-        "lower": _side(lower, metric),
-        "than": _side(than, metric),
-        "verdict": compare_lower(lower["overall"][metric], than["overall"][metric]),
-    }
-
-
-def _claim(
-    statement: str, rule: str, comparisons: list[dict[str, Any]], why: str
-) -> dict[str, Any]:
-    claim: dict[str, Any] = {
-        "statement": statement,
-        "verdict": combine([c["verdict"] for c in comparisons]) if comparisons else NOT_TESTED,
-        "rule": rule,
-        "comparisons": comparisons,
-    }
-    if not comparisons:
-        claim["note"] = why
-    return claim
-
-
-def decide_claims(
-    points: list[dict[str, Any]], strategies: list[str], small_budget_max: int
-) -> dict[str, dict[str, Any]]:
-    """The four statements of the study, each ``true`` / ``false`` / ``inconclusive`` with the
-    comparisons it was decided on (see :data:`RULES` for how comparisons combine), or
-    :data:`NOT_TESTED` with a ``note`` when the grid lacks the cells it needs:
-
-    1. *demonstrations cut attack success*: ASR at the largest budget of every strategy that
-       shows refusals (not :data:`CONTROL_STRATEGIES`) lower than the undefended ASR;
-    2. *over-defense falls as the budget grows*: for every strategy with two or more positive
-       budgets, the over-defense rate at the largest budget lower than at the smallest;
-    3. *mixed gives the best safety/helpfulness balance at small budgets*: at every positive
-       budget up to ``small_budget_max``, mixed's balanced error lower than every other
-       strategy's;
-    4. *retrieval beats fixed selection*: at every positive budget, retrieval's balanced error
-       lower than every fixed strategy's.
-    """
-    from medshield.defense.selection import STRATEGIES
-
-    undefended = next((p for p in points if p["group"] == "undefended"), None)
-    by = {(p["strategy"], p["k"]): p for p in points if p["group"] == "strategy"}
-    budgets = {s: sorted(k for t, k in by if t == s) for s in strategies}
-
-    cut = [
-        _comparison("attack_success_rate", by[(s, budgets[s][-1])], undefended)
-        for s in strategies
-        if s not in CONTROL_STRATEGIES and budgets[s] and undefended is not None
-    ]
-    falls = [
-        _comparison("over_defense_rate", by[(s, budgets[s][-1])], by[(s, budgets[s][0])])
-        for s in strategies
-        if len(budgets[s]) >= 2
-    ]
-    mixed = [
-        _comparison("balanced_error", by[("mixed", k)], by[(s, k)])
-        for k in budgets.get("mixed", [])
-        if k <= small_budget_max
-        for s in strategies
-        if s != "mixed" and (s, k) in by
-    ]
-    fixed = [s for s in strategies if not STRATEGIES.get(s).needs_request]
-    retrieval = [
-        _comparison("balanced_error", by[("retrieval", k)], by[(s, k)])
-        for k in budgets.get("retrieval", [])
-        for s in fixed
-        if (s, k) in by
-    ]
-    return {
-        "demonstrations_cut_attack_success": _claim(
-            "demonstrations cut attack success",
-            "ASR at each refusing strategy's largest budget lower than the undefended ASR",
-            cut,
-            "needs the undefended cell and a strategy other than benign-only",
-        ),
-        "over_defense_falls_with_budget": _claim(
-            "over-defense falls as the budget grows",
-            "per strategy, over-defense at the largest budget lower than at the smallest",
-            falls,
-            "needs two or more positive budgets",
-        ),
-        "mixed_best_balance_at_small_budgets": _claim(
-            "mixed gives the best safety/helpfulness balance at small budgets",
-            f"at each budget <= {small_budget_max}, mixed's balanced error lower than each "
-            "other strategy's",
-            mixed,
-            "needs mixed and another strategy at a small budget",
-        ),
-        "retrieval_beats_fixed_selection": _claim(
-            "retrieval beats fixed selection",
-            "at each budget, retrieval's balanced error lower than each fixed strategy's",
-            retrieval,
-            "needs retrieval and a fixed strategy",
-        ),
-    }

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from medshield.studies.defense.analysis import _finite
+from medshield.studies.defense.claims import claims_summary
 from medshield.studies.defense.config import CELL_METRICS, LABELS, METRICS, NEAR_MISS_METRIC, RULES
 
 
@@ -31,11 +32,6 @@ def _label(p: dict[str, Any]) -> list[str]:
     return [p["cell"], p["defense"], p["strategy"] or "-", k]
 
 
-def _side_text(side: dict[str, Any]) -> str:
-    low, high = side["ci"]
-    return f"{side['cell']} {fmt({'value': side['value'], 'ci_low': low, 'ci_high': high})}"
-
-
 def write_table(
     points: list[dict[str, Any]],
     best: list[dict[str, Any]],
@@ -55,22 +51,9 @@ def write_table(
             for b in best
         ],
     )
-    lines += ["", "## Claims", "", f"Rules: {RULES['comparison']}; {RULES['combination']}.", ""]
-    claim_rows = []
-    for claim in claims.values():
-        decided = "; ".join(
-            f"{_side_text(c['lower'])} vs {_side_text(c['than'])}: {c['verdict']}"
-            for c in claim["comparisons"]
-        )
-        claim_rows.append(
-            [
-                claim["statement"],
-                f"**{claim['verdict']}**",
-                claim["rule"],
-                decided or claim.get("note", ""),
-            ]
-        )
-    lines += _md(["statement", "verdict", "rule", "decided on"], claim_rows)
+    lines += ["", "## Claims", "", f"Rules: {RULES['comparison']}; {RULES['combination']}."]
+    lines += ["The numbers each verdict was decided on are in claims.md.", ""]
+    lines += claims_summary(claims)
     lines += ["", "## All cells (overall)", ""]
     near_miss = any(NEAR_MISS_METRIC in p["overall"] for p in points)
     lines += _md(
