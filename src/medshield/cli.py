@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -161,11 +162,18 @@ def _print_sanity(sanity: dict[str, list[dict[str, Any]]]) -> None:
             console.print(Text.assemble("  ", (f["name"], "red"), f": {f['detail']}"))
 
 
-def _report(run_path: Path) -> None:
-    """Write ``report.html`` into a finished run; a rendering failure is only a warning."""
+def _reporter(lines: list[str]) -> Callable[[Path], object]:
+    """The report hook of a command's :meth:`~medshield.runs.Run.finish`: it writes
+    ``report.html`` (a rendering failure is only a warning) and keeps its line in ``lines``,
+    which the command prints last, after its summary."""
     from medshield.report import report_after_run
 
-    report_after_run(run_path, log=lambda line: console.print(line, highlight=False))
+    return lambda run_path: report_after_run(run_path, log=lines.append)
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        console.print(line, highlight=False)
 
 
 @app.command()
@@ -179,16 +187,17 @@ def pretrain(
     from medshield import workflows
     from medshield.runs import Run
 
+    report: list[str] = []
     try:
         cfg = _load(config, set_)
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
         model = workflows.build_model(cfg)
         result = workflows.run_pretrain(cfg, run, model, log=console.print)
-        run.write_results({"pretrain": result}, seed=cfg.seed)
+        run.finish({"pretrain": result}, kind="pretrain", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     _done("model saved to ", result["model_dir"], f"; run in {run.path}")
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command()
@@ -209,18 +218,19 @@ def evaluate(
     from medshield import workflows
     from medshield.runs import Run
 
+    report: list[str] = []
     try:
         cfg = _load(config, set_, **{"model.checkpoint": checkpoint})
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
         model, finetuned = workflows.build_evaluated(cfg)
         result = workflows.run_evaluate(cfg, run, model, log=console.print, finetuned=finetuned)
-        run.write_results({"evaluate": result}, seed=cfg.seed)
+        run.finish({"evaluate": result}, kind="evaluate", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     _print_metrics(result["metrics"])
     _print_sanity(result["sanity"])
     _done("results in ", run.path)
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command("craft-noise")
@@ -237,11 +247,14 @@ def craft_noise(
     from medshield import workflows
     from medshield.runs import Run
 
+    report: list[str] = []
     try:
         cfg = _load(config, set_, **{"model.checkpoint": surrogate})
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
         result = workflows.run_craft_noise(cfg, run, log=console.print)
-        run.write_results({"craft_noise": result}, seed=cfg.seed)
+        run.finish(
+            {"craft_noise": result}, kind="craft-noise", seed=cfg.seed, report=_reporter(report)
+        )
     except MedshieldError as exc:
         _fail(exc)
     _done(
@@ -250,7 +263,7 @@ def craft_noise(
         result["noisy_dataset"],
         f"; pretrain on it with --set data.noisy_dataset={result['noisy_dataset']}",
     )
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command()
@@ -326,12 +339,13 @@ def train_vlm(
     from medshield.runs import Run
     from medshield.train.vlm import load_vlm_config, run_train_vlm
 
+    report: list[str] = []
     try:
         extra = [f"clip={clip}"] if clip is not None else []
         cfg = load_vlm_config(config, [*(set_ or []), *extra])
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
         result = run_train_vlm(cfg, run)
-        run.write_results({"train_vlm": result}, seed=cfg.seed)
+        run.finish({"train_vlm": result}, kind="train-vlm", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     ev = result["vqa_rad_closed"]
@@ -348,7 +362,7 @@ def train_vlm(
             f"{d['ci_high']:+.3f}] (paired)"
         )
     _done("model saved to ", result["model_dir"], f"; run in {run.path}")
-    _report(run.path)
+    _print_lines(report)
 
 
 @study_app.command("noise")
@@ -362,16 +376,17 @@ def study_noise(
     from medshield.runs import Run
     from medshield.studies.noise import load_noise_study_config, run_noise_study
 
+    report: list[str] = []
     try:
         cfg = load_noise_study_config(config, set_)
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
         result = run_noise_study(cfg, run, log=console.print)
-        run.write_results(result, seed=cfg.base.seed)
+        run.finish(result, kind="study-noise", seed=cfg.base.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     console.print((run.path / "table.md").read_text())
     _done("study in ", run.path, " (results.json, table.md, plots/, cells/)")
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command()
@@ -394,13 +409,14 @@ def finetune(
         run_finetune,
     )
 
+    report: list[str] = []
     try:
         extra = [f"model.checkpoint={checkpoint}"] if checkpoint is not None else []
         extra += [f"finetune.method={method}"] if method is not None else []
         cfg = load_finetune_config(config, [*(set_ or []), *extra])
         run = Run(finetune_run_dir(cfg), cfg, overwrite=overwrite)
         result = run_finetune(cfg, run, log=console.print)
-        run.write_results({"finetune": result}, seed=cfg.seed)
+        run.finish({"finetune": result}, kind="finetune", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     for name, m in result["metrics"].items():
@@ -412,7 +428,7 @@ def finetune(
         f"x{report['overhead']['latency_ratio']:.2f}; run in ",
         run.path,
     )
-    _report(run.path)
+    _print_lines(report)
 
 
 @study_app.command("finetune")
@@ -426,16 +442,17 @@ def study_finetune(
     from medshield.runs import Run
     from medshield.studies.finetune import load_study_config, run_study_finetune, study_run_dir
 
+    report: list[str] = []
     try:
         cfg = load_study_config(config, set_)
         run = Run(study_run_dir(cfg), cfg, overwrite=overwrite)
         result = run_study_finetune(cfg, run, log=console.print)
-        run.write_results(result, seed=cfg.seeds[0])
+        run.finish(result, kind="study-finetune", seed=cfg.seeds[0], report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     console.print((run.path / "table.md").read_text())
     _done("study in ", run.path, " (results.json, table.md/csv, plots, cells/)")
-    _report(run.path)
+    _print_lines(report)
 
 
 @study_app.command("defense")
@@ -450,16 +467,22 @@ def study_defense(
     from medshield.runs import Run
     from medshield.studies.defense import load_defense_study_config, run_defense_study
 
+    report: list[str] = []
     try:
         cfg = load_defense_study_config(config, set_)
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
-        result = run.write_results(run_defense_study(cfg, run, log=console.print), cfg.redteam.seed)
+        result = run.finish(
+            run_defense_study(cfg, run, log=console.print),
+            kind="study-defense",
+            seed=cfg.redteam.seed,
+            report=_reporter(report),
+        )
     except MedshieldError as exc:
         _fail(exc)
     for claim in result["claims"].values():
         console.print(Text.assemble(f"{claim['statement']}: ", (claim["verdict"], "bold")))
     _done("study in ", run.path, " (table.md, results.json, plots/, cells/)")
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command("report")
@@ -540,15 +563,18 @@ def redteam(
         extra += [f"judges=[{','.join(judge)}]", f"primary_judge={judge[0]}"]
     extra += [f"defense.name={defense}"] if defense else []
     extra += [f"limit={limit}"] if limit is not None else []
+    report: list[str] = []
     try:
         cfg = load_redteam_config(config, [*(set_ or []), *extra])
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
-        results = run_redteam(cfg, run, log=console.print, retry_errors=retry_errors)
+        results = run_redteam(
+            cfg, run, log=console.print, retry_errors=retry_errors, report=_reporter(report)
+        )
     except MedshieldError as exc:
         _fail(exc)
     print_redteam_summary(results, console)
     _done("run in ", run.path, " (samples.jsonl, results.json)")
-    _report(run.path)
+    _print_lines(report)
 
 
 # --- serving (medshield serve) ----------------------------------------------------------------

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.runs import Log, Run, check_measured
+from medshield.runs import Log, Reporter, Run, check_measured
 
 DEFAULT_ATTACKS = (
     "direct",
@@ -580,9 +580,11 @@ def run_redteam(
     model: Any | None = None,
     judges: dict[str, Any] | None = None,
     attacked: dict[tuple[str, str], list[Any]] | None = None,
+    report: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the red-teaming benchmark into ``run`` and return the results dict
-    (also written to ``results.json``).
+    (also written to ``results.json``, then the report with ``report``, by
+    :meth:`~medshield.runs.Run.finish`).
 
     Finished (id, attack) rows already in ``samples.jsonl`` are kept and not recomputed; with
     ``retry_errors`` the rows that ended in an error are dropped and run again (e.g. after an
@@ -656,7 +658,7 @@ def run_redteam(
         log,
     )
     results = summarize_run(config, rows, judges)
-    return run.write_results(results, seed=config.seed)
+    return run.finish(results, kind="redteam", seed=config.seed, report=report)
 
 
 # --- the summary table ---------------------------------------------------------------------------

@@ -22,7 +22,6 @@ evaluation groups). Cells run seed-major, so a study stopped early still covers 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from medshield.data import ImageCaptionDataset
 from medshield.errors import ConfigError
 from medshield.models import load_model, save_model
 from medshield.noise import NoisyCaptionDataset, NoisyMix, craft_noisy_dataset, file_sha256
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, has_results, read_results
 
 
 class NoiseStudyConfig(StrictModel):
@@ -154,7 +153,7 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
         cell_cfg.name, cell_cfg.output_dir, cell_cfg.seed = name, str(run.path / "cells"), seed
         cell_cfg.data.modalities = test_modalities
         cell = Run(run.path / "cells" / name, cell_cfg)
-        if (cell.path / "results.json").exists():
+        if cell.finished:
             log(f"[{i}/{len(grid)}] {name}: done earlier, kept")
             continue
         log(f"[{i}/{len(grid)}] {name}")
@@ -164,7 +163,11 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
         ev = workflows.run_evaluate(cell_cfg, cell, model, log=log)
         if config.keep_models:
             save_model(model, cell.path / "model")
-        cell.write_results({"pretrain": pre, "evaluate": ev, "ratio": ratio, "eps": eps}, seed)
+        cell.finish(
+            {"pretrain": pre, "evaluate": ev, "ratio": ratio, "eps": eps},
+            kind="pretrain",
+            seed=seed,
+        )
         workflows.remove_checkpoints(cell.path)
 
     table = aggregate(config, run.path, upstream, test_modalities)
@@ -267,9 +270,9 @@ def aggregate(
         for eps in [None] if ratio == 0 else config.eps_values:
             per_seed = []
             for seed in config.seeds:
-                path = study_dir / "cells" / cell_name(ratio, eps, seed) / "results.json"
-                if path.exists():
-                    metrics = json.loads(path.read_text())["evaluate"]["metrics"]
+                path = study_dir / "cells" / cell_name(ratio, eps, seed)
+                if has_results(path):
+                    metrics = read_results(path)["evaluate"]["metrics"]
                     per_seed.append(headline(metrics, upstream, evaluated))
             if not per_seed:
                 continue

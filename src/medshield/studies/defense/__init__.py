@@ -37,10 +37,9 @@ Decision rules (also in ``docs/studies/defense.md``):
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, read_results
 from medshield.safety.redteam import RedteamConfig, build_judges, run_redteam
 from medshield.studies.defense.analysis import (
     aggregate,
@@ -101,7 +100,7 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
     try:
         for i, cell in enumerate(cells, 1):
             cell_run = Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell))
-            if (cell_run.path / "results.json").exists():
+            if cell_run.finished:
                 log(f"[{i}/{len(cells)}] {cell.name}: done earlier, kept")
                 continue
             log(f"[{i}/{len(cells)}] {cell.name}")
@@ -115,12 +114,7 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
         if callable(close):
             close()
 
-    points = aggregate(
-        [
-            (cell, json.loads((run.path / "cells" / cell.name / "results.json").read_text()))
-            for cell in cells
-        ]
-    )
+    points = aggregate([(cell, read_results(run.path / "cells" / cell.name)) for cell in cells])
     best = best_strategies(points, config.strategies)
     claims = decide_claims(points, config.strategies, config.small_budget_max)
     write_table(points, best, claims, run.path / "table.md")
