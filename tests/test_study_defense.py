@@ -30,7 +30,6 @@ from medshield.studies.defense import (
     combine,
     compare_lower,
     decide_claims,
-    fmt,
     load_defense_study_config,
     plan_cells,
     run_defense_study,
@@ -311,8 +310,7 @@ def test_table_lists_best_claims_and_every_cell(tmp_path: Path) -> None:
         assert f"| {p['cell']} |" in text
     assert "## ASR per modality" in text and "| chest_xray | fundus |" in text
     assert "| ASR | refusal rate | non-answer rate | over-defense rate |" in text
-    assert fmt({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}) == "0.50 [0.25, 0.75]"
-    assert fmt({"value": None}) == "-"
+    assert "| 4 | harmful-only | 0.00 [0.00, 0.00]" in text  # two decimals, with the interval
 
 
 # --- end to end through the hf backend --------------------------------------------------------

@@ -128,6 +128,8 @@ def _done(text: str, path: Path | str, after: str = "") -> None:
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     """One table per task: a row per modality, a column per metric, value with its 95% CI."""
+    from medshield.eval.metrics import format_metric
+
     for task, groups in metrics.items():
         names = list(dict.fromkeys(n for values in groups.values() for n in values))
         table = Table(title=f"{task} (95% bootstrap CI)", title_justify="left")
@@ -136,13 +138,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             table.add_column(name, no_wrap=True)
         table.add_column("n", justify="right")
         for modality, values in groups.items():
-            cells = []
-            for name in names:
-                m = values.get(name)
-                if m is None or m["value"] is None:
-                    cells.append("n/a")
-                else:
-                    cells.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+            cells = [format_metric(values.get(name), missing="n/a") for name in names]
             n = max(m["n"] for m in values.values())
             table.add_row(modality, *cells, str(n))
         console.print(table)
@@ -336,6 +332,7 @@ def train_vlm(
 ) -> None:
     """Instruction-tune mini-llava and report VQA-RAD closed accuracy with/without the image."""
     _offline_default()
+    from medshield.eval.metrics import Metric, format_metric
     from medshield.runs import Run
     from medshield.train.vlm import load_vlm_config, run_train_vlm
 
@@ -350,17 +347,10 @@ def train_vlm(
         _fail(exc)
     ev = result["vqa_rad_closed"]
     for cond in ("image", "no_image", "shuffled_image", "majority_no"):
-        m = ev[cond]
-        console.print(
-            f"VQA-RAD closed ({ev['n']} yes/no) {cond}: {m['accuracy']:.3f} "
-            f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
-        )
+        console.print(f"VQA-RAD closed ({ev['n']} yes/no) {cond}: {format_metric(ev[cond])}")
     for control in ("no_image", "shuffled_image"):
-        d = ev[f"image_minus_{control}"]
-        console.print(
-            f"image minus {control}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, "
-            f"{d['ci_high']:+.3f}] (paired)"
-        )
+        d = Metric.from_dict(ev[f"image_minus_{control}"])
+        console.print(f"image minus {control}: {d.format(signed=True)} (paired)")
     _done("model saved to ", result["model_dir"], f"; run in {run.path}")
     _print_lines(report)
 
@@ -402,6 +392,7 @@ def finetune(
     """Fine-tune one method on one modality or vqa_rad_closed; clean + PGD/APGD robust accuracy
     and retrieval under Co-Attack, with 95% CIs."""
     _offline_default()
+    from medshield.eval.metrics import format_metric
     from medshield.runs import Run
     from medshield.train.finetune.workflow import (
         finetune_run_dir,
@@ -420,7 +411,7 @@ def finetune(
     except MedshieldError as exc:
         _fail(exc)
     for name, m in result["metrics"].items():
-        console.print(f"{name}: {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        console.print(f"{name}: {format_metric(m)}")
     report = result["report"]
     _done(
         f"trainable parameters {report['trainable_params']:,}, training {report['train_wall_s']}"

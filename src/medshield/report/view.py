@@ -120,17 +120,6 @@ def number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def metric(value: Any, digits: int = 3) -> str:
-    """``value [ci_low, ci_high]`` of a metric dict; ``-`` when undefined or empty."""
-    if not is_metric(value) or value["value"] is None or value.get("n", 1) == 0:
-        return "-"
-    low, high = value.get("ci_low"), value.get("ci_high")
-    text = number(value["value"], digits)
-    if low is None or high is None or text == "-":
-        return text
-    return f"{text} [{number(low, digits)}, {number(high, digits)}]"
-
-
 def ci(value: Any) -> tuple[float, float, float] | None:
     """(value, low, high) of a metric dict for plotting (bounds default to the value)."""
     if not is_metric(value) or value["value"] is None:

@@ -50,7 +50,6 @@ Example::
 from __future__ import annotations
 
 import inspect
-import math
 import random
 import statistics
 import time
@@ -64,6 +63,7 @@ from tqdm.auto import tqdm
 
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
+from medshield.eval.metrics import format_metric
 from medshield.runs import Log, Reporter, Run, check_measured
 
 DEFAULT_ATTACKS = (
@@ -674,15 +674,6 @@ def source_label(results: dict[str, Any]) -> str:
     return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"
 
 
-def _cell(metric: dict[str, Any] | None) -> str:
-    if not metric or metric.get("value") is None or metric.get("n", 0) == 0:
-        return "-"
-    value = metric["value"]
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return f"{value:.2f} [{metric['ci_low']:.2f}, {metric['ci_high']:.2f}]"
-
-
 def _n(values: dict[str, Any], key: str) -> str:
     metric = values.get(key) or {}
     return str(metric.get("n", 0))
@@ -721,7 +712,7 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         for name, values in groups.items():
             table.add_row(
                 name,
-                *(_cell(values.get(key)) for _, key in columns),
+                *(format_metric(values.get(key), 2) for _, key in columns),
                 _n(values, "attack_success_rate"),
                 _n(values, "over_defense_rate"),
             )

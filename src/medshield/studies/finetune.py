@@ -29,7 +29,6 @@ clean R@1).
 from __future__ import annotations
 
 import csv
-import math
 import multiprocessing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,7 +48,7 @@ from medshield.config import (
 )
 from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError
-from medshield.eval.metrics import majority_hits
+from medshield.eval.metrics import format_metric, majority_hits
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.report import plots
 from medshield.report.view import ci
@@ -399,15 +398,6 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
     return table
 
 
-def _fmt(metric: Any) -> str:
-    if not isinstance(metric, dict):
-        return str(metric)
-    value, low, high = metric["value"], metric["ci_low"], metric["ci_high"]
-    if low is None or (isinstance(low, float) and math.isnan(low)):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
-
-
 def write_table(table: list[dict[str, Any]], directory: Path) -> None:
     """``table.csv`` (values and CI ends in columns) and ``table.md`` (value [CI])."""
     columns = list(dict.fromkeys(k for row in table for k in row))
@@ -439,7 +429,7 @@ def write_table(table: list[dict[str, Any]], directory: Path) -> None:
             elif isinstance(v, list):
                 cells.append(", ".join(v) or "ok")
             else:
-                cells.append(_fmt(v))
+                cells.append(format_metric(v) if isinstance(v, dict) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     (directory / "table.md").write_text("\n".join(lines) + "\n")
 

@@ -33,6 +33,7 @@ from scipy import stats
 from medshield.config import FolderName, RunConfig, StrictModel, load_yaml_model
 from medshield.data import ImageCaptionDataset
 from medshield.errors import ConfigError
+from medshield.eval.metrics import Metric, format_metric
 from medshield.models import load_model, save_model
 from medshield.noise import NoisyCaptionDataset, NoisyMix, craft_noisy_dataset, file_sha256
 from medshield.runs import Log, Run, has_results, read_results
@@ -251,14 +252,10 @@ def mean_t_ci(values: list[float], confidence: float = 0.95) -> dict[str, float 
     n = len(values)
     mean = float(np.mean(values))
     if n < 2:
-        return {"value": mean, "ci_low": None, "ci_high": None, "n": n}
+        return Metric(mean, math.nan, math.nan, n, interval="student-t").to_dict()
     half = stats.t.ppf((1 + confidence) / 2, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return {
-        "value": mean,
-        "ci_low": max(mean - half, 0.0),
-        "ci_high": min(mean + half, 1.0),
-        "n": n,
-    }
+    low, high = max(mean - half, 0.0), min(mean + half, 1.0)
+    return Metric(mean, low, high, n, interval="student-t").to_dict()
 
 
 def aggregate(
@@ -292,15 +289,7 @@ def write_table(points: list[dict[str, Any]], path: Path) -> None:
         "|" + "---|" * (len(columns) + 3),
     ]
     for p in points:
-        cells = []
-        for c in columns:
-            m = p.get(c)
-            if not m:
-                cells.append("n/a")
-            elif m["ci_low"] is None:
-                cells.append(f"{m['value']:.3f}")
-            else:
-                cells.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        cells = [format_metric(p.get(c), missing="n/a") for c in columns]
         eps = "-" if p["eps"] is None else f"{p['eps']:g}"
         lines.append(f"| {p['ratio']:g} | {eps} | {p['seeds']} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")

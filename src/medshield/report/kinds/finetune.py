@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.rundir import RunData
 from medshield.report.view import (
@@ -17,7 +18,6 @@ from medshield.report.view import (
     ci,
     flags_table,
     is_metric,
-    metric,
     number,
 )
 
@@ -57,7 +57,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
                 str(r["method"]),
                 str(r.get("modality", "-")),
                 number(r.get("seeds")),
-                *(metric(r.get(k)) for k in metrics),
+                *(format_metric(r.get(k)) for k in metrics),
                 *(number(r.get(k), 3) for k in costs),
                 ", ".join(failed) or "ok",
             ]
@@ -174,7 +174,7 @@ def _run_sections(run: RunData) -> list[Section]:
     table = Table(
         columns=["metric", "value [95% CI]", "n"],
         rows=[
-            [name, metric(value), number(value.get("n"))]
+            [name, format_metric(value), number(value.get("n"))]
             for name, value in metrics.items()
             if is_metric(value)
         ],

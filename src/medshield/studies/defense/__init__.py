@@ -58,7 +58,7 @@ from medshield.studies.defense.config import (
     load_defense_study_config,
 )
 from medshield.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
-from medshield.studies.defense.outputs import fmt, plot, write_table
+from medshield.studies.defense.outputs import plot, write_table
 
 __all__ = [
     "METRICS",
@@ -72,7 +72,6 @@ __all__ = [
     "combine",
     "compare_lower",
     "decide_claims",
-    "fmt",
     "load_defense_study_config",
     "plan_cells",
     "run_defense_study",
