@@ -91,7 +91,8 @@ class Section:
 
 @dataclass(frozen=True)
 class Kind:
-    """A run kind.
+    """A renderer of part of a run's results; :data:`medshield.report.kinds.RENDERERS` lists
+    those of each run kind.
 
     Attributes:
         name: shown in the report header.
