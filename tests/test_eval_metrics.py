@@ -19,6 +19,8 @@ from medshield.eval.metrics import (
     bootstrap_distribution,
     format_metric,
     macro_auc,
+    paired_difference_ci,
+    percentile_interval,
     recall_at_k,
     summarize,
 )
@@ -169,6 +171,26 @@ def test_bootstrap_rejects_bad_input() -> None:
         bootstrap_ci(accuracy, [0, 1], [0, 1, 1])
     with pytest.raises(InputError, match="confidence"):
         bootstrap_ci(np.mean, [1.0, 2.0], confidence=95)
+
+
+def test_paired_difference_ci_is_narrower_than_unpaired_on_correlated_hits() -> None:
+    """Two methods that mostly hit and miss the same images: the paired interval of their gap
+    is narrower than resampling each on its own, and holds the gap's point estimate."""
+    rng = np.random.default_rng(0)
+    a = rng.random(400) < 0.6
+    b = a.copy()
+    b[rng.choice(400, 40, replace=False)] ^= True  # b differs from a on 10% of the images
+    paired = paired_difference_ci(a, b, n_resamples=500)
+    assert paired.value == pytest.approx(a.mean() - b.mean())
+    assert paired.ci_low <= paired.value <= paired.ci_high and paired.n == 400
+    each = [
+        bootstrap_distribution(mean_last, x.astype(float), n_resamples=500, seed=s, vectorized=True)
+        for s, x in ((1, a), (2, b))
+    ]
+    low, high = percentile_interval(each[0] - each[1])
+    assert paired.ci_high - paired.ci_low < 0.6 * (high - low)
+    with pytest.raises(InputError, match="same number of rows"):
+        paired_difference_ci(a, b[:-1])
 
 
 def test_metric_to_dict_is_strict_json() -> None:

@@ -169,6 +169,33 @@ def test_finetune_study_report(tmp_path: Path) -> None:
     assert parse(html).tags["img"] == 1 and "robust vs clean per method" in html
 
 
+def test_finetune_study_report_shows_targets_and_ablation(tmp_path: Path) -> None:
+    """The issue-20 report keys render as tables, not as a raw dump under "Other results"."""
+    gap = {"value": 0.05, "ci_low": 0.02, "ci_high": 0.08, "n": 600}
+    results = {
+        **finetune_results(),
+        "targets": [
+            {"target": 2, "checkpoint": "base", "task": "chest_xray", "paired": True, **gap}
+            | {"claim": "RAN robust @2/255 >= adv-lora + 0.03", "verdict": "REACHED"},
+            {"target": 1, "checkpoint": "base", "task": "chest_xray", "claim": "tecoa >= 0.40"}
+            | {"verdict": "NOT MEASURED", "note": "no cells of tecoa on chest_xray (base)"},
+        ],
+        "ablation": [
+            {"checkpoint": "base", "task": "chest_xray", "ran": "ran", "ablated": "ran-no_svd"}
+            | {"term": "svd", "delta_clean": gap}
+        ],
+        "task_tables": [],
+        "curves": [],
+        "ran_terms": None,
+    }
+    html = render_report(write_run(tmp_path / "ft", results))
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    assert "Other results" not in text and "Targets of issue 20" in text
+    assert "RAN robust @2/255 &gt;= adv-lora + 0.03 0.050 [0.020, 0.080] REACHED" in text
+    assert "NOT MEASURED no cells of tecoa on chest_xray (base)" in text
+    assert "ran-no_svd 0.050 [0.020, 0.080]" in text and "curves.png" in text
+
+
 @pytest.mark.parametrize("layout", ["finetune run", "study cell"])
 def test_finetune_run_report(tmp_path: Path, layout: str) -> None:
     results = finetune_run_results()

@@ -322,14 +322,20 @@ def retrieval_flags(recall: dict[str, list[bool]]) -> list[dict[str, Any]]:
     return flags
 
 
-def worst_case(rows: list[dict[str, Any]], eps: float) -> list[bool]:
-    """Per attacked image (by ``index``): robust under every attack at ``eps``, the per-example
-    worst case over the attack groups ``<attack>@<eps>`` (the zero-gradient check excluded)."""
+def worst_case_by_index(rows: list[dict[str, Any]], eps: float) -> dict[int, bool]:
+    """Attacked image ``index`` -> robust under every attack at ``eps``, the per-example worst
+    case over the attack groups ``<attack>@<eps>`` (the zero-gradient check excluded)."""
     per_index: dict[int, bool] = {}
     for r in rows:
         group = r.get("group", "")
         if group.endswith(f"@{eps:g}") and not group.startswith("zero-grad") and "index" in r:
             per_index[r["index"]] = per_index.get(r["index"], True) and bool(r["robust_correct"])
+    return per_index
+
+
+def worst_case(rows: list[dict[str, Any]], eps: float) -> list[bool]:
+    """:func:`worst_case_by_index` in ``index`` order."""
+    per_index = worst_case_by_index(rows, eps)
     return [per_index[i] for i in sorted(per_index)]
 
 
