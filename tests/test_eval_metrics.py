@@ -17,6 +17,7 @@ from medshield.eval.metrics import (
     accuracy,
     bootstrap_ci,
     bootstrap_distribution,
+    format_metric,
     macro_auc,
     paired_difference_ci,
     percentile_interval,
@@ -269,6 +270,31 @@ def hand_made_rows() -> list[dict]:
 
 def values(table: dict) -> dict:
     return {name: metric["value"] for name, metric in table.items()}
+
+
+def test_metric_round_trips_its_dict_and_formats_itself() -> None:
+    m = Metric(0.5, 0.25, 0.75, 8)
+    assert Metric.from_dict(m.to_dict()) == m and m.interval == "bootstrap"
+    assert m.format() == "0.500 [0.250, 0.750]" and m.format(2) == "0.50 [0.25, 0.75]"
+    assert Metric(0.1, -0.05, 0.2, 4).format(signed=True) == "+0.100 [-0.050, +0.200]"
+    # a dict that names its value (VQA accuracies, paired differences) reads the same
+    named = {"difference": -0.125, "ci_low": -0.25, "ci_high": 0.0}
+    assert Metric.from_dict(named).format(signed=True) == "-0.125 [-0.250, +0.000]"
+    # one seed: no interval, the value alone; no value, or no rows: "-"
+    assert Metric.from_dict({"value": 0.4, "ci_low": None, "ci_high": None, "n": 1}).format() == (
+        "0.400"
+    )
+    assert Metric(math.nan, math.nan, math.nan, 3).format() == "-"
+    assert Metric(0.0, 0.0, 0.0, 0).format() == "-"
+
+
+def test_format_metric_says_missing_for_what_is_not_a_metric() -> None:
+    assert format_metric({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}, 2) == "0.50 [0.25, 0.75]"
+    assert format_metric({"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}) == "0.500 [0.400, 0.600]"
+    for odd in (None, {}, {"value": None}, {"score": 0.5}, {"value": "high"}, [0.5], 0.5):
+        assert format_metric(odd) == "-" and format_metric(odd, missing="n/a") == "n/a"
+    with pytest.raises(InputError, match="not a metric"):
+        Metric.from_dict({"score": 0.5})
 
 
 def test_summarize_hand_made_rows_exact_values() -> None:

@@ -30,6 +30,8 @@ from typer.testing import CliRunner
 from medshield.cli import app
 from medshield.errors import DataError
 from medshield.report import render, render_report, report_after_run, write_report
+from medshield.report.kinds import RENDERERS
+from medshield.runs import RUN_KINDS
 
 runner = CliRunner()
 
@@ -249,6 +251,24 @@ def test_unknown_kind_renders_config_and_numbers(tmp_path: Path) -> None:
     assert "thing.score" in html and "0.457" in html and "0.500 [0.400, 0.600]" in html
 
 
+def test_the_kind_picks_the_renderers_and_old_runs_fall_back_to_the_shape(tmp_path: Path) -> None:
+    assert set(RENDERERS) == set(RUN_KINDS)
+
+    def kind_row(results: dict) -> str:
+        html = render_report(write_run(tmp_path / str(len(list(tmp_path.iterdir()))), results))
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+        return re.search(r"kind (.*?) seed", text).group(1).strip()
+
+    both = {**noise_results(), **evaluate_results()}  # the shape of two kinds at once
+    assert kind_row(both) == "evaluate, noise study"  # no kind: a run written before kinds
+    assert kind_row({"kind": "study-noise", **both}) == "noise study"
+    assert kind_row({"kind": "evaluate", **both}) == "evaluate"
+    assert kind_row({"kind": "craft-noise", **noise_results()}) == "craft-noise (generic table)"
+    assert kind_row({"kind": "from-a-newer-version", **both}) == (
+        "from-a-newer-version (generic table)"
+    )
+
+
 def test_cli_writes_the_report_and_reports_its_size(redteam: Path, tmp_path: Path) -> None:
     out = tmp_path / "nested" / "rt.html"
     result = runner.invoke(app, ["report", str(redteam), "--out", str(out)])
@@ -282,6 +302,9 @@ def test_runs_write_their_report_and_a_failed_report_keeps_the_exit_code(
     first = runner.invoke(app, ["redteam", "--config", str(config)])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "rt" / "report.html").is_file() and "report.html" in first.output
+    assert json.loads((tmp_path / "rt" / "results.json").read_text())["kind"] == "redteam"
+    # the report is written when the run finishes; its line still closes the output
+    assert first.output.rstrip().splitlines()[-1].startswith("report: ")
 
     def broken(*args: object, **kwargs: object) -> Path:
         raise RuntimeError("matplotlib [exploded]")

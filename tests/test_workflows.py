@@ -113,7 +113,7 @@ def test_pretrain_then_evaluate_write_complete_run_directories(
     model = workflows.build_model(config)
     pre = workflows.run_pretrain(config, run, model, log=lambda _: None)
     ev = workflows.run_evaluate(config, run, model, log=lambda _: None)
-    results = run.write_results({"pretrain": pre, "evaluate": ev}, seed=config.seed)
+    results = run.finish({"pretrain": pre, "evaluate": ev}, kind="pretrain", seed=config.seed)
     assert {p.name for p in run.path.iterdir()} >= {
         "config.yaml",
         "results.json",

@@ -50,7 +50,6 @@ Example::
 from __future__ import annotations
 
 import inspect
-import math
 import random
 import statistics
 import time
@@ -64,7 +63,8 @@ from tqdm.auto import tqdm
 
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.runs import Log, Run, check_measured
+from medshield.eval.metrics import format_metric
+from medshield.runs import Log, Reporter, Run, check_measured
 
 DEFAULT_ATTACKS = (
     "direct",
@@ -580,9 +580,11 @@ def run_redteam(
     model: Any | None = None,
     judges: dict[str, Any] | None = None,
     attacked: dict[tuple[str, str], list[Any]] | None = None,
+    report: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the red-teaming benchmark into ``run`` and return the results dict
-    (also written to ``results.json``).
+    (also written to ``results.json``, then the report with ``report``, by
+    :meth:`~medshield.runs.Run.finish`).
 
     Finished (id, attack) rows already in ``samples.jsonl`` are kept and not recomputed; with
     ``retry_errors`` the rows that ended in an error are dropped and run again (e.g. after an
@@ -656,7 +658,7 @@ def run_redteam(
         log,
     )
     results = summarize_run(config, rows, judges)
-    return run.write_results(results, seed=config.seed)
+    return run.finish(results, kind="redteam", seed=config.seed, report=report)
 
 
 # --- the summary table ---------------------------------------------------------------------------
@@ -670,15 +672,6 @@ def source_label(results: dict[str, Any]) -> str:
     if not query:
         return str(r.get("source", "-"))
     return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"
-
-
-def _cell(metric: dict[str, Any] | None) -> str:
-    if not metric or metric.get("value") is None or metric.get("n", 0) == 0:
-        return "-"
-    value = metric["value"]
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return f"{value:.2f} [{metric['ci_low']:.2f}, {metric['ci_high']:.2f}]"
 
 
 def _n(values: dict[str, Any], key: str) -> str:
@@ -719,7 +712,7 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         for name, values in groups.items():
             table.add_row(
                 name,
-                *(_cell(values.get(key)) for _, key in columns),
+                *(format_metric(values.get(key), 2) for _, key in columns),
                 _n(values, "attack_success_rate"),
                 _n(values, "over_defense_rate"),
             )

@@ -30,7 +30,6 @@ with paired CIs and verdicts, the RAN ablation, the training curves and RAN's pe
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,7 +51,7 @@ from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
 from medshield.models.io import META_FILE as MODEL_META_FILE
-from medshield.runs import Log, Run
+from medshield.runs import RESULTS_FILE, Log, Run, has_results, read_results
 from medshield.studies.finetune_outputs import plot_retrieval, plot_robust_vs_clean, write_table
 from medshield.studies.finetune_report import write_report
 from medshield.threads import set_threads, usable_cores, worker_threads
@@ -267,16 +266,14 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
     configs = [cell_config(config, *key) for key in grid]
     seed_major = sorted(configs, key=lambda cfg: config.seeds.index(cfg.seed))
     todo = [
-        cfg
-        for cfg in seed_major
-        if not (cfg.name in done and (cells_dir / cfg.name / "results.json").is_file())
+        cfg for cfg in seed_major if not (cfg.name in done and has_results(cells_dir / cfg.name))
     ]
     if todo:
         log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
     for count, cfg in enumerate(_run_cells(todo, cells_dir, config.workers, log), 1):
         log(f"[{count}/{len(todo)}] {cfg.name} done")
         run.append_samples(
-            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / "results.json")}]
+            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / RESULTS_FILE)}]
         )
     cells: list[dict[str, Any]] = []
     for (checkpoint, spec, modality, seed), cfg in zip(grid, configs, strict=True):
@@ -288,7 +285,7 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
                 "method": spec.name,
                 "modality": modality,
                 "seed": seed,
-                "result": json.loads((path / "results.json").read_text()),
+                "result": read_results(path),
                 "rows": Run(path, cfg).load_samples(),
                 "lr": cfg.finetune.lr,
             }
@@ -316,7 +313,7 @@ def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
     cfg = FineTuneRunConfig.model_validate(raw)
     cell_run = Run(Path(path), cfg)
     result = run_finetune(cfg, cell_run, log=log or (lambda _: None), progress=log is not None)
-    cell_run.write_results(result, seed=cfg.seed)
+    cell_run.finish(result, kind="finetune", seed=cfg.seed)
 
 
 def _run_cells(

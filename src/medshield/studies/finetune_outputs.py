@@ -9,17 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.view import ci
-
-
-def _fmt(metric: Any) -> str:
-    if not isinstance(metric, dict):
-        return str(metric)
-    value, low, high = metric["value"], metric["ci_low"], metric["ci_high"]
-    if low is None or (isinstance(low, float) and math.isnan(low)):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def write_table(table: list[dict[str, Any]], directory: Path) -> None:
@@ -53,7 +45,7 @@ def write_table(table: list[dict[str, Any]], directory: Path) -> None:
             elif isinstance(v, list):
                 cells.append(", ".join(v) or "ok")
             else:
-                cells.append(_fmt(v))
+                cells.append(format_metric(v) if isinstance(v, dict) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     (directory / "table.md").write_text("\n".join(lines) + "\n")
 
@@ -127,7 +119,7 @@ def _cell(v: Any) -> str:
         return f"{v:.3g}"
     if isinstance(v, list):
         return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) or "-"
-    return _fmt(v)
+    return format_metric(v) if isinstance(v, dict) else str(v)
 
 
 def _md(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -201,13 +193,13 @@ def targets_md(targets: list[dict[str, Any]]) -> str:
 def _reference(ref: dict[str, Any] | None) -> str:
     if not ref:
         return ""
-    found = [f"{k} {_fmt(v)}" for k, v in ref.items() if isinstance(v, dict)]
+    found = [f"{k} {format_metric(v)}" for k, v in ref.items() if isinstance(v, dict)]
     return f" (reference {ref['method']}: {', '.join(found) or 'no cells'})"
 
 
 def _measured(t: dict[str, Any]) -> str:
     if "value" in t:
-        return _fmt(t)
+        return format_metric(t)
     if "trainable_params" in t:
         found = [f"{m} {n}" for m, n in t["trainable_params"].items() if n is not None]
         return ", ".join(found) or "-"

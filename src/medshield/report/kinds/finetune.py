@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.rundir import RunData
 from medshield.report.view import (
@@ -17,7 +18,6 @@ from medshield.report.view import (
     ci,
     flags_table,
     is_metric,
-    metric,
     number,
 )
 
@@ -60,7 +60,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
                 str(r["method"]),
                 str(r.get("modality", "-")),
                 number(r.get("seeds")),
-                *(metric(r.get(k)) for k in metrics),
+                *(format_metric(r.get(k)) for k in metrics),
                 *(number(r.get(k), 3) for k in costs),
                 ", ".join(failed) or "ok",
             ]
@@ -130,7 +130,7 @@ def _sections(run: RunData) -> list[Section]:
 def _targets(targets: list[dict[str, Any]]) -> Table:
     rows, classes = [], []
     for t in targets:
-        measured = metric(t) if "value" in t else "-"
+        measured = format_metric(t) if "value" in t else "-"
         rows.append([str(t["target"]), t["checkpoint"], t["task"], t["claim"], measured])
         rows[-1] += [t["verdict"], t.get("note", "")]
         classes.append("fail" if t["verdict"] == "NOT REACHED" else "")
@@ -147,7 +147,7 @@ def _ablation(rows: list[dict[str, Any]]) -> Table:
     return Table(
         ["checkpoint", "task", "ablated", *(m.replace("_", " ", 1) for m in measures)],
         [
-            [r["checkpoint"], r["task"], r["ablated"], *(metric(r.get(m)) for m in measures)]
+            [r["checkpoint"], r["task"], r["ablated"], *(format_metric(r.get(m)) for m in measures)]
             for r in rows
         ],
         title="RAN with one term off minus full RAN (paired 95% CI)",
@@ -212,7 +212,7 @@ def _run_sections(run: RunData) -> list[Section]:
     table = Table(
         columns=["metric", "value [95% CI]", "n"],
         rows=[
-            [name, metric(value), number(value.get("n"))]
+            [name, format_metric(value), number(value.get("n"))]
             for name, value in metrics.items()
             if is_metric(value)
         ],

@@ -38,13 +38,12 @@ Decision rules (also in ``docs/studies/defense.md``):
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from medshield.runs import Log, Run, read_samples
+from medshield.runs import Log, Run, read_results, read_samples
 from medshield.safety.redteam import RedteamConfig, build_judges, run_redteam
 from medshield.studies.defense.analysis import (
     aggregate,
@@ -62,7 +61,7 @@ from medshield.studies.defense.config import (
     load_defense_study_config,
 )
 from medshield.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
-from medshield.studies.defense.outputs import fmt, plot, write_table
+from medshield.studies.defense.outputs import plot, write_table
 from medshield.threads import set_threads, worker_threads
 
 __all__ = [
@@ -77,7 +76,6 @@ __all__ = [
     "compare_lower",
     "decide_claims",
     "item_tallies",
-    "fmt",
     "load_defense_study_config",
     "plan_cells",
     "run_defense_study",
@@ -102,7 +100,7 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
     )
     todo = []
     for i, cell in enumerate(cells, 1):
-        if (run.path / "cells" / cell.name / "results.json").exists():
+        if Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell)).finished:
             log(f"[{i}/{len(cells)}] {cell.name}: done earlier, kept")
         else:
             todo.append(cell)
@@ -111,12 +109,7 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
     else:
         _run_cells(config, run, todo, cells, log)
 
-    points = aggregate(
-        [
-            (cell, json.loads((run.path / "cells" / cell.name / "results.json").read_text()))
-            for cell in cells
-        ]
-    )
+    points = aggregate([(cell, read_results(run.path / "cells" / cell.name)) for cell in cells])
     best = best_strategies(points, config.strategies)
     tallies = {
         cell.name: item_tallies(

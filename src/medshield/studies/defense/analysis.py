@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from medshield.eval.metrics import Metric
 from medshield.studies.defense.config import (
     CELL_METRICS,
     METRICS,
@@ -27,19 +28,15 @@ def balanced_error(asr: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     on each side. Value None when either rate is missing."""
     parts = [asr, over]
     if not all(_finite(m.get("value")) for m in parts):
-        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+        return Metric(math.nan, math.nan, math.nan, 0, interval="mover").to_dict()
     value = (asr["value"] + over["value"]) / 2
     n = asr.get("n", 0) + over.get("n", 0)
     if not all(_finite(m.get("ci_low")) and _finite(m.get("ci_high")) for m in parts):
-        return {"value": value, "ci_low": None, "ci_high": None, "n": n}
+        return Metric(value, math.nan, math.nan, n, interval="mover").to_dict()
     below = math.sqrt(sum((m["value"] - m["ci_low"]) ** 2 for m in parts)) / 2
     above = math.sqrt(sum((m["ci_high"] - m["value"]) ** 2 for m in parts)) / 2
-    return {
-        "value": value,
-        "ci_low": max(0.0, value - below),
-        "ci_high": min(1.0, value + above),
-        "n": n,
-    }
+    low, high = max(0.0, value - below), min(1.0, value + above)
+    return Metric(value, low, high, n, interval="mover").to_dict()
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -5,18 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.studies.defense.analysis import _finite
 from medshield.studies.defense.claims import claims_summary
 from medshield.studies.defense.config import CELL_METRICS, LABELS, METRICS, NEAR_MISS_METRIC, RULES
-
-
-def fmt(metric: dict[str, Any] | None) -> str:
-    """``value [low, high]`` to two decimals; ``-`` when there is no value."""
-    if not metric or not _finite(metric.get("value")):
-        return "-"
-    if not (_finite(metric.get("ci_low")) and _finite(metric.get("ci_high"))):
-        return f"{metric['value']:.2f}"
-    return f"{metric['value']:.2f} [{metric['ci_low']:.2f}, {metric['ci_high']:.2f}]"
 
 
 def _md(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -46,7 +38,7 @@ def write_table(
     lines += _md(
         ["k", "best strategy", *(LABELS[m] for m in METRICS), "not separated (ASR CIs overlap)"],
         [
-            [str(b["k"]), b["strategy"], *(fmt(b[m]) for m in METRICS)]
+            [str(b["k"]), b["strategy"], *(format_metric(b[m], 2) for m in METRICS)]
             + [", ".join(b["not_separated"]) or "-"]
             for b in best
         ],
@@ -70,8 +62,8 @@ def write_table(
         ],
         [
             _label(p)
-            + [fmt(p["overall"][m]) for m in CELL_METRICS]
-            + ([fmt(p["overall"].get(NEAR_MISS_METRIC))] if near_miss else [])
+            + [format_metric(p["overall"][m], 2) for m in CELL_METRICS]
+            + ([format_metric(p["overall"].get(NEAR_MISS_METRIC), 2)] if near_miss else [])
             + [str(p["n_items"]["harmful"]), str(p["n_items"]["benign"]), str(p["n_errors"])]
             for p in points
         ],
@@ -82,7 +74,8 @@ def write_table(
         lines += _md(
             ["cell", "defense", "strategy", "k", *modalities],
             [
-                _label(p) + [fmt(p["by_modality"].get(m, {}).get(metric)) for m in modalities]
+                _label(p)
+                + [format_metric(p["by_modality"].get(m, {}).get(metric), 2) for m in modalities]
                 for p in points
             ],
         )
@@ -90,7 +83,7 @@ def write_table(
     lines += ["", "## ASR per attack", ""]
     lines += _md(
         ["cell", "defense", "strategy", "k", *attacks],
-        [_label(p) + [fmt(p["by_attack"].get(a)) for a in attacks] for p in points],
+        [_label(p) + [format_metric(p["by_attack"].get(a), 2) for a in attacks] for p in points],
     )
     path.write_text("\n".join(lines) + "\n")
 
