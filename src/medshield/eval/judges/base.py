@@ -91,7 +91,7 @@ def check_pairs(prompts: Any, responses: Any) -> tuple[list[str], list[str]]:
 class Judge(ABC):
     """Base class of judges; subclasses implement :meth:`judge`."""
 
-    name: str = ""
+    name: str = ""  # set by JUDGES.register
 
     @abstractmethod
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:

@@ -94,8 +94,6 @@ class EmbeddingJudge(Judge):
         C: inverse regularisation strength of the logistic regression.
     """
 
-    name = "embedding"
-
     def __init__(self, train: Sequence[LabelledAnswer] | None = None, C: float = 4.0) -> None:
         if C <= 0:
             raise InputError(f"C must be positive, got {C}")

@@ -351,8 +351,6 @@ def keyword_judgement(prompt: str, response: str) -> tuple[Judgement, str]:
 class KeywordJudge(Judge):
     """Refusal phrases and non-answer rules (see the module docstring for every rule)."""
 
-    name = "keyword"
-
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         prompts, responses = check_pairs(prompts, responses)
         verdicts = []
