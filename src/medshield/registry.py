@@ -45,8 +45,8 @@ class Registry(Generic[T]):
     Args:
         kind: what one plugin is, for messages ("jailbreak": "unknown jailbreak 'x'; registered
             jailbreaks: ...").
-        package: the package of the built-in plugins; every module in it (not in its
-            subpackages) is imported on the first lookup.
+        package: the package of the built-in plugins; it and every module in it (not in its
+            subpackages) are imported on the first lookup (a plain module is only imported).
         attribute: the class attribute that :meth:`register` sets to the registered name.
     """
 
@@ -79,21 +79,23 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def _discover(self) -> None:
+    def discover(self) -> None:
         """Import every module of the built-in package once (each registers its plugins)."""
         if self._discovered:
             return
         self._discovered = True  # a lookup while the modules import sees those registered so far
         try:
             package = importlib.import_module(self.package)
-            for module in pkgutil.iter_modules(package.__path__, f"{self.package}."):
+            for module in pkgutil.iter_modules(
+                getattr(package, "__path__", ()), f"{self.package}."
+            ):
                 importlib.import_module(module.name)
         except BaseException:
             self._discovered = False
             raise
 
     def get(self, name: str) -> T:
-        self._discover()
+        self.discover()
         try:
             return self._entries[name].obj
         except KeyError:
@@ -103,7 +105,7 @@ class Registry(Generic[T]):
             ) from None
 
     def entries(self) -> list[Entry[T]]:
-        self._discover()
+        self.discover()
         return sorted(self._entries.values(), key=lambda e: e.name)
 
     def names(self) -> list[str]:
@@ -117,7 +119,7 @@ class Registry(Generic[T]):
         return [e.name for e in sorted(chosen, key=lambda e: _default_rank(e.obj))]
 
     def __contains__(self, name: object) -> bool:
-        self._discover()
+        self.discover()
         return name in self._entries
 
 
@@ -140,6 +142,19 @@ DEFENSES: Registry = Registry("defense", "medshield.defense")
 JUDGES: Registry = Registry("judge", "medshield.eval.judges")
 #: Demonstration selection strategies (``medshield.defense.create_strategy(name, **kwargs)``).
 STRATEGIES: Registry = Registry("selection strategy", "medshield.defense")
+
+ALL_REGISTRIES: tuple[Registry, ...] = (
+    MODELS,
+    CHAT_MODELS,
+    IMAGE_ATTACKS,
+    MULTIMODAL_ATTACKS,
+    TEXT_ATTACKS,
+    JAILBREAKS,
+    METHODS,
+    DEFENSES,
+    JUDGES,
+    STRATEGIES,
+)
 
 #: What ``medshield list KIND`` shows; ``attacks`` is every attack registry together.
 REGISTRIES: dict[str, tuple[Registry, ...]] = {
@@ -167,8 +182,12 @@ def load_plugins() -> list[str]:
 
     Returns the names of the entry points loaded. Raises ConfigError, naming the entry point,
     when one fails to import or registers a name that is already taken."""
+    entry_points = list(importlib.metadata.entry_points(group=PLUGIN_GROUP))
+    if entry_points:  # the built-ins first, so that a plugin taking one of their names is refused
+        for registry in ALL_REGISTRIES:
+            registry.discover()
     loaded = []
-    for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+    for entry_point in entry_points:
         try:
             entry_point.load()
         except Exception as exc:  # noqa: BLE001 - any failure in a third-party module
