@@ -85,7 +85,8 @@ def installed_plugin(root: Path, module: str, source: str) -> dict[str, str]:
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[medshield.plugins]\n{module} = {module}\n")
-    return {**os.environ, "PYTHONPATH": str(root)}
+    path = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep a worktree's src
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def medshield_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
