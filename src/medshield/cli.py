@@ -652,7 +652,6 @@ def judges_calibrate(
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
-                import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
                 kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)

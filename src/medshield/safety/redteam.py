@@ -608,7 +608,6 @@ def run_redteam(
     if pending:
         owned = model is None
         if owned:
-            import medshield.models  # noqa: F401  (registers the chat backends)
             from medshield.models.chat import create_chat_model
 
             model = create_chat_model(config.model.backend, **config.model.kwargs)

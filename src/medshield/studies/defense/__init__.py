@@ -142,7 +142,6 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
 
 
 def _load_model(config: RedteamConfig, log: Log) -> Any:
-    import medshield.models  # noqa: F401  (registers the chat backends)
     from medshield.models.chat import create_chat_model
 
     log(f"loading chat model {config.model.backend} (once for the study)")
