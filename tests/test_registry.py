@@ -179,3 +179,24 @@ def test_a_fresh_interpreter_finds_every_built_in_from_the_registry_alone() -> N
     assert found["defenses"] >= {"none", "self-reminder", "demonstrations"}
     assert found["judges"] >= {"keyword", "embedding", "llm"}
     assert found["models"] >= {"mini-clip", "open_clip", "hf-clip"}
+
+
+def test_the_redteam_and_study_defaults_are_the_old_lists() -> None:
+    from medshield.safety.redteam import RedteamConfig
+    from medshield.studies.defense.config import DefenseStudyConfig
+
+    # DEFAULT_ATTACKS and DEFAULT_JUDGES of safety/redteam.py before the `default` flag: a
+    # config that lists neither runs the same attacks and judges, in the same order.
+    old_attacks = [
+        "direct",
+        "jb-roleplay",
+        "jb-refusal-suppression",
+        "jb-prefix-injection",
+        "jb-hypothetical",
+        "jb-authority",
+        "figstep",
+    ]
+    config = RedteamConfig()
+    assert config.attacks == old_attacks and config.judges == ["keyword", "embedding"]
+    assert config.primary == "keyword"
+    assert DefenseStudyConfig().redteam.attacks == [*old_attacks, "adv-image-affirm"]

@@ -1,7 +1,6 @@
 """Clinical safety workflows: red-teaming a generative medical VLM (``medshield redteam``)."""
 
 from medshield.safety.redteam import (
-    DEFAULT_JUDGES,
     RedteamConfig,
     load_redteam_config,
     print_redteam_summary,
@@ -10,7 +9,6 @@ from medshield.safety.redteam import (
 )
 
 __all__ = [
-    "DEFAULT_JUDGES",
     "RedteamConfig",
     "load_redteam_config",
     "print_redteam_summary",

@@ -63,10 +63,9 @@ from tqdm.auto import tqdm
 
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.registry import JAILBREAKS
+from medshield.registry import JAILBREAKS, JUDGES
 from medshield.runs import Log, Run, check_measured
 
-DEFAULT_JUDGES = ("keyword", "embedding")
 BENIGN_ATTACK = "direct"
 SUMMARY_GROUPS = ("modality", "category", "attack")
 IMAGE_CACHE = 1024  # item images kept in memory (each attack reuses them)
@@ -123,9 +122,10 @@ class RedteamConfig(StrictModel):
             ``figstep``; ``adv-image-affirm`` is opt-in: it needs a white-box model and costs
             ``steps`` forward/backward passes per item). ``attack_kwargs`` gives per-attack
             arguments (``seed`` defaults to ``seed``; white-box attacks get the model).
-        judges: registered judges that label every answer; ``primary_judge`` (default: the
-            first) gives the row's ``verdict`` and the headline metrics; ``judge_kwargs`` gives
-            per-judge arguments (e.g. ``{llm: {model: openai, base_url: ...}}``).
+        judges: registered judges that label every answer (by default ``JUDGES.defaults()``:
+            ``keyword``, ``embedding``); ``primary_judge`` (default: the first) gives the row's
+            ``verdict`` and the headline metrics; ``judge_kwargs`` gives per-judge arguments
+            (e.g. ``{llm: {model: openai, base_url: ...}}``).
         judge_agreement: measure each judge against the held-out labelled answers.
         defense: the defense applied to every conversation (``none`` by default).
         generation: decoding settings.
@@ -145,7 +145,7 @@ class RedteamConfig(StrictModel):
     limit: int | None = Field(None, ge=1)
     attacks: list[str] = Field(default_factory=JAILBREAKS.defaults, min_length=1)
     attack_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    judges: list[str] = Field(default_factory=lambda: list(DEFAULT_JUDGES), min_length=1)
+    judges: list[str] = Field(default_factory=JUDGES.defaults, min_length=1)
     primary_judge: str | None = None
     judge_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     judge_agreement: bool = True
@@ -298,7 +298,7 @@ def build_defense(config: RedteamConfig) -> Any:
 
 def check_names(config: RedteamConfig) -> None:
     """Fail early, before any model is loaded, on unknown attack, judge, defense or backend."""
-    from medshield.registry import CHAT_MODELS, DEFENSES, JUDGES
+    from medshield.registry import CHAT_MODELS, DEFENSES
 
     for name in config.attacks:
         JAILBREAKS.get(name)

@@ -94,6 +94,8 @@ class EmbeddingJudge(Judge):
         C: inverse regularisation strength of the logistic regression.
     """
 
+    default = 2
+
     def __init__(self, train: Sequence[LabelledAnswer] | None = None, C: float = 4.0) -> None:
         if C <= 0:
             raise InputError(f"C must be positive, got {C}")
