@@ -211,7 +211,10 @@ def test_cache_entries_are_verified_and_published_atomically(
     [
         ("pretrain.epochs=zero", "epochs"),
         ("finetune.methods=[{method: teleport}]", "teleport"),
-        ("redteam.attacks=[pgd]", "not a jailbreak attack"),
+        (
+            "redteam.attacks=[pgd]",
+            "unknown jailbreak .pgd.; registered jailbreaks: adv-image-affirm",
+        ),
         ("redteam.defense.strategy=loudest", "strategy"),
         ("data.noisy_dataset=/x", "crafts its own noisy set"),
         ("finetune.modalities=[mars]", "unknown modality"),

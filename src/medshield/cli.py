@@ -498,21 +498,18 @@ def list_(
     kind: Annotated[
         str,
         typer.Argument(
-            help="models | chat-models | attacks | methods | defenses | judges | strategies"
+            help="models | chat-models | attacks (image-attacks, multimodal-attacks, "
+            "text-attacks, jailbreaks) | methods | defenses | judges | strategies"
         ),
     ],
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
-    import medshield.attacks  # noqa: F401  (registration)
-    import medshield.defense  # noqa: F401
-    import medshield.eval.judges  # noqa: F401
-    import medshield.models  # noqa: F401
-    import medshield.train.finetune  # noqa: F401  (registers the fine-tuning methods)
     from medshield.registry import REGISTRIES
 
     if kind not in REGISTRIES:
         _fail(MedshieldError(f"unknown kind {kind!r}; choose one of {', '.join(REGISTRIES)}"))
-    for entry in REGISTRIES[kind].entries():
+    entries = [entry for registry in REGISTRIES[kind] for entry in registry.entries()]
+    for entry in sorted(entries, key=lambda e: e.name):
         console.print(Text.assemble((entry.name, "bold"), f"  {entry.description}"))
 
 
@@ -672,7 +669,6 @@ def judges_calibrate(
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
-                import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
                 kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)

@@ -219,7 +219,6 @@ def _run_cells_in_workers(config: DefenseStudyConfig, run: Run, todo: list[Cell]
 
 
 def _load_model(config: RedteamConfig, log: Log, scope: str = "the study") -> Any:
-    import medshield.models  # noqa: F401  (registers the chat backends)
     from medshield.models.chat import create_chat_model
 
     log(f"loading chat model {config.model.backend} (once for {scope})")

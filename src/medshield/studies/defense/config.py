@@ -10,9 +10,9 @@ from pydantic import Field, model_validator
 
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import UnknownNameError
-from medshield.safety.redteam import DEFAULT_ATTACKS, DefenseConfig, RedteamConfig, check_names
+from medshield.registry import DEFENSES, JAILBREAKS, STRATEGIES
+from medshield.safety.redteam import DefenseConfig, RedteamConfig, check_names
 
-STUDY_ATTACKS = (*DEFAULT_ATTACKS, "adv-image-affirm")
 BASELINES = ("none", "self-reminder", "adashield-static", "demonstrations-real-images")
 REAL_IMAGES = "demonstrations-real-images"
 CONTROL_STRATEGIES = ("benign-only",)
@@ -128,7 +128,7 @@ class DefenseStudyConfig(StrictModel):
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers"})
     demonstrations: DemonstrationSettings = Field(default_factory=DemonstrationSettings)
     redteam: RedteamConfig = Field(
-        default_factory=lambda: RedteamConfig(attacks=list(STUDY_ATTACKS))
+        default_factory=lambda: RedteamConfig(attacks=[*JAILBREAKS.defaults(), "adv-image-affirm"])
     )
 
     @model_validator(mode="after")
@@ -163,20 +163,10 @@ class DefenseStudyConfig(StrictModel):
 def _choices() -> dict[str, list[str]]:
     """The names a study may use: selection strategies, baselines (every registered defense
     but ``demonstrations``, which the grid runs) and jailbreak attacks."""
-    import medshield.attacks.jailbreak  # noqa: F401  (registers the jailbreaks)
-    import medshield.defense  # noqa: F401  (registers the defenses)
-    from medshield.attacks.jailbreak import JailbreakAttack
-    from medshield.defense.selection import STRATEGIES
-    from medshield.registry import ATTACKS, DEFENSES
-
     return {
         "strategies": STRATEGIES.names(),
         "baselines": [n for n in DEFENSES.names() if n != "demonstrations"],
-        "attacks": [
-            e.name
-            for e in ATTACKS.entries()
-            if isinstance(e.obj, type) and issubclass(e.obj, JailbreakAttack)
-        ],
+        "attacks": JAILBREAKS.names(),
     }
 
 
