@@ -15,7 +15,7 @@ from medshield.attacks.apgd import checkpoints
 from medshield.attacks.pgd import pgd_step_size
 from medshield.errors import InputError
 from medshield.models import DualEncoder, ZeroShotClassifier
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
 NUM_CLASSES = 3
 
@@ -69,9 +69,9 @@ ATTACK_CONFIGS = {
 
 
 def test_registry_has_the_image_attacks() -> None:
-    assert {"fgsm", "pgd", "apgd-ce"} <= set(ATTACKS.names())
-    assert ATTACKS.get("fgsm") is FGSM and ATTACKS.get("pgd") is PGD
-    assert ATTACKS.get("apgd-ce") is APGD and ATTACKS.get("apgd-dlr") is APGDDLR
+    assert {"fgsm", "pgd", "apgd-ce"} <= set(IMAGE_ATTACKS.names())
+    assert IMAGE_ATTACKS.get("fgsm") is FGSM and IMAGE_ATTACKS.get("pgd") is PGD
+    assert IMAGE_ATTACKS.get("apgd-ce") is APGD and IMAGE_ATTACKS.get("apgd-dlr") is APGDDLR
     for cls in (FGSM, PGD, APGD, APGDDLR):
         assert cls.paper and cls.threat_model and "Arguments" in cls.__doc__
 

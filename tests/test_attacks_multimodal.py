@@ -16,7 +16,7 @@ from medshield.attacks.multimodal import MultimodalAttack, MultimodalResult, che
 from medshield.attacks.sga import SGA, ScaledCopies, rescale
 from medshield.errors import InputError
 from medshield.models.base import DualEncoder
-from medshield.registry import ATTACKS
+from medshield.registry import MULTIMODAL_ATTACKS
 
 WORD = re.compile(r"[A-Za-z0-9]+(?:[-&'][A-Za-z0-9]+)*")
 CAPTIONS = [
@@ -102,8 +102,8 @@ def check_result(
 
 # --- registry, config, validation ---------------------------------------------------------------
 def test_registry_has_co_attack_and_sga() -> None:
-    assert ATTACKS.get("co-attack") is CoAttack
-    assert ATTACKS.get("sga") is SGA
+    assert MULTIMODAL_ATTACKS.get("co-attack") is CoAttack
+    assert MULTIMODAL_ATTACKS.get("sga") is SGA
     assert CoAttack.name == "co-attack" and SGA.name == "sga"
     assert issubclass(CoAttack, MultimodalAttack) and issubclass(SGA, MultimodalAttack)
 
@@ -118,7 +118,7 @@ def test_registry_has_co_attack_and_sga() -> None:
 )
 def test_config_round_trips_through_json(attack: MultimodalAttack) -> None:
     config = json.loads(json.dumps(attack.config()))
-    rebuilt = ATTACKS.get(attack.name)(**config)
+    rebuilt = MULTIMODAL_ATTACKS.get(attack.name)(**config)
     assert rebuilt.config() == attack.config()
     assert repr(rebuilt) == repr(attack)
 

@@ -24,7 +24,7 @@ from medshield.attacks.text import (
 from medshield.data.modalities import MODALITIES
 from medshield.errors import InputError
 from medshield.models.base import DualEncoder
-from medshield.registry import ATTACKS
+from medshield.registry import TEXT_ATTACKS
 
 WORD = re.compile(r"[A-Za-z0-9]+(?:[-&'][A-Za-z0-9]+)*")
 FUNCTION_WORDS = {"a", "an", "the", "of", "on", "or", "no"}
@@ -309,7 +309,7 @@ def test_bad_input_gets_a_clear_error() -> None:
 
 
 def test_registered() -> None:
-    assert ATTACKS.get("word-substitution") is WordSubstitutionAttack
+    assert TEXT_ATTACKS.get("word-substitution") is WordSubstitutionAttack
 
 
 # --- the real mini-clip ---------------------------------------------------------------------------

@@ -17,7 +17,12 @@ from bad_input_support import run_cli
 # temporary folder: {tmp}/noqueries is a data folder with MedMNIST and no query files,
 # {tmp}/nothing one whose JailbreakBench query files hold a header and no rows.
 CASES = [
-    ("unknown-attack", "--attacks nosuch", 2, "unknown attack 'nosuch'; registered attacks: "),
+    (
+        "unknown-attack",
+        "--attacks nosuch",
+        2,
+        "unknown jailbreak 'nosuch'; registered jailbreaks: adv-",
+    ),
     ("unknown-judge", "--judge nosuch", 2, "unknown judge 'nosuch'; registered judges: "),
     ("unknown-defense", "--defense nosuch", 2, "unknown defense 'nosuch'; registered defenses"),
     ("unknown-backend", "--model nosuch", 2, "unknown chat model 'nosuch'; registered chat"),

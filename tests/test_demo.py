@@ -89,6 +89,10 @@ def test_demo_runs_every_stage_then_reuses_the_cache(
         for name in ("config.yaml", "results.json", "samples.jsonl", "report.html"):
             assert (run / stage / name).is_file(), (stage, name)
     results = json.loads((run / "results.json").read_text())
+    kinds = {s: json.loads((run / s / "results.json").read_text())["kind"] for s in STAGES}
+    named = {"noise": "craft-noise", "vlm": "train-vlm"}  # the others: pretrain, finetune, redteam
+    assert results["kind"] == "demo"
+    assert kinds == {s: named.get(s, s.split("_")[0]) for s in STAGES}
     records = {r["stage"]: r for r in results["demo"]["stages"]}
     assert list(records) == STAGES
     assert all(records[s]["cache"]["status"] == "trained" for s in TRAINED)
@@ -208,7 +212,10 @@ def test_cache_entries_are_verified_and_published_atomically(
     [
         ("pretrain.epochs=zero", "epochs"),
         ("finetune.methods=[{method: teleport}]", "teleport"),
-        ("redteam.attacks=[pgd]", "not a jailbreak attack"),
+        (
+            "redteam.attacks=[pgd]",
+            "unknown jailbreak .pgd.; registered jailbreaks: adv-image-affirm",
+        ),
         ("redteam.defense.strategy=loudest", "strategy"),
         ("data.noisy_dataset=/x", "crafts its own noisy set"),
         ("finetune.modalities=[mars]", "unknown modality"),

@@ -17,7 +17,10 @@ from medshield.eval.metrics import (
     accuracy,
     bootstrap_ci,
     bootstrap_distribution,
+    format_metric,
     macro_auc,
+    paired_difference_ci,
+    percentile_interval,
     recall_at_k,
     summarize,
 )
@@ -170,6 +173,26 @@ def test_bootstrap_rejects_bad_input() -> None:
         bootstrap_ci(np.mean, [1.0, 2.0], confidence=95)
 
 
+def test_paired_difference_ci_is_narrower_than_unpaired_on_correlated_hits() -> None:
+    """Two methods that mostly hit and miss the same images: the paired interval of their gap
+    is narrower than resampling each on its own, and holds the gap's point estimate."""
+    rng = np.random.default_rng(0)
+    a = rng.random(400) < 0.6
+    b = a.copy()
+    b[rng.choice(400, 40, replace=False)] ^= True  # b differs from a on 10% of the images
+    paired = paired_difference_ci(a, b, n_resamples=500)
+    assert paired.value == pytest.approx(a.mean() - b.mean())
+    assert paired.ci_low <= paired.value <= paired.ci_high and paired.n == 400
+    each = [
+        bootstrap_distribution(mean_last, x.astype(float), n_resamples=500, seed=s, vectorized=True)
+        for s, x in ((1, a), (2, b))
+    ]
+    low, high = percentile_interval(each[0] - each[1])
+    assert paired.ci_high - paired.ci_low < 0.6 * (high - low)
+    with pytest.raises(InputError, match="same number of rows"):
+        paired_difference_ci(a, b[:-1])
+
+
 def test_metric_to_dict_is_strict_json() -> None:
     assert Metric(math.nan, math.nan, math.nan, 3).to_dict() == {
         "value": None,
@@ -247,6 +270,31 @@ def hand_made_rows() -> list[dict]:
 
 def values(table: dict) -> dict:
     return {name: metric["value"] for name, metric in table.items()}
+
+
+def test_metric_round_trips_its_dict_and_formats_itself() -> None:
+    m = Metric(0.5, 0.25, 0.75, 8)
+    assert Metric.from_dict(m.to_dict()) == m and m.interval == "bootstrap"
+    assert m.format() == "0.500 [0.250, 0.750]" and m.format(2) == "0.50 [0.25, 0.75]"
+    assert Metric(0.1, -0.05, 0.2, 4).format(signed=True) == "+0.100 [-0.050, +0.200]"
+    # a dict that names its value (VQA accuracies, paired differences) reads the same
+    named = {"difference": -0.125, "ci_low": -0.25, "ci_high": 0.0}
+    assert Metric.from_dict(named).format(signed=True) == "-0.125 [-0.250, +0.000]"
+    # one seed: no interval, the value alone; no value, or no rows: "-"
+    assert Metric.from_dict({"value": 0.4, "ci_low": None, "ci_high": None, "n": 1}).format() == (
+        "0.400"
+    )
+    assert Metric(math.nan, math.nan, math.nan, 3).format() == "-"
+    assert Metric(0.0, 0.0, 0.0, 0).format() == "-"
+
+
+def test_format_metric_says_missing_for_what_is_not_a_metric() -> None:
+    assert format_metric({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}, 2) == "0.50 [0.25, 0.75]"
+    assert format_metric({"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}) == "0.500 [0.400, 0.600]"
+    for odd in (None, {}, {"value": None}, {"score": 0.5}, {"value": "high"}, [0.5], 0.5):
+        assert format_metric(odd) == "-" and format_metric(odd, missing="n/a") == "n/a"
+    with pytest.raises(InputError, match="not a metric"):
+        Metric.from_dict({"score": 0.5})
 
 
 def test_summarize_hand_made_rows_exact_values() -> None:

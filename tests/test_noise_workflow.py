@@ -132,4 +132,4 @@ def test_unknown_attack_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None
         ],
     )
     assert result.exit_code == 2
-    assert "unknown attack 'teleport'" in result.output and "co-attack" in result.output
+    assert "unknown multimodal attack 'teleport'" in result.output and "co-attack" in result.output

@@ -30,6 +30,8 @@ from typer.testing import CliRunner
 from medshield.cli import app
 from medshield.errors import DataError
 from medshield.report import render, render_report, report_after_run, write_report
+from medshield.report.kinds import RENDERERS
+from medshield.runs import RUN_KINDS
 
 runner = CliRunner()
 
@@ -168,6 +170,33 @@ def test_finetune_study_report(tmp_path: Path) -> None:
     assert parse(html).tags["img"] == 1 and "robust vs clean per method" in html
 
 
+def test_finetune_study_report_shows_targets_and_ablation(tmp_path: Path) -> None:
+    """The issue-20 report keys render as tables, not as a raw dump under "Other results"."""
+    gap = {"value": 0.05, "ci_low": 0.02, "ci_high": 0.08, "n": 600}
+    results = {
+        **finetune_results(),
+        "targets": [
+            {"target": 2, "checkpoint": "base", "task": "chest_xray", "paired": True, **gap}
+            | {"claim": "RAN robust @2/255 >= adv-lora + 0.03", "verdict": "REACHED"},
+            {"target": 1, "checkpoint": "base", "task": "chest_xray", "claim": "tecoa >= 0.40"}
+            | {"verdict": "NOT MEASURED", "note": "no cells of tecoa on chest_xray (base)"},
+        ],
+        "ablation": [
+            {"checkpoint": "base", "task": "chest_xray", "ran": "ran", "ablated": "ran-no_svd"}
+            | {"term": "svd", "delta_clean": gap}
+        ],
+        "task_tables": [],
+        "curves": [],
+        "ran_terms": None,
+    }
+    html = render_report(write_run(tmp_path / "ft", results))
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    assert "Other results" not in text and "Targets of issue 20" in text
+    assert "RAN robust @2/255 &gt;= adv-lora + 0.03 0.050 [0.020, 0.080] REACHED" in text
+    assert "NOT MEASURED no cells of tecoa on chest_xray (base)" in text
+    assert "ran-no_svd 0.050 [0.020, 0.080]" in text and "curves.png" in text
+
+
 @pytest.mark.parametrize("layout", ["finetune run", "study cell"])
 def test_finetune_run_report(tmp_path: Path, layout: str) -> None:
     results = finetune_run_results()
@@ -204,7 +233,7 @@ def test_defense_study_report(redteam: Path, tmp_path: Path) -> None:
         "strategies": ["mixed"],
         "baselines": ["none", "self-reminder", "demonstrations-real-images"],
         "cells": points,
-        "claims": decide_claims(points, ["mixed"], 4),
+        "claims": decide_claims(points, {}, ["mixed"]),
     }
     html = render_report(write_run(tmp_path / "defense", results))
     assert_self_contained(html)
@@ -221,6 +250,24 @@ def test_unknown_kind_renders_config_and_numbers(tmp_path: Path) -> None:
     assert_self_contained(html)
     assert "unknown (generic table)" in html and "name: tiny" in html
     assert "thing.score" in html and "0.457" in html and "0.500 [0.400, 0.600]" in html
+
+
+def test_the_kind_picks_the_renderers_and_old_runs_fall_back_to_the_shape(tmp_path: Path) -> None:
+    assert set(RENDERERS) == set(RUN_KINDS)
+
+    def kind_row(results: dict) -> str:
+        html = render_report(write_run(tmp_path / str(len(list(tmp_path.iterdir()))), results))
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+        return re.search(r"kind (.*?) seed", text).group(1).strip()
+
+    both = {**noise_results(), **evaluate_results()}  # the shape of two kinds at once
+    assert kind_row(both) == "evaluate, noise study"  # no kind: a run written before kinds
+    assert kind_row({"kind": "study-noise", **both}) == "noise study"
+    assert kind_row({"kind": "evaluate", **both}) == "evaluate"
+    assert kind_row({"kind": "craft-noise", **noise_results()}) == "craft-noise (generic table)"
+    assert kind_row({"kind": "from-a-newer-version", **both}) == (
+        "from-a-newer-version (generic table)"
+    )
 
 
 def test_cli_writes_the_report_and_reports_its_size(redteam: Path, tmp_path: Path) -> None:
@@ -256,6 +303,9 @@ def test_runs_write_their_report_and_a_failed_report_keeps_the_exit_code(
     first = runner.invoke(app, ["redteam", "--config", str(config)])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "rt" / "report.html").is_file() and "report.html" in first.output
+    assert json.loads((tmp_path / "rt" / "results.json").read_text())["kind"] == "redteam"
+    # the report is written when the run finishes; its line still closes the output
+    assert first.output.rstrip().splitlines()[-1].startswith("report: ")
 
     def broken(*args: object, **kwargs: object) -> Path:
         raise RuntimeError("matplotlib [exploded]")

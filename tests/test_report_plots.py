@@ -33,7 +33,7 @@ def test_bars_label_every_category_and_show_zero_values() -> None:
         assert zeros.get_color() == "C1"  # over-defense's colour
         assert ax.get_xlim()[0] < 0  # the ticks are not hidden behind the axis
     finally:
-        plots._pyplot().close(fig)
+        plots.pyplot().close(fig)
 
 
 def test_bars_scale_with_the_number_of_categories() -> None:

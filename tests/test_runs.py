@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from medshield.config import load_config
-from medshield.errors import ConfigError, NothingMeasured
+from medshield.errors import ConfigError, DataError, NothingMeasured
 from medshield.report.rundir import load_run
-from medshield.runs import Run, check_measured, read_samples
+from medshield.runs import Run, check_measured, has_results, read_results, read_samples
 
 
 def test_reopening_with_the_same_config_keeps_rows(tmp_path: Path) -> None:
@@ -65,17 +65,20 @@ def test_runs_and_reports_read_the_same_rows_skipping_what_is_not_an_object(
     run.append_samples([{"i": 1}])
     with run.samples_path.open("ab") as f:
         f.write(b'[1, 2]\n"text"\n{"i": "\xff"\n{"i": 2}\n')  # hand-edited, a bad byte
-    run.write_results({}, seed=0)
+    run.finish({}, kind="evaluate", seed=0)
     assert read_samples(run.samples_path) == [{"i": 1}, {"i": 2}]
     assert run.load_samples() == load_run(tmp_path).samples == [{"i": 1}, {"i": 2}]
     assert read_samples(tmp_path / "absent.jsonl") == []
 
 
-def test_results_carry_versions_seed_and_wall_time(tmp_path: Path) -> None:
+def test_results_carry_kind_versions_seed_and_wall_time(tmp_path: Path) -> None:
     run = Run(tmp_path, load_config(None))
-    out = run.write_results({"metric": 1.0}, seed=7)
+    assert not run.finished and not has_results(tmp_path)
+    out = run.finish({"metric": 1.0}, kind="evaluate", seed=7)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk == out
+    assert on_disk == out == read_results(tmp_path)
+    assert run.finished and has_results(tmp_path)
+    assert list(on_disk)[:2] == ["kind", "metric"] and on_disk["kind"] == "evaluate"
     assert on_disk["seed"] == 7 and on_disk["metric"] == 1.0
     assert on_disk["versions"]["torch"] != "not installed"
     assert on_disk["wall_time_s"] >= 0
@@ -84,7 +87,8 @@ def test_results_carry_versions_seed_and_wall_time(tmp_path: Path) -> None:
 def test_results_json_is_strict_json(tmp_path: Path) -> None:
     run = Run(tmp_path, load_config(None))
     nan, inf = float("nan"), float("inf")
-    out = run.write_results({"loss": nan, "nested": {"x": [1.5, -inf, inf]}, "n": 3}, seed=0)
+    results = {"loss": nan, "nested": {"x": [1.5, -inf, inf]}, "n": 3}
+    out = run.finish(results, kind="evaluate", seed=0)
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
 
@@ -95,6 +99,33 @@ def test_results_json_is_strict_json(tmp_path: Path) -> None:
     assert on_disk == out
     assert on_disk["loss"] is None and on_disk["nested"] == {"x": [1.5, None, None]}
     assert on_disk["n"] == 3
+
+
+def test_finish_writes_the_results_before_the_report_and_refuses_an_unknown_kind(
+    tmp_path: Path,
+) -> None:
+    run = Run(tmp_path, load_config(None))
+    seen: list[dict] = []
+    run.finish(
+        {"metric": 1.0}, kind="pretrain", seed=0, report=lambda p: seen.append(read_results(p))
+    )
+    assert [r["kind"] for r in seen] == ["pretrain"]  # the hook read the finished results
+    with pytest.raises(ConfigError, match="unknown run kind 'pretraining'"):
+        run.finish({}, kind="pretraining", seed=0)  # type: ignore[arg-type]
+    assert read_results(tmp_path)["kind"] == "pretrain"  # the refused call wrote nothing
+
+
+def test_read_results_says_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a directory"):
+        read_results(tmp_path / "absent")
+    with pytest.raises(DataError, match="has no results.json"):
+        read_results(tmp_path)
+    (tmp_path / "results.json").write_text("[1]")
+    with pytest.raises(DataError, match="holds a list, not a JSON object"):
+        read_results(tmp_path)
+    (tmp_path / "results.json").write_text("{")
+    with pytest.raises(DataError, match="is not valid JSON"):
+        read_results(tmp_path)
 
 
 def _unrelated(folder: Path) -> Path:

@@ -61,10 +61,18 @@ def test_list_shows_every_kind_of_plugin() -> None:
 
 PLUGIN = """
 from medshield.attacks import FGSM
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
-@ATTACKS.register("{name}", "an attack from another package")
+@IMAGE_ATTACKS.register("{name}", "an attack from another package")
 class Outside(FGSM):
+    pass
+"""
+# Registers before anything imports medshield's jailbreaks: the built-in still wins the name.
+CLASHING_JAILBREAK = """
+from medshield.registry import JAILBREAKS
+
+@JAILBREAKS.register("direct", "takes a built-in name")
+class Direct:
     pass
 """
 
@@ -77,7 +85,8 @@ def installed_plugin(root: Path, module: str, source: str) -> dict[str, str]:
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[medshield.plugins]\n{module} = {module}\n")
-    return {**os.environ, "PYTHONPATH": str(root)}
+    path = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep a worktree's src
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def medshield_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -101,7 +110,15 @@ def test_the_command_finds_plugins_of_other_packages_by_entry_point(tmp_path: Pa
     assert clash.returncode == 2
     message = " ".join(clash.stdout.split())
     assert "plugin 'clashing_attacks' (clashing_attacks) failed to import" in message
-    assert "attack 'pgd' is registered twice" in message
+    assert "image attack 'pgd' is registered twice" in message
+
+    early = tmp_path / "early"
+    early.mkdir()
+    env = installed_plugin(early, "early_jailbreaks", CLASHING_JAILBREAK)
+    clash = medshield_command("list", "jailbreaks", env=env)
+    message = " ".join(clash.stdout.split())
+    assert clash.returncode == 2 and "plugin 'early_jailbreaks'" in message, clash.stderr
+    assert "jailbreak 'direct' is registered twice" in message
 
 
 def test_pretrain_then_evaluate_write_complete_run_directories(
@@ -113,7 +130,7 @@ def test_pretrain_then_evaluate_write_complete_run_directories(
     model = workflows.build_model(config)
     pre = workflows.run_pretrain(config, run, model, log=lambda _: None)
     ev = workflows.run_evaluate(config, run, model, log=lambda _: None)
-    results = run.write_results({"pretrain": pre, "evaluate": ev}, seed=config.seed)
+    results = run.finish({"pretrain": pre, "evaluate": ev}, kind="pretrain", seed=config.seed)
     assert {p.name for p in run.path.iterdir()} >= {
         "config.yaml",
         "results.json",

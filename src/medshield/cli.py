@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,6 +128,8 @@ def _done(text: str, path: Path | str, after: str = "") -> None:
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     """One table per task: a row per modality, a column per metric, value with its 95% CI."""
+    from medshield.eval.metrics import format_metric
+
     for task, groups in metrics.items():
         names = list(dict.fromkeys(n for values in groups.values() for n in values))
         table = Table(title=f"{task} (95% bootstrap CI)", title_justify="left")
@@ -135,13 +138,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             table.add_column(name, no_wrap=True)
         table.add_column("n", justify="right")
         for modality, values in groups.items():
-            cells = []
-            for name in names:
-                m = values.get(name)
-                if m is None or m["value"] is None:
-                    cells.append("n/a")
-                else:
-                    cells.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+            cells = [format_metric(values.get(name), missing="n/a") for name in names]
             n = max(m["n"] for m in values.values())
             table.add_row(modality, *cells, str(n))
         console.print(table)
@@ -161,11 +158,18 @@ def _print_sanity(sanity: dict[str, list[dict[str, Any]]]) -> None:
             console.print(Text.assemble("  ", (f["name"], "red"), f": {f['detail']}"))
 
 
-def _report(run_path: Path) -> None:
-    """Write ``report.html`` into a finished run; a rendering failure is only a warning."""
+def _reporter(lines: list[str]) -> Callable[[Path], object]:
+    """The report hook of a command's :meth:`~medshield.runs.Run.finish`: it writes
+    ``report.html`` (a rendering failure is only a warning) and keeps its line in ``lines``,
+    which the command prints last, after its summary."""
     from medshield.report import report_after_run
 
-    report_after_run(run_path, log=lambda line: console.print(line, highlight=False))
+    return lambda run_path: report_after_run(run_path, log=lines.append)
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        console.print(line, highlight=False)
 
 
 @app.command()
@@ -179,16 +183,17 @@ def pretrain(
     from medshield import workflows
     from medshield.runs import Run
 
+    report: list[str] = []
     try:
         cfg = _load(config, set_)
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
         model = workflows.build_model(cfg)
         result = workflows.run_pretrain(cfg, run, model, log=console.print)
-        run.write_results({"pretrain": result}, seed=cfg.seed)
+        run.finish({"pretrain": result}, kind="pretrain", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     _done("model saved to ", result["model_dir"], f"; run in {run.path}")
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command()
@@ -210,19 +215,20 @@ def evaluate(
     from medshield.eval.robust import check_attacks
     from medshield.runs import Run
 
+    report: list[str] = []
     try:
         cfg = _load(config, set_, **{"model.checkpoint": checkpoint})
         check_attacks(cfg.evaluate.robust_attacks)  # a bad attack fails before the run opens
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
         model, finetuned = workflows.build_evaluated(cfg)
         result = workflows.run_evaluate(cfg, run, model, log=console.print, finetuned=finetuned)
-        run.write_results({"evaluate": result}, seed=cfg.seed)
+        run.finish({"evaluate": result}, kind="evaluate", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     _print_metrics(result["metrics"])
     _print_sanity(result["sanity"])
     _done("results in ", run.path)
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command("craft-noise")
@@ -239,11 +245,14 @@ def craft_noise(
     from medshield import workflows
     from medshield.runs import Run
 
+    report: list[str] = []
     try:
         cfg = _load(config, set_, **{"model.checkpoint": surrogate})
         run = Run(workflows.run_dir(cfg), cfg, overwrite=overwrite)
         result = workflows.run_craft_noise(cfg, run, log=console.print)
-        run.write_results({"craft_noise": result}, seed=cfg.seed)
+        run.finish(
+            {"craft_noise": result}, kind="craft-noise", seed=cfg.seed, report=_reporter(report)
+        )
     except MedshieldError as exc:
         _fail(exc)
     _done(
@@ -252,7 +261,7 @@ def craft_noise(
         result["noisy_dataset"],
         f"; pretrain on it with --set data.noisy_dataset={result['noisy_dataset']}",
     )
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command()
@@ -325,32 +334,27 @@ def train_vlm(
 ) -> None:
     """Instruction-tune mini-llava and report VQA-RAD closed accuracy with/without the image."""
     _offline_default()
+    from medshield.eval.metrics import Metric, format_metric
     from medshield.runs import Run
     from medshield.train.vlm import load_vlm_config, run_train_vlm
 
+    report: list[str] = []
     try:
         extra = [f"clip={clip}"] if clip is not None else []
         cfg = load_vlm_config(config, [*(set_ or []), *extra])
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
         result = run_train_vlm(cfg, run)
-        run.write_results({"train_vlm": result}, seed=cfg.seed)
+        run.finish({"train_vlm": result}, kind="train-vlm", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     ev = result["vqa_rad_closed"]
     for cond in ("image", "no_image", "shuffled_image", "majority_no"):
-        m = ev[cond]
-        console.print(
-            f"VQA-RAD closed ({ev['n']} yes/no) {cond}: {m['accuracy']:.3f} "
-            f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
-        )
+        console.print(f"VQA-RAD closed ({ev['n']} yes/no) {cond}: {format_metric(ev[cond])}")
     for control in ("no_image", "shuffled_image"):
-        d = ev[f"image_minus_{control}"]
-        console.print(
-            f"image minus {control}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, "
-            f"{d['ci_high']:+.3f}] (paired)"
-        )
+        d = Metric.from_dict(ev[f"image_minus_{control}"])
+        console.print(f"image minus {control}: {d.format(signed=True)} (paired)")
     _done("model saved to ", result["model_dir"], f"; run in {run.path}")
-    _report(run.path)
+    _print_lines(report)
 
 
 @study_app.command("noise")
@@ -364,16 +368,17 @@ def study_noise(
     from medshield.runs import Run
     from medshield.studies.noise import load_noise_study_config, run_noise_study
 
+    report: list[str] = []
     try:
         cfg = load_noise_study_config(config, set_)
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
         result = run_noise_study(cfg, run, log=console.print)
-        run.write_results(result, seed=cfg.base.seed)
+        run.finish(result, kind="study-noise", seed=cfg.base.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     console.print((run.path / "table.md").read_text())
     _done("study in ", run.path, " (results.json, table.md, plots/, cells/)")
-    _report(run.path)
+    _print_lines(report)
 
 
 @app.command()
@@ -389,6 +394,7 @@ def finetune(
     """Fine-tune one method on one modality or vqa_rad_closed; clean + PGD/APGD robust accuracy
     and retrieval under Co-Attack, with 95% CIs."""
     _offline_default()
+    from medshield.eval.metrics import format_metric
     from medshield.runs import Run
     from medshield.train.finetune.workflow import (
         finetune_run_dir,
@@ -396,17 +402,18 @@ def finetune(
         run_finetune,
     )
 
+    report: list[str] = []
     try:
         extra = [f"model.checkpoint={checkpoint}"] if checkpoint is not None else []
         extra += [f"finetune.method={method}"] if method is not None else []
         cfg = load_finetune_config(config, [*(set_ or []), *extra])
         run = Run(finetune_run_dir(cfg), cfg, overwrite=overwrite)
         result = run_finetune(cfg, run, log=console.print)
-        run.write_results({"finetune": result}, seed=cfg.seed)
+        run.finish({"finetune": result}, kind="finetune", seed=cfg.seed, report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     for name, m in result["metrics"].items():
-        console.print(f"{name}: {m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        console.print(f"{name}: {format_metric(m)}")
     report = result["report"]
     _done(
         f"trainable parameters {report['trainable_params']:,}, training {report['train_wall_s']}"
@@ -414,7 +421,7 @@ def finetune(
         f"x{report['overhead']['latency_ratio']:.2f}; run in ",
         run.path,
     )
-    _report(run.path)
+    _print_lines(report)
 
 
 @study_app.command("finetune")
@@ -428,16 +435,17 @@ def study_finetune(
     from medshield.runs import Run
     from medshield.studies.finetune import load_study_config, run_study_finetune, study_run_dir
 
+    report: list[str] = []
     try:
         cfg = load_study_config(config, set_)
         run = Run(study_run_dir(cfg), cfg, overwrite=overwrite)
         result = run_study_finetune(cfg, run, log=console.print)
-        run.write_results(result, seed=cfg.seeds[0])
+        run.finish(result, kind="study-finetune", seed=cfg.seeds[0], report=_reporter(report))
     except MedshieldError as exc:
         _fail(exc)
     console.print((run.path / "table.md").read_text())
     _done("study in ", run.path, " (results.json, table.md/csv, plots, cells/)")
-    _report(run.path)
+    _print_lines(report)
 
 
 @study_app.command("defense")
@@ -452,16 +460,22 @@ def study_defense(
     from medshield.runs import Run
     from medshield.studies.defense import load_defense_study_config, run_defense_study
 
+    report: list[str] = []
     try:
         cfg = load_defense_study_config(config, set_)
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
-        result = run.write_results(run_defense_study(cfg, run, log=console.print), cfg.redteam.seed)
+        result = run.finish(
+            run_defense_study(cfg, run, log=console.print),
+            kind="study-defense",
+            seed=cfg.redteam.seed,
+            report=_reporter(report),
+        )
     except MedshieldError as exc:
         _fail(exc)
     for claim in result["claims"].values():
         console.print(Text.assemble(f"{claim['statement']}: ", (claim["verdict"], "bold")))
-    _done("study in ", run.path, " (table.md, results.json, plots/, cells/)")
-    _report(run.path)
+    _done("study in ", run.path, " (claims.md, table.md, results.json, plots/, cells/)")
+    _print_lines(report)
 
 
 @app.command("report")
@@ -486,21 +500,18 @@ def list_(
     kind: Annotated[
         str,
         typer.Argument(
-            help="models | chat-models | attacks | methods | defenses | judges | strategies"
+            help="models | chat-models | attacks (image-attacks, multimodal-attacks, "
+            "text-attacks, jailbreaks) | methods | defenses | judges | strategies"
         ),
     ],
 ) -> None:
     """Show what is registered: one line per entry with a short description."""
-    import medshield.attacks  # noqa: F401  (registration)
-    import medshield.defense  # noqa: F401
-    import medshield.eval.judges  # noqa: F401
-    import medshield.models  # noqa: F401
-    import medshield.train.finetune  # noqa: F401  (registers the fine-tuning methods)
     from medshield.registry import REGISTRIES
 
     if kind not in REGISTRIES:
         _fail(MedshieldError(f"unknown kind {kind!r}; choose one of {', '.join(REGISTRIES)}"))
-    for entry in REGISTRIES[kind].entries():
+    entries = [entry for registry in REGISTRIES[kind] for entry in registry.entries()]
+    for entry in sorted(entries, key=lambda e: e.name):
         console.print(Text.assemble((entry.name, "bold"), f"  {entry.description}"))
 
 
@@ -542,15 +553,18 @@ def redteam(
         extra += [f"judges=[{','.join(judge)}]", f"primary_judge={judge[0]}"]
     extra += [f"defense.name={defense}"] if defense else []
     extra += [f"limit={limit}"] if limit is not None else []
+    report: list[str] = []
     try:
         cfg = load_redteam_config(config, [*(set_ or []), *extra])
         run = Run(Path(cfg.output_dir) / cfg.name, cfg, overwrite=overwrite)
-        results = run_redteam(cfg, run, log=console.print, retry_errors=retry_errors)
+        results = run_redteam(
+            cfg, run, log=console.print, retry_errors=retry_errors, report=_reporter(report)
+        )
     except MedshieldError as exc:
         _fail(exc)
     print_redteam_summary(results, console)
     _done("run in ", run.path, " (samples.jsonl, results.json)")
-    _report(run.path)
+    _print_lines(report)
 
 
 # --- serving (medshield serve) ----------------------------------------------------------------
@@ -657,7 +671,6 @@ def judges_calibrate(
             if name == "llm":
                 if not llm_model:
                     raise MedshieldError("the llm judge needs --llm-model NAME (a chat backend)")
-                import medshield.models  # noqa: F401  (registers the chat backends)
 
                 extra = dict(a.split("=", 1) for a in (llm_arg or []) if "=" in a)
                 kwargs.update(model=llm_model, model_kwargs=extra, guard=llm_guard)

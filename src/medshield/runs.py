@@ -2,6 +2,11 @@
 
 ``samples.jsonl`` is the source of truth: one JSON row per evaluated item, appended and flushed
 as work finishes, so an interrupted run resumes without recomputing or losing finished rows.
+
+A run's lifecycle is :class:`Run`'s: opening it (``config.yaml``, or resuming), appending rows,
+and :meth:`Run.finish`, which writes ``results.json`` with the run's :data:`RunKind` and then
+its report. Whatever reads a finished run (a study aggregating its cells, the report) reads it
+with :func:`read_results`.
 """
 
 from __future__ import annotations
@@ -16,16 +21,39 @@ import time
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from medshield.config import dump_config
-from medshield.errors import ConfigError, NothingMeasured
+from medshield.errors import ConfigError, DataError, NothingMeasured
 
 Log = Callable[[str], None]
 """Where workflows report progress: ``print``, or ``rich.console.Console.print``."""
+
+RunKind = Literal[
+    "pretrain",
+    "evaluate",
+    "craft-noise",
+    "train-vlm",
+    "finetune",
+    "redteam",
+    "study-noise",
+    "study-finetune",
+    "study-defense",
+    "demo",
+]
+"""What a run is, written to ``results.json`` as ``kind``; the report picks its renderer by it.
+A study's cells are ordinary runs: a noise-study cell is a ``pretrain`` run (it evaluates too),
+a fine-tuning-study cell a ``finetune`` run, a defense-study cell a ``redteam`` run."""
+RUN_KINDS: tuple[str, ...] = get_args(RunKind)
+
+Reporter = Callable[[Path], object]
+"""What writes a finished run's report, given its directory (e.g.
+:func:`medshield.report.report_after_run` with a log bound)."""
+
+RESULTS_FILE = "results.json"
 
 VERSIONED_PACKAGES = (
     "medshield",
@@ -61,6 +89,36 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def has_results(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a finished run (one that wrote its ``results.json``)."""
+    return (Path(directory) / RESULTS_FILE).is_file()
+
+
+def read_results(directory: str | Path) -> dict[str, Any]:
+    """The ``results.json`` of a finished run.
+
+    Raises:
+        DataError: no directory, no ``results.json`` (the run has not finished or this is not a
+            run directory), or a ``results.json`` that is not a JSON object.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise DataError(f"{path} is not a directory; give a run directory (with results.json)")
+    results_path = path / RESULTS_FILE
+    if not results_path.is_file():
+        raise DataError(
+            f"{path} has no results.json: not a run directory, or its run has not finished "
+            "(a report is rendered from results.json and samples.jsonl)"
+        )
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{results_path} is not valid JSON: {exc}") from None
+    if not isinstance(results, dict):
+        raise DataError(f"{results_path} holds a {type(results).__name__}, not a JSON object")
+    return results
 
 
 def _same_config(saved: str, config: BaseModel, text: str) -> bool:
@@ -134,18 +192,41 @@ class Run:
             f.write(text)
             f.flush()
 
-    def write_results(self, results: dict[str, Any], seed: int) -> dict[str, Any]:
-        """Write ``results.json`` as strict JSON (a NaN or infinite number becomes ``null``)
-        and return what was written."""
+    @property
+    def finished(self) -> bool:
+        """Whether the run has written its ``results.json`` (a resumed study keeps such cells)."""
+        return has_results(self.path)
+
+    def finish(
+        self,
+        results: dict[str, Any],
+        *,
+        kind: RunKind,
+        seed: int,
+        report: Reporter | None = None,
+    ) -> dict[str, Any]:
+        """End the run: write ``results.json`` (``kind`` first, then ``results``, the seed, the
+        library versions and the wall time; strict JSON, a NaN or infinite number becomes
+        ``null``), then the report when ``report`` is given. Returns what was written.
+
+        Raises:
+            ConfigError: ``kind`` is not a :data:`RunKind`.
+        """
+        if kind not in RUN_KINDS:
+            raise ConfigError(f"unknown run kind {kind!r}; choose one of {', '.join(RUN_KINDS)}")
         full = finite_json(
             {
+                "kind": kind,
                 **results,
                 "seed": seed,
                 "versions": library_versions(),
                 "wall_time_s": round(time.time() - self.started, 2),
             }
         )
-        (self.path / "results.json").write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
+        text = json.dumps(full, indent=2, allow_nan=False) + "\n"
+        (self.path / RESULTS_FILE).write_text(text)
+        if report is not None:
+            report(self.path)
         return full
 
     def store(self, data: bytes, folder: str, suffix: str) -> str:

@@ -101,8 +101,11 @@ def test_checkpoint_of_the_wrong_architecture_fails_before_training(
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["robust.retrieval_attack=pgd"], "not a multimodal"),
-        (["robust.retrieval_attack=no-such-attack"], "unknown attack"),
+        (
+            ["robust.retrieval_attack=pgd"],
+            "multimodal attack 'pgd'; registered multimodal attacks: co-",
+        ),
+        (["robust.retrieval_attack=no-such-attack"], "unknown multimodal attack"),
         (["robust.retrieval_attack_kwargs={eps: -1}"], "do not fit"),
         (["robust.retrieval_attack_kwargs={epsilon: 2}"], "do not fit"),
         (["robust.retrieval_per_class_cap=0"], "greater than or equal to 1"),

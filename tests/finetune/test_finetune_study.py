@@ -69,6 +69,23 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     assert (tmp_path / "study" / "robust_vs_clean_base_eps2.png").stat().st_size > 1000
     assert (tmp_path / "study" / "retrieval_i2t_base.png").stat().st_size > 1000
     assert "retrieval_t2i_adv/R@1" in (tmp_path / "study" / "table.md").read_text()
+    # the issue-20 report (tests/finetune/test_finetune_report.py checks its contents)
+    for name in ("tables.md", "targets.md", "targets.json", "ablation.md", "curves.md"):
+        assert (tmp_path / "study" / name).is_file()
+    for name in ("curves.png", "ran_terms.png"):
+        assert (tmp_path / "study" / name).stat().st_size > 1000
+    (section,) = result["task_tables"]
+    assert section["task"] == "chest_xray" and section["chance"] == 0.5
+    assert [r["method"] for r in section["rows"]] == ["linear-probe", "ran", "ran-no_svd"]
+    (effect,) = result["ablation"]
+    assert (effect["ran"], effect["ablated"], effect["delta_clean"]["n"]) == (
+        "ran",
+        "ran-no_svd",
+        4,
+    )
+    assert result["ran_terms"]["cell"] == "base__ran__chest_xray__seed0"
+    assert "svd" in result["ran_terms"]["terms"]
+    assert {t["verdict"] for t in result["targets"]} == {"NOT MEASURED"}  # no tecoa, adv-*
     logs: list[str] = []
     again = run_study_finetune(cfg, Run(tmp_path / "study", cfg), log=logs.append)
     assert logs == [] and again["table"] == result["table"]

@@ -16,7 +16,7 @@ from medshield.attacks.pgd import pgd_step_size
 from medshield.config import load_config
 from medshield.errors import ConfigError
 from medshield.eval.robust import build_attack, worst_case
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 from medshield.runs import Run
 from medshield.train.finetune.workflow import (
     DEFAULT_ATTACKS,
@@ -39,9 +39,9 @@ class Shift(Attack):
 
 @pytest.fixture
 def shift_registered():
-    ATTACKS.register("test-shift", "a fixed shift of every pixel (tests only)")(Shift)
+    IMAGE_ATTACKS.register("test-shift", "a fixed shift of every pixel (tests only)")(Shift)
     yield
-    ATTACKS._entries.pop("test-shift")
+    IMAGE_ATTACKS._entries.pop("test-shift")
 
 
 def test_the_default_attacks_are_pgd_10_and_50_with_restarts_apgd_ce_and_dlr() -> None:

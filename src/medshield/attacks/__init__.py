@@ -1,4 +1,7 @@
-"""Attacks, one file each, registered by name in :data:`medshield.registry.ATTACKS`.
+"""Attacks, one file each, registered by name in one registry per call contract:
+:data:`~medshield.registry.IMAGE_ATTACKS`, :data:`~medshield.registry.MULTIMODAL_ATTACKS`,
+:data:`~medshield.registry.TEXT_ATTACKS` (``text/``) and :data:`~medshield.registry.JAILBREAKS`
+(``jailbreak/``).
 
 Image attacks take [0, 1] NCHW images and a model that normalises them itself::
 

@@ -16,7 +16,7 @@ from medshield.attacks.base import (
     per_example_norm,
     project,
 )
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
 MOMENTUM = 0.75  # alpha in the paper: weight of the new step against the previous one
 RHO = 0.75  # condition 1: halve when fewer than this fraction of steps raised the loss
@@ -35,7 +35,7 @@ def checkpoints(steps: int) -> list[int]:
     return sorted(wj for wj in w if 0 < wj < steps)
 
 
-@ATTACKS.register(
+@IMAGE_ATTACKS.register(
     "apgd-ce", "Auto-PGD with cross-entropy, L-inf or L2, from AutoAttack (Croce & Hein, 2020)"
 )
 class APGD(Attack):

@@ -8,7 +8,7 @@ from torch import nn
 from medshield.attacks.apgd import APGD
 from medshield.attacks.base import TINY, check_class_logits
 from medshield.errors import InputError
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
 
 def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -margin / (top[:, 0] - top[:, 2] + TINY)
 
 
-@ATTACKS.register(
+@IMAGE_ATTACKS.register(
     "apgd-dlr", "Auto-PGD with the DLR loss, L-inf or L2, from AutoAttack (Croce & Hein, 2020)"
 )
 class APGDDLR(APGD):

@@ -162,9 +162,11 @@ class Attack(ABC):
     Subclasses implement :meth:`perturb` and use :meth:`loss_and_grad` and :meth:`evaluate`
     for the model evaluations; :meth:`objective` (what is maximised) and :meth:`success` (when
     an example counts as broken) are the hooks to override beyond ``loss_fn``. Class attributes
-    ``paper`` and ``threat_model`` describe the attack for reports.
+    ``name`` (set by ``IMAGE_ATTACKS.register``), ``paper`` and ``threat_model`` describe the
+    attack for reports.
     """
 
+    name: str = ""
     paper: str = ""
     threat_model: str = ""
 

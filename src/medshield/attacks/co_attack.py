@@ -7,7 +7,7 @@ import torch
 from medshield.attacks.multimodal import MultimodalAttack, MultimodalResult
 from medshield.attacks.pgd import PGD
 from medshield.models.base import DualEncoder
-from medshield.registry import ATTACKS
+from medshield.registry import MULTIMODAL_ATTACKS
 
 
 def away_from_texts(embeddings: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def away_from_texts(embeddings: torch.Tensor, texts: torch.Tensor) -> torch.Tens
     return -(texts @ embeddings.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-@ATTACKS.register(
+@MULTIMODAL_ATTACKS.register(
     "co-attack",
     "Co-Attack: word substitution guided by the image, then L-inf PGD away from the clean and "
     "adversarial captions (Zhang et al., 2022)",
@@ -64,7 +64,6 @@ class CoAttack(MultimodalAttack):
         >>> result.images, result.captions, result.text_edits
     """
 
-    name = "co-attack"
     paper = (
         "Zhang, Yi and Sang. Towards Adversarial Attack on Vision-Language Pre-training Models. "
         "ACM MM 2022"

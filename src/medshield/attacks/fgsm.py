@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from medshield.attacks.base import Attack, LossFn
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
 
-@ATTACKS.register("fgsm", "Fast gradient sign method, one L-inf step (Goodfellow et al., 2015)")
+@IMAGE_ATTACKS.register(
+    "fgsm", "Fast gradient sign method, one L-inf step (Goodfellow et al., 2015)"
+)
 class FGSM(Attack):
     r"""FGSM in the paper 'Explaining and Harnessing Adversarial Examples'
     [https://arxiv.org/abs/1412.6572] (Goodfellow, Shlens and Szegedy, ICLR 2015).

@@ -21,7 +21,7 @@ from medshield.attacks.base import attack_mode, check_budget, check_count
 from medshield.attacks.text import WordSubstitutionAttack
 from medshield.errors import ConfigError, InputError
 from medshield.models.base import DualEncoder, check_images, check_texts
-from medshield.registry import ATTACKS
+from medshield.registry import MULTIMODAL_ATTACKS
 
 
 @dataclass
@@ -51,8 +51,8 @@ class MultimodalAttack(ABC):
 
     The model runs in eval mode with frozen parameters during the call (:func:`attack_mode`);
     every submodule's train/eval mode and every parameter's ``requires_grad`` flag are restored
-    afterwards. Subclasses implement :meth:`perturb` and :meth:`config` and set ``name`` (the
-    registry key), ``paper`` and ``threat_model``.
+    afterwards. Subclasses implement :meth:`perturb` and :meth:`config` and set ``paper`` and
+    ``threat_model``; ``MULTIMODAL_ATTACKS.register`` sets ``name``, the registry key.
 
     Args (shared by the built-in attacks):
         eps: L-inf image budget in /255 units.
@@ -122,9 +122,7 @@ class MultimodalAttack(ABC):
 
 def build_multimodal_attack(name: str, kwargs: dict[str, Any]) -> MultimodalAttack:
     """The registered multimodal attack ``name`` built with ``kwargs``, or a ConfigError."""
-    attack_class = ATTACKS.get(name)
-    if not (isinstance(attack_class, type) and issubclass(attack_class, MultimodalAttack)):
-        raise ConfigError(f"{name!r} is not a multimodal (image-text pair) attack")
+    attack_class = MULTIMODAL_ATTACKS.get(name)
     try:
         return attack_class(**kwargs)
     except (TypeError, InputError) as exc:

@@ -17,7 +17,7 @@ from medshield.attacks.base import (
     random_start,
 )
 from medshield.errors import InputError
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
 
 def pgd_step_size(eps: float, steps: int) -> float:
@@ -28,7 +28,7 @@ def pgd_step_size(eps: float, steps: int) -> float:
     return max(eps / 4, 2.5 * eps / check_count(steps, "steps"))
 
 
-@ATTACKS.register(
+@IMAGE_ATTACKS.register(
     "pgd", "Projected gradient descent, L-inf or L2, with restarts (Madry et al., 2018)"
 )
 class PGD(Attack):

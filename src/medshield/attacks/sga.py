@@ -20,7 +20,7 @@ from medshield.attacks.multimodal import (
 from medshield.attacks.pgd import PGD
 from medshield.errors import InputError
 from medshield.models.base import DualEncoder
-from medshield.registry import ATTACKS
+from medshield.registry import MULTIMODAL_ATTACKS
 
 NOISE_STD = 0.05
 """Gaussian noise added to each rescaled copy before resizing, as in the authors' code."""
@@ -70,7 +70,7 @@ def check_scales(scales: Any) -> tuple[float, ...]:
     return tuple(float(s) for s in scales)
 
 
-@ATTACKS.register(
+@MULTIMODAL_ATTACKS.register(
     "sga",
     "Set-level Guidance Attack: scale-invariant L-inf PGD guided by a set of adversarial "
     "captions, then word substitution against the adversarial image set (Lu et al., 2023)",
@@ -130,7 +130,6 @@ class SGA(MultimodalAttack):
         ...                 caption_sets=[modality.captions(int(y)) for y in labels])
     """
 
-    name = "sga"
     paper = (
         "Lu, Wang, Wang and Liu. Set-level Guidance Attack: Boosting Adversarial Transferability "
         "of Vision-Language Pre-training Models. ICCV 2023"

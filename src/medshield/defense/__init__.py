@@ -3,8 +3,7 @@
 Synthetic demonstrations (:mod:`~medshield.defense.images`, :mod:`~medshield.defense.text`,
 :mod:`~medshield.defense.synthesizer`), selection strategies
 (:mod:`~medshield.defense.selection`) and the registered defenses
-(:mod:`~medshield.defense.baselines`). Importing this package registers the defenses in
-:data:`medshield.registry.DEFENSES`.
+(:mod:`~medshield.defense.baselines`), registered in :data:`medshield.registry.DEFENSES`.
 """
 
 from medshield.defense.baselines import (

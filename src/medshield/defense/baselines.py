@@ -75,7 +75,7 @@ def _add_system(conversation: Conversation, text: str) -> Conversation:
 class Defense(ABC):
     """Rewrites a conversation (ending with the user's turn) before it reaches the model."""
 
-    name: str = ""
+    name: str = ""  # set by DEFENSES.register
 
     def apply(self, conversation: Conversation) -> Conversation:
         """The defended conversation; the input is validated and left untouched.
@@ -97,8 +97,6 @@ class Defense(ABC):
 @DEFENSES.register("none", "no defense: the conversation unchanged")
 class NoDefense(Defense):
     """The undefended baseline."""
-
-    name = "none"
 
     def _apply(self, conversation: Conversation) -> Conversation:
         return _copy(conversation)
@@ -123,8 +121,6 @@ class SelfReminder(Defense):
         system_prompt: the reminder placed first in the system prompt.
         suffix: appended to the last user turn (``""`` to skip).
     """
-
-    name = "self-reminder"
 
     def __init__(
         self, system_prompt: str = SELF_REMINDER_SYSTEM, suffix: str = SELF_REMINDER_SUFFIX
@@ -165,8 +161,6 @@ class AdaShieldStatic(Defense):
         prompt: the shield prompt.
     """
 
-    name = "adashield-static"
-
     def __init__(self, prompt: str = ADASHIELD_STATIC_PROMPT) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("adashield-static needs a non-empty shield prompt")
@@ -206,8 +200,6 @@ class DemonstrationDefense(Defense):
         InputError: a bad budget or share, or a budget the pool cannot meet.
         UnknownNameError: an unknown strategy or modality.
     """
-
-    name = "demonstrations"
 
     def __init__(
         self,
@@ -314,8 +306,6 @@ class RealImageDemonstrationDefense(DemonstrationDefense):
     Raises:
         DataError: no modality has a train split, or one is missing with ``missing="error"``.
     """
-
-    name = "demonstrations-real-images"
 
     def __init__(
         self,

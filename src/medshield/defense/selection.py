@@ -112,7 +112,7 @@ def _interleave(harmful: list[Demonstration], benign: list[Demonstration]) -> li
 class SelectionStrategy(ABC):
     """Chooses k demonstrations from a pool (optionally given the incoming request)."""
 
-    name: str = ""
+    name: str = ""  # set by STRATEGIES.register
     #: whether :meth:`select` needs the incoming request (per-request selection).
     needs_request: bool = False
 
@@ -144,7 +144,6 @@ class _FixedKind(SelectionStrategy):
 class HarmfulOnly(_FixedKind):
     """Only harmful requests with refusals (the In-Context Defense of Wei et al. 2023)."""
 
-    name = "harmful-only"
     kind = "harmful"
 
 
@@ -152,7 +151,6 @@ class HarmfulOnly(_FixedKind):
 class BenignOnly(_FixedKind):
     """Only benign requests with helpful answers (a control for over-defense)."""
 
-    name = "benign-only"
     kind = "benign"
 
 
@@ -173,8 +171,6 @@ class Mixed(SelectionStrategy):
     Raises:
         InputError: ``share`` outside [0, 1] or not a number.
     """
-
-    name = "mixed"
 
     def __init__(self, share: float = 0.5, seed: int = 0) -> None:
         super().__init__(seed)
@@ -260,7 +256,6 @@ class Retrieval(SelectionStrategy):
         seed: unused (retrieval is deterministic), kept for a uniform constructor.
     """
 
-    name = "retrieval"
     needs_request = True
 
     def __init__(self, embedder: Embedder | None = None, seed: int = 0) -> None:

@@ -46,7 +46,6 @@ from typing import Any
 from medshield.demo.checks import _check_ready
 from medshield.demo.config import DemoConfig, load_demo_config
 from medshield.demo.stages import _Demo
-from medshield.report import report_after_run
 from medshield.runs import Log, Run
 
 __all__ = ["DemoConfig", "load_demo_config", "run_demo"]
@@ -77,14 +76,14 @@ def run_demo(config: DemoConfig, run: Run, log: Log = print) -> dict[str, Any]:
         close = getattr(model, "close", None)
         if callable(close):
             close()
-    results = run.write_results(
+    return run.finish(
         {
             "demo": {
                 "stages": demo.records,
                 "cache_dir": str(demo.cache.root) if demo.cache else None,
             }
         },
+        kind="demo",
         seed=config.seed,
+        report=demo.report,
     )
-    report_after_run(run.path, log=log)
-    return results

@@ -9,7 +9,6 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from medshield.attacks.jailbreak import JailbreakAttack
 from medshield.config import (
     AttackEntry,
     AttackList,
@@ -27,7 +26,6 @@ from medshield.config import (
 from medshield.data import get_modality
 from medshield.defense.selection import STRATEGIES
 from medshield.errors import ConfigError, UnknownNameError
-from medshield.registry import ATTACKS
 from medshield.safety.redteam import (
     ChatModelConfig,
     DefenseConfig,
@@ -250,10 +248,6 @@ class DemoConfig(StrictModel):
             check_names(self.redteam_config("check", None, DefenseConfig()))
         except UnknownNameError as exc:
             raise ValueError(str(exc)) from None
-        for name in self.redteam.attacks:
-            attack = ATTACKS.get(name)
-            if not (isinstance(attack, type) and issubclass(attack, JailbreakAttack)):
-                raise ValueError(f"redteam.attacks: {name!r} is not a jailbreak attack")
         return self
 
     def run_config(

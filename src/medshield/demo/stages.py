@@ -50,6 +50,10 @@ class _Demo:
 
     # -- bookkeeping
 
+    def report(self, stage_dir: Path) -> None:
+        """Each stage run's report hook (:meth:`~medshield.runs.Run.finish`)."""
+        report_after_run(stage_dir, log=self.log)
+
     def begin(self, title: str) -> None:
         self._started = time.perf_counter()
         self.log(f"stage {len(self.records) + 1}/{self.total}: {title}")
@@ -57,7 +61,7 @@ class _Demo:
     def end(
         self, stage: str, kind: str, title: str, cache: dict[str, Any], headline: dict[str, Any]
     ) -> None:
-        """Record a finished stage, write its report and log its headline."""
+        """Record a finished stage (its run has written its report) and log its headline."""
         record = {
             "stage": stage,
             "kind": kind,
@@ -68,7 +72,6 @@ class _Demo:
             "headline": headline,
         }
         record["text"] = headline_text(record)
-        report_after_run(self.run.path / stage, log=self.log)
         self.records.append(record)
         self.log(
             f"stage {len(self.records)}/{self.total} {stage} done in {record['seconds']:.0f} s "
@@ -132,9 +135,11 @@ class _Demo:
             remove_checkpoints(stage_run.path)
         self.log(f"    evaluating {model_dir}")
         ev = run_evaluate(cfg, stage_run, load_model(model_dir), log=self.log)
-        stage_run.write_results(
+        stage_run.finish(
             {"pretrain": {**summary, "model_dir": str(model_dir)}, "evaluate": ev, "cache": cache},
+            kind="pretrain",
             seed=c.seed,
+            report=self.report,
         )
         zero_shot = ev["metrics"].get("zero_shot", {}).get("mean", {}).get("accuracy")
         headline = {
@@ -173,9 +178,11 @@ class _Demo:
         )
         if not stage_run.load_samples():  # reused: the rows come from the cached dataset
             stage_run.append_samples(json.loads(line) for line in (noisy_dir / "rows.jsonl").open())
-        stage_run.write_results(
+        stage_run.finish(
             {"craft_noise": {**summary, "noisy_dataset": str(noisy_dir)}, "cache": cache},
+            kind="craft-noise",
             seed=c.seed,
+            report=self.report,
         )
         headline = {
             "perturbed": summary["perturbed"],
@@ -235,7 +242,12 @@ class _Demo:
                     )
                     _link(local, entry.artifact)
                     cache = _cached(entry, "trained")
-                stage_run.write_results({"finetune": result, "cache": cache}, seed=c.seed)
+                stage_run.finish(
+                    {"finetune": result, "cache": cache},
+                    kind="finetune",
+                    seed=c.seed,
+                    report=self.report,
+                )
                 metrics = result["metrics"]
                 headline = {
                     "method": spec.name,
@@ -310,12 +322,14 @@ class _Demo:
             data_dir=c.data.data_dir,
             seed=c.seed,
         )
-        stage_run.write_results(
+        stage_run.finish(
             {
                 "train_vlm": {**summary, "model_dir": str(model_dir), "vqa_rad_closed": evaluation},
                 "cache": cache,
             },
+            kind="train-vlm",
             seed=c.seed,
+            report=self.report,
         )
         headline = {
             "steps": summary.get("steps"),
@@ -345,7 +359,9 @@ class _Demo:
             cfg = c.redteam_config(stage, self.run.path, defense, str(model_dir))
             judges = judges if judges is not None else build_judges(cfg)
             stage_run = Run(self.run.path / stage, cfg)
-            results = run_redteam(cfg, stage_run, log=self.log, model=model, judges=judges)
+            results = run_redteam(
+                cfg, stage_run, log=self.log, model=model, judges=judges, report=self.report
+            )
             r = results["redteam"]
             overall = r["metrics"]["overall"]
             headline = {

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -41,21 +41,32 @@ RECALL_KS = (1, 5, 10)
 _CHUNK_CELLS = 2_000_000
 
 
+Interval = Literal["bootstrap", "student-t", "mover"]
+"""How a metric's 95% interval was made (see docs/concepts.md, "Confidence intervals"): a
+percentile bootstrap over items (:func:`bootstrap_ci`, every metric of a run), a Student-t
+interval over seeds (the noise study's means, :func:`medshield.studies.noise.mean_t_ci`), or a
+MOVER interval combining two bootstrap intervals (the defense study's balanced error,
+:func:`medshield.studies.defense.analysis.balanced_error`)."""
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A point estimate with its bootstrap confidence interval.
+    """A point estimate with its 95% confidence interval: the one metric type, in memory, in
+    ``results.json`` (:meth:`to_dict`, :meth:`from_dict`) and as text (:meth:`format`).
 
     Attributes:
         value: the metric on all rows (nan when undefined, e.g. AUC with a class absent).
-        ci_low: lower end of the confidence interval.
-        ci_high: upper end of the confidence interval.
-        n: number of rows it was computed from.
+        ci_low: lower end of the confidence interval (nan when undefined).
+        ci_high: upper end of the confidence interval (nan when undefined).
+        n: number of rows (or seeds) it was computed from; None when a dict did not say.
+        interval: how the interval was made (not written to ``results.json``).
     """
 
     value: float
     ci_low: float
     ci_high: float
-    n: int
+    n: int | None
+    interval: Interval = "bootstrap"
 
     def to_dict(self) -> dict[str, float | int | None]:
         """JSON-ready dict; nan becomes None so the output is strict JSON."""
@@ -65,6 +76,70 @@ class Metric:
             "ci_high": _json_float(self.ci_high),
             "n": self.n,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], interval: Interval = "bootstrap") -> Metric:
+        """A metric dict as :meth:`to_dict` writes it, or one that names its value instead
+        (``{"accuracy": v, "ci_low": l, "ci_high": h}``); a None number becomes nan.
+
+        Raises:
+            InputError: the dict holds no value, or its value or bounds are not numbers.
+        """
+        if "value" in data:
+            value = data["value"]
+        else:
+            named = [k for k in data if k not in ("ci_low", "ci_high", "n")]
+            if len(named) != 1 or "ci_low" not in data or "ci_high" not in data:
+                raise InputError(f"not a metric: {dict(data)!r} has no single value and interval")
+            value = data[named[0]]
+        n = data.get("n")
+        return cls(
+            _nan_float(value),
+            _nan_float(data.get("ci_low")),
+            _nan_float(data.get("ci_high")),
+            None if n is None else int(n),
+            interval,
+        )
+
+    @property
+    def defined(self) -> bool:
+        """Whether there is a value: finite, from at least one row."""
+        return math.isfinite(self.value) and self.n != 0
+
+    def format(self, digits: int = 3, signed: bool = False) -> str:
+        """``value [low, high]`` to ``digits`` decimals (with a sign when ``signed``); the value
+        alone when the interval is undefined (one seed); ``-`` when the value is."""
+        if not self.defined:
+            return "-"
+        spec = f"{'+' if signed else ''}.{digits}f"
+        if not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
+            return format(self.value, spec)
+        return f"{self.value:{spec}} [{self.ci_low:{spec}}, {self.ci_high:{spec}}]"
+
+
+def format_metric(data: Any, digits: int = 3, missing: str = "-") -> str:
+    """A metric dict of ``results.json`` as text (:meth:`Metric.format`); ``missing`` when
+    ``data`` is not a metric dict or its value is undefined."""
+    if not isinstance(data, Mapping):
+        return missing
+    try:
+        metric = Metric.from_dict(data)
+    except (InputError, TypeError, ValueError):
+        return missing
+    return metric.format(digits) if metric.defined else missing
+
+
+def _nan_float(x: Any) -> float:
+    """A number of a metric dict as a float (None is nan).
+
+    Raises:
+        InputError: ``x`` is not a number.
+    """
+    if x is None:
+        return math.nan
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise InputError(f"not a metric: {x!r} is not a number")
+    return float(x)
 
 
 def _json_float(x: float) -> float | None:
@@ -203,6 +278,37 @@ def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def paired_difference_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    n_resamples: int = 1000,
+    seed: int | Sequence[int] = 0,
+    confidence: float = 0.95,
+) -> Metric:
+    """``mean(a) - mean(b)`` with its paired percentile bootstrap interval.
+
+    ``a[i]`` and ``b[i]`` are two methods' scores (e.g. hit indicators) on the same unit ``i``
+    (e.g. one test image of one seed); the units are resampled as pairs, so what both methods
+    share (easy and hard images) cancels and the interval is narrower than resampling each
+    method on its own whenever their hits are positively correlated.
+
+    Raises:
+        InputError: ``a`` and ``b`` differ in length, or are empty.
+    """
+    a_np, b_np = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    _check_lengths(a_np, b_np)
+    diff = a_np - b_np
+    low, high = bootstrap_ci(
+        _mean_last_axis,
+        diff,
+        n_resamples=n_resamples,
+        seed=seed,
+        confidence=confidence,
+        vectorized=True,
+    )
+    return Metric(float(diff.mean()), low, high, len(diff))
 
 
 def _binary_auc_batched(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:

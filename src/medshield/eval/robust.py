@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import medshield.attacks  # noqa: F401 - registers the built-in attacks
 from medshield import data
 from medshield.attacks.base import Attack, attack_mode, check_budget
 from medshield.attacks.pgd import pgd_step_size
@@ -51,7 +50,7 @@ from medshield.errors import ConfigError, InputError, UnknownNameError
 from medshield.eval.features import check_finite_outputs
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, evaluating
-from medshield.registry import ATTACKS
+from medshield.registry import IMAGE_ATTACKS
 
 TASK = "robust_zero_shot"
 Row = dict[str, Any]
@@ -80,15 +79,6 @@ def check_eps_values(eps_values: Sequence[float]) -> list[float]:
 # --- attacks from config entries -------------------------------------------------------------
 
 
-def image_attack_names() -> list[str]:
-    """The registered image attacks (subclasses of :class:`~medshield.attacks.base.Attack`)."""
-    return [e.name for e in ATTACKS.entries() if _is_image_attack(e.obj)]
-
-
-def _is_image_attack(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, Attack)
-
-
 def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
     """The registered image attack of ``entry`` on ``model`` at budget ``eps`` (/255), one run
     (restarts are the caller's: :func:`attacked_rows`). An attack that takes a step size
@@ -99,14 +89,12 @@ def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
         ConfigError: an unknown or non-image attack, or arguments that do not fit it.
     """
     try:
-        cls = ATTACKS.get(entry.name)
+        cls = IMAGE_ATTACKS.get(entry.name)
     except UnknownNameError:
-        cls = None
-    if not _is_image_attack(cls):
         raise ConfigError(
             f"{entry.name!r} is not a registered image attack; the image attacks are "
-            f"{', '.join(image_attack_names())} (medshield list attacks)"
-        )
+            f"{', '.join(IMAGE_ATTACKS.names())} (medshield list image-attacks)"
+        ) from None
     kwargs = entry.kwargs
     params = inspect.signature(cls).parameters
     try:

@@ -1,13 +1,5 @@
 """Models: the DualEncoder interface, the registered backends, save and load."""
 
-from medshield.models import (  # noqa: F401  (registration)
-    hf_chat,
-    hf_clip,
-    mini_clip,
-    mini_llava,
-    open_clip_backend,
-    openai_chat,
-)
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, check_texts
 from medshield.models.chat import (
     ChatVLM,

@@ -99,7 +99,7 @@ class DualEncoder(nn.Module, ABC):
     :func:`medshield.models.save_model` / :func:`medshield.models.load_model` can rebuild it.
     """
 
-    backend: str = ""
+    backend: str = ""  # set by MODELS.register
     embed_dim: int
     image_size: int
     image_mean: tuple[float, float, float]

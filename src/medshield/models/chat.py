@@ -118,7 +118,7 @@ class ChatVLM(ABC):
     Implementations take batches and must not mutate the conversations they are given.
     """
 
-    backend: str = ""
+    backend: str = ""  # set by CHAT_MODELS.register
 
     @abstractmethod
     def generate(

@@ -159,8 +159,6 @@ class HFChatVLM(ChatVLM):
         replies = vlm.generate([[Message("user", "Is there a fracture?", ["hand.png"])]])
     """
 
-    backend = "hf"
-
     def __init__(
         self,
         path: str | Path,

@@ -53,8 +53,6 @@ class HFClipDualEncoder(DualEncoder):
         logits = ZeroShotClassifier(model, ["a normal chest X-ray", "pneumonia"])(images)
     """
 
-    backend = "hf-clip"
-
     def __init__(self, path: str, pretrained: bool = True) -> None:
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
 

@@ -85,7 +85,6 @@ class MiniClip(DualEncoder):
         txt = model.encode_text(["a chest X-ray showing pneumonia"])
     """
 
-    backend = "mini-clip"
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
 

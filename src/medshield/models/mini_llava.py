@@ -151,8 +151,6 @@ class MiniLlava(nn.Module, ChatVLM):
             one per demonstration set under retrieval, whose repeated sets then hit the cache).
     """
 
-    backend = "mini-llava"
-
     def __init__(
         self,
         checkpoint: str | Path | None = None,

@@ -79,8 +79,6 @@ class OpenClipDualEncoder(DualEncoder):
         emb = model.encode_image(torch.rand(4, 1, 28, 28))  # (4, 512), unit norm
     """
 
-    backend = "open_clip"
-
     def __init__(
         self,
         model_name: str = "ViT-B-32",

@@ -101,8 +101,6 @@ class OpenAIChatVLM(ChatVLM):
         replies = vlm.generate(batch, max_new_tokens=64)
     """
 
-    backend = "openai"
-
     def __init__(
         self,
         base_url: str,

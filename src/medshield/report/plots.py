@@ -18,7 +18,8 @@ Series = dict[str, list[tuple[float, Point]]]
 """Line label -> [(x, point)]."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +35,7 @@ def to_figure(fig: Any, alt: str, caption: str = "", layout: bool = True) -> Fig
     if layout:
         fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=DPI)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return Figure(src=f"data:image/png;base64,{data}", alt=alt, caption=caption)
 
@@ -42,7 +43,7 @@ def to_figure(fig: Any, alt: str, caption: str = "", layout: bool = True) -> Fig
 def to_file(fig: Any, path: Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as a PNG file and close it."""
     fig.savefig(path, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -87,7 +88,7 @@ def lines(
     """
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     size = (6.0, 3.8) if len(panels) == 1 else (4.2 * cols, 3.0 * rows)
@@ -129,7 +130,7 @@ def bars_figure(
     y axis, read horizontally however many there are), a bar per series, 95% CI whiskers and
     each value written beside its bar, so that a rate of 0 (no bar) still shows: a tick in the
     series' colour at 0 and the label ``0.00``."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(1, len(series))
     height = 0.8 / n
     fig, ax = plt.subplots(figsize=(7.0, 1.0 + 0.22 * len(categories) * n + 0.12 * len(categories)))
@@ -185,7 +186,7 @@ def scatter_figure(
     """A matplotlib figure with one marker per ``(series, group, x, y)`` point and 95% CI bars
     on both axes: a colour per series (e.g. method), a marker shape per group (e.g. task), the
     diagonal, and the legends beside the axes so that dozens of points stay readable."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     series = list(dict.fromkeys(p[0] for p in points))

@@ -9,13 +9,13 @@ from typing import Any
 
 import jinja2
 
-from medshield.report.kinds import kinds
+from medshield.report.kinds import renderers
 from medshield.report.kinds.generic import numbers_section
 from medshield.report.rundir import RunData, load_run
 from medshield.report.view import Section, Table, number
 from medshield.runs import Log
 
-RUN_KEYS = ("seed", "versions", "wall_time_s")
+RUN_KEYS = ("kind", "seed", "versions", "wall_time_s")
 REPORT_NAME = "report.html"
 
 
@@ -30,7 +30,8 @@ def _environment() -> jinja2.Environment:
 
 
 def _run_table(results: dict[str, Any], kind_names: list[str]) -> Table:
-    rows = [["kind", ", ".join(kind_names) or "unknown (generic table)"]]
+    generic = f"{results.get('kind', 'unknown')} (generic table)"
+    rows = [["kind", ", ".join(kind_names) or generic]]
     if "seed" in results:
         rows.append(["seed", number(results["seed"])])
     if "wall_time_s" in results:
@@ -42,11 +43,11 @@ def _run_table(results: dict[str, Any], kind_names: list[str]) -> Table:
 
 
 def sections(run: RunData) -> tuple[list[str], list[Section]]:
-    """The names of the run's kinds and every section of its report, in order."""
+    """The names of the run's renderers and every section of its report, in order."""
     names: list[str] = []
     out: list[Section] = []
     claimed: set[str] = set(RUN_KEYS)
-    for kind in kinds():
+    for kind in renderers(run.results):
         keys = kind.claims(run.results)
         if keys:
             names.append(kind.name)

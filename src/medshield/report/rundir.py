@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medshield.errors import DataError
-from medshield.runs import read_samples
+from medshield.runs import read_results, read_samples
 
 
 @dataclass
@@ -36,24 +34,10 @@ def load_run(directory: str | Path) -> RunData:
     """Read a run directory.
 
     Raises:
-        DataError: no directory, no ``results.json`` (the run has not finished or this is not a
-            run directory), or a ``results.json`` that is not a JSON object.
+        DataError: not a finished run (see :func:`medshield.runs.read_results`).
     """
     path = Path(directory)
-    if not path.is_dir():
-        raise DataError(f"{path} is not a directory; give a run directory (with results.json)")
-    results_path = path / "results.json"
-    if not results_path.is_file():
-        raise DataError(
-            f"{path} has no results.json: not a run directory, or its run has not finished "
-            "(a report is rendered from results.json and samples.jsonl)"
-        )
-    try:
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{results_path} is not valid JSON: {exc}") from None
-    if not isinstance(results, dict):
-        raise DataError(f"{results_path} holds a {type(results).__name__}, not a JSON object")
+    results = read_results(path)
     config_path = path / "config.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     try:

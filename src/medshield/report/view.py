@@ -91,7 +91,8 @@ class Section:
 
 @dataclass(frozen=True)
 class Kind:
-    """A run kind.
+    """A renderer of part of a run's results; :data:`medshield.report.kinds.RENDERERS` lists
+    those of each run kind.
 
     Attributes:
         name: shown in the report header.
@@ -118,17 +119,6 @@ def number(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.{digits}f}"
-
-
-def metric(value: Any, digits: int = 3) -> str:
-    """``value [ci_low, ci_high]`` of a metric dict; ``-`` when undefined or empty."""
-    if not is_metric(value) or value["value"] is None or value.get("n", 1) == 0:
-        return "-"
-    low, high = value.get("ci_low"), value.get("ci_high")
-    text = number(value["value"], digits)
-    if low is None or high is None or text == "-":
-        return text
-    return f"{text} [{number(low, digits)}, {number(high, digits)}]"
 
 
 def ci(value: Any) -> tuple[float, float, float] | None:

@@ -1,8 +1,6 @@
 """Clinical safety workflows: red-teaming a generative medical VLM (``medshield redteam``)."""
 
 from medshield.safety.redteam import (
-    DEFAULT_ATTACKS,
-    DEFAULT_JUDGES,
     RedteamConfig,
     load_redteam_config,
     print_redteam_summary,
@@ -11,8 +9,6 @@ from medshield.safety.redteam import (
 )
 
 __all__ = [
-    "DEFAULT_ATTACKS",
-    "DEFAULT_JUDGES",
     "RedteamConfig",
     "load_redteam_config",
     "print_redteam_summary",

@@ -49,8 +49,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
-import math
 import random
 import statistics
 import time
@@ -64,21 +62,10 @@ from tqdm.auto import tqdm
 
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import ConfigError, InputError
-from medshield.runs import Log, Run, check_measured
+from medshield.eval.metrics import format_metric
+from medshield.registry import JAILBREAKS, JUDGES
+from medshield.runs import Log, Reporter, Run, check_measured
 
-DEFAULT_ATTACKS = (
-    "direct",
-    "jb-roleplay",
-    "jb-refusal-suppression",
-    "jb-prefix-injection",
-    "jb-hypothetical",
-    "jb-authority",
-    "figstep",
-)
-"""Attacks run by default on every harmful item (``adv-image-affirm`` is opt-in: it needs a
-white-box model and costs ``steps`` forward/backward passes per item)."""
-
-DEFAULT_JUDGES = ("keyword", "embedding")
 BENIGN_ATTACK = "direct"
 SUMMARY_GROUPS = ("modality", "category", "attack")
 IMAGE_CACHE = 1024  # item images kept in memory (each attack reuses them)
@@ -130,12 +117,15 @@ class RedteamConfig(StrictModel):
         limit: at most this many harmful and this many benign items (None: all), sampled with
             ``seed`` across modalities and categories; benign twins of the chosen harmful items
             are preferred, so over-defense is measured on the same images.
-        attacks: registered attack names applied to every harmful item; ``attack_kwargs`` gives
-            per-attack arguments (``seed`` defaults to ``seed``; attacks that take the model,
-            like ``adv-image-affirm``, get it).
-        judges: registered judges that label every answer; ``primary_judge`` (default: the
-            first) gives the row's ``verdict`` and the headline metrics; ``judge_kwargs`` gives
-            per-judge arguments (e.g. ``{llm: {model: openai, base_url: ...}}``).
+        attacks: registered jailbreaks (``medshield list jailbreaks``) applied to every harmful
+            item; by default ``JAILBREAKS.defaults()`` (``direct``, the five text jailbreaks and
+            ``figstep``; ``adv-image-affirm`` is opt-in: it needs a white-box model and costs
+            ``steps`` forward/backward passes per item). ``attack_kwargs`` gives per-attack
+            arguments (``seed`` defaults to ``seed``; white-box attacks get the model).
+        judges: registered judges that label every answer (by default ``JUDGES.defaults()``:
+            ``keyword``, ``embedding``); ``primary_judge`` (default: the first) gives the row's
+            ``verdict`` and the headline metrics; ``judge_kwargs`` gives per-judge arguments
+            (e.g. ``{llm: {model: openai, base_url: ...}}``).
         judge_agreement: measure each judge against the held-out labelled answers.
         defense: the defense applied to every conversation (``none`` by default).
         generation: decoding settings.
@@ -153,9 +143,9 @@ class RedteamConfig(StrictModel):
     data_dir: str | None = None
     modalities: list[str] | None = None
     limit: int | None = Field(None, ge=1)
-    attacks: list[str] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
+    attacks: list[str] = Field(default_factory=JAILBREAKS.defaults, min_length=1)
     attack_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    judges: list[str] = Field(default_factory=lambda: list(DEFAULT_JUDGES), min_length=1)
+    judges: list[str] = Field(default_factory=JUDGES.defaults, min_length=1)
     primary_judge: str | None = None
     judge_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     judge_agreement: bool = True
@@ -270,21 +260,14 @@ def plan(items: Sequence[Any], attacks: Sequence[str]) -> list[tuple[Any, str]]:
 # --- building blocks -----------------------------------------------------------------------------
 
 
-def takes_model(attack_class: type) -> bool:
-    """Whether an attack is white-box: built with the model under test (``adv-image-affirm``)."""
-    return "model" in inspect.signature(attack_class).parameters
-
-
 def build_attacks(config: RedteamConfig, model: Any) -> dict[str, Any]:
-    """The configured attacks (plus ``direct`` for benign items), by name."""
-    import medshield.attacks.jailbreak  # noqa: F401  (registers the jailbreaks)
-    from medshield.registry import ATTACKS
-
+    """The configured attacks (plus ``direct`` for benign items), by name; white-box ones
+    (``white_box``, like ``adv-image-affirm``) are built with the model under test."""
     attacks = {}
     for name in dict.fromkeys([*config.attacks, BENIGN_ATTACK]):
-        cls = ATTACKS.get(name)
+        cls = JAILBREAKS.get(name)
         kwargs = {"seed": config.seed, **config.attack_kwargs.get(name, {})}
-        if takes_model(cls):
+        if cls.white_box:
             kwargs.setdefault("model", model)
         try:
             attacks[name] = cls(**kwargs)
@@ -315,14 +298,10 @@ def build_defense(config: RedteamConfig) -> Any:
 
 def check_names(config: RedteamConfig) -> None:
     """Fail early, before any model is loaded, on unknown attack, judge, defense or backend."""
-    import medshield.attacks.jailbreak  # noqa: F401
-    import medshield.defense  # noqa: F401
-    import medshield.eval.judges  # noqa: F401
-    import medshield.models  # noqa: F401
-    from medshield.registry import ATTACKS, CHAT_MODELS, DEFENSES, JUDGES
+    from medshield.registry import CHAT_MODELS, DEFENSES
 
     for name in config.attacks:
-        ATTACKS.get(name)
+        JAILBREAKS.get(name)
     for name in config.judges:
         JUDGES.get(name)
     DEFENSES.get(config.defense.name)
@@ -393,7 +372,7 @@ class _Runner:
             conversation = self.attacked[key]
         else:
             conversation = self.attacks[attack].apply(item.text, [self.image(item)])
-            if self.attacked is not None and takes_model(type(self.attacks[attack])):
+            if self.attacked is not None and self.attacks[attack].white_box:
                 self.attacked[key] = conversation
         return self.defense.apply(conversation)
 
@@ -580,9 +559,11 @@ def run_redteam(
     model: Any | None = None,
     judges: dict[str, Any] | None = None,
     attacked: dict[tuple[str, str], list[Any]] | None = None,
+    report: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the red-teaming benchmark into ``run`` and return the results dict
-    (also written to ``results.json``).
+    (also written to ``results.json``, then the report with ``report``, by
+    :meth:`~medshield.runs.Run.finish`).
 
     Finished (id, attack) rows already in ``samples.jsonl`` are kept and not recomputed; with
     ``retry_errors`` the rows that ended in an error are dropped and run again (e.g. after an
@@ -592,7 +573,7 @@ def run_redteam(
     work: ``model`` is an already-loaded chat backend (used as it is and left open; by default
     the configured backend is loaded here and closed at the end), ``judges`` already-built
     judges by name, and ``attacked`` a dict, shared between the runs, in which the attacked
-    conversations of white-box attacks (:func:`takes_model`) are kept by (item id, attack), so
+    conversations of white-box attacks (``white_box``) are kept by (item id, attack), so
     each is crafted once against the undefended model and every run defends the same one.
 
     Raises:
@@ -629,7 +610,6 @@ def run_redteam(
     if pending:
         owned = model is None
         if owned:
-            import medshield.models  # noqa: F401  (registers the chat backends)
             from medshield.models.chat import create_chat_model
 
             model = create_chat_model(config.model.backend, **config.model.kwargs)
@@ -656,7 +636,7 @@ def run_redteam(
         log,
     )
     results = summarize_run(config, rows, judges)
-    return run.write_results(results, seed=config.seed)
+    return run.finish(results, kind="redteam", seed=config.seed, report=report)
 
 
 # --- the summary table ---------------------------------------------------------------------------
@@ -670,15 +650,6 @@ def source_label(results: dict[str, Any]) -> str:
     if not query:
         return str(r.get("source", "-"))
     return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"
-
-
-def _cell(metric: dict[str, Any] | None) -> str:
-    if not metric or metric.get("value") is None or metric.get("n", 0) == 0:
-        return "-"
-    value = metric["value"]
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return f"{value:.2f} [{metric['ci_low']:.2f}, {metric['ci_high']:.2f}]"
 
 
 def _n(values: dict[str, Any], key: str) -> str:
@@ -719,7 +690,7 @@ def print_redteam_summary(results: dict[str, Any], console: Any | None = None) -
         for name, values in groups.items():
             table.add_row(
                 name,
-                *(_cell(values.get(key)) for _, key in columns),
+                *(format_metric(values.get(key), 2) for _, key in columns),
                 _n(values, "attack_success_rate"),
                 _n(values, "over_defense_rate"),
             )

@@ -286,7 +286,6 @@ def build_app(config: ServeConfig, allow_untrained: bool = False) -> FastAPI:
         UnknownNameError: an unknown backend or defense.
         InputError: bad backend or defense arguments.
     """
-    import medshield.models  # noqa: F401  (registers the chat backends)
 
     defense = create_defense(config.defense.name, **config.defense.kwargs)
     if untrained(config) and not allow_untrained:

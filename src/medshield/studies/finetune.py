@@ -23,14 +23,13 @@ FLOPs and latency ratio to the base zero-shot classifier; failed sanity flags),
 ``robust_vs_clean_<checkpoint>_eps<eps>.png`` (worst-case robust accuracy against clean
 accuracy, one point per method and task with CI bars), and one per checkpoint and retrieval
 direction, ``retrieval_<direction>_<checkpoint>.png`` (R@1 under the multimodal attack against
-clean R@1).
+clean R@1) (both written by :mod:`medshield.studies.finetune_outputs`), and the issue-20 report
+of :mod:`medshield.studies.finetune_report`: per-task tables with their references, the targets
+with paired CIs and verdicts, the RAN ablation, the training curves and RAN's per-term log.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import multiprocessing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -53,9 +52,9 @@ from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
 from medshield.eval.robust import worst_case
 from medshield.models.io import META_FILE as MODEL_META_FILE
-from medshield.report import plots
-from medshield.report.view import ci
-from medshield.runs import Log, Run
+from medshield.runs import RESULTS_FILE, Log, Run, has_results, read_results
+from medshield.studies.finetune_outputs import plot_retrieval, plot_robust_vs_clean, write_table
+from medshield.studies.finetune_report import write_report
 from medshield.threads import set_threads, usable_cores, worker_threads
 from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
 from medshield.train.finetune.ran import RAN_TERMS
@@ -267,16 +266,14 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
     configs = [cell_config(config, *key) for key in grid]
     seed_major = sorted(configs, key=lambda cfg: config.seeds.index(cfg.seed))
     todo = [
-        cfg
-        for cfg in seed_major
-        if not (cfg.name in done and (cells_dir / cfg.name / "results.json").is_file())
+        cfg for cfg in seed_major if not (cfg.name in done and has_results(cells_dir / cfg.name))
     ]
     if todo:
         log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
     for count, cfg in enumerate(_run_cells(todo, cells_dir, config.workers, log), 1):
         log(f"[{count}/{len(todo)}] {cfg.name} done")
         run.append_samples(
-            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / "results.json")}]
+            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / RESULTS_FILE)}]
         )
     cells: list[dict[str, Any]] = []
     for (checkpoint, spec, modality, seed), cfg in zip(grid, configs, strict=True):
@@ -288,14 +285,17 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
                 "method": spec.name,
                 "modality": modality,
                 "seed": seed,
-                "result": json.loads((path / "results.json").read_text()),
+                "result": read_results(path),
                 "rows": Run(path, cfg).load_samples(),
+                "lr": cfg.finetune.lr,
             }
         )
     table = aggregate(cells, config.robust)
     write_table(table, run.path)
     plots = plot_robust_vs_clean(table, config.robust.eps, run.path)
     plots += plot_retrieval(table, run.path)
+    ev = config.robust
+    report = write_report(cells, table, ev.eps, ev.bootstrap_resamples, run.path)
     return {
         "modalities": modalities,
         "methods": [s.name for s in specs],
@@ -303,6 +303,7 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
         "cells": len(cells),
         "table": table,
         "plots": [str(p) for p in plots],
+        **report,
     }
 
 
@@ -312,7 +313,7 @@ def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
     cfg = FineTuneRunConfig.model_validate(raw)
     cell_run = Run(Path(path), cfg)
     result = run_finetune(cfg, cell_run, log=log or (lambda _: None), progress=log is not None)
-    cell_run.write_results(result, seed=cfg.seed)
+    cell_run.finish(result, kind="finetune", seed=cfg.seed)
 
 
 def _run_cells(
@@ -393,110 +394,6 @@ def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[st
         entry["sanity_failed"] = failed
         table.append(entry)
     return table
-
-
-def _fmt(metric: Any) -> str:
-    if not isinstance(metric, dict):
-        return str(metric)
-    value, low, high = metric["value"], metric["ci_low"], metric["ci_high"]
-    if low is None or (isinstance(low, float) and math.isnan(low)):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def write_table(table: list[dict[str, Any]], directory: Path) -> None:
-    """``table.csv`` (values and CI ends in columns) and ``table.md`` (value [CI])."""
-    columns = list(dict.fromkeys(k for row in table for k in row))
-    with (directory / "table.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        header = []
-        for c in columns:
-            if any(isinstance(row.get(c), dict) for row in table):
-                header += [c, f"{c} ci_low", f"{c} ci_high"]
-            else:
-                header.append(c)
-        writer.writerow(header)
-        for row in table:
-            out = []
-            for c in columns:
-                v = row.get(c)
-                if any(isinstance(r.get(c), dict) for r in table):
-                    out += [v["value"], v["ci_low"], v["ci_high"]] if v else ["", "", ""]
-                else:
-                    out.append(";".join(v) if isinstance(v, list) else v)
-            writer.writerow(out)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table:
-        cells = []
-        for c in columns:
-            v = row.get(c, "")
-            if isinstance(v, float):
-                cells.append(f"{v:.3g}")
-            elif isinstance(v, list):
-                cells.append(", ".join(v) or "ok")
-            else:
-                cells.append(_fmt(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    (directory / "table.md").write_text("\n".join(lines) + "\n")
-
-
-def _scatter(
-    rows: list[dict[str, Any]], x: str, y: str, labels: tuple[str, str], title: str, path: Path
-) -> Path:
-    """One point per table row at metrics ``x``, ``y`` with 95% CI bars: a colour per method,
-    a marker per task (:func:`medshield.report.plots.scatter_figure`)."""
-    points = [
-        (str(r["method"]), str(r["modality"]), xy[0], xy[1])
-        for r in rows
-        if None not in (xy := (ci(r[x]), ci(r[y])))
-    ]
-    return plots.to_file(plots.scatter_figure(points, *labels, title), path)
-
-
-def plot_robust_vs_clean(
-    table: list[dict[str, Any]], eps_list: list[float], directory: Path
-) -> list[Path]:
-    """One scatter per checkpoint and budget: worst-case robust vs clean accuracy per method
-    (each task a separate marker), with 95% CI bars."""
-    paths = []
-    for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
-        for eps in eps_list:
-            key = f"robust/worst@{eps:g}"
-            rows = [r for r in table if r["checkpoint"] == checkpoint and key in r]
-            if rows:
-                paths.append(
-                    _scatter(
-                        rows,
-                        "clean_accuracy",
-                        key,
-                        ("clean accuracy", f"robust accuracy, worst of attacks, eps {eps:g}/255"),
-                        f"{checkpoint}: robust vs clean (95% CI)",
-                        directory / f"robust_vs_clean_{checkpoint}_eps{eps:g}.png",
-                    )
-                )
-    return paths
-
-
-def plot_retrieval(table: list[dict[str, Any]], directory: Path) -> list[Path]:
-    """One scatter per checkpoint and direction (i2t, t2i): R@1 under the multimodal attack vs
-    clean R@1 per method and modality, with 95% CI bars."""
-    paths = []
-    for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
-        for direction in ("i2t", "t2i"):
-            clean, adv = f"retrieval_{direction}/R@1", f"retrieval_{direction}_adv/R@1"
-            rows = [r for r in table if r["checkpoint"] == checkpoint and clean in r and adv in r]
-            if rows:
-                paths.append(
-                    _scatter(
-                        rows,
-                        clean,
-                        adv,
-                        (f"{direction} R@1, clean", f"{direction} R@1, multimodal attack"),
-                        f"{checkpoint}: retrieval under attack (95% CI)",
-                        directory / f"retrieval_{direction}_{checkpoint}.png",
-                    )
-                )
-    return paths
 
 
 def study_run_dir(config: StudyFinetuneConfig) -> Path:

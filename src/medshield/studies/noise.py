@@ -22,7 +22,6 @@ evaluation groups). Cells run seed-major, so a study stopped early still covers 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,10 @@ from scipy import stats
 from medshield.config import FolderName, RunConfig, StrictModel, load_yaml_model
 from medshield.data import ImageCaptionDataset
 from medshield.errors import ConfigError
+from medshield.eval.metrics import Metric, format_metric
 from medshield.models import load_model, save_model
 from medshield.noise import NoisyCaptionDataset, NoisyMix, craft_noisy_dataset, file_sha256
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, has_results, read_results
 
 
 class NoiseStudyConfig(StrictModel):
@@ -154,7 +154,7 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
         cell_cfg.name, cell_cfg.output_dir, cell_cfg.seed = name, str(run.path / "cells"), seed
         cell_cfg.data.modalities = test_modalities
         cell = Run(run.path / "cells" / name, cell_cfg)
-        if (cell.path / "results.json").exists():
+        if cell.finished:
             log(f"[{i}/{len(grid)}] {name}: done earlier, kept")
             continue
         log(f"[{i}/{len(grid)}] {name}")
@@ -164,7 +164,11 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
         ev = workflows.run_evaluate(cell_cfg, cell, model, log=log)
         if config.keep_models:
             save_model(model, cell.path / "model")
-        cell.write_results({"pretrain": pre, "evaluate": ev, "ratio": ratio, "eps": eps}, seed)
+        cell.finish(
+            {"pretrain": pre, "evaluate": ev, "ratio": ratio, "eps": eps},
+            kind="pretrain",
+            seed=seed,
+        )
         workflows.remove_checkpoints(cell.path)
 
     table = aggregate(config, run.path, upstream, test_modalities)
@@ -248,14 +252,10 @@ def mean_t_ci(values: list[float], confidence: float = 0.95) -> dict[str, float 
     n = len(values)
     mean = float(np.mean(values))
     if n < 2:
-        return {"value": mean, "ci_low": None, "ci_high": None, "n": n}
+        return Metric(mean, math.nan, math.nan, n, interval="student-t").to_dict()
     half = stats.t.ppf((1 + confidence) / 2, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return {
-        "value": mean,
-        "ci_low": max(mean - half, 0.0),
-        "ci_high": min(mean + half, 1.0),
-        "n": n,
-    }
+    low, high = max(mean - half, 0.0), min(mean + half, 1.0)
+    return Metric(mean, low, high, n, interval="student-t").to_dict()
 
 
 def aggregate(
@@ -267,9 +267,9 @@ def aggregate(
         for eps in [None] if ratio == 0 else config.eps_values:
             per_seed = []
             for seed in config.seeds:
-                path = study_dir / "cells" / cell_name(ratio, eps, seed) / "results.json"
-                if path.exists():
-                    metrics = json.loads(path.read_text())["evaluate"]["metrics"]
+                path = study_dir / "cells" / cell_name(ratio, eps, seed)
+                if has_results(path):
+                    metrics = read_results(path)["evaluate"]["metrics"]
                     per_seed.append(headline(metrics, upstream, evaluated))
             if not per_seed:
                 continue
@@ -289,15 +289,7 @@ def write_table(points: list[dict[str, Any]], path: Path) -> None:
         "|" + "---|" * (len(columns) + 3),
     ]
     for p in points:
-        cells = []
-        for c in columns:
-            m = p.get(c)
-            if not m:
-                cells.append("n/a")
-            elif m["ci_low"] is None:
-                cells.append(f"{m['value']:.3f}")
-            else:
-                cells.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        cells = [format_metric(p.get(c), missing="n/a") for c in columns]
         eps = "-" if p["eps"] is None else f"{p['eps']:g}"
         lines.append(f"| {p['ratio']:g} | {eps} | {p['seeds']} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")

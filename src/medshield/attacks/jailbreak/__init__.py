@@ -1,5 +1,5 @@
 """Jailbreaks against generative (chat) VLMs, registered by name in
-:data:`medshield.registry.ATTACKS`.
+:data:`medshield.registry.JAILBREAKS`.
 
 Each turns a harmful request and its medical image into the attacked conversation::
 
@@ -35,17 +35,7 @@ from medshield.attacks.jailbreak.prefix_injection import PrefixInjectionJailbrea
 from medshield.attacks.jailbreak.refusal_suppression import RefusalSuppressionJailbreak
 from medshield.attacks.jailbreak.roleplay import RolePlayJailbreak
 
-TEXT_JAILBREAKS: tuple[type[TextJailbreak], ...] = (
-    RolePlayJailbreak,
-    RefusalSuppressionJailbreak,
-    PrefixInjectionJailbreak,
-    HypotheticalJailbreak,
-    AuthorityJailbreak,
-)
-"""The textual jailbreak templates, in a fixed order."""
-
 __all__ = [
-    "TEXT_JAILBREAKS",
     "AdversarialImageJailbreak",
     "AdversarialImageResult",
     "AuthorityJailbreak",

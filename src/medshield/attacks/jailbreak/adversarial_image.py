@@ -20,7 +20,7 @@ from medshield.attacks.base import attack_mode, check_budget, check_count, proje
 from medshield.attacks.jailbreak.base import JailbreakAttack, Kind
 from medshield.errors import InputError
 from medshield.models.chat import ChatVLM, Conversation, ImageLike, Message, load_image
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
 @dataclass
@@ -54,7 +54,7 @@ def model_modules(model: Any) -> list[nn.Module]:
     return [v for v in vars(model).values() if isinstance(v, nn.Module)]
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "adv-image-affirm",
     "white-box L-inf PGD on the image maximising the score of 'Sure, here is' (Qi et al., 2024)",
 )
@@ -110,7 +110,7 @@ class AdversarialImageJailbreak(JailbreakAttack):
         >>> result.trace[0], result.best_score
     """
 
-    name: ClassVar[str] = "adv-image-affirm"
+    white_box: ClassVar[bool] = True
     kind: ClassVar[Kind] = "visual"
     paper: ClassVar[str] = (
         "Qi, Huang, Panda, Henderson, Wang and Mittal. Visual Adversarial Examples Jailbreak "

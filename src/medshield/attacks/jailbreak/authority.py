@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from medshield.attacks.jailbreak.base import TextJailbreak
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "jb-authority",
     "claimed credentials or institutional approval for the request (Zeng et al., 2024)",
 )
@@ -23,7 +23,7 @@ class AuthorityJailbreak(TextJailbreak):
     https://arxiv.org/abs/2401.06373. Our own wording for the clinical setting.
     """
 
-    name: ClassVar[str] = "jb-authority"
+    default: ClassVar[int] = 6
     paper: ClassVar[str] = (
         "Zeng, Lin, Zhang, Yang, Jia and Shi. How Johnny Can Persuade LLMs to Jailbreak Them: "
         "Rethinking Persuasion to Challenge AI Safety by Humanizing LLMs. ACL 2024"

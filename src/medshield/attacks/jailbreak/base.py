@@ -76,12 +76,17 @@ class JailbreakAttack(ABC):
     Call: ``attack.apply(request, images, seed=None) -> Conversation`` (``attack(...)`` is the
     same), a conversation ending with the user turn that carries the attack.
 
-    Class attributes describe the attack for reports: ``name`` (its registry name), ``kind``
-    (``"text"`` or ``"visual"``), ``paper`` and ``url`` (the work it follows) and
-    ``description``; :meth:`metadata` returns them as a dict.
+    Class attributes describe the attack for reports: ``name`` (its registry name, set by
+    ``JAILBREAKS.register``), ``kind`` (``"text"`` or ``"visual"``), ``paper`` and ``url`` (the
+    work it follows) and ``description``; :meth:`metadata` returns them as a dict. ``default``
+    (0: only when named) is the attack's place among those ``medshield redteam`` runs when the
+    config lists none (``JAILBREAKS.defaults()``); ``white_box`` says that the constructor takes
+    ``model``, the chat model under test.
     """
 
     name: ClassVar[str] = ""
+    default: ClassVar[int] = 0
+    white_box: ClassVar[bool] = False
     kind: ClassVar[Kind] = "text"
     paper: ClassVar[str] = ""
     url: ClassVar[str] = ""

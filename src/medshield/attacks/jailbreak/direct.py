@@ -7,10 +7,10 @@ from typing import ClassVar
 
 from medshield.attacks.jailbreak.base import JailbreakAttack, Kind
 from medshield.models.chat import Conversation, ImageLike, Message
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
-@ATTACKS.register("direct", "no jailbreak: the harmful request sent as it is (the baseline)")
+@JAILBREAKS.register("direct", "no jailbreak: the harmful request sent as it is (the baseline)")
 class DirectRequest(JailbreakAttack):
     """No attack: one user turn with the request verbatim and its images.
 
@@ -19,8 +19,8 @@ class DirectRequest(JailbreakAttack):
     https://arxiv.org/abs/2404.01318).
     """
 
-    name: ClassVar[str] = "direct"
     kind: ClassVar[Kind] = "text"
+    default: ClassVar[int] = 1
     paper: ClassVar[str] = "baseline (no jailbreak)"
     url: ClassVar[str] = ""
     description: ClassVar[str] = "the harmful request as it is"

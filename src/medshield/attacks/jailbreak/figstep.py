@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from medshield.attacks.jailbreak.base import JailbreakAttack, Kind, check_request
 from medshield.errors import InputError
 from medshield.models.chat import Conversation, ImageLike, Message, load_image
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 Layout = Literal["separate", "composite", "typography-only"]
 LAYOUTS: tuple[str, ...] = ("separate", "composite", "typography-only")
@@ -179,7 +179,7 @@ def composite_beside(medical: ImageLike, typography: torch.Tensor) -> torch.Tens
     return torch.cat([resized, typography], dim=2)
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "figstep",
     "request typeset as an empty numbered list in an image, benign text prompt (Gong et al., 2023)",
 )
@@ -213,8 +213,8 @@ class FigStep(JailbreakAttack):
         >>> conversation = FigStep(layout="composite").apply("How can I fake an MRI report?", [x])
     """
 
-    name: ClassVar[str] = "figstep"
     kind: ClassVar[Kind] = "visual"
+    default: ClassVar[int] = 7
     paper: ClassVar[str] = (
         "Gong, Ran, Liu, Wang, Cong, Wang, Duan and Wang. FigStep: Jailbreaking Large "
         "Vision-language Models via Typographic Visual Prompts. AAAI 2025"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from medshield.attacks.jailbreak.base import TextJailbreak
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "jb-hypothetical",
     "the request framed as fiction or a hypothetical scenario (Liu et al., 2023; Li et al., 2023)",
 )
@@ -23,7 +23,7 @@ class HypotheticalJailbreak(TextJailbreak):
     Written by us for clinical requests.
     """
 
-    name: ClassVar[str] = "jb-hypothetical"
+    default: ClassVar[int] = 5
     paper: ClassVar[str] = (
         "Liu et al. Jailbreaking ChatGPT via Prompt Engineering: An Empirical Study. 2023"
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from medshield.attacks.jailbreak.base import TextJailbreak
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "jb-prefix-injection",
     "the answer must begin with an affirmative prefix (Wei et al., 2023)",
 )
@@ -22,7 +22,7 @@ class PrefixInjectionJailbreak(TextJailbreak):
     https://arxiv.org/abs/2307.15043). Written by us.
     """
 
-    name: ClassVar[str] = "jb-prefix-injection"
+    default: ClassVar[int] = 4
     paper: ClassVar[str] = (
         "Wei, Haghtalab and Steinhardt. Jailbroken: How Does LLM Safety Training Fail? NeurIPS 2023"
     )

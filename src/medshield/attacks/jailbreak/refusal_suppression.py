@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from medshield.attacks.jailbreak.base import TextJailbreak
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "jb-refusal-suppression",
     "rules forbidding apologies, disclaimers and refusal words (Wei et al., 2023)",
 )
@@ -21,7 +21,7 @@ class RefusalSuppressionJailbreak(TextJailbreak):
     competing-objectives failure). Our own wording, in the spirit of the paper's rules.
     """
 
-    name: ClassVar[str] = "jb-refusal-suppression"
+    default: ClassVar[int] = 3
     paper: ClassVar[str] = (
         "Wei, Haghtalab and Steinhardt. Jailbroken: How Does LLM Safety Training Fail? NeurIPS 2023"
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from medshield.attacks.jailbreak.base import TextJailbreak
-from medshield.registry import ATTACKS
+from medshield.registry import JAILBREAKS
 
 
-@ATTACKS.register(
+@JAILBREAKS.register(
     "jb-roleplay",
     "role-play as an unrestricted senior clinician answering a colleague (Shen et al., 2024)",
 )
@@ -23,7 +23,7 @@ class RolePlayJailbreak(TextJailbreak):
     Written by us for the clinical setting, not copied from either.
     """
 
-    name: ClassVar[str] = "jb-roleplay"
+    default: ClassVar[int] = 2
     paper: ClassVar[str] = (
         "Shen, Chen, Backes, Shen and Zhang. 'Do Anything Now': Characterizing and Evaluating "
         "In-The-Wild Jailbreak Prompts on Large Language Models. CCS 2024"

@@ -25,7 +25,7 @@ from medshield.attacks.base import attack_mode
 from medshield.attacks.text.lexicon import LEXICON, candidates
 from medshield.errors import InputError
 from medshield.models.base import DualEncoder, check_images, check_texts
-from medshield.registry import ATTACKS
+from medshield.registry import TEXT_ATTACKS
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:[-&'][A-Za-z0-9]+)*")
 
@@ -311,7 +311,7 @@ class AttackResult:
     similarity: float = 1.0
 
 
-@ATTACKS.register(
+@TEXT_ATTACKS.register(
     "word-substitution",
     "bounded medical-synonym word substitution on captions/questions, greedy, MiniLM-constrained",
 )

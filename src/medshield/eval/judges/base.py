@@ -91,7 +91,10 @@ def check_pairs(prompts: Any, responses: Any) -> tuple[list[str], list[str]]:
 class Judge(ABC):
     """Base class of judges; subclasses implement :meth:`judge`."""
 
-    name: str = ""
+    name: str = ""  # set by JUDGES.register
+    #: place among ``JUDGES.defaults()``, the judges ``redteam`` runs when a config lists none
+    #: (the first is the primary judge); 0: only when named.
+    default: int = 0
 
     @abstractmethod
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:

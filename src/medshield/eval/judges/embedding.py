@@ -94,7 +94,7 @@ class EmbeddingJudge(Judge):
         C: inverse regularisation strength of the logistic regression.
     """
 
-    name = "embedding"
+    default = 2
 
     def __init__(self, train: Sequence[LabelledAnswer] | None = None, C: float = 4.0) -> None:
         if C <= 0:

@@ -351,7 +351,7 @@ def keyword_judgement(prompt: str, response: str) -> tuple[Judgement, str]:
 class KeywordJudge(Judge):
     """Refusal phrases and non-answer rules (see the module docstring for every rule)."""
 
-    name = "keyword"
+    default = 1
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         prompts, responses = check_pairs(prompts, responses)

@@ -105,8 +105,6 @@ class LLMJudge(Judge):
           llm: {model: openai, model_kwargs: {base_url: "http://localhost:8000/v1", model: judge}}
     """
 
-    name = "llm"
-
     def __init__(
         self,
         model: Any,

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Kind, Section, Table, is_metric, metric
+from medshield.report.view import Figure, Kind, Section, Table, is_metric
 
 CLAIMED = ("cells", "budgets", "strategies", "baselines", "best_by_budget", "claims", "plots")
 
@@ -57,7 +58,7 @@ def _sections(run: RunData) -> list[Section]:
                 str(p.get("defense", "-")),
                 str(p.get("strategy") or "-"),
                 "-" if p["k"] is None else str(p["k"]),
-                *(metric(p["overall"].get(n), 2) for n in names),
+                *(format_metric(p["overall"].get(n), 2) for n in names),
             ]
             for p in points
         ],

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report.rundir import RunData
-from medshield.report.view import Kind, Link, Section, Table, metric, number
+from medshield.report.view import Kind, Link, Section, Table, number
 
 CACHE_LABELS = {
     "trained": "trained, cached",
@@ -83,8 +84,8 @@ def _robustness(stages: list[dict[str, Any]]) -> Table | None:
             [
                 str(h.get("method")),
                 str(h.get("modality")),
-                metric(h.get("clean_accuracy")),
-                *(metric(h.get("robust_accuracy", {}).get(eps)) for eps in budgets),
+                format_metric(h.get("clean_accuracy")),
+                *(format_metric(h.get("robust_accuracy", {}).get(eps)) for eps in budgets),
                 number(h.get("trainable_params")),
                 number(h.get("train_wall_s"), 1),
             ]
@@ -106,7 +107,7 @@ def _pretraining(stages: list[dict[str, Any]]) -> Table | None:
                 f"{number(s['headline'].get('train_pairs'))} "
                 + ("noisy" if s["headline"].get("noisy") else "clean")
                 + " pairs",
-                metric(s["headline"].get("zero_shot_accuracy")),
+                format_metric(s["headline"].get("zero_shot_accuracy")),
             ]
             for s in pre
         ],
@@ -124,7 +125,7 @@ def _safety(stages: list[dict[str, Any]]) -> Table | None:
             [
                 str(s["stage"]),
                 str(s["headline"].get("defense")),
-                *(metric(s["headline"].get(key), 2) for key, _ in SAFETY),
+                *(format_metric(s["headline"].get(key), 2) for key, _ in SAFETY),
                 number((s["headline"].get("n_items") or {}).get("harmful")),
                 number((s["headline"].get("n_items") or {}).get("benign")),
             ]

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Kind, Section, Table, ci, flags_table, metric, number
+from medshield.report.view import Figure, Kind, Section, Table, ci, flags_table, number
 
 POOLED = ("all", "mean")  # summary groups that are not modalities; "all" preferred for headline
 BAR_TASKS = {"zero_shot": "zero-shot", "linear_probe": "linear probe"}
@@ -58,7 +59,7 @@ def _headline(metrics: dict[str, Any]) -> Table:
         names = list(dict.fromkeys(n for values in groups.values() for n in values))
         for name in names:
             m = groups[pooled].get(name) if pooled else None
-            rows.append([task, name, metric(m), number((m or {}).get("n")), pooled or "-"])
+            rows.append([task, name, format_metric(m), number((m or {}).get("n")), pooled or "-"])
     return Table(
         columns=["task", "metric", "value [95% CI]", "n", "over"],
         rows=rows,
@@ -71,7 +72,7 @@ def _per_task(task: str, groups: dict[str, Any]) -> Table:
     rows = []
     for group, values in groups.items():
         n = max((m.get("n") or 0 for m in values.values() if isinstance(m, dict)), default=0)
-        rows.append([group, *(metric(values.get(name)) for name in names), number(n)])
+        rows.append([group, *(format_metric(values.get(name)) for name in names), number(n)])
     return Table(columns=["modality", *names, "n"], rows=rows, title=task)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.rundir import RunData
 from medshield.report.view import (
@@ -17,11 +18,13 @@ from medshield.report.view import (
     ci,
     flags_table,
     is_metric,
-    metric,
     number,
 )
 
 CLAIMED = ("table", "modalities", "methods", "checkpoints", "cells", "plots")
+REPORT_KEYS = ("task_tables", "task_means", "targets", "ablation", "curves", "ran_terms")
+"""The study's issue-20 report (:mod:`medshield.studies.finetune_report`): targets and
+ablation are tables here; the per-task tables, curves and RAN term log are its files."""
 COSTS = {
     "trainable_params": "trainable params",
     "train_wall_s": "train s",
@@ -37,7 +40,7 @@ def _claims(results: dict[str, Any]) -> list[str]:
         and table
         and all(isinstance(r, dict) and "method" in r and "clean_accuracy" in r for r in table)
     ):
-        return [k for k in CLAIMED if k in results]
+        return [k for k in (*CLAIMED, *REPORT_KEYS, "report_plots") if k in results]
     return []
 
 
@@ -57,7 +60,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
                 str(r["method"]),
                 str(r.get("modality", "-")),
                 number(r.get("seeds")),
-                *(metric(r.get(k)) for k in metrics),
+                *(format_metric(r.get(k)) for k in metrics),
                 *(number(r.get(k), 3) for k in costs),
                 ", ".join(failed) or "ok",
             ]
@@ -111,9 +114,44 @@ def _sections(run: RunData) -> list[Section]:
         f"modalities {', '.join(r.get('modalities') or []) or '-'}; "
         f"checkpoints {', '.join(r.get('checkpoints') or []) or '-'}."
     )
-    return [
-        Section("Fine-tuning study", intro=intro, tables=[_table(rows)], figures=_scatters(rows))
-    ]
+    tables = [_table(rows)]
+    if r.get("targets"):
+        tables.append(_targets(r["targets"]))
+    if r.get("ablation"):
+        tables.append(_ablation(r["ablation"]))
+    if any(k in r for k in REPORT_KEYS):
+        intro += (
+            " The study directory also holds tables.md (per task, with chance and majority), "
+            "targets.md, ablation.md, curves.md / curves.png and ran_terms.md / ran_terms.png."
+        )
+    return [Section("Fine-tuning study", intro=intro, tables=tables, figures=_scatters(rows))]
+
+
+def _targets(targets: list[dict[str, Any]]) -> Table:
+    rows, classes = [], []
+    for t in targets:
+        measured = format_metric(t) if "value" in t else "-"
+        rows.append([str(t["target"]), t["checkpoint"], t["task"], t["claim"], measured])
+        rows[-1] += [t["verdict"], t.get("note", "")]
+        classes.append("fail" if t["verdict"] == "NOT REACHED" else "")
+    return Table(
+        ["target", "checkpoint", "task", "claim", "measured (95% CI)", "verdict", "note"],
+        rows,
+        title="Targets of issue 20 (a gap between two methods: paired CI)",
+        row_classes=classes,
+    )
+
+
+def _ablation(rows: list[dict[str, Any]]) -> Table:
+    measures = list(dict.fromkeys(k for r in rows for k in r if k.startswith("delta_")))
+    return Table(
+        ["checkpoint", "task", "ablated", *(m.replace("_", " ", 1) for m in measures)],
+        [
+            [r["checkpoint"], r["task"], r["ablated"], *(format_metric(r.get(m)) for m in measures)]
+            for r in rows
+        ],
+        title="RAN with one term off minus full RAN (paired 95% CI)",
+    )
 
 
 KIND = Kind("fine-tuning study", _claims, _sections)
@@ -174,7 +212,7 @@ def _run_sections(run: RunData) -> list[Section]:
     table = Table(
         columns=["metric", "value [95% CI]", "n"],
         rows=[
-            [name, metric(value), number(value.get("n"))]
+            [name, format_metric(value), number(value.get("n"))]
             for name, value in metrics.items()
             if is_metric(value)
         ],

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from medshield.report.view import Section, Table, is_metric, metric, number
+from medshield.eval.metrics import format_metric
+from medshield.report.view import Section, Table, is_metric, number
 
 MAX_ROWS = 500
 MAX_SCALAR_LIST = 20
@@ -30,10 +31,10 @@ def _named_interval(value: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     """``(dotted.path[i], text)`` of every leaf; metric dicts become ``value [low, high]``."""
     if is_metric(value):
-        yield prefix, metric(value)
+        yield prefix, format_metric(value)
     elif isinstance(value, dict) and (named := _named_interval(value)):
         name, point = named
-        yield f"{prefix}.{name}", metric(point)
+        yield f"{prefix}.{name}", format_metric(point)
     elif isinstance(value, dict):
         for key, child in value.items():
             yield from flatten(child, f"{prefix}.{key}" if prefix else str(key))

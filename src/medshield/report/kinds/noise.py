@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.rundir import RunData
-from medshield.report.view import Figure, Kind, Section, Table, is_metric, metric, number
+from medshield.report.view import Figure, Kind, Section, Table, is_metric, number
 
 CLAIMED = ("points", "upstream_modalities", "evaluated_modalities", "surrogate", "pools")
 SKIP = ("ratio", "eps", "seeds")
@@ -63,7 +64,7 @@ def _sections(run: RunData) -> list[Section]:
                 f"{p['ratio']:g}",
                 _eps(p),
                 number(p.get("seeds")),
-                *(metric(p.get(c)) for c in columns),
+                *(format_metric(p.get(c)) for c in columns),
             ]
             for p in points
         ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.report import plots
 from medshield.report.images import image_key, thumbnails
 from medshield.report.rundir import RunData
@@ -17,7 +18,6 @@ from medshield.report.view import (
     Section,
     Table,
     ci,
-    metric,
     number,
 )
 from medshield.safety.redteam import source_label
@@ -46,7 +46,7 @@ def _metric_table(title: str, group: str, groups: dict[str, Any]) -> Table:
     rows = [
         [
             name,
-            *(metric(values.get(k), 2) for k in names),
+            *(format_metric(values.get(k), 2) for k in names),
             number((values.get("attack_success_rate") or {}).get("n")),
             number((values.get("over_defense_rate") or {}).get("n")),
         ]
@@ -74,9 +74,9 @@ def _judges(r: dict[str, Any]) -> list[Table]:
         rows = [
             [
                 judge,
-                metric(s.get("overall", {}).get("attack_success_rate"), 2),
+                format_metric(s.get("overall", {}).get("attack_success_rate"), 2),
                 *(
-                    metric(s.get("by_attack", {}).get(a, {}).get("attack_success_rate"), 2)
+                    format_metric(s.get("by_attack", {}).get(a, {}).get("attack_success_rate"), 2)
                     for a in attacks
                 ),
             ]

@@ -16,20 +16,21 @@ swept over the demonstration budget and the selection strategy, next to the base
 2. the **aggregate**: per cell the attack success rate (ASR: harmful requests judged harmful
    compliance), beside it the refusal and non-answer rates of harmful requests, the
    over-defense rate, benign accuracy and balanced error with 95% intervals, overall, per
-   modality and (ASR) per attack; the best strategy at each budget; and the four claims of the
-   study decided from the intervals (:func:`decide_claims`), written to ``results.json``,
-   ``table.md`` and ``plots/*.png``.
+   modality and (ASR) per attack; the best strategy at each budget; written to ``results.json``,
+   ``table.md`` and ``plots/*.png``;
+3. the **claims** (:mod:`medshield.studies.defense.claims`): demonstrations cut attack success,
+   over-defense (plain and near-miss) falls as the budget grows, mixed is best at small budgets,
+   retrieval beats fixed selection, each decided on paired differences over items, and the
+   benchmark target at its budget, written to ``results.json`` (``claims``) and ``claims.md``.
 
 Decision rules (also in ``docs/studies/defense.md``):
 
 - *best strategy at a budget*: the lowest ASR; ties on ASR go to the lower over-defense rate,
   then the higher benign accuracy, then the order of ``strategies`` in the config. The strategies
   whose ASR interval overlaps the best one's are listed as not separated from it.
-- *"a is lower than b"*: ``true`` when a's 95% interval lies wholly below b's, ``false`` when
-  wholly above, ``inconclusive`` when the intervals overlap or a number is missing. A claim made
-  of several comparisons is ``false`` if any comparison is ``false``, ``true`` if all are
-  ``true``, and ``inconclusive`` otherwise; a claim whose cells were not in the grid (e.g. no
-  ``retrieval``) is ``not tested``, with a note saying what it needs.
+- *claims*: "a is lower than b" is decided on the paired difference b - a over the items both
+  cells answered, ``SUPPORTED`` / ``REFUTED`` / ``INCONCLUSIVE`` by whether its 95% CI lies above
+  0, below 0 or holds it; see :mod:`medshield.studies.defense.claims`.
 - *balanced error*: the mean of ASR and over-defense rate (one number for the safety /
   helpfulness balance; lower is better). Its interval combines the two bootstrap intervals by
   MOVER (Zou & Donner 2008), as harmful and benign rows are independent samples.
@@ -37,19 +38,20 @@ Decision rules (also in ``docs/studies/defense.md``):
 
 from __future__ import annotations
 
-import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
-from medshield.runs import Log, Run
+from medshield.runs import Log, Run, read_results, read_samples
 from medshield.safety.redteam import RedteamConfig, build_judges, run_redteam
 from medshield.studies.defense.analysis import (
     aggregate,
     balanced_error,
     best_strategies,
-    combine,
     compare_lower,
-    decide_claims,
 )
+from medshield.studies.defense.claims import decide_claims, item_tallies, write_claims
 from medshield.studies.defense.config import (
     METRICS,
     NEAR_MISS_METRIC,
@@ -59,7 +61,8 @@ from medshield.studies.defense.config import (
     load_defense_study_config,
 )
 from medshield.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
-from medshield.studies.defense.outputs import fmt, plot, write_table
+from medshield.studies.defense.outputs import plot, write_table
+from medshield.threads import set_threads, worker_threads
 
 __all__ = [
     "METRICS",
@@ -70,13 +73,13 @@ __all__ = [
     "aggregate",
     "balanced_error",
     "best_strategies",
-    "combine",
     "compare_lower",
     "decide_claims",
-    "fmt",
+    "item_tallies",
     "load_defense_study_config",
     "plan_cells",
     "run_defense_study",
+    "write_claims",
     "write_table",
 ]
 
@@ -95,35 +98,36 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
         f"defense study: {len(cells)} cells (undefended, {n_baselines} baselines, "
         f"{len(config.strategies)} strategies x budgets {config.positive_budgets})"
     )
-    judges = build_judges(config.redteam)
-    attacked: dict[tuple[str, str], list[Any]] = {}
-    model: Any = None
-    try:
-        for i, cell in enumerate(cells, 1):
-            cell_run = Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell))
-            if (cell_run.path / "results.json").exists():
-                log(f"[{i}/{len(cells)}] {cell.name}: done earlier, kept")
-                continue
-            log(f"[{i}/{len(cells)}] {cell.name}")
-            if model is None:
-                model = _load_model(config.redteam, log)
-            run_redteam(
-                cell_run.config, cell_run, log=log, model=model, judges=judges, attacked=attacked
-            )
-    finally:
-        close = getattr(model, "close", None)
-        if callable(close):
-            close()
+    todo = []
+    for i, cell in enumerate(cells, 1):
+        if Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell)).finished:
+            log(f"[{i}/{len(cells)}] {cell.name}: done earlier, kept")
+        else:
+            todo.append(cell)
+    if config.workers > 1 and len(todo) > 1:
+        _run_cells_in_workers(config, run, todo, log)
+    else:
+        _run_cells(config, run, todo, cells, log)
 
-    points = aggregate(
-        [
-            (cell, json.loads((run.path / "cells" / cell.name / "results.json").read_text()))
-            for cell in cells
-        ]
-    )
+    points = aggregate([(cell, read_results(run.path / "cells" / cell.name)) for cell in cells])
     best = best_strategies(points, config.strategies)
-    claims = decide_claims(points, config.strategies, config.small_budget_max)
+    tallies = {
+        cell.name: item_tallies(
+            read_samples(run.path / "cells" / cell.name / "samples.jsonl"), config.redteam.primary
+        )
+        for cell in cells
+    }
+    claims = decide_claims(
+        points,
+        tallies,
+        config.strategies,
+        config.small_budget_max,
+        config.target,
+        config.redteam.bootstrap_resamples,
+        config.redteam.seed,
+    )
     write_table(points, best, claims, run.path / "table.md")
+    write_claims(claims, run.path / "claims.md")
     plots = plot(points, config.baselines, run.path / "plots")
     return {
         "model": config.redteam.model.backend,
@@ -141,9 +145,81 @@ def run_defense_study(config: DefenseStudyConfig, run: Run, log: Log = print) ->
     }
 
 
-def _load_model(config: RedteamConfig, log: Log) -> Any:
-    import medshield.models  # noqa: F401  (registers the chat backends)
+def _run_cells(
+    config: DefenseStudyConfig, run: Run, todo: list[Cell], cells: list[Cell], log: Log
+) -> None:
+    """Run ``todo`` one after another with one model and one set of judges; the white-box
+    attack images are crafted in the first cell that needs them and reused by the others."""
+    judges = build_judges(config.redteam)
+    attacked: dict[tuple[str, str], list[Any]] = {}
+    model: Any = None
+    try:
+        for cell in todo:
+            log(f"[{cells.index(cell) + 1}/{len(cells)}] {cell.name}")
+            if model is None:
+                model = _load_model(config.redteam, log)
+            cell_run = Run(run.path / "cells" / cell.name, cell_config(config, run.path, cell))
+            run_redteam(
+                cell_run.config, cell_run, log=log, model=model, judges=judges, attacked=attacked
+            )
+    finally:
+        close = getattr(model, "close", None)
+        if callable(close):
+            close()
+
+
+_WORKER: dict[str, Any] = {}
+"""A worker process's study config, model, judges and attacked conversations."""
+
+
+def _init_worker(raw: dict[str, Any], threads: int) -> None:
+    set_threads(threads)
+    config = DefenseStudyConfig.model_validate(raw)
+    _WORKER.update(
+        config=config,
+        model=_load_model(config.redteam, print, "this worker"),
+        judges=build_judges(config.redteam),
+        attacked={},
+    )
+
+
+def _run_in_worker(study_dir: str, cell: Cell) -> str:
+    config: DefenseStudyConfig = _WORKER["config"]
+    cell_run = Run(
+        Path(study_dir) / "cells" / cell.name, cell_config(config, Path(study_dir), cell)
+    )
+    run_redteam(
+        cell_run.config,
+        cell_run,
+        log=print,
+        model=_WORKER["model"],
+        judges=_WORKER["judges"],
+        attacked=_WORKER["attacked"],
+    )
+    return cell.name
+
+
+def _run_cells_in_workers(config: DefenseStudyConfig, run: Run, todo: list[Cell], log: Log) -> None:
+    """Run ``todo`` in ``config.workers`` processes, each loading the model once and taking the
+    next cell when it finishes one; each crafts the white-box attack images of its own cells.
+    The first failure stops the study."""
+    workers = min(config.workers, len(todo))
+    log(f"{len(todo)} cells to run, {workers} at a time (one model per worker)")
+    context = multiprocessing.get_context("spawn")
+    init = (config.model_dump(), worker_threads(workers))
+    with ProcessPoolExecutor(workers, context, _init_worker, init) as pool:
+        futures = [pool.submit(_run_in_worker, str(run.path), cell) for cell in todo]
+        try:
+            for count, future in enumerate(as_completed(futures), 1):
+                log(f"[{count}/{len(todo)}] {future.result()}: done")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _load_model(config: RedteamConfig, log: Log, scope: str = "the study") -> Any:
     from medshield.models.chat import create_chat_model
 
-    log(f"loading chat model {config.model.backend} (once for the study)")
+    log(f"loading chat model {config.model.backend} (once for {scope})")
     return create_chat_model(config.model.backend, **config.model.kwargs)

@@ -5,17 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medshield.eval.metrics import format_metric
 from medshield.studies.defense.analysis import _finite
+from medshield.studies.defense.claims import claims_summary
 from medshield.studies.defense.config import CELL_METRICS, LABELS, METRICS, NEAR_MISS_METRIC, RULES
-
-
-def fmt(metric: dict[str, Any] | None) -> str:
-    """``value [low, high]`` to two decimals; ``-`` when there is no value."""
-    if not metric or not _finite(metric.get("value")):
-        return "-"
-    if not (_finite(metric.get("ci_low")) and _finite(metric.get("ci_high"))):
-        return f"{metric['value']:.2f}"
-    return f"{metric['value']:.2f} [{metric['ci_low']:.2f}, {metric['ci_high']:.2f}]"
 
 
 def _md(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -29,11 +22,6 @@ def _md(header: list[str], rows: list[list[str]]) -> list[str]:
 def _label(p: dict[str, Any]) -> list[str]:
     k = "-" if p["k"] is None else str(p["k"])
     return [p["cell"], p["defense"], p["strategy"] or "-", k]
-
-
-def _side_text(side: dict[str, Any]) -> str:
-    low, high = side["ci"]
-    return f"{side['cell']} {fmt({'value': side['value'], 'ci_low': low, 'ci_high': high})}"
 
 
 def write_table(
@@ -50,27 +38,14 @@ def write_table(
     lines += _md(
         ["k", "best strategy", *(LABELS[m] for m in METRICS), "not separated (ASR CIs overlap)"],
         [
-            [str(b["k"]), b["strategy"], *(fmt(b[m]) for m in METRICS)]
+            [str(b["k"]), b["strategy"], *(format_metric(b[m], 2) for m in METRICS)]
             + [", ".join(b["not_separated"]) or "-"]
             for b in best
         ],
     )
-    lines += ["", "## Claims", "", f"Rules: {RULES['comparison']}; {RULES['combination']}.", ""]
-    claim_rows = []
-    for claim in claims.values():
-        decided = "; ".join(
-            f"{_side_text(c['lower'])} vs {_side_text(c['than'])}: {c['verdict']}"
-            for c in claim["comparisons"]
-        )
-        claim_rows.append(
-            [
-                claim["statement"],
-                f"**{claim['verdict']}**",
-                claim["rule"],
-                decided or claim.get("note", ""),
-            ]
-        )
-    lines += _md(["statement", "verdict", "rule", "decided on"], claim_rows)
+    lines += ["", "## Claims", "", f"Rules: {RULES['comparison']}; {RULES['combination']}."]
+    lines += ["The numbers each verdict was decided on are in claims.md.", ""]
+    lines += claims_summary(claims)
     lines += ["", "## All cells (overall)", ""]
     near_miss = any(NEAR_MISS_METRIC in p["overall"] for p in points)
     lines += _md(
@@ -87,8 +62,8 @@ def write_table(
         ],
         [
             _label(p)
-            + [fmt(p["overall"][m]) for m in CELL_METRICS]
-            + ([fmt(p["overall"].get(NEAR_MISS_METRIC))] if near_miss else [])
+            + [format_metric(p["overall"][m], 2) for m in CELL_METRICS]
+            + ([format_metric(p["overall"].get(NEAR_MISS_METRIC), 2)] if near_miss else [])
             + [str(p["n_items"]["harmful"]), str(p["n_items"]["benign"]), str(p["n_errors"])]
             for p in points
         ],
@@ -99,7 +74,8 @@ def write_table(
         lines += _md(
             ["cell", "defense", "strategy", "k", *modalities],
             [
-                _label(p) + [fmt(p["by_modality"].get(m, {}).get(metric)) for m in modalities]
+                _label(p)
+                + [format_metric(p["by_modality"].get(m, {}).get(metric), 2) for m in modalities]
                 for p in points
             ],
         )
@@ -107,7 +83,7 @@ def write_table(
     lines += ["", "## ASR per attack", ""]
     lines += _md(
         ["cell", "defense", "strategy", "k", *attacks],
-        [_label(p) + [fmt(p["by_attack"].get(a)) for a in attacks] for p in points],
+        [_label(p) + [format_metric(p["by_attack"].get(a), 2) for a in attacks] for p in points],
     )
     path.write_text("\n".join(lines) + "\n")
 

@@ -80,7 +80,6 @@ def _last(blocks: list[nn.Module], n: int) -> list[nn.Module]:
 
 @METHODS.register("adapter", "bottleneck residual adapters after image and text tower blocks")
 class Adapter(FineTuneMethod):
-    name = "adapter"
     paper = "Houlsby et al. ICML 2019; Pfeiffer et al. EACL 2021; Rebuffi et al. NeurIPS 2017"
     Options = AdapterOptions
 

@@ -61,14 +61,12 @@ class TradesMixin:
 
 @METHODS.register("adv-lora", "LoRA trained on RAN's TRADES objective and PGD adversary")
 class AdvLora(TradesMixin, Lora):
-    name = "adv-lora"
     paper = "Hu et al. ICLR 2022 (LoRA) on TRADES (Zhang et al. ICML 2019)"
     Options = AdvLoraOptions
 
 
 @METHODS.register("adv-adapter", "adapters trained on RAN's TRADES objective and PGD adversary")
 class AdvAdapter(TradesMixin, Adapter):
-    name = "adv-adapter"
     paper = "Houlsby et al. ICML 2019 (adapters) on TRADES (Zhang et al. ICML 2019)"
     Options = AdvAdapterOptions
 
@@ -77,6 +75,5 @@ class AdvAdapter(TradesMixin, Adapter):
     "adv-linear-probe", "linear probe trained on RAN's TRADES objective and PGD adversary"
 )
 class AdvLinearProbe(TradesMixin, LinearProbe):
-    name = "adv-linear-probe"
     paper = "Radford et al. ICML 2021 (CLIP linear probe) on TRADES (Zhang et al. ICML 2019)"
     Options = AdvLinearProbeOptions

@@ -149,8 +149,6 @@ class FineTuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_method(self) -> FineTuneConfig:
-        import medshield.train.finetune  # noqa: F401  (registers the methods)
-
         if self.method not in METHODS:
             known = ", ".join(METHODS.names())
             raise ValueError(f"unknown fine-tuning method {self.method!r}; registered: {known}")
@@ -419,7 +417,7 @@ class FineTuneMethod(ABC):
     """A fine-tuning method. Subclasses register with ``@METHODS.register(name, description)``.
 
     Class attributes:
-        name: registry name.
+        name: registry name, set by ``METHODS.register``.
         paper: the paper the method follows.
         Options: pydantic model validating ``FineTuneConfig.kwargs``.
     """

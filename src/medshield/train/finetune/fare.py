@@ -55,7 +55,6 @@ def squared_l2(embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("fare", "unsupervised adversarial fine-tuning, L2 to frozen clean embeddings")
 class FARE(FineTuneMethod):
-    name = "fare"
     paper = "Schlarmann et al. ICML 2024 (FARE)"
 
     def build(
@@ -108,7 +107,6 @@ class FAREProbe(FARE):
     ``probe_lr`` (a probe needs a larger step than FARE's 1e-5 scale); a parameter without a
     gradient in a phase is left alone by AdamW, so each phase updates its own part only."""
 
-    name = "fare-probe"
     paper = "Schlarmann et al. ICML 2024 (FARE), then a CLIP linear probe (Radford et al. 2021)"
     Options = FAREProbeOptions
 

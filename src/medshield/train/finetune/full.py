@@ -21,7 +21,6 @@ from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod
 
 @METHODS.register("full", "full fine-tuning of both towers with CE over live class prompts")
 class FullFineTune(FineTuneMethod):
-    name = "full"
     paper = "Goyal et al. CVPR 2023 (FLYP); Wortsman et al. CVPR 2022"
 
     def build(

@@ -21,7 +21,6 @@ from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod,
 
 @METHODS.register("linear-probe", "frozen encoders, a linear head (CLIP linear probe, LP-FT init)")
 class LinearProbe(FineTuneMethod):
-    name = "linear-probe"
     paper = "Radford et al. ICML 2021 (CLIP linear probe); Kumar et al. ICLR 2022 (LP-FT init)"
 
     def build(

@@ -145,7 +145,6 @@ def inject_lora(
 
 @METHODS.register("lora", "LoRA (peft) on image-tower convs/linears and text-tower attention")
 class Lora(FineTuneMethod):
-    name = "lora"
     paper = "Hu et al. ICLR 2022 (LoRA), via Hugging Face peft"
     Options = LoraOptions
 

@@ -327,7 +327,6 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 @METHODS.register("ran", "RAN: low-rank rectifiers merged into the tower, TRADES + re-alignment")
 class RAN(FineTuneMethod):
-    name = "ran"
     paper = (
         "medshield RAN; losses after TRADES (Zhang et al. ICML 2019), NMTune (Chen et al. ICLR "
         "2024), CLIP (Radford et al. ICML 2021); rectifiers are peft LoRA (Hu et al. ICLR 2022)"

@@ -67,7 +67,6 @@ def image_side_trainable(model: DualEncoder) -> None:
 
 @METHODS.register("tecoa", "adversarial fine-tuning, CE over class prompts on PGD (Mao 2023)")
 class TeCoA(FineTuneMethod):
-    name = "tecoa"
     paper = "Mao et al. ICLR 2023 (TeCoA); settings of Schlarmann et al. ICML 2024 (RobustVLM)"
     Options = TeCoAOptions
 

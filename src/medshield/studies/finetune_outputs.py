@@ -1,0 +1,307 @@
+"""The robust fine-tuning study's files: the aggregated ``table.csv`` / ``table.md``, the
+robust-vs-clean and retrieval scatters, and the markdown and plots of the issue-20 report
+(:mod:`medshield.studies.finetune_report` computes what they show)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from medshield.eval.metrics import format_metric
+from medshield.report import plots
+from medshield.report.view import ci
+
+
+def write_table(table: list[dict[str, Any]], directory: Path) -> None:
+    """``table.csv`` (values and CI ends in columns) and ``table.md`` (value [CI])."""
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    with (directory / "table.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        header = []
+        for c in columns:
+            if any(isinstance(row.get(c), dict) for row in table):
+                header += [c, f"{c} ci_low", f"{c} ci_high"]
+            else:
+                header.append(c)
+        writer.writerow(header)
+        for row in table:
+            out = []
+            for c in columns:
+                v = row.get(c)
+                if any(isinstance(r.get(c), dict) for r in table):
+                    out += [v["value"], v["ci_low"], v["ci_high"]] if v else ["", "", ""]
+                else:
+                    out.append(";".join(v) if isinstance(v, list) else v)
+            writer.writerow(out)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            if isinstance(v, float):
+                cells.append(f"{v:.3g}")
+            elif isinstance(v, list):
+                cells.append(", ".join(v) or "ok")
+            else:
+                cells.append(format_metric(v) if isinstance(v, dict) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    (directory / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def _scatter(
+    rows: list[dict[str, Any]], x: str, y: str, labels: tuple[str, str], title: str, path: Path
+) -> Path:
+    """One point per table row at metrics ``x``, ``y`` with 95% CI bars: a colour per method,
+    a marker per task (:func:`medshield.report.plots.scatter_figure`)."""
+    points = [
+        (str(r["method"]), str(r["modality"]), xy[0], xy[1])
+        for r in rows
+        if None not in (xy := (ci(r[x]), ci(r[y])))
+    ]
+    return plots.to_file(plots.scatter_figure(points, *labels, title), path)
+
+
+def plot_robust_vs_clean(
+    table: list[dict[str, Any]], eps_list: list[float], directory: Path
+) -> list[Path]:
+    """One scatter per checkpoint and budget: worst-case robust vs clean accuracy per method
+    (each task a separate marker), with 95% CI bars."""
+    paths = []
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
+        for eps in eps_list:
+            key = f"robust/worst@{eps:g}"
+            rows = [r for r in table if r["checkpoint"] == checkpoint and key in r]
+            if rows:
+                paths.append(
+                    _scatter(
+                        rows,
+                        "clean_accuracy",
+                        key,
+                        ("clean accuracy", f"robust accuracy, worst of attacks, eps {eps:g}/255"),
+                        f"{checkpoint}: robust vs clean (95% CI)",
+                        directory / f"robust_vs_clean_{checkpoint}_eps{eps:g}.png",
+                    )
+                )
+    return paths
+
+
+def plot_retrieval(table: list[dict[str, Any]], directory: Path) -> list[Path]:
+    """One scatter per checkpoint and direction (i2t, t2i): R@1 under the multimodal attack vs
+    clean R@1 per method and modality, with 95% CI bars."""
+    paths = []
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in table):
+        for direction in ("i2t", "t2i"):
+            clean, adv = f"retrieval_{direction}/R@1", f"retrieval_{direction}_adv/R@1"
+            rows = [r for r in table if r["checkpoint"] == checkpoint and clean in r and adv in r]
+            if rows:
+                paths.append(
+                    _scatter(
+                        rows,
+                        clean,
+                        adv,
+                        (f"{direction} R@1, clean", f"{direction} R@1, multimodal attack"),
+                        f"{checkpoint}: retrieval under attack (95% CI)",
+                        directory / f"retrieval_{direction}_{checkpoint}.png",
+                    )
+                )
+    return paths
+
+
+def _cell(v: Any) -> str:
+    """One markdown table cell: a metric as value [CI], a float to 3 significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) or "-"
+    return format_metric(v) if isinstance(v, dict) else str(v)
+
+
+def _md(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: list[float]) -> str:
+    """``tables.md``: one table per checkpoint and task, then the means over tasks with the
+    same number of classes."""
+    worst = [f"worst@{e:g}" for e in eps]
+    columns = ["clean", *worst, "shuffled_image", "chance", "majority", "trainable_params"]
+    columns += ["image_forward", "image_backward", "train_wall_s", "flops_ratio", "lr"]
+    out = ["# Per-task results", ""]
+    out += [
+        "Accuracy with 95% bootstrap CIs pooled over seeds; `worst@e`: robust under every attack "
+        "at e/255; `chance` = 1 / classes; `lr` marked * was picked by the run's lr selection.",
+        "",
+    ]
+    for t in tables:
+        out.append(f"## {t['checkpoint']}: {t['task']} ({t['classes']} classes)")
+        out.append("")
+        if not t["in_means"]:
+            out += [
+                "Reference task: read against its majority and shuffled-image references; it "
+                "is in no mean over tasks.",
+                "",
+            ]
+        rows = []
+        for r in t["rows"]:
+            lr = _cell(r["lr"]) + ("*" if r["lr_selected"] else "")
+            rows.append([r["method"], *(r[c] for c in columns[:-1]), lr])
+        out += _md(["method", *columns], rows) + [""]
+    if means:
+        out += ["## Means over tasks with the same number of classes (VQA-RAD closed excluded)"]
+        out.append("")
+        rows = [
+            [m["checkpoint"], m["classes"], ", ".join(m["tasks"]), m["method"]]
+            + [m.get(c) for c in ["clean", *worst]]
+            for m in means
+        ]
+        out += _md(["checkpoint", "classes", "tasks", "method", "clean", *worst], rows) + [""]
+    return "\n".join(out)
+
+
+def targets_md(targets: list[dict[str, Any]]) -> str:
+    """``targets.md``: one row per target, checkpoint and task."""
+    rows = [
+        [
+            t["target"],
+            t["checkpoint"],
+            t["task"],
+            t["claim"],
+            _measured(t),
+            t["verdict"],
+            t.get("note", "") + _reference(t.get("reference")),
+        ]
+        for t in targets
+    ]
+    header = ["target", "checkpoint", "task", "claim", "measured [95% CI]", "verdict", "note"]
+    intro = [
+        "# Targets (issue 20)",
+        "",
+        "A bar on one method uses its bootstrap CI; a bar on a gap between two methods the "
+        "paired CI over the (seed, test image) pairs both were scored on.",
+        "",
+    ]
+    return "\n".join(intro + _md(header, rows)) + "\n"
+
+
+def _reference(ref: dict[str, Any] | None) -> str:
+    if not ref:
+        return ""
+    found = [f"{k} {format_metric(v)}" for k, v in ref.items() if isinstance(v, dict)]
+    return f" (reference {ref['method']}: {', '.join(found) or 'no cells'})"
+
+
+def _measured(t: dict[str, Any]) -> str:
+    if "value" in t:
+        return format_metric(t)
+    if "trainable_params" in t:
+        found = [f"{m} {n}" for m, n in t["trainable_params"].items() if n is not None]
+        return ", ".join(found) or "-"
+    if "terms_measured" in t:
+        return f"{t['terms_measured']} terms"
+    return "-"
+
+
+def ablation_md(rows: list[dict[str, Any]], eps: list[float]) -> str:
+    """``ablation.md``: ablated minus full RAN, clean and worst case, with paired CIs."""
+    measures = ["clean", *(f"worst@{e:g}" for e in eps)]
+    header = ["checkpoint", "task", "ablated", *(f"delta {m}" for m in measures)]
+    body = [
+        [r["checkpoint"], r["task"], r["ablated"], *(r.get(f"delta_{m}") for m in measures)]
+        for r in rows
+    ]
+    intro = [
+        "# RAN ablation",
+        "",
+        "Accuracy of RAN with one loss term switched off minus full RAN's, on the same test "
+        "images and seeds (paired 95% bootstrap CI); a negative delta means the term helps.",
+        "",
+    ]
+    return "\n".join(intro + _md(header, body)) + "\n"
+
+
+def curves_md(curves: list[dict[str, Any]]) -> str:
+    """``curves.md``: each training curve's first and last loss and its tail change."""
+    header = ["checkpoint", "task", "method", "points", "first loss", "last loss"]
+    header += ["tail change", "flat"]
+    body = [
+        [c["checkpoint"], c["task"], c["method"], f"{len(c['loss'])} {c['x']}s"]
+        + [c["loss"][0], c["loss"][-1], c["tail_change"], c["flat"]]
+        for c in curves
+    ]
+    intro = [
+        "# Training curves",
+        "",
+        "Seed-mean training loss; `tail change`: relative change of the mean loss over the last "
+        "quarter of the logged points from the quarter before; `flat`: within 5%.",
+        "",
+    ]
+    return "\n".join(intro + _md(header, body)) + "\n"
+
+
+def ran_terms_md(terms: dict[str, Any]) -> str:
+    """``ran_terms.md``: the per-term loss log of one RAN run."""
+    names = list(terms["terms"])
+    inert = "one point only" if terms["inert"] is None else ", ".join(terms["inert"]) or "none"
+    body = [
+        [x, terms["loss"][i], *(terms["terms"][t][i] for t in names)]
+        for i, x in enumerate(terms["steps"])
+    ]
+    intro = [
+        f"# RAN per-term loss log: {terms['cell']}",
+        "",
+        f"Inert (never moved): {inert}; not logged (weight 0): "
+        f"{', '.join(terms['not_logged']) or 'none'}.",
+        "",
+    ]
+    return "\n".join(intro + _md([terms["x"], "loss", *names], body)) + "\n"
+
+
+def plot_curves(curves: list[dict[str, Any]], path: Path) -> Path | None:
+    """``curves.png``: one panel per checkpoint and task, the training loss of each method."""
+    panels = list(dict.fromkeys((c["checkpoint"], c["task"]) for c in curves))
+    if not panels:
+        return None
+    plt = plots.pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, (checkpoint, task) in zip(axes.flat, panels, strict=False):
+        shown = [c for c in curves if (c["checkpoint"], c["task"]) == (checkpoint, task)]
+        for c in shown:
+            ax.plot(c["steps"], c["loss"], marker=".", label=c["method"])
+        ax.set_title(f"{checkpoint}: {task}", fontsize=9)
+        ax.set_xlabel(" / ".join(dict.fromkeys(c["x"] for c in shown)), fontsize=8)
+        ax.set_ylabel("training loss (seed mean)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return plots.to_file(fig, path)
+
+
+def plot_ran_terms(terms: dict[str, Any], path: Path) -> Path:
+    """``ran_terms.png``: one panel per logged RAN term (and the total loss)."""
+    series = {"loss (total)": terms["loss"], **terms["terms"]}
+    plt = plots.pyplot()
+    cols = min(4, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, values) in zip(axes.flat, series.items(), strict=False):
+        ax.plot(terms["steps"], values, marker=".")
+        inert = " (inert)" if name in (terms["inert"] or []) else ""
+        ax.set_title(name + inert, fontsize=9)
+        ax.set_xlabel(terms["x"], fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series) :]:
+        ax.set_visible(False)
+    fig.suptitle(terms["cell"], fontsize=9)
+    fig.tight_layout()
+    return plots.to_file(fig, path)
