@@ -19,8 +19,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from torch import nn
 
-from medshield.errors import ConfigError
+from medshield.errors import ConfigError, UnknownNameError
+from medshield.registry import IMAGE_ATTACKS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -98,8 +100,8 @@ class AttackEntry(BaseModel):
     arguments beside them, e.g. ``{name: pgd, steps: 50, restarts: 2}``. The budget is not an
     argument: the evaluation runs every entry at each of its budgets. An attack with a step
     size ``alpha`` that the entry leaves out gets medshield's default for its budget and steps
-    (:func:`medshield.attacks.pgd.pgd_step_size`). Names and arguments are checked against the
-    attack registry by :func:`medshield.eval.robust.check_attacks`."""
+    (:func:`medshield.attacks.pgd.pgd_step_size`). The name and the arguments are checked
+    against :data:`~medshield.registry.IMAGE_ATTACKS` when the config loads."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
@@ -111,13 +113,26 @@ class AttackEntry(BaseModel):
         return dict(self.model_extra or {})
 
     @model_validator(mode="after")
-    def _no_budget(self) -> AttackEntry:
+    def _check(self) -> AttackEntry:
         for key in ("eps", "model"):
             if key in self.kwargs:
                 raise ValueError(
                     f"attack {self.name!r}: {key!r} is not an entry argument; the evaluation "
                     "passes the model and each of its budgets (set the budgets in the eps list)"
                 )
+        try:
+            cls = IMAGE_ATTACKS.get(self.name)
+        except UnknownNameError:
+            raise ValueError(
+                f"{self.name!r} is not a registered image attack; the image attacks are "
+                f"{', '.join(IMAGE_ATTACKS.names())} (medshield list image-attacks)"
+            ) from None
+        try:  # built once on a stand-in model: a bad argument fails now, not hours later
+            cls(nn.Identity(), eps=1.0, **self.kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"the arguments {self.kwargs} do not fit attack {self.name!r}: {exc}"
+            ) from None
         return self
 
 

@@ -29,7 +29,7 @@ from medshield.errors import DataError
 from medshield.eval.linear_probe import linear_probe_rows
 from medshield.eval.metrics import image_use_flag, summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
-from medshield.eval.robust import check_attacks, per_image, robust_flags, robust_zero_shot_rows
+from medshield.eval.robust import per_image, robust_flags, robust_zero_shot_rows
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.eval.zero_shot import zero_shot_rows
 from medshield.models import DualEncoder, create_model, load_model, save_model
@@ -204,7 +204,6 @@ def run_evaluate(
         NothingMeasured: every group was skipped.
     """
     ev, seed, data_dir = config.evaluate, config.seed, config.data.data_dir
-    check_attacks(ev.robust_attacks)
     modalities = resolve_modalities(config, "test")
     all_rows = run.load_samples()
     eval_rows = [r for r in all_rows if "group" in r]

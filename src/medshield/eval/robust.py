@@ -108,13 +108,6 @@ def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
         ) from None
 
 
-def check_attacks(entries: Sequence[AttackEntry]) -> None:
-    """Build every entry once on a stand-in model, so an unknown name or a bad argument is a
-    :class:`~medshield.errors.ConfigError` when the config loads, not after hours of work."""
-    for entry in entries:
-        build_attack(entry, nn.Identity(), 1.0)
-
-
 # --- the evaluation --------------------------------------------------------------------------
 
 

@@ -66,7 +66,7 @@ from medshield.device import DeviceName, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
-from medshield.eval.robust import check_attacks, robust_flags, robust_rows, worst_case
+from medshield.eval.robust import robust_flags, robust_rows, worst_case
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
 from medshield.train.finetune.common import (
@@ -134,11 +134,7 @@ class RobustEvalConfig(StrictModel):
         return refuse_old_fields(raw, OLD_FIELDS)
 
     @model_validator(mode="after")
-    def _check_attacks(self) -> RobustEvalConfig:
-        try:
-            check_attacks(self.attacks)
-        except ConfigError as exc:
-            raise ValueError(f"attacks: {exc}") from None
+    def _check_retrieval_attack(self) -> RobustEvalConfig:
         if self.retrieval:
             try:
                 self.multimodal_attack()
