@@ -46,7 +46,7 @@ from medshield.attacks.sanity import (
     zero_gradient_flag,
 )
 from medshield.config import AttackEntry, attack_labels
-from medshield.errors import ConfigError, InputError, UnknownNameError
+from medshield.errors import ConfigError, InputError
 from medshield.eval.features import check_finite_outputs
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, evaluating
@@ -86,15 +86,10 @@ def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
     budget and steps.
 
     Raises:
-        ConfigError: an unknown or non-image attack, or arguments that do not fit it.
+        ConfigError: arguments that do not fit the attack at this budget (the entry's name and
+            arguments were checked when it was made, see :class:`~medshield.config.AttackEntry`).
     """
-    try:
-        cls = IMAGE_ATTACKS.get(entry.name)
-    except UnknownNameError:
-        raise ConfigError(
-            f"{entry.name!r} is not a registered image attack; the image attacks are "
-            f"{', '.join(IMAGE_ATTACKS.names())} (medshield list image-attacks)"
-        ) from None
+    cls = IMAGE_ATTACKS.get(entry.name)
     kwargs = entry.kwargs
     params = inspect.signature(cls).parameters
     try:
