@@ -80,12 +80,12 @@ def test_fare_probes_fare_phase_leaves_the_head_alone(base: MiniClip, train: Tra
     method = method_for(cfg)
     clf = method.build(copy.deepcopy(base), train.class_prompts)
     method.prepare(clf, train)
-    method.start_epoch(0)
+    method.start_epoch(0, 2)
     loss, _ = method.loss(clf, train.images[:4], train.labels[:4])
     loss.backward()
     assert clf.class_weight.grad is None and clf.model.image_proj.weight.grad is not None
     clf.zero_grad(set_to_none=True)
-    method.start_epoch(1)
+    method.start_epoch(1, 2)
     loss, _ = method.loss(clf, train.images[:4], train.labels[:4])
     loss.backward()
     assert clf.class_weight.grad is not None and clf.model.image_proj.weight.grad is None

@@ -70,6 +70,7 @@ class TeCoA(FineTuneMethod):
     name = "tecoa"
     paper = "Mao et al. ICLR 2023 (TeCoA); settings of Schlarmann et al. ICML 2024 (RobustVLM)"
     Options = TeCoAOptions
+    adversarial = True
 
     def build(
         self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
