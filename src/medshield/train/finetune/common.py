@@ -743,9 +743,18 @@ class FineTuneResult:
     Attributes:
         classifier: images in [0, 1] NCHW -> logits, in eval mode.
         report: ``trainable_params``, ``total_params``, ``train_items``, ``train_wall_s``
-            (validation included), ``overhead`` (see :func:`measure_overhead`), ``history``
-            (per-epoch mean loss and parts, and ``val_accuracy`` with a validation set), and
-            with a validation set ``val_items``, with ``keep_best`` ``best_epoch``.
+            (validation included), ``steps`` (optimiser steps taken), ``steps_per_pass``,
+            ``compute`` (``image_forward`` / ``image_backward``: images through the image
+            tower forwards / backwards while training, the adversary's and frozen copies'
+            passes included, validation excluded, counted by :class:`ImageTowerCounter`;
+            ``train_wall_s`` without validation, ``val_wall_s``, and
+            ``train_flops_estimate``, (forwards + 2 x backwards) x the fine-tuned classifier's
+            FLOPs per image from :func:`count_flops`), ``overhead`` (see
+            :func:`measure_overhead`), ``history`` (one entry every ``log_every`` steps and
+            after the last: ``step`` (steps done), ``epoch`` (the pass it ended in), ``lr``
+            (of the entry's last step, first parameter group), the mean loss and every loss
+            part over the entry's steps, and ``val_accuracy`` with a validation set), and with
+            a validation set ``val_items``, with ``keep_best`` ``best_step``.
         config: the fine-tuning config.
         modality: the downstream modality.
         base_state: the base model's tensors before training (for saving only the change).
@@ -758,6 +767,7 @@ class FineTuneResult:
     seed: int
     base_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     base_ref: dict[str, Any] = field(default_factory=dict)
+    val: TrainData | None = field(default=None, repr=False)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -1024,7 +1034,7 @@ def finetune(
     if best is not None:
         report["best_step"] = best[1]
     return FineTuneResult(
-        classifier, report, config, train.modality, seed, base_state, dict(base_ref or {})
+        classifier, report, config, train.modality, seed, base_state, dict(base_ref or {}), val
     )
 
 

@@ -70,6 +70,7 @@ from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import pgd_rows
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
+from medshield.train.finetune.select import finetune_lr_grid
 from medshield.train.finetune.common import (
     META_FILE,
     VQA_TASK,
@@ -143,7 +144,19 @@ class FineTuneRunConfig(StrictModel):
     """Where to train and attack: ``auto`` (a CUDA GPU when visible, else the CPU), ``cpu``,
     ``cuda`` or ``cuda:N``. Saved models are device-independent, and the device is not part of
     the run's saved config, so a run started on a GPU resumes on a CPU and vice versa."""
+    lr_selection: dict[str, Any] | None = None
+    """A learning-rate selection made by another run (a study's first seed, with
+    ``from_seed``): train once at its ``pick`` instead of searching ``finetune.lr_grid``, and
+    record it as this run's ``lr_selection``."""
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"device"})
+
+    @model_validator(mode="after")
+    def _check_lr_selection(self) -> FineTuneRunConfig:
+        if self.lr_selection is not None and not isinstance(
+            self.lr_selection.get("pick"), int | float
+        ):
+            raise ValueError("lr_selection needs the picked learning rate as `pick` (a number)")
+        return self
 
 
 def load_finetune_config(
@@ -348,9 +361,13 @@ def run_finetune(
         classifier.to(device)
         report = meta["report"]
     else:
-        result = finetune(
+        ft = config.finetune
+        if config.lr_selection is not None:
+            ft = ft.model_copy(update={"lr": config.lr_selection["pick"], "lr_grid": None})
+        train = finetune_lr_grid if ft.lr_grid is not None else finetune
+        result = train(
             base,
-            config.finetune,
+            ft,
             modality,
             seed=config.seed,
             data_dir=config.data_dir,
@@ -359,6 +376,8 @@ def run_finetune(
             progress=progress,
             device=device,
         )
+        if config.lr_selection is not None:
+            result.report["lr_selection"] = config.lr_selection
         save_finetuned(result, saved)
         classifier, report = result.classifier, result.report
 
