@@ -70,7 +70,6 @@ from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import pgd_rows
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
-from medshield.train.finetune.select import finetune_lr_grid
 from medshield.train.finetune.common import (
     META_FILE,
     VQA_TASK,
@@ -86,6 +85,7 @@ from medshield.train.finetune.common import (
     save_finetuned,
     task_name,
 )
+from medshield.train.finetune.select import finetune_lr_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
