@@ -1,8 +1,10 @@
 """``medshield study finetune``: the robust fine-tuning comparison (RAN against the baselines).
 
 Every cell (checkpoint x method x task x seed) is one ``medshield finetune`` run (see
-:mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same epochs,
-data and adversary for every method (matched budgets). The tasks are the modalities and, with
+:mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same optimiser
+steps, schedule, data and adversary for every method (matched budgets); a method with an
+``lr_grid`` picks its learning rate on the first seed's validation split, and its other seeds
+reuse that pick (:func:`run_study_finetune`). The tasks are the modalities and, with
 ``vqa_closed`` (default on), the pseudo-modality ``vqa_rad_closed``: the VQA-RAD closed
 questions answered "yes" or "no", each method fine-tuned as a yes/no classifier whose class
 prompts are the item's own question followed by each answer (``"<question> yes"``,

@@ -34,10 +34,14 @@ the few closed questions with another answer are left out).
 :func:`adapted_encoder` gives the fine-tuned dual encoder itself (adapted towers, RAN's rectifier
 on the image path) for retrieval and multimodal attacks.
 
-:func:`finetune` runs the shared loop (AdamW, epochs of shuffled mini-batches from one task's
-train split, tqdm progress, seeded; with ``val_fraction`` a class-stratified part of the items is
-held out and scored after every epoch, and ``keep_best`` keeps the best epoch), then measures
-the inference overhead against the base model's zero-shot classifier in the same process.
+:func:`finetune` runs the shared loop (AdamW for a budget of optimiser steps, ``steps`` or
+``epochs`` passes, over successive seeded reshuffles of one task's train items, a constant or
+cosine schedule after a linear warm-up, tqdm progress; a history entry every ``log_every``
+steps; with ``val_fraction`` a class-stratified part of the items is held out and scored at
+every entry, and ``keep_best`` keeps the best entry's weights), counts the images through the
+image tower (:class:`ImageTowerCounter`), then measures the inference overhead against the base
+model's zero-shot classifier in the same process. ``lr_grid`` selection is
+:mod:`medshield.train.finetune.select`.
 :func:`save_finetuned` / :func:`load_finetuned` store the base model reference, the method's
 state (only the tensors that differ from the base model) as safetensors and the config as JSON.
 """

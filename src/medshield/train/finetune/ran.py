@@ -22,7 +22,8 @@
   (``z + W2 GELU(W1 z + b1) + b2``, ``hidden`` units; it cannot fold).
 
 **The objective** (the same for both placements; each weight an option, a weight of 0 switches
-its term off, and the per-epoch mean of every active term is in the run's history):
+its term off, and the mean of every active term over each history entry's steps is in the
+run's history):
 
 (a) noise-aware fine-tuning, TRADES (Zhang et al., ICML 2019): ``task_clean`` x the
     cross-entropy on clean images + ``beta`` x ``kl``, the KL divergence between the class

@@ -29,6 +29,11 @@ Evaluation on a class-balanced test subsample:
   (Co-Attack at eps 2/255 by default), rows from :mod:`medshield.eval.retrieval`; metrics
   ``retrieval_{i2t,t2i}[_adv]/R@{1,5,10}`` and an ``retrieval adv<=clean`` flag on R@1.
 
+With ``finetune.lr_grid`` the model is the best of one training per learning rate on the
+validation split (:mod:`medshield.train.finetune.select`); ``lr_selection`` in the config
+instead trains once at a pick made elsewhere (a study's first seed). Either way the report
+carries ``lr_selection``, and always ``compute`` (the counted training passes).
+
 Rows are written one group at a time, tagged with the group and its size, so an interrupted
 run keeps finished groups and recomputes only a group a crash cut short; a saved fine-tuned
 model is loaded instead of retrained. Accuracies carry 95% bootstrap CIs
