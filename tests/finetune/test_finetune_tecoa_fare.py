@@ -105,6 +105,16 @@ def test_fare_probe_without_probe_epochs_fails_before_training(
         _two_epochs(base, train, "fare-probe", epochs=epochs, kwargs=kwargs)
 
 
+def test_fare_probe_splits_a_step_budget_by_passes(base: MiniClip, train: TrainData) -> None:
+    # 8 items in batches of 4: 2 steps a pass; 3 steps make 2 passes, FARE on the first
+    with pytest.raises(ConfigError, match="FARE for 1 of the 1 passes"):
+        run_method(base, train, "fare-probe", epochs=None, steps=2, batch_size=4)
+    _, result = run_method(
+        base, train, "fare-probe", epochs=None, steps=3, batch_size=4, log_every=1
+    )
+    assert [h["epoch"] for h in result.report["history"]] == [0, 0, 1]
+
+
 def test_fare_probe_trains_its_head_at_probe_lr(base: MiniClip, train: TrainData) -> None:
     cfg = FineTuneConfig(
         method="fare-probe", kwargs={"probe_lr": 1e-2}, **{**FAST, "epochs": 2, "lr": 1e-9}
