@@ -42,6 +42,19 @@ def test_the_shipped_ablation_shares_the_main_studys_heavy_ran_cells() -> None:
     }
 
 
+def test_ran_parts_are_ablated_together_and_unknown_names_refused() -> None:
+    """``ran_ablations: parts`` switches off each of RAN's three parts (all of its loss terms)
+    in one variant; a name that is neither a term nor a part is refused."""
+    config = load_study_config(CONFIGS / "study_finetune_headline.yaml", ["ran_ablations=parts"])
+    variants = {s.name: s.kwargs for s in config.expanded_methods() if "-no_" in s.name}
+    assert set(variants) == {"ran-no_noise_aware", "ran-no_realignment", "ran-no_disentanglement"}
+    assert variants["ran-no_realignment"] == {"keep": 0.0, "align": 0.0}
+    assert variants["ran-no_disentanglement"] == {"contrastive": 0.0, "cov": 0.0, "svd": 0.0}
+    assert variants["ran-no_noise_aware"] == {"beta": 0.0}
+    with pytest.raises(ConfigError, match="parts: noise_aware, realignment, disentanglement"):
+        load_study_config(CONFIGS / "study_finetune_headline.yaml", ["ran_ablations=[nosuch]"])
+
+
 def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     tmp_path: Path, data_dir: Path
 ) -> None:

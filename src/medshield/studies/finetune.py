@@ -58,7 +58,7 @@ from medshield.studies.finetune_outputs import plot_retrieval, plot_robust_vs_cl
 from medshield.studies.finetune_report import write_report
 from medshield.threads import set_threads, usable_cores, worker_threads
 from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
-from medshield.train.finetune.ran import RAN_TERMS
+from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
@@ -93,7 +93,9 @@ class StudyFinetuneConfig(StrictModel):
             from its backend instead.
         methods: the compared methods (by default every registered method: the clean ones,
             the ``adv-*`` baselines, TeCoA, FARE and FARE + probe, RAN).
-        ran_ablations: RAN loss terms to switch off one at a time (``all`` = every term).
+        ran_ablations: RAN loss terms or parts (:data:`RAN_PARTS`: ``noise_aware``,
+            ``realignment``, ``disentanglement``) to switch off one at a time (``all`` = every
+            term, ``parts`` = every part).
         modalities: modality names or ``available``.
         vqa_closed: add the VQA-RAD closed yes/no task (``vqa_rad_closed``) to the modalities.
         seeds: one cell per seed.
@@ -131,7 +133,7 @@ class StudyFinetuneConfig(StrictModel):
             )
         ]
     )
-    ran_ablations: list[str] | Literal["all"] = Field(default_factory=list)
+    ran_ablations: list[str] | Literal["all", "parts"] = Field(default_factory=list)
     modalities: list[str] | Literal["available"] = "available"
     vqa_closed: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -148,10 +150,12 @@ class StudyFinetuneConfig(StrictModel):
         for key in ("method", "kwargs"):
             if key in self.finetune:
                 raise ValueError(f"finetune.{key} is set per method under `methods`, not shared")
-        ablations = RAN_TERMS if self.ran_ablations == "all" else self.ran_ablations
-        unknown = set(ablations) - set(RAN_TERMS)
+        unknown = set(self.ablated()) - set(RAN_TERMS) - set(RAN_PARTS)
         if unknown:
-            raise ValueError(f"unknown RAN terms {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}")
+            raise ValueError(
+                f"unknown RAN terms or parts {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}; "
+                f"parts: {', '.join(RAN_PARTS)}"
+            )
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
             raise ValueError(f"method labels must be unique, got {names}")
@@ -159,10 +163,18 @@ class StudyFinetuneConfig(StrictModel):
             check_folder_name(label)
         return self
 
+    def ablated(self) -> Sequence[str]:
+        """The RAN terms or parts ablated one at a time."""
+        if self.ran_ablations == "all":
+            return RAN_TERMS
+        if self.ran_ablations == "parts":
+            return tuple(RAN_PARTS)
+        return self.ran_ablations
+
     def expanded_methods(self) -> list[MethodSpec]:
         """The methods, with one RAN variant per ablated term right after the first ``ran``
         spec (the ablations are built on it)."""
-        ablations = RAN_TERMS if self.ran_ablations == "all" else self.ran_ablations
+        ablations = self.ablated()
         specs: list[MethodSpec] = []
         base = next((m for m in self.methods if m.method == "ran"), None)
         for spec in self.methods:
@@ -174,15 +186,15 @@ class StudyFinetuneConfig(StrictModel):
         return specs
 
 
-def _ablations(ran: MethodSpec, terms: Sequence[str]) -> list[MethodSpec]:
+def _ablations(ran: MethodSpec, names: Sequence[str]) -> list[MethodSpec]:
     return [
         MethodSpec(
             method="ran",
-            label=f"{ran.name}-no_{term}",
-            kwargs={**ran.kwargs, term: 0.0},
+            label=f"{ran.name}-no_{name}",
+            kwargs={**ran.kwargs, **dict.fromkeys(ablation_terms(name), 0.0)},
             finetune=ran.finetune,
         )
-        for term in terms
+        for name in names
     ]
 
 

@@ -144,6 +144,22 @@ class RANOptions(TradesOptions):
 RAN_TERMS = ("task_clean", "beta", "keep", "align", "cov", "svd", "contrastive")
 """RAN's loss weights, the terms a study ablates (``ran-no_<term>``)."""
 
+RAN_PARTS: dict[str, tuple[str, ...]] = {
+    "noise_aware": ("beta",),
+    "realignment": ("keep", "align"),
+    "disentanglement": ("contrastive", "cov", "svd"),
+}
+"""RAN's three parts and their loss terms: noise-aware fine-tuning (the TRADES KL), dynamic
+re-alignment (clean features kept near the pretrained ones, adversarial ones pulled onto the
+EMA teacher) and contrastive disentanglement (image-text contrastive, decorrelation and
+spectrum terms). A study ablates a part by switching all its terms off (``ran-no_<part>``)."""
+
+
+def ablation_terms(name: str) -> tuple[str, ...]:
+    """The loss terms that ``ran-no_<name>`` switches off: a part's terms, or the one term."""
+    return RAN_PARTS.get(name, (name,))
+
+
 _LOG_NAME = {"beta": "kl"}  # the history logs the KL term under its own name
 
 
