@@ -184,12 +184,12 @@ def finetune_run_results() -> dict[str, Any]:
             "total_params": 26_839_939,
             "train_items": 204,
             "val_items": 52,
-            "best_epoch": 1,
+            "best_step": 14,
             "train_wall_s": 41.7,
             "overhead": {"flops_ratio": 1.0, "latency_ratio": 1.152},
             "history": [
-                {"epoch": 0, "loss": 0.6132, "val_accuracy": 0.8077},
-                {"epoch": 1, "loss": 0.4207, "val_accuracy": 0.9231},
+                {"step": 7, "epoch": 0, "lr": 0.0005, "loss": 0.6132, "val_accuracy": 0.8077},
+                {"step": 14, "epoch": 1, "lr": 0.0005, "loss": 0.4207, "val_accuracy": 0.9231},
             ],
         },
         "metrics": {

@@ -131,6 +131,71 @@ CASES = [
         "pretrain --set pretrain.warmup_fraction=2",
         r"(?s)warmup_fraction.*less than",
     ),
+    (
+        "finetune-ran-depth",
+        "finetune --set data_dir={tmp}/nodata --set 'finetune.kwargs={depths: [99]}'",
+        r"ran depth 99 does not exist: the image tower has \d+ blocks",
+    ),
+    (
+        "finetune-beta-negative",
+        "finetune --set finetune.method=adv-lora --set 'finetune.kwargs={beta: -1}'",
+        r"beta must be >= 0, got -1",
+    ),
+    (
+        "finetune-adversary-0-steps",
+        "finetune --set finetune.method=tecoa --set finetune.adversary.steps=0",
+        r"(?s)adversary\.steps\s+Input should be greater than or equal to 1",
+    ),
+    (
+        "finetune-ran-0-pgd-steps",
+        "finetune --set 'finetune.kwargs={pgd_steps: 0}'",
+        r"pgd_steps must be at least 1, got 0",
+    ),
+    (
+        "finetune-adv-0-pgd-steps",
+        "finetune --set finetune.method=adv-linear-probe --set 'finetune.kwargs={pgd_steps: 0}'",
+        r"pgd_steps must be at least 1, got 0",
+    ),
+    (
+        "finetune-lr-grid-empty",
+        "finetune --set finetune.val_fraction=0.2 --set finetune.lr_grid=[]",
+        r"lr_grid is empty: give at least one learning rate",
+    ),
+    (
+        "finetune-lr-grid-no-validation",
+        "finetune --set finetune.lr_grid=[0.001,0.01]",
+        r"lr_grid picks the learning rate on a validation split: set val_fraction",
+    ),
+    (
+        "finetune-lr-grid-negative",
+        "finetune --set finetune.val_fraction=0.2 --set finetune.lr_grid=[0.001,-1]",
+        r"every learning rate in lr_grid must be > 0",
+    ),
+    (
+        "finetune-adv-no-adversary",
+        "finetune --set finetune.method=adv-lora --set finetune.adversary=null",
+        r"adv-lora trains against an adversary, but adversary is null",
+    ),
+    (
+        "finetune-tecoa-no-adversary",
+        "finetune --set finetune.method=tecoa --set finetune.adversary=null",
+        r"tecoa trains against an adversary, but adversary is null",
+    ),
+    (
+        "finetune-ran-no-adversary",
+        "finetune --set finetune.adversary=null",
+        r"ran trains against an adversary, but adversary is null",
+    ),
+    (
+        "finetune-steps-and-epochs",
+        "finetune --set finetune.steps=100 --set finetune.epochs=2",
+        r"steps \(100\) and epochs \(2\) are both set",
+    ),
+    (
+        "study-finetune-lr-grid-empty",
+        "study finetune --set finetune.val_fraction=0.2 --set finetune.lr_grid=[]",
+        r"(?s)method 'linear-probe'.*lr_grid is empty",
+    ),
     ("missing-file", "pretrain --config {tmp}/nope.yaml", "config file .*nope.yaml does not exist"),
     (
         "bad-yaml-file",

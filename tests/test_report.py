@@ -208,10 +208,10 @@ def test_finetune_run_report(tmp_path: Path, layout: str) -> None:
     assert "kind fine-tuning run" in text and "Other results" not in text
     assert "204 training items (52 more held out for validation)" in text
     assert "329,728 trainable of 26,839,939 parameters" in text
-    assert "weights of epoch 2 kept (best validation)" in text
+    assert "weights after step 14 kept (best validation)" in text
     assert "0.840 [0.770, 0.910]" in text and "latency x1.152" in text
     assert "Sanity flags: 1 of 2 passed" in text and '<tr class="fail">' in html
-    assert "epoch loss val accuracy 1 0.6132 0.8077 2 0.4207 0.9231" in text
+    assert "epoch step lr loss val accuracy 1 7 0.0005 0.6132 0.8077 2 14 0.0005" in text
 
 
 def test_defense_study_report(redteam: Path, tmp_path: Path) -> None:

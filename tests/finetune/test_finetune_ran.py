@@ -106,7 +106,16 @@ def test_tower_ran_trains_logs_every_term_and_costs_what_the_base_costs(
     assert model.state_dict().keys() == base.state_dict().keys()
     assert not torch.equal(model.image_proj.weight, base.image_proj.weight)  # B A merged in
     history = result.report["history"]
-    assert set(history[1]) == {"epoch", "loss", "task_clean", "kl", "keep", "align"} | {
+    assert set(history[1]) == {
+        "step",
+        "epoch",
+        "lr",
+        "loss",
+        "task_clean",
+        "kl",
+        "keep",
+        "align",
+    } | {
         "cov",
         "svd",
         "contrastive",

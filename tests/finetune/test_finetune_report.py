@@ -137,7 +137,7 @@ def test_targets_flip_with_the_measured_accuracy(strong: bool) -> None:
     assert by_claim(found, "RAN robust @2/255 >= adv-lora", "blood_cell")["verdict"] == (
         "NOT MEASURED"
     )
-    assert by_claim(found, "each RAN term", "chest_xray")["verdict"] == "NOT MEASURED"
+    assert by_claim(found, "each RAN part", "chest_xray")["verdict"] == "NOT MEASURED"
 
 
 def test_ablation_pairs_each_ran_no_term_with_its_ran() -> None:
@@ -157,7 +157,7 @@ def test_ablation_pairs_each_ran_no_term_with_its_ran() -> None:
     assert rows["ran-no_svd"]["delta_worst@2"]["value"] == 0
     assert rows["ran-no_keep"]["delta_worst@2"]["value"] == pytest.approx(0.03)
     found = targets(cells, ["base"], 200)
-    ablated = by_claim(found, "each RAN term")
+    ablated = by_claim(found, "each RAN part")
     assert ablated["terms_measured"] == 2 and "ran-no_cov" in ablated["note"]
 
 

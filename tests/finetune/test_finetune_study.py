@@ -10,14 +10,20 @@ from finetune_support import write_study_config
 
 from medshield.errors import ConfigError
 from medshield.runs import Run
-from medshield.studies.finetune import cell_config, load_study_config, run_study_finetune
+from medshield.studies.finetune import (
+    _finetune_config,
+    cell_config,
+    load_study_config,
+    run_study_finetune,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_the_shipped_ablation_shares_the_main_studys_heavy_ran_cells() -> None:
     """The ablation config's ``ran`` cells are the main study's heavy ``ran`` cells, so a run
-    of one can reuse the other's; and both train 10 epochs (2 left most methods unconverged)."""
+    of one can reuse the other's; both train every method for the same >= 1,000 steps and pick
+    its learning rate from a grid."""
     main = load_study_config(CONFIGS / "study_finetune.yaml")
     ablation = load_study_config(CONFIGS / "study_finetune_ablation.yaml")
     main_ran = next(s for s in main.expanded_methods() if s.name == "ran")
@@ -26,11 +32,27 @@ def test_the_shipped_ablation_shares_the_main_studys_heavy_ran_cells() -> None:
         assert cell_config(main, "heavy", main_ran, task, 1) == cell_config(
             ablation, "heavy", ablation_ran, task, 1
         )
-    assert main.finetune["epochs"] == ablation.finetune["epochs"] == 10
+    for config in (main, ablation):  # issue 20's budget: >= 1,000 steps, cosine, lr grids
+        assert config.finetune["steps"] >= 1000 and config.finetune["schedule"] == "cosine"
+        for spec in config.expanded_methods():
+            assert len(_finetune_config(config, spec).lr_grid or []) >= 3
     assert {s.name for s in ablation.expanded_methods()} == {"ran"} | {
         f"ran-no_{term}"
         for term in ("task_clean", "beta", "keep", "align", "cov", "svd", "contrastive")
     }
+
+
+def test_ran_parts_are_ablated_together_and_unknown_names_refused() -> None:
+    """``ran_ablations: parts`` switches off each of RAN's three parts (all of its loss terms)
+    in one variant; a name that is neither a term nor a part is refused."""
+    config = load_study_config(CONFIGS / "study_finetune_headline.yaml", ["ran_ablations=parts"])
+    variants = {s.name: s.kwargs for s in config.expanded_methods() if "-no_" in s.name}
+    assert set(variants) == {"ran-no_noise_aware", "ran-no_realignment", "ran-no_disentanglement"}
+    assert variants["ran-no_realignment"] == {"keep": 0.0, "align": 0.0}
+    assert variants["ran-no_disentanglement"] == {"contrastive": 0.0, "cov": 0.0, "svd": 0.0}
+    assert variants["ran-no_noise_aware"] == {"beta": 0.0}
+    with pytest.raises(ConfigError, match="parts: noise_aware, realignment, disentanglement"):
+        load_study_config(CONFIGS / "study_finetune_headline.yaml", ["ran_ablations=[nosuch]"])
 
 
 def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
@@ -127,7 +149,7 @@ def test_study_cells_run_in_worker_processes_like_one_at_a_time(
     logs: list[str] = []
     parallel_run = Run(tmp_path / "parallel", parallel_cfg)
     parallel = run_study_finetune(parallel_cfg, parallel_run, log=logs.append)
-    assert logs[0] == "4 of 4 cells to run, 2 at a time"
+    assert logs[0] == "2 of 2 cells of seeds [0] to run, 2 at a time"
     assert sorted(r["cell"] for r in parallel_run.load_samples()) == sorted(
         r["cell"] for r in Run(tmp_path / "serial", serial_cfg).load_samples()
     )

@@ -80,12 +80,12 @@ def test_fare_probes_fare_phase_leaves_the_head_alone(base: MiniClip, train: Tra
     method = method_for(cfg)
     clf = method.build(copy.deepcopy(base), train.class_prompts)
     method.prepare(clf, train)
-    method.start_epoch(0)
+    method.start_epoch(0, 2)
     loss, _ = method.loss(clf, train.images[:4], train.labels[:4])
     loss.backward()
     assert clf.class_weight.grad is None and clf.model.image_proj.weight.grad is not None
     clf.zero_grad(set_to_none=True)
-    method.start_epoch(1)
+    method.start_epoch(1, 2)
     loss, _ = method.loss(clf, train.images[:4], train.labels[:4])
     loss.backward()
     assert clf.class_weight.grad is not None and clf.model.image_proj.weight.grad is None
@@ -103,6 +103,16 @@ def test_fare_probe_without_probe_epochs_fails_before_training(
 ) -> None:
     with pytest.raises(ConfigError, match="leaves none for the linear probe"):
         _two_epochs(base, train, "fare-probe", epochs=epochs, kwargs=kwargs)
+
+
+def test_fare_probe_splits_a_step_budget_by_passes(base: MiniClip, train: TrainData) -> None:
+    # 8 items in batches of 4: 2 steps a pass; 3 steps make 2 passes, FARE on the first
+    with pytest.raises(ConfigError, match="FARE for 1 of the 1 passes"):
+        run_method(base, train, "fare-probe", epochs=None, steps=2, batch_size=4)
+    _, result = run_method(
+        base, train, "fare-probe", epochs=None, steps=3, batch_size=4, log_every=1
+    )
+    assert [h["epoch"] for h in result.report["history"]] == [0, 0, 1]
 
 
 def test_fare_probe_trains_its_head_at_probe_lr(base: MiniClip, train: TrainData) -> None:

@@ -1,8 +1,10 @@
 """``medshield study finetune``: the robust fine-tuning comparison (RAN against the baselines).
 
 Every cell (checkpoint x method x task x seed) is one ``medshield finetune`` run (see
-:mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same epochs,
-data and adversary for every method (matched budgets). The tasks are the modalities and, with
+:mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same optimiser
+steps, schedule, data and adversary for every method (matched budgets); a method with an
+``lr_grid`` picks its learning rate on the first seed's validation split, and its other seeds
+reuse that pick (:func:`run_study_finetune`). The tasks are the modalities and, with
 ``vqa_closed`` (default on), the pseudo-modality ``vqa_rad_closed``: the VQA-RAD closed
 questions answered "yes" or "no", each method fine-tuned as a yes/no classifier whose class
 prompts are the item's own question followed by each answer (``"<question> yes"``,
@@ -57,7 +59,7 @@ from medshield.studies.finetune_outputs import plot_retrieval, plot_robust_vs_cl
 from medshield.studies.finetune_report import write_report
 from medshield.threads import set_threads, usable_cores, worker_threads
 from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
-from medshield.train.finetune.ran import RAN_TERMS
+from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     RobustEvalConfig,
@@ -89,12 +91,17 @@ class StudyFinetuneConfig(StrictModel):
         checkpoints: label -> saved base model directory (e.g. pretrained at a clean, a
             moderate and a heavy noise ratio by the noise study); ``null`` builds ``model``
             from its backend instead.
-        methods: the compared methods.
-        ran_ablations: RAN loss terms to switch off one at a time (``all`` = every term).
+        methods: the compared methods (by default every registered method: the clean ones,
+            the ``adv-*`` baselines, TeCoA, FARE and FARE + probe, RAN).
+        ran_ablations: RAN loss terms or parts (:data:`RAN_PARTS`: ``noise_aware``,
+            ``realignment``, ``disentanglement``) to switch off one at a time (``all`` = every
+            term, ``parts`` = every part).
         modalities: modality names or ``available``.
         vqa_closed: add the VQA-RAD closed yes/no task (``vqa_rad_closed``) to the modalities.
         seeds: one cell per seed.
-        finetune: shared fine-tuning settings (epochs, batch size, lr, items, adversary, ...).
+        finetune: shared fine-tuning settings (step budget, schedule, batch size, lr or
+            ``lr_grid``, items, adversary, ...). With an ``lr_grid`` a method's learning rate
+            is picked on the first seed and reused by the others (:func:`run_study_finetune`).
         robust: clean / robust evaluation settings.
         device: where every cell trains and is attacked (``auto``, ``cpu``, ``cuda[:N]``).
         workers: cells run at once, each in its own process with ``budget // workers``
@@ -111,10 +118,22 @@ class StudyFinetuneConfig(StrictModel):
     methods: list[MethodSpec] = Field(
         default_factory=lambda: [
             MethodSpec(method=m)
-            for m in ("linear-probe", "full", "lora", "adapter", "tecoa", "fare", "ran")
+            for m in (
+                "linear-probe",
+                "full",
+                "lora",
+                "adapter",
+                "adv-linear-probe",
+                "adv-lora",
+                "adv-adapter",
+                "tecoa",
+                "fare",
+                "fare-probe",
+                "ran",
+            )
         ]
     )
-    ran_ablations: list[str] | Literal["all"] = Field(default_factory=list)
+    ran_ablations: list[str] | Literal["all", "parts"] = Field(default_factory=list)
     modalities: list[str] | Literal["available"] = "available"
     vqa_closed: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -131,10 +150,12 @@ class StudyFinetuneConfig(StrictModel):
         for key in ("method", "kwargs"):
             if key in self.finetune:
                 raise ValueError(f"finetune.{key} is set per method under `methods`, not shared")
-        ablations = RAN_TERMS if self.ran_ablations == "all" else self.ran_ablations
-        unknown = set(ablations) - set(RAN_TERMS)
+        unknown = set(self.ablated()) - set(RAN_TERMS) - set(RAN_PARTS)
         if unknown:
-            raise ValueError(f"unknown RAN terms {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}")
+            raise ValueError(
+                f"unknown RAN terms or parts {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}; "
+                f"parts: {', '.join(RAN_PARTS)}"
+            )
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
             raise ValueError(f"method labels must be unique, got {names}")
@@ -142,10 +163,18 @@ class StudyFinetuneConfig(StrictModel):
             check_folder_name(label)
         return self
 
+    def ablated(self) -> Sequence[str]:
+        """The RAN terms or parts ablated one at a time."""
+        if self.ran_ablations == "all":
+            return RAN_TERMS
+        if self.ran_ablations == "parts":
+            return tuple(RAN_PARTS)
+        return self.ran_ablations
+
     def expanded_methods(self) -> list[MethodSpec]:
         """The methods, with one RAN variant per ablated term right after the first ``ran``
         spec (the ablations are built on it)."""
-        ablations = RAN_TERMS if self.ran_ablations == "all" else self.ran_ablations
+        ablations = self.ablated()
         specs: list[MethodSpec] = []
         base = next((m for m in self.methods if m.method == "ran"), None)
         for spec in self.methods:
@@ -157,15 +186,15 @@ class StudyFinetuneConfig(StrictModel):
         return specs
 
 
-def _ablations(ran: MethodSpec, terms: Sequence[str]) -> list[MethodSpec]:
+def _ablations(ran: MethodSpec, names: Sequence[str]) -> list[MethodSpec]:
     return [
         MethodSpec(
             method="ran",
-            label=f"{ran.name}-no_{term}",
-            kwargs={**ran.kwargs, term: 0.0},
+            label=f"{ran.name}-no_{name}",
+            kwargs={**ran.kwargs, **dict.fromkeys(ablation_terms(name), 0.0)},
             finetune=ran.finetune,
         )
-        for term in terms
+        for name in names
     ]
 
 
@@ -228,8 +257,15 @@ def _modalities(config: StudyFinetuneConfig) -> list[str]:
 
 
 def cell_config(
-    config: StudyFinetuneConfig, checkpoint: str, spec: MethodSpec, modality: str, seed: int
+    config: StudyFinetuneConfig,
+    checkpoint: str,
+    spec: MethodSpec,
+    modality: str,
+    seed: int,
+    lr_selection: dict[str, Any] | None = None,
 ) -> FineTuneRunConfig:
+    """The ``medshield finetune`` config of one cell (``lr_selection``: the first seed's
+    learning-rate pick, for a later seed of a method with an ``lr_grid``)."""
     model = config.model.model_copy(update={"checkpoint": config.checkpoints[checkpoint]})
     return FineTuneRunConfig(
         name=f"{checkpoint}__{spec.name}__{modality}__seed{seed}",
@@ -241,7 +277,21 @@ def cell_config(
         finetune=_finetune_config(config, spec),
         robust=config.robust,
         device=config.device,
+        lr_selection=lr_selection,
     )
+
+
+def first_seed_selection(
+    config: StudyFinetuneConfig, cells_dir: Path, checkpoint: str, spec: MethodSpec, modality: str
+) -> dict[str, Any] | None:
+    """The learning-rate selection of the first seed's cell of (checkpoint, method, task),
+    with ``from_seed``, for the other seeds to reuse (None when the method has no
+    ``lr_grid``)."""
+    if _finetune_config(config, spec).lr_grid is None:
+        return None
+    first = cell_config(config, checkpoint, spec, modality, config.seeds[0])
+    result = read_results(cells_dir / first.name)
+    return {**result["report"]["lr_selection"], "from_seed": config.seeds[0]}
 
 
 def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) -> dict[str, Any]:
@@ -249,7 +299,10 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
 
     Cells run seed by seed (every checkpoint, method and task of the first seed before the
     next seed), one at a time or, with ``workers`` > 1, in that many processes at once; each
-    finished cell is recorded in the study's ``samples.jsonl`` as it completes.
+    finished cell is recorded in the study's ``samples.jsonl`` as it completes. The first
+    seed's cells all finish before any other seed's starts: a method with an ``lr_grid``
+    picks its learning rate on the first seed, and its cells of the other seeds train once at
+    that pick (``lr_selection`` with ``from_seed`` in their results).
     """
     _check_checkpoints(config)
     modalities = _modalities(config)
@@ -263,20 +316,38 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
         for modality in modalities
         for seed in config.seeds
     ]
-    configs = [cell_config(config, *key) for key in grid]
-    seed_major = sorted(configs, key=lambda cfg: config.seeds.index(cfg.seed))
-    todo = [
-        cfg for cfg in seed_major if not (cfg.name in done and has_results(cells_dir / cfg.name))
-    ]
-    if todo:
-        log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
-    for count, cfg in enumerate(_run_cells(todo, cells_dir, config.workers, log), 1):
-        log(f"[{count}/{len(todo)}] {cfg.name} done")
-        run.append_samples(
-            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / RESULTS_FILE)}]
+    first, later = config.seeds[0], config.seeds[1:]
+    configs: dict[tuple[str, str, str, int], FineTuneRunConfig] = {}
+    for phase in ([first], later):  # later seeds reuse the first seed's learning rates
+        keys = [key for key in grid if key[3] in phase]
+        for checkpoint, spec, modality, seed in keys:
+            reused = None
+            if seed != first:
+                reused = first_seed_selection(config, cells_dir, checkpoint, spec, modality)
+            cfg = cell_config(config, checkpoint, spec, modality, seed, reused)
+            configs[(checkpoint, spec.name, modality, seed)] = cfg
+        seed_major = sorted(
+            (configs[(c, sp.name, m, seed)] for c, sp, m, seed in keys),
+            key=lambda cfg: config.seeds.index(cfg.seed),
         )
+        todo = [
+            cfg
+            for cfg in seed_major
+            if not (cfg.name in done and has_results(cells_dir / cfg.name))
+        ]
+        if todo:
+            log(
+                f"{len(todo)} of {len(keys)} cells of seeds {phase} to run, "
+                f"{config.workers} at a time"
+            )
+        for count, cfg in enumerate(_run_cells(todo, cells_dir, config.workers, log), 1):
+            log(f"[{count}/{len(todo)}] {cfg.name} done")
+            run.append_samples(
+                [{"cell": cfg.name, "results": str(cells_dir / cfg.name / RESULTS_FILE)}]
+            )
     cells: list[dict[str, Any]] = []
-    for (checkpoint, spec, modality, seed), cfg in zip(grid, configs, strict=True):
+    for checkpoint, spec, modality, seed in grid:
+        cfg = configs[(checkpoint, spec.name, modality, seed)]
         path = cells_dir / cfg.name
         cells.append(
             {

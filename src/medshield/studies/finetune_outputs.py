@@ -204,7 +204,7 @@ def _measured(t: dict[str, Any]) -> str:
         found = [f"{m} {n}" for m, n in t["trainable_params"].items() if n is not None]
         return ", ".join(found) or "-"
     if "terms_measured" in t:
-        return f"{t['terms_measured']} terms"
+        return f"{t['terms_measured']} ablations"
     return "-"
 
 

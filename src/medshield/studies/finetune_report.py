@@ -34,7 +34,7 @@ from medshield.eval.metrics import paired_difference_ci
 from medshield.eval.robust import per_image
 from medshield.studies import finetune_outputs
 from medshield.train.finetune.common import VQA_TASK, task_prompts
-from medshield.train.finetune.ran import _LOG_NAME, RAN_TERMS
+from medshield.train.finetune.ran import _LOG_NAME, RAN_PARTS, RAN_TERMS
 from medshield.train.finetune.workflow import share_bootstrap_ci
 
 CHEST, BLOOD = "chest_xray", "blood_cell"
@@ -190,15 +190,19 @@ def targets(cells: list[Cell], checkpoints: list[str], resamples: int) -> list[d
                 fits = params["ran"] <= params["adv-lora"]
                 entry.update(verdict="REACHED" if fits else "NOT REACHED", note="exact count")
             out.append(entry)
-            missing = [f"ran-no_{t}" for t in RAN_TERMS if not get(ck, f"ran-no_{t}", task)]
+            # ablated by part (RAN_PARTS) or term by term (RAN_TERMS): either set counts
+            by_part = [f"ran-no_{p}" for p in RAN_PARTS if not get(ck, f"ran-no_{p}", task)]
+            by_term = [f"ran-no_{t}" for t in RAN_TERMS if not get(ck, f"ran-no_{t}", task)]
+            names = RAN_PARTS if len(by_part) < len(RAN_PARTS) else RAN_TERMS
+            missing = by_part if names is RAN_PARTS else by_term
             missing = (["ran"] if not ran else []) + missing
             out.append(
                 {
                     "target": 3,
-                    "claim": "each RAN term switched off in turn, its effect with a paired CI",
+                    "claim": "each RAN part switched off in turn, its effect with a paired CI",
                     "checkpoint": ck,
                     "task": task,
-                    "terms_measured": 0 if not ran else len(RAN_TERMS) - len(missing),
+                    "terms_measured": 0 if not ran else len(names) - len(missing),
                     "verdict": _NOT if missing else "REACHED",
                     "note": f"missing: {', '.join(missing)}"
                     if missing
@@ -221,7 +225,8 @@ def ablation(cells: list[Cell], eps: list[float], resamples: int) -> list[dict[s
     out = []
     for (ck, method, task), group in groups.items():
         base, sep, term = method.rpartition("-no_")
-        if not sep or term not in RAN_TERMS or (ck, base, task) not in groups:
+        known = term in RAN_TERMS or term in RAN_PARTS
+        if not sep or not known or (ck, base, task) not in groups:
             continue
         row: dict[str, Any] = {"checkpoint": ck, "task": task, "ran": base, "ablated": method}
         row["term"] = term

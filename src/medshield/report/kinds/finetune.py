@@ -187,7 +187,10 @@ def _history(history: list[dict[str, Any]]) -> Table:
         rows=[
             [number(h.get("epoch", 0) + 1), *(number(h.get(p), 4) for p in parts)] for h in history
         ],
-        title="Training history (mean over the epoch's batches; val accuracy on held-out items)",
+        title=(
+            "Training history (mean over the steps since the previous entry; val accuracy on "
+            "held-out items)"
+        ),
     )
 
 
@@ -198,13 +201,13 @@ def _run_sections(run: RunData) -> list[Section]:
     items = f"{number(report.get('train_items'))} training items"
     if "val_items" in report:
         items += f" ({number(report['val_items'])} more held out for validation)"
-    best = report.get("best_epoch")
+    best = report.get("best_step")
     intro = (
         f"{ft.get('method', '-')} ({report.get('paper', '-')}) on {ft.get('modality', '-')}: "
         f"{items}, {number(report.get('trainable_params'))} trainable of "
         f"{number(report.get('total_params'))} parameters, "
         f"trained in {number(report.get('train_wall_s'), 1)} s"
-        + ("" if best is None else f", weights of epoch {best + 1} kept (best validation)")
+        + ("" if best is None else f", weights after step {best} kept (best validation)")
         + f"; inference FLOPs x{number(overhead.get('flops_ratio'))}, latency "
         f"x{number(overhead.get('latency_ratio'))} of the base zero-shot classifier."
     )

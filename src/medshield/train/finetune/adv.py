@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import torch
 from pydantic import model_validator
+from torch import nn
 
+from medshield.attacks.pgd import PGD
 from medshield.registry import METHODS
 from medshield.train.finetune.adapter import Adapter, AdapterOptions
 from medshield.train.finetune.common import FineTunedClassifier, NoOptions
 from medshield.train.finetune.linear_probe import LinearProbe
 from medshield.train.finetune.lora import Lora, LoraOptions
-from medshield.train.finetune.trades import TradesOptions, trades_loss
+from medshield.train.finetune.trades import TradesOptions, trades_attack, trades_loss
 
 
 class AdvOptions(TradesOptions):
@@ -51,7 +53,13 @@ class AdvLinearProbeOptions(NoOptions, AdvOptions):
 
 
 class TradesMixin:
-    """The loss of an ``adv-*`` method: :func:`~medshield.train.finetune.trades.trades_loss`."""
+    """The loss of an ``adv-*`` method (:func:`~medshield.train.finetune.trades.trades_loss`)
+    and its training adversary."""
+
+    adversarial = True
+
+    def training_attack(self, classifier: nn.Module) -> PGD:
+        return trades_attack(classifier, self.config.adversary.eps, self.options)
 
     def loss(
         self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor

@@ -34,10 +34,14 @@ the few closed questions with another answer are left out).
 :func:`adapted_encoder` gives the fine-tuned dual encoder itself (adapted towers, RAN's rectifier
 on the image path) for retrieval and multimodal attacks.
 
-:func:`finetune` runs the shared loop (AdamW, epochs of shuffled mini-batches from one task's
-train split, tqdm progress, seeded; with ``val_fraction`` a class-stratified part of the items is
-held out and scored after every epoch, and ``keep_best`` keeps the best epoch), then measures
-the inference overhead against the base model's zero-shot classifier in the same process.
+:func:`finetune` runs the shared loop (AdamW for a budget of optimiser steps, ``steps`` or
+``epochs`` passes, over successive seeded reshuffles of one task's train items, a constant or
+cosine schedule after a linear warm-up, tqdm progress; a history entry every ``log_every``
+steps; with ``val_fraction`` a class-stratified part of the items is held out and scored at
+every entry, and ``keep_best`` keeps the best entry's weights), counts the images through the
+image tower (:class:`ImageTowerCounter`), then measures the inference overhead against the base
+model's zero-shot classifier in the same process. ``lr_grid`` selection is
+:mod:`medshield.train.finetune.select`.
 :func:`save_finetuned` / :func:`load_finetuned` store the base model reference, the method's
 state (only the tensors that differ from the base model) as safetensors and the config as JSON.
 """
@@ -68,7 +72,8 @@ from tqdm.auto import tqdm
 
 import medshield
 from medshield import data
-from medshield.attacks.pgd import pgd_step_size
+from medshield.attacks.base import Attack
+from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.config import StrictModel
 from medshield.device import synchronize
 from medshield.errors import ConfigError, DataError, InputError
@@ -90,6 +95,7 @@ VQA_CLASS_PROMPTS = [[f"{QUESTION_FIELD} {answer}"] for answer in VQA_ANSWERS]
 VQA_IMAGE_SIZE = 64  # side VQA-RAD images are loaded at, as in medshield.eval.vqa
 
 Log = Callable[[str], None]
+DEFAULT_EPOCHS = 10  # the budget when neither steps nor epochs is set
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -116,46 +122,92 @@ class AdversaryConfig(StrictModel):
 
 
 class FineTuneConfig(StrictModel):
-    """How to fine-tune: method, optimisation budget, per-method kwargs, adversary.
+    """How to fine-tune: method, optimisation budget and schedule, learning-rate grid,
+    per-method kwargs, adversary.
 
     Attributes:
         method: a name registered in :data:`medshield.registry.METHODS`.
-        epochs: passes over the training items (10: at 2 epochs of a few hundred items most
-            methods are far from converged, see docs/studies/finetune.md).
+        steps: the budget in optimiser steps; batches come from successive seeded reshuffles
+            of the (class-balanced) training items, a new pass starting where one runs out.
+        epochs: the budget in passes over the training items instead (the default when
+            neither is set: 10, since at 2 epochs of a few hundred items most methods are far
+            from converged, see docs/studies/finetune.md). Setting both is an error.
         batch_size: items per step.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak of the schedule).
+        lr_grid: learning rates to choose from on the validation split (needs
+            ``val_fraction`` above 0): one model is trained per value with the same seed and
+            budget, and the best on validation is kept (see
+            :func:`medshield.train.finetune.select.finetune_lr_grid`); None trains at ``lr``.
+        schedule: ``constant`` or ``cosine`` (decay to 0 at the last step), after the warm-up.
+        warmup_fraction: share of the steps over which the learning rate rises linearly from
+            ``lr / warm-up steps`` to ``lr`` (0: no warm-up), so it scales with the budget.
+        log_every: steps per history entry (None: one pass over the training items).
         weight_decay: AdamW weight decay.
         max_train_items: class-balanced subsample of the train split (None: all).
         val_fraction: share of those items held out (stratified by class) as a validation set,
-            scored after every epoch (``val_accuracy`` in the history); 0 holds out nothing.
-        keep_best: end with the weights of the epoch of highest validation accuracy (the
-            earliest on a tie) instead of the last epoch's; needs ``val_fraction`` above 0.
+            scored at every history entry (``val_accuracy``); 0 holds out nothing.
+        keep_best: end with the weights of the history entry of highest validation accuracy
+            (the earliest on a tie) instead of the last step's; needs ``val_fraction`` above 0.
         kwargs: method-specific options, validated by the method (unknown keys are refused;
             RAN's loss weights are among its options).
         adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN and the
-            ``adv-*`` methods take its ``eps`` and set their own steps).
+            ``adv-*`` methods take its ``eps`` and set their own steps). ``null`` means no
+            adversary, which only the clean methods accept.
     """
 
     method: str = "ran"
-    epochs: int = Field(10, ge=1)
+    steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
+    lr_grid: list[float] | None = None
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    log_every: int | None = Field(None, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     max_train_items: int | None = Field(512, ge=2)
     val_fraction: float = Field(0.0, ge=0, le=0.5)
     keep_best: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
+    adversary: AdversaryConfig | None = Field(default_factory=AdversaryConfig)
 
     @model_validator(mode="after")
     def _check_method(self) -> FineTuneConfig:
         if self.method not in METHODS:
             known = ", ".join(METHODS.names())
             raise ValueError(f"unknown fine-tuning method {self.method!r}; registered: {known}")
-        METHODS.get(self.method).Options.model_validate(self.kwargs)
+        method = METHODS.get(self.method)
+        method.Options.model_validate(self.kwargs)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"steps ({self.steps}) and epochs ({self.epochs}) are both set: the budget is "
+                "one of them; keep steps (optimiser steps) or epochs (passes), not both"
+            )
+        if self.steps is None and self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS
         if self.keep_best and self.val_fraction == 0:
             raise ValueError(
-                "keep_best picks the epoch by validation accuracy: set val_fraction above 0"
+                "keep_best picks the best history entry by validation accuracy: set "
+                "val_fraction above 0"
+            )
+        if self.lr_grid is not None:
+            if not self.lr_grid:
+                raise ValueError(
+                    "lr_grid is empty: give at least one learning rate, or leave lr_grid out "
+                    "(null) to train at lr"
+                )
+            if any(lr <= 0 for lr in self.lr_grid):
+                raise ValueError(f"every learning rate in lr_grid must be > 0, got {self.lr_grid}")
+            if self.val_fraction == 0:
+                raise ValueError(
+                    "lr_grid picks the learning rate on a validation split: set val_fraction "
+                    "above 0 (e.g. 0.2)"
+                )
+        if method.adversarial and self.adversary is None:
+            raise ValueError(
+                f"{self.method} trains against an adversary, but adversary is null: give "
+                "adversary: {eps: ...} (its eps is the training budget, /255), or use a clean "
+                "method"
             )
         return self
 
@@ -425,6 +477,9 @@ class FineTuneMethod(ABC):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
+    adversarial: ClassVar[bool] = False
+    """Trains against a PGD adversary (``FineTuneConfig.adversary`` may not be null, and the
+    learning rate is picked by robust validation accuracy)."""
 
     def __init__(self, config: FineTuneConfig) -> None:
         self.config = config
@@ -449,8 +504,21 @@ class FineTuneMethod(ABC):
     def prepare(self, classifier: nn.Module, train: TrainData) -> None:  # noqa: B027
         """Hook run once before the first step (e.g. keep a frozen copy)."""
 
-    def start_epoch(self, epoch: int) -> None:  # noqa: B027
-        """Hook run at the start of every epoch (0-based), before its first step."""
+    def start_epoch(self, epoch: int, epochs: int) -> None:  # noqa: B027
+        """Hook run at the start of every pass over the training items (0-based ``epoch`` of
+        ``epochs``, the passes the budget starts, the last one possibly cut short by a step
+        budget), before its first step; a method that cannot use that many passes raises a
+        :class:`ConfigError` at pass 0, before the first step."""
+
+    def training_attack(self, classifier: nn.Module) -> Attack | None:
+        """The method's own training adversary as a cross-entropy PGD against ``classifier``
+        (None for a clean method): it scores robust validation accuracy when the learning rate
+        is picked (:mod:`medshield.train.finetune.select`). By default
+        ``FineTuneConfig.adversary``'s eps, steps and step size."""
+        if not self.adversarial or self.config.adversary is None:
+            return None
+        adv = self.config.adversary
+        return PGD(classifier, eps=adv.eps, alpha=adv.step_size, steps=adv.steps)
 
     def param_groups(
         self, classifier: nn.Module, trainable: list[nn.Parameter]
@@ -677,9 +745,18 @@ class FineTuneResult:
     Attributes:
         classifier: images in [0, 1] NCHW -> logits, in eval mode.
         report: ``trainable_params``, ``total_params``, ``train_items``, ``train_wall_s``
-            (validation included), ``overhead`` (see :func:`measure_overhead`), ``history``
-            (per-epoch mean loss and parts, and ``val_accuracy`` with a validation set), and
-            with a validation set ``val_items``, with ``keep_best`` ``best_epoch``.
+            (validation included), ``steps`` (optimiser steps taken), ``steps_per_pass``,
+            ``compute`` (``image_forward`` / ``image_backward``: images through the image
+            tower forwards / backwards while training, the adversary's and frozen copies'
+            passes included, validation excluded, counted by :class:`ImageTowerCounter`;
+            ``train_wall_s`` without validation, ``val_wall_s``, and
+            ``train_flops_estimate``, (forwards + 2 x backwards) x the fine-tuned classifier's
+            FLOPs per image from :func:`count_flops`), ``overhead`` (see
+            :func:`measure_overhead`), ``history`` (one entry every ``log_every`` steps and
+            after the last: ``step`` (steps done), ``epoch`` (the pass it ended in), ``lr``
+            (of the entry's last step, first parameter group), the mean loss and every loss
+            part over the entry's steps, and ``val_accuracy`` with a validation set), and with
+            a validation set ``val_items``, with ``keep_best`` ``best_step``.
         config: the fine-tuning config.
         modality: the downstream modality.
         base_state: the base model's tensors before training (for saving only the change).
@@ -692,11 +769,99 @@ class FineTuneResult:
     seed: int
     base_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     base_ref: dict[str, Any] = field(default_factory=dict)
+    val: TrainData | None = field(default=None, repr=False)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One pass: a seeded shuffle of ``range(n)`` cut into batches, without a 1-item tail (it
+    breaks BatchNorm and batch statistics)."""
     order = torch.randperm(n, generator=generator)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return batches[:-1] if len(batches) > 1 and len(batches[-1]) < 2 else batches
+
+
+def steps_per_pass(n: int, batch_size: int) -> int:
+    """Optimiser steps in one pass over ``n`` training items (see :func:`_batches`)."""
+    full, rest = divmod(n, batch_size)
+    return max(1, full + (rest >= 2))
+
+
+def total_steps(config: FineTuneConfig, n: int) -> int:
+    """The budget in optimiser steps: ``steps``, or ``epochs`` passes over ``n`` items."""
+    if config.steps is not None:
+        return config.steps
+    assert config.epochs is not None  # the config fills in the default
+    return config.epochs * steps_per_pass(n, config.batch_size)
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of step ``s`` (0-based) of ``total``: ``(s + 1) / (warmup
+    + 1)`` over the first ``warmup`` steps, then 1 (``constant``) or a half cosine over the
+    ``n = total - warmup`` remaining steps, from 1 down to ``(1 + cos(pi (n - 1) / n)) / 2`` ~ 0
+    at the last (``cosine``), for :class:`torch.optim.lr_scheduler.LambdaLR`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    return factor
+
+
+def _tower_ends(model: DualEncoder) -> tuple[nn.Module, nn.Module] | None:
+    """The first and last module an image passes through in the image tower (None when the
+    model names no image blocks)."""
+    blocks = model.image_blocks()
+    if not blocks:
+        return None
+    first, last = blocks[0], blocks[-1]
+    first = first[0] if isinstance(first, nn.ModuleList) else first
+    last = last[-1] if isinstance(last, nn.ModuleList) else last
+    return first, last
+
+
+class ImageTowerCounter:
+    """Counts the images through the image tower while ``active``: ``forward`` (every pass,
+    the adversary's and frozen copies' included) and ``backward`` (every pass whose gradient
+    flows back into the tower's output: training a part of the tower, or an attack's input
+    gradient). Hooks on the tower's first and last module; copies of the model made while
+    they are in place (a method's frozen teacher) count too."""
+
+    def __init__(self, model: DualEncoder) -> None:
+        self.forward = self.backward = 0
+        self.active = True
+        self.handles = []
+        ends = _tower_ends(model)
+        if ends is None:
+            return
+
+        def count_in(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self.active:
+                self.forward += len(args[0])
+
+        def count_out(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if self.active and torch.is_tensor(out) and out.requires_grad:
+                n = len(out)
+
+                def count_grad(grad: torch.Tensor) -> None:
+                    if self.active:
+                        self.backward += n
+
+                out.register_hook(count_grad)
+
+        self.handles = [
+            ends[0].register_forward_pre_hook(count_in),
+            ends[1].register_forward_hook(count_out),
+        ]
+
+    def close(self) -> None:
+        """Stop counting (copies of the model keep their hooks, now idle)."""
+        self.active = False
+        for handle in self.handles:
+            handle.remove()
 
 
 def finetune(
@@ -765,48 +930,71 @@ def finetune(
             f"{config.method}: training items carry questions exactly when the class prompts "
             f"hold {QUESTION_FIELD} (a question-conditioned FineTunedClassifier)"
         )
+    counter = ImageTowerCounter(model)  # before prepare: a method's frozen copies count too
     method.prepare(classifier, train)
     groups = method.param_groups(classifier, trainable)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    per_pass = steps_per_pass(len(train.images), config.batch_size)
+    n_steps = total_steps(config, len(train.images))
+    warmup = int(config.warmup_fraction * n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.schedule, warmup, n_steps)
+    )
+    log_every = config.log_every or per_pass
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # accuracy, epoch, state
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # accuracy, step, state
     n_trainable = sum(p.numel() for p in trainable)
     if log:
         log(
             f"fine-tuning {config.method} on {len(train.images)} {train.modality} items, "
-            f"{n_trainable:,} trainable parameters"
+            f"{n_trainable:,} trainable parameters, {n_steps} steps ({per_pass} per pass)"
         )
     start = time.perf_counter()
-    for epoch in range(config.epochs):
-        method.start_epoch(epoch)
-        batches = _batches(len(train.images), config.batch_size, generator)
-        if len(batches) > 1 and len(batches[-1]) < 2:
-            batches = batches[:-1]  # a 1-item batch breaks BatchNorm and batch statistics
-        sums: dict[str, float] = {}
-        bar = tqdm(batches, desc=f"{config.method} epoch {epoch + 1}", disable=not progress)
-        for idx in bar:
-            set_train_modes(classifier)
-            if train.questions is not None:
-                classifier.set_questions([train.questions[i] for i in idx])
-            images, labels = train.images[idx].to(device), train.labels[idx].to(device)
-            loss, parts = method.loss(classifier, images, labels)
-            where = f"{config.method} fine-tuning epoch {epoch + 1}"
-            check_finite_loss(loss, where, "finetune.lr", config.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            parts = {"loss": float(loss.detach()), **parts}
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{parts['loss']:.3f}")
-        history.append({"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}})
+    val_wall = 0.0
+    sums: dict[str, float] = {}
+    window = 0
+    batches: list[torch.Tensor] = []
+    epoch = -1
+    bar = tqdm(total=n_steps, desc=config.method, disable=not progress)
+    for step in range(n_steps):
+        if not batches:
+            epoch += 1
+            method.start_epoch(epoch, math.ceil(n_steps / per_pass))
+            batches = _batches(len(train.images), config.batch_size, generator)
+        idx = batches.pop(0)
+        set_train_modes(classifier)
+        if train.questions is not None:
+            classifier.set_questions([train.questions[i] for i in idx])
+        images, labels = train.images[idx].to(device), train.labels[idx].to(device)
+        loss, parts = method.loss(classifier, images, labels)
+        lr = optimizer.param_groups[0]["lr"]
+        check_finite_loss(loss, f"{config.method} fine-tuning step {step + 1}", "finetune.lr", lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        parts = {"loss": float(loss.detach()), **parts}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        window += 1
+        bar.update()
+        bar.set_postfix(loss=f"{parts['loss']:.3f}")
+        if (step + 1) % log_every and step + 1 < n_steps:
+            continue
+        entry = {"step": step + 1, "epoch": epoch, "lr": lr}
+        history.append({**entry, **{k: v / window for k, v in sums.items()}})
+        sums, window = {}, 0
         if val is not None:
+            counter.active, val_start = False, time.perf_counter()
             accuracy = validation_accuracy(classifier, val, config.batch_size)
+            counter.active, val_wall = True, val_wall + time.perf_counter() - val_start
             history[-1]["val_accuracy"] = accuracy
             if config.keep_best and (best is None or accuracy > best[0]):
                 state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
-                best = (accuracy, epoch, state)
+                best = (accuracy, step + 1, state)
+    bar.close()
+    counter.close()
     if best is not None:
         classifier.load_state_dict(best[2])
     train_wall = time.perf_counter() - start
@@ -829,15 +1017,26 @@ def finetune(
         "base_params": count_parameters(base),
         "train_items": len(train.images),
         "train_wall_s": round(train_wall, 3),
+        "steps": n_steps,
+        "steps_per_pass": per_pass,
+        "compute": {
+            "image_forward": counter.forward,
+            "image_backward": counter.backward,
+            "train_wall_s": round(train_wall - val_wall, 3),
+            "val_wall_s": round(val_wall, 3),
+            "train_flops_estimate": (counter.forward + 2 * counter.backward)
+            * overhead["flops"]
+            // overhead["batch"],
+        },
         "overhead": overhead,
         "history": history,
     }
     if val is not None:
         report["val_items"] = len(val.images)
     if best is not None:
-        report["best_epoch"] = best[1]
+        report["best_step"] = best[1]
     return FineTuneResult(
-        classifier, report, config, train.modality, seed, base_state, dict(base_ref or {})
+        classifier, report, config, train.modality, seed, base_state, dict(base_ref or {}), val
     )
 
 

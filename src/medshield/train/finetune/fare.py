@@ -56,6 +56,7 @@ def squared_l2(embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @METHODS.register("fare", "unsupervised adversarial fine-tuning, L2 to frozen clean embeddings")
 class FARE(FineTuneMethod):
     paper = "Schlarmann et al. ICML 2024 (FARE)"
+    adversarial = True
 
     def build(
         self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
@@ -90,7 +91,9 @@ class FARE(FineTuneMethod):
 
 
 class FAREProbeOptions(StrictModel):
-    """``fare_epochs``: the epochs of FARE before the probe (None: half of them, at least 1);
+    """``fare_epochs``: the passes over the training items of FARE before the probe (None: half
+    of the passes the budget makes, at least 1; with a ``steps`` budget the last pass may be
+    cut short);
     ``probe_lr``: the head's learning rate (None: ``FineTuneConfig.lr``, which the tower uses)."""
 
     fare_epochs: int | None = Field(None, ge=1)
@@ -99,7 +102,7 @@ class FAREProbeOptions(StrictModel):
 
 @METHODS.register("fare-probe", "FARE, then a linear probe on its frozen image features")
 class FAREProbe(FARE):
-    """FARE for the first ``fare_epochs`` epochs (unsupervised, the head untouched), then a
+    """FARE for the first ``fare_epochs`` passes (unsupervised, the head untouched), then a
     linear probe (:mod:`~medshield.train.finetune.linear_probe`: the head learned with
     cross-entropy on the FARE features, computed in eval mode without gradients, so the tower
     stays as FARE left it) for the rest: FARE's supervised score, beside ``fare``'s zero-shot
@@ -109,19 +112,6 @@ class FAREProbe(FARE):
 
     paper = "Schlarmann et al. ICML 2024 (FARE), then a CLIP linear probe (Radford et al. 2021)"
     Options = FAREProbeOptions
-
-    def fare_epochs(self) -> int:
-        epochs = self.config.epochs
-        return self.options.fare_epochs or max(1, epochs // 2)
-
-    def check(self, model: DualEncoder) -> None:
-        super().check(model)
-        if self.fare_epochs() >= self.config.epochs:
-            raise ConfigError(
-                f"fare-probe trains FARE for {self.fare_epochs()} of {self.config.epochs} epochs "
-                "and leaves none for the linear probe: give at least 2 epochs and fare_epochs "
-                "below epochs"
-            )
 
     def build(
         self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]
@@ -146,8 +136,15 @@ class FAREProbe(FARE):
         super().prepare(classifier, train)
         self.probing = False
 
-    def start_epoch(self, epoch: int) -> None:
-        self.probing = epoch >= self.fare_epochs()
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        fare_epochs = self.options.fare_epochs or max(1, epochs // 2)
+        if epoch == 0 and fare_epochs >= epochs:
+            raise ConfigError(
+                f"fare-probe trains FARE for {fare_epochs} of the {epochs} passes over the "
+                "training items its budget makes and leaves none for the linear probe: give a "
+                "budget of at least 2 passes and fare_epochs below it"
+            )
+        self.probing = epoch >= fare_epochs
 
     def loss(
         self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor

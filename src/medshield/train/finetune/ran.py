@@ -22,7 +22,8 @@
   (``z + W2 GELU(W1 z + b1) + b2``, ``hidden`` units; it cannot fold).
 
 **The objective** (the same for both placements; each weight an option, a weight of 0 switches
-its term off, and the per-epoch mean of every active term is in the run's history):
+its term off, and the mean of every active term over each history entry's steps is in the
+run's history):
 
 (a) noise-aware fine-tuning, TRADES (Zhang et al., ICML 2019): ``task_clean`` x the
     cross-entropy on clean images + ``beta`` x ``kl``, the KL divergence between the class
@@ -55,6 +56,7 @@ from peft.tuners.lora import LoraLayer
 from pydantic import model_validator
 from torch import nn
 
+from medshield.attacks.pgd import PGD
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
@@ -65,7 +67,12 @@ from medshield.train.finetune.common import (
     freeze,
 )
 from medshield.train.finetune.lora import inject_lora
-from medshield.train.finetune.trades import TradesOptions, trades_adversary, trades_kl
+from medshield.train.finetune.trades import (
+    TradesOptions,
+    trades_adversary,
+    trades_attack,
+    trades_kl,
+)
 from medshield.train.pretrain import contrastive_loss
 
 Depth = int | Literal["early", "middle", "late"]
@@ -136,6 +143,22 @@ class RANOptions(TradesOptions):
 
 RAN_TERMS = ("task_clean", "beta", "keep", "align", "cov", "svd", "contrastive")
 """RAN's loss weights, the terms a study ablates (``ran-no_<term>``)."""
+
+RAN_PARTS: dict[str, tuple[str, ...]] = {
+    "noise_aware": ("beta",),
+    "realignment": ("keep", "align"),
+    "disentanglement": ("contrastive", "cov", "svd"),
+}
+"""RAN's three parts and their loss terms: noise-aware fine-tuning (the TRADES KL), dynamic
+re-alignment (clean features kept near the pretrained ones, adversarial ones pulled onto the
+EMA teacher) and contrastive disentanglement (image-text contrastive, decorrelation and
+spectrum terms). A study ablates a part by switching all its terms off (``ran-no_<part>``)."""
+
+
+def ablation_terms(name: str) -> tuple[str, ...]:
+    """The loss terms that ``ran-no_<name>`` switches off: a part's terms, or the one term."""
+    return RAN_PARTS.get(name, (name,))
+
 
 _LOG_NAME = {"beta": "kl"}  # the history logs the KL term under its own name
 
@@ -332,6 +355,10 @@ class RAN(FineTuneMethod):
         "2024), CLIP (Radford et al. ICML 2021); rectifiers are peft LoRA (Hu et al. ICLR 2022)"
     )
     Options = RANOptions
+    adversarial = True
+
+    def training_attack(self, classifier: nn.Module) -> PGD:
+        return trades_attack(classifier, self.config.adversary.eps, self.options)
 
     def check(self, model: DualEncoder) -> None:
         super().check(model)

@@ -69,6 +69,7 @@ def image_side_trainable(model: DualEncoder) -> None:
 class TeCoA(FineTuneMethod):
     paper = "Mao et al. ICLR 2023 (TeCoA); settings of Schlarmann et al. ICML 2024 (RobustVLM)"
     Options = TeCoAOptions
+    adversarial = True
 
     def build(
         self, model: DualEncoder, class_prompts: Sequence[Sequence[str]]

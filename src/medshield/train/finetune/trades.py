@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import model_validator
+from torch import nn
 
 from medshield.attacks.pgd import PGD
 from medshield.config import StrictModel
@@ -41,6 +42,12 @@ class TradesOptions(StrictModel):
         if not 0 < self.pgd_step <= 1:
             raise ValueError(f"pgd_step is a fraction of eps in (0, 1], got {self.pgd_step}")
         return self
+
+
+def trades_attack(classifier: nn.Module, eps: float, options: TradesOptions) -> PGD:
+    """The TRADES adversary's PGD (``pgd_steps`` steps of ``pgd_step`` x eps) with the
+    cross-entropy loss: what scores a TRADES-trained method's robust validation accuracy."""
+    return PGD(classifier, eps=eps, alpha=options.pgd_step * eps, steps=options.pgd_steps)
 
 
 def trades_kl(adv_logits: torch.Tensor, clean_log_probs: torch.Tensor) -> torch.Tensor:

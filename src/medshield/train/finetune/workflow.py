@@ -32,6 +32,11 @@ Evaluation on a class-balanced test subsample:
   (Co-Attack at eps 2/255 by default), rows from :mod:`medshield.eval.retrieval`; metrics
   ``retrieval_{i2t,t2i}[_adv]/R@{1,5,10}`` and an ``retrieval adv<=clean`` flag on R@1.
 
+With ``finetune.lr_grid`` the model is the best of one training per learning rate on the
+validation split (:mod:`medshield.train.finetune.select`); ``lr_selection`` in the config
+instead trains once at a pick made elsewhere (a study's first seed). Either way the report
+carries ``lr_selection``, and always ``compute`` (the counted training passes).
+
 Rows are written one group at a time, tagged with the group and its size, so an interrupted
 run keeps finished groups and recomputes only a group a crash cut short; a saved fine-tuned
 model is loaded instead of retrained. Accuracies carry 95% bootstrap CIs
@@ -84,6 +89,7 @@ from medshield.train.finetune.common import (
     save_finetuned,
     task_name,
 )
+from medshield.train.finetune.select import finetune_lr_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
@@ -162,7 +168,19 @@ class FineTuneRunConfig(StrictModel):
     """Where to train and attack: ``auto`` (a CUDA GPU when visible, else the CPU), ``cpu``,
     ``cuda`` or ``cuda:N``. Saved models are device-independent, and the device is not part of
     the run's saved config, so a run started on a GPU resumes on a CPU and vice versa."""
+    lr_selection: dict[str, Any] | None = None
+    """A learning-rate selection made by another run (a study's first seed, with
+    ``from_seed``): train once at its ``pick`` instead of searching ``finetune.lr_grid``, and
+    record it as this run's ``lr_selection``."""
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"device"})
+
+    @model_validator(mode="after")
+    def _check_lr_selection(self) -> FineTuneRunConfig:
+        if self.lr_selection is not None and not isinstance(
+            self.lr_selection.get("pick"), int | float
+        ):
+            raise ValueError("lr_selection needs the picked learning rate as `pick` (a number)")
+        return self
 
 
 def load_finetune_config(
@@ -314,9 +332,13 @@ def run_finetune(
         classifier.to(device)
         report = meta["report"]
     else:
-        result = finetune(
+        ft = config.finetune
+        if config.lr_selection is not None:
+            ft = ft.model_copy(update={"lr": config.lr_selection["pick"], "lr_grid": None})
+        train = finetune_lr_grid if ft.lr_grid is not None else finetune
+        result = train(
             base,
-            config.finetune,
+            ft,
             modality,
             seed=config.seed,
             data_dir=config.data_dir,
@@ -325,6 +347,8 @@ def run_finetune(
             progress=progress,
             device=device,
         )
+        if config.lr_selection is not None:
+            result.report["lr_selection"] = config.lr_selection
         save_finetuned(result, saved)
         classifier, report = result.classifier, result.report
 

@@ -1,0 +1,121 @@
+"""Learning-rate selection on a validation split (``FineTuneConfig.lr_grid``).
+
+:func:`finetune_lr_grid` trains one model per learning rate of the grid, each from a fresh copy
+of the base model with the same seed, data, validation split and step budget, and scores it on
+the held-out items: clean accuracy for a clean method, and for an adversarial one
+(:attr:`~medshield.train.finetune.common.FineTuneMethod.adversarial`: tecoa, fare, fare-probe,
+ran, adv-*) robust accuracy under the method's own training adversary
+(:meth:`~medshield.train.finetune.common.FineTuneMethod.training_attack`: PGD with the
+cross-entropy loss at the training eps, steps and step size, in eval mode). The model of the
+best score is kept (the first of the grid on a tie); nothing is retrained. Its report gets
+``lr_selection``:
+
+- ``grid``: the learning rates, in config order;
+- ``select_by``: ``val_clean_accuracy`` or ``val_robust_accuracy``;
+- ``scores``: the selection score per learning rate;
+- ``val_clean_accuracy`` per learning rate, and ``val_robust_accuracy`` for an adversarial
+  method;
+- ``pick``: the chosen learning rate; ``val_items``: the validation items;
+- ``compute``: ``image_forward``, ``image_backward`` and ``train_wall_s`` summed over the grid's
+  trainings (the kept run's own are its report's ``compute``).
+
+A study reuses the first seed's pick for its other seeds (see
+:mod:`medshield.studies.finetune`); their reports carry the first seed's ``lr_selection`` with
+``from_seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medshield.errors import ConfigError
+from medshield.models.base import DualEncoder
+from medshield.train.finetune.common import (
+    FineTuneConfig,
+    FineTuneResult,
+    TrainData,
+    finetune,
+    item_slices,
+    load_train_data,
+    method_for,
+    parse_finetune_config,
+    predict_classes,
+    validation_accuracy,
+)
+
+
+def robust_validation_accuracy(result: FineTuneResult, val: TrainData, batch_size: int) -> float:
+    """Accuracy on the held-out items under the method's own training adversary (eval mode;
+    on the VQA task each batch with its own questions)."""
+    classifier = result.classifier
+    attack = method_for(result.config).training_attack(classifier)
+    if attack is None:
+        raise ConfigError(f"{result.config.method} is a clean method: it has no training adversary")
+    device = next(classifier.parameters()).device
+    torch.manual_seed(result.seed)  # the adversary's random start
+    adv = torch.cat(
+        [
+            attack(val.images[part].to(device), val.labels[part].to(device)).cpu()
+            for part in item_slices(classifier, val, batch_size)
+        ]
+    )
+    pred = predict_classes(classifier, val, adv, batch_size)
+    return float((pred == val.labels).float().mean())
+
+
+def finetune_lr_grid(
+    model: DualEncoder,
+    config: FineTuneConfig | dict[str, Any],
+    modality: str,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    train: TrainData | None = None,
+    **kwargs: Any,
+) -> FineTuneResult:
+    """Fine-tune a copy of ``model`` at every learning rate of ``config.lr_grid`` and return the
+    result scored best on validation, its report with ``lr_selection`` (see the module
+    docstring) and its config at the picked ``lr`` (``lr_grid`` cleared). ``model`` itself is
+    left as it was; ``kwargs`` go to :func:`~medshield.train.finetune.common.finetune`."""
+    config = parse_finetune_config(config)
+    if config.lr_grid is None:
+        raise ConfigError("finetune_lr_grid needs finetune.lr_grid (a list of learning rates)")
+    method = method_for(config)
+    method.check(model)  # a model the method cannot adapt fails before the first training
+    if train is None:
+        train = load_train_data(modality, config.max_train_items, seed, data_dir)
+    select_by = "val_robust_accuracy" if method.adversarial else "val_clean_accuracy"
+    best: FineTuneResult | None = None
+    clean: list[float] = []
+    robust: list[float] = []
+    totals = {"image_forward": 0, "image_backward": 0, "train_wall_s": 0.0}
+    for lr in config.lr_grid:
+        cfg = config.model_copy(update={"lr": lr, "lr_grid": None})
+        result = finetune(copy.deepcopy(model), cfg, modality, seed, data_dir, train, **kwargs)
+        assert result.val is not None  # the config asks for val_fraction > 0 with a grid
+        clean.append(validation_accuracy(result.classifier, result.val, config.batch_size))
+        if method.adversarial:
+            robust.append(robust_validation_accuracy(result, result.val, config.batch_size))
+        for key in totals:
+            totals[key] += result.report["compute"][key]
+        scores = robust if method.adversarial else clean
+        if best is None or scores[-1] > max(scores[:-1]):
+            best = result
+    assert best is not None
+    scores = robust if method.adversarial else clean
+    selection: dict[str, Any] = {
+        "grid": list(config.lr_grid),
+        "select_by": select_by,
+        "scores": scores,
+        "val_clean_accuracy": clean,
+        "pick": best.config.lr,
+        "val_items": len(best.val.images) if best.val is not None else 0,
+        "compute": {**totals, "train_wall_s": round(totals["train_wall_s"], 3)},
+    }
+    if method.adversarial:
+        selection["val_robust_accuracy"] = robust
+    best.report["lr_selection"] = selection
+    return best

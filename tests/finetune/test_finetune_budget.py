@@ -1,0 +1,187 @@
+"""The fine-tuning budget: optimiser steps, the schedule, learning-rate selection on validation
+(also across a study's seeds) and the counted training compute."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+from finetune_support import TINY_EVAL, run_method, write_study_config
+
+from medshield.errors import ConfigError
+from medshield.models.mini_clip import MiniClip
+from medshield.runs import Run
+from medshield.studies.finetune import load_study_config, run_study_finetune
+from medshield.train.finetune.common import (
+    TrainData,
+    load_train_data,
+    lr_factor,
+    parse_finetune_config,
+    split_validation,
+    validation_accuracy,
+)
+from medshield.train.finetune.select import finetune_lr_grid, robust_validation_accuracy
+
+
+@pytest.fixture(scope="module")
+def train16(data_dir: Path) -> TrainData:
+    return load_train_data("chest_xray", 16, seed=0, data_dir=data_dir)
+
+
+def test_the_step_budget_counts_optimiser_steps_across_reshuffles(
+    base: MiniClip, train: TrainData
+) -> None:
+    # 8 items in batches of 3: 2 full batches and a 2-item tail, 3 steps a pass; 7 steps end
+    # one step into the third pass
+    _, result = run_method(base, train, "linear-probe", epochs=None, steps=7, batch_size=3)
+    report = result.report
+    assert report["steps"] == 7 and report["steps_per_pass"] == 3
+    history = report["history"]
+    assert [h["step"] for h in history] == [3, 6, 7]  # one entry a pass, and the last step
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # the linear probe passes each batch through the tower once: 3 + 3 + 2 images a pass
+    assert report["compute"]["image_forward"] == 8 + 8 + 3
+    assert report["compute"]["image_backward"] == 0  # the tower is frozen
+    _, result = run_method(base, train, "linear-probe", epochs=2, batch_size=4, log_every=1)
+    assert [h["step"] for h in result.report["history"]] == [1, 2, 3, 4]
+
+
+def test_steps_and_epochs_are_one_budget() -> None:
+    assert parse_finetune_config({"method": "lora"}).epochs == 10  # the default budget
+    assert parse_finetune_config({"method": "lora", "steps": 5}).epochs is None
+    with pytest.raises(ConfigError, match=r"steps \(5\) and epochs \(2\) are both set"):
+        parse_finetune_config({"method": "lora", "steps": 5, "epochs": 2})
+    # a saved config (both keys, one null) reads back
+    dumped = parse_finetune_config({"method": "lora", "steps": 5}).model_dump()
+    assert parse_finetune_config(dumped).steps == 5
+
+
+def test_cosine_schedule_warms_up_then_decays_to_about_zero(
+    base: MiniClip, train: TrainData
+) -> None:
+    factor = lr_factor("cosine", warmup=2, total=10)
+    assert [factor(s) for s in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    values = [factor(s) for s in range(2, 10)]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert values[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8))) and values[-1] < 0.04
+    assert [lr_factor("constant", 2, 10)(s) for s in (0, 1, 5, 9)] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 1]
+    )
+    settings = {"schedule": "cosine", "warmup_fraction": 0.2, "lr": 0.01, "log_every": 1}
+    _, result = run_method(base, train, "linear-probe", epochs=None, steps=10, **settings)
+    lrs = [h["lr"] for h in result.report["history"]]
+    assert lrs == pytest.approx([0.01 * factor(s) for s in range(10)])
+
+
+def test_lr_grid_keeps_the_best_validation_score_and_records_the_grid(
+    base: MiniClip, train16: TrainData
+) -> None:
+    grid = [1e-6, 0.05, 1e-4]
+    config = {
+        "method": "linear-probe",
+        "steps": 4,
+        "batch_size": 4,
+        "max_train_items": None,
+        "val_fraction": 0.25,
+        "lr_grid": grid,
+    }
+    kept = copy.deepcopy(base)
+    result = finetune_lr_grid(
+        kept, config, "chest_xray", train=train16, progress=False, latency_repeats=1
+    )
+    assert all(
+        (a == b).all() for a, b in zip(kept.parameters(), base.parameters(), strict=True)
+    )  # the base model is left alone
+    selection = result.report["lr_selection"]
+    assert selection["grid"] == grid and selection["select_by"] == "val_clean_accuracy"
+    scores = selection["scores"]
+    assert len(scores) == 3 and scores == selection["val_clean_accuracy"]
+    assert selection["pick"] == grid[scores.index(max(scores))] == result.config.lr
+    assert result.config.lr_grid is None and selection["val_items"] == 4
+    _, val = split_validation(train16, 0.25, seed=0)
+    assert validation_accuracy(result.classifier, val, 4) == pytest.approx(max(scores))
+    # the grid's compute adds up its three trainings of 4 steps of 4 images each
+    assert selection["compute"]["image_forward"] == 3 * 16
+
+
+def test_adversarial_methods_pick_by_robust_validation_accuracy(
+    base: MiniClip, train16: TrainData
+) -> None:
+    config = {
+        "method": "adv-linear-probe",
+        "steps": 2,
+        "batch_size": 4,
+        "max_train_items": None,
+        "val_fraction": 0.25,
+        "lr_grid": [1e-3, 1e-2],
+        "kwargs": {"pgd_steps": 1},
+    }
+    result = finetune_lr_grid(
+        copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
+    )
+    selection = result.report["lr_selection"]
+    assert selection["select_by"] == "val_robust_accuracy"
+    assert selection["scores"] == selection["val_robust_accuracy"]
+    assert len(selection["val_clean_accuracy"]) == 2
+    robust = robust_validation_accuracy(result, result.val, 4)  # type: ignore[arg-type]
+    assert robust == pytest.approx(max(selection["scores"]))
+
+
+def test_compute_counts_the_adversarys_passes(base: MiniClip, train: TrainData) -> None:
+    """Per step the TRADES linear probe passes each image through the tower k + 3 times (the
+    clean target, k PGD steps, the clean and adversarial loss terms) and back k times (the
+    PGD input gradients); the clean probe once forward and never back."""
+    steps = {"epochs": None, "steps": 3, "batch_size": 4}
+    _, clean = run_method(base, train, "linear-probe", **steps)
+    for k in (1, 3):
+        _, adv = run_method(base, train, "adv-linear-probe", kwargs={"pgd_steps": k}, **steps)
+        compute = adv.report["compute"]
+        assert compute["image_forward"] == (k + 3) * clean.report["compute"]["image_forward"]
+        assert compute["image_backward"] == k * 3 * 4
+        assert compute["train_flops_estimate"] > clean.report["compute"]["train_flops_estimate"]
+
+
+def test_a_study_reuses_the_first_seeds_learning_rate(tmp_path: Path, data_dir: Path) -> None:
+    config = write_study_config(
+        tmp_path,
+        data_dir,
+        methods=[{"method": "linear-probe"}],
+        modalities=["chest_xray"],
+        vqa_closed=False,
+        robust={
+            **TINY_EVAL,
+            "pgd_steps": [1],
+            "apgd": False,
+            "apgd_dlr": False,
+            "retrieval": False,
+        },
+        seeds=[3, 1],
+        finetune={
+            "steps": 2,
+            "batch_size": 4,
+            "max_train_items": 16,
+            "val_fraction": 0.25,
+            "lr_grid": [1e-6, 0.05],
+        },
+    )
+    cfg = load_study_config(config)
+    run = Run(tmp_path / "study", cfg)
+    run_study_finetune(cfg, run, log=lambda _: None)
+    cells = tmp_path / "study" / "cells"
+    first = json.loads((cells / "base__linear-probe__chest_xray__seed3/results.json").read_text())
+    later = json.loads((cells / "base__linear-probe__chest_xray__seed1/results.json").read_text())
+    picked = first["report"]["lr_selection"]
+    assert "from_seed" not in picked and len(picked["scores"]) == 2
+    assert later["report"]["lr_selection"] == {**picked, "from_seed": 3}
+    saved = json.loads(
+        (cells / "base__linear-probe__chest_xray__seed1/finetuned/finetune.json").read_text()
+    )
+    assert saved["config"]["lr"] == picked["pick"] and saved["config"]["lr_grid"] is None
+    # the later seed trained once: its own compute is one training's, not the grid's
+    assert later["report"]["compute"]["image_forward"] == 2 * 4
+    # resuming reads the pick back and runs nothing
+    result = run_study_finetune(load_study_config(config), run, log=lambda _: None)
+    assert result["cells"] == 2
