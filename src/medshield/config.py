@@ -166,11 +166,19 @@ AttackList = Annotated[list[AttackEntry], AfterValidator(check_attack_entries)]
 
 def refuse_old_fields(raw: Any, old: dict[str, str]) -> Any:
     """Raise a ValueError naming the replacement when ``raw`` (a config section's mapping) sets
-    a field that an earlier medshield had (``old``: field -> what replaces it)."""
+    fields that an earlier medshield had (``old``: field -> what replaces it)."""
     if isinstance(raw, dict):
-        found = [key for key in old if key in raw]
+        found: dict[str, list[str]] = {}
+        for key in old:
+            if key in raw:
+                found.setdefault(old[key], []).append(repr(key))
         if found:
-            raise ValueError("; ".join(f"{key!r} is gone: {old[key]}" for key in found))
+            raise ValueError(
+                "; ".join(
+                    f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} gone: {fix}"
+                    for fix, keys in found.items()
+                )
+            )
     return raw
 
 

@@ -153,9 +153,7 @@ def test_a_study_reuses_the_first_seeds_learning_rate(tmp_path: Path, data_dir: 
         vqa_closed=False,
         robust={
             **TINY_EVAL,
-            "pgd_steps": [1],
-            "apgd": False,
-            "apgd_dlr": False,
+            "attacks": [{"name": "pgd", "steps": 1}],
             "retrieval": False,
         },
         seeds=[3, 1],

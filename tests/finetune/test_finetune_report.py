@@ -42,11 +42,12 @@ def cell(
         for i, h in enumerate(clean)
     ]
     for eps, hits in worst.items():
-        rows += [{"group": f"pgd10@{eps:g}", "index": i, "robust_correct": True} for i in range(N)]
-        rows += [
-            {"group": f"apgd-ce@{eps:g}", "index": i, "robust_correct": bool(h)}
-            for i, h in enumerate(hits)
-        ]
+        for attack, hit in (("pgd10", [True] * N), ("apgd-ce", hits)):
+            rows += [
+                {"group": f"{attack}@{eps:g}", "attack": attack, "eps": eps, "restart": 0}
+                | {"index": i, "robust_correct": bool(h)}
+                for i, h in enumerate(hit)
+            ]
     report = {
         "trainable_params": params,
         "train_wall_s": 2.0,

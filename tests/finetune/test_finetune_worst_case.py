@@ -75,6 +75,7 @@ def test_the_default_attacks_are_pgd_10_and_50_with_restarts_apgd_ce_and_dlr() -
         ({"attacks": [{"name": "pgd", "restarts": 0}]}, r"restarts"),
         ({"pgd_steps": [10]}, r"'pgd_steps' is gone: list the attacks under robust.attacks"),
         ({"apgd_dlr": False}, r"'apgd_dlr' is gone.*\{name: apgd-ce, steps: 50\}"),
+        ({"apgd": False, "restarts": 1}, r"'restarts', 'apgd' are gone: list the attacks"),
     ],
 )
 def test_bad_attack_lists_and_old_fields_are_clear_config_errors(
