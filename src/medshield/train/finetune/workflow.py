@@ -38,6 +38,8 @@ robust<=clean, stronger<=weaker, zero-gradients, uses image) are in ``results.js
 
 from __future__ import annotations
 
+import copy
+import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +65,7 @@ from medshield.attacks.sanity import (
     zero_gradient_flag,
 )
 from medshield.config import FolderName, ModelConfig, StrictModel, load_yaml_model
-from medshield.device import DeviceName, resolve_device
+from medshield.device import DeviceName, Precision, autocast, check_precision, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
@@ -87,6 +89,8 @@ from medshield.train.finetune.common import (
 )
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
+CUDA_BATCH = 512
+"""Images per attack call at least, on a CUDA device (``robust.batch_size`` on the CPU)."""
 
 
 class RobustEvalConfig(StrictModel):
@@ -94,6 +98,12 @@ class RobustEvalConfig(StrictModel):
 
     ``apgd`` / ``apgd_dlr``: also attack with APGD-CE / APGD-DLR, ``apgd_steps`` steps each;
     every attack is a row group of its own and enters the per-image worst case.
+
+    ``early_stop``: an attack stops on an image once the image is misclassified, keeping that
+    adversarial image, and restarts only the images no earlier restart broke (see
+    :class:`medshield.attacks.base.Attack`): fewer gradient steps, and a robust accuracy that
+    can only fall or stay (the images that hold follow the same iterates). Off, every attack
+    takes all its steps on every image, as before 2026-12-06.
 
     ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
     modality, clean and under the registered multimodal ``retrieval_attack`` built with
@@ -106,8 +116,11 @@ class RobustEvalConfig(StrictModel):
     apgd_steps: int = Field(50, ge=1)
     apgd: bool = True
     apgd_dlr: bool = True
+    early_stop: bool = True
     max_test_items: int | None = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
+    """Images per forward pass and per attack call; on a CUDA device the attacks take at least
+    :data:`CUDA_BATCH` (512) images per call, i.e. every test image of a cell at once."""
     bootstrap_resamples: int = Field(1000, ge=10)
     retrieval: bool = True
     retrieval_per_class_cap: int | None = Field(10, ge=1)
@@ -143,7 +156,12 @@ class FineTuneRunConfig(StrictModel):
     """Where to train and attack: ``auto`` (a CUDA GPU when visible, else the CPU), ``cpu``,
     ``cuda`` or ``cuda:N``. Saved models are device-independent, and the device is not part of
     the run's saved config, so a run started on a GPU resumes on a CPU and vice versa."""
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device"})
+    precision: Precision = "fp32"
+    """The arithmetic of training and attacks: ``fp32``, or ``bf16`` (autocast to bfloat16;
+    a GPU without native bfloat16 is a ConfigError, see
+    :func:`medshield.device.check_precision`). Like the device, not part of the saved config:
+    ``results.json`` records both."""
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "precision"})
 
 
 def load_finetune_config(
@@ -160,29 +178,57 @@ def base_reference(config: FineTuneRunConfig) -> dict[str, Any]:
     return {"backend": config.model.backend, "kwargs": config.model.kwargs, "seed": config.seed}
 
 
+_BASES: dict[str, tuple[DualEncoder, torch.Tensor]] = {}
+"""This process's base models by reference, each with the CPU random state building it left:
+a study worker loads each base once for all the cells it runs."""
+
+
 def load_base(config: FineTuneRunConfig) -> DualEncoder:
-    """The base model, with a clear error for a fine-tuned directory given as a checkpoint."""
+    """The base model (a fresh copy of this process's cached one), with a clear error for a
+    fine-tuned directory given as a checkpoint. A backend built from its seed leaves the random
+    state as building it does."""
     checkpoint = config.model.checkpoint
     if checkpoint and (Path(checkpoint) / META_FILE).is_file():
         raise DataError(
             f"{checkpoint} holds a fine-tuned classifier, not a base dual encoder; give the "
             "base model it was fine-tuned from as model.checkpoint"
         )
-    return build_base(base_reference(config))
+    reference = base_reference(config)
+    key = json.dumps(reference, sort_keys=True, default=str)
+    if key not in _BASES:
+        model = build_base(reference)
+        _BASES[key] = copy.deepcopy(model), torch.get_rng_state()
+        return model
+    model, rng_state = _BASES[key]
+    if "seed" in reference:
+        torch.manual_seed(int(reference["seed"]))  # the CUDA generators, as build_base seeds them
+        torch.set_rng_state(rng_state)
+    return copy.deepcopy(model)
 
 
 def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[tuple[str, Attack]]:
     attacks: list[tuple[str, Attack]] = [
         (
             f"pgd{s}",
-            PGD(model, eps=eps, alpha=pgd_step_size(eps, s), steps=s, restarts=ev.restarts),
+            PGD(
+                model,
+                eps=eps,
+                alpha=pgd_step_size(eps, s),
+                steps=s,
+                restarts=ev.restarts,
+                early_stop=ev.early_stop,
+            ),
         )
         for s in ev.pgd_steps
     ]
     if ev.apgd:
-        attacks.append(("apgd-ce", APGD(model, eps=eps, steps=ev.apgd_steps)))
+        attacks.append(
+            ("apgd-ce", APGD(model, eps=eps, steps=ev.apgd_steps, early_stop=ev.early_stop))
+        )
     if ev.apgd_dlr:
-        attacks.append(("apgd-dlr", APGDDLR(model, eps=eps, steps=ev.apgd_steps)))
+        attacks.append(
+            ("apgd-dlr", APGDDLR(model, eps=eps, steps=ev.apgd_steps, early_stop=ev.early_stop))
+        )
     return attacks
 
 
@@ -340,8 +386,11 @@ def run_finetune(
     (``progress``: a tqdm bar over the training batches)."""
     modality = task_name(config.modality)
     device = resolve_device(config.device)  # a GPU this machine lacks fails before training
+    check_precision(device, config.precision)  # and so does bf16 on a GPU without it
     saved = run.path / "finetuned"
     base = load_base(config)  # a wrong checkpoint fails here, before any training
+    if device.type == "cuda":
+        base.to(memory_format=torch.channels_last)  # NHWC convolutions, faster on GPUs
     if (saved / META_FILE).is_file():
         log(f"loading the fine-tuned {config.finetune.method} from {saved}")
         classifier, meta = load_finetuned(saved, model=base)
@@ -358,11 +407,13 @@ def run_finetune(
             log=log,
             progress=progress,
             device=device,
+            precision=config.precision,
         )
         save_finetuned(result, saved)
         classifier, report = result.classifier, result.report
 
     ev = config.robust
+    attack_batch = ev.batch_size if device.type == "cpu" else max(ev.batch_size, CUDA_BATCH)
     test = load_train_data(modality, ev.max_test_items, config.seed, config.data_dir, "test")
     images, labels = test.images, test.labels
 
@@ -383,8 +434,8 @@ def run_finetune(
     def attacked_rows(attack: Attack) -> list[dict[str, Any]]:
         return [
             {**r, "index": r["index"] + part.start}
-            for part in item_slices(classifier, test, ev.batch_size)
-            for r in robust_accuracy(classifier, attack, images[part], labels[part], ev.batch_size)
+            for part in item_slices(classifier, test, attack_batch)
+            for r in robust_accuracy(classifier, attack, images[part], labels[part], attack_batch)
         ]
 
     jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
@@ -436,7 +487,8 @@ def run_finetune(
         if group in complete:
             continue
         log(f"  {group} ...")
-        new = job()
+        with autocast(device, config.precision):
+            new = job()
         run.append_samples({**tags, **r, "group": group, "n_group": len(new)} for r in new)
 
     metrics, flags = summarize_finetune_rows(run.load_samples(), ev, config.seed)
@@ -451,6 +503,7 @@ def run_finetune(
         "sanity": flags,
         "finetuned_dir": str(saved),
         "device": str(device),
+        "precision": config.precision,
     }
 
 
