@@ -1,0 +1,176 @@
+"""Benchmark: fine-tuning study cells per hour, the code before issue 22's speed-ups against now.
+
+Runs the same cells of the *reduced* fine-tuning study (the settings of the three-seed runs in
+docs/studies/finetune.md, written out in ``REDUCED`` below) with two code paths, one after the
+other and alternating which goes first from round to round, so both see the same machine:
+
+* ``old``: the source tree of ``--old-ref`` (default: the commit before the speed-ups),
+  extracted with ``git archive`` and put first on ``PYTHONPATH``;
+* ``new``: this checkout's ``src`` (early stopping of the evaluation attacks on, the base model
+  loaded once per worker; ``--precision bf16`` only here).
+
+Each path runs as ``python -m medshield.cli study finetune`` in a fresh output folder, with
+``workers`` processes; its wall time (process start included, as a study pays it) gives cells
+per hour, and the ratio new / old is the speed-up. Every accuracy in the cells' ``results.json``
+(clean, majority, shuffled and each ``robust_accuracy/*``) is compared between the paths: the
+largest difference is printed with the cell and metric. Early stopping can only lower a robust
+accuracy (see :class:`medshield.attacks.base.Attack`); a difference is the last bits of the
+arithmetic on smaller batches flipping an image at the decision boundary.
+
+    OMP_NUM_THREADS=1 python benchmarks/study_throughput.py --methods lora,adapter \\
+        --workers 2 --out study_throughput.json
+    python benchmarks/study_throughput.py --device cuda --workers 4 --precision bf16  # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OLD_REF = "ffcf54c1b8109c6d90889d4341d8f1f7bd2f096a"
+"""main before issue 22's speed-ups (2026-12-05): every attack step on every image."""
+
+REDUCED = [
+    "checkpoints={base: null}",
+    "vqa_closed=false",
+    "finetune.max_train_items=256",
+    "finetune.epochs=10",
+    "robust.eps=[1, 2]",
+    "robust.pgd_steps=[10]",
+    "robust.restarts=1",
+    "robust.apgd_steps=20",
+    "robust.max_test_items=100",
+    "robust.retrieval=false",
+]
+"""The reduced study of docs/studies/throughput.md: 256 training items, 10 epochs, PGD-10 (one
+restart), APGD-CE-20 and APGD-DLR-20 at 1 and 2 /255 on 100 test images, no retrieval; the
+base model is ``mini-clip`` built from its seed (``checkpoints: {base: null}``)."""
+
+METHODS = {
+    "linear-probe": "{method: linear-probe}",
+    "lora": "{method: lora, kwargs: {rank: 8}, finetune: {lr: 0.0005}}",
+    "adapter": "{method: adapter, kwargs: {reduction: 8}}",
+    "adv-lora": "{method: adv-lora, kwargs: {rank: 8}, finetune: {lr: 0.0005}}",
+    "ran": "{method: ran}",
+}
+ACCURACIES = ("clean_accuracy", "majority_accuracy", "shuffled_image_accuracy", "robust_accuracy/")
+
+
+def extract_old(ref: str, into: Path) -> Path:
+    """The ``src`` tree of ``ref`` under ``into``."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "src"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "src"
+
+
+def run_study(src: Path, out: Path, overrides: list[str]) -> float:
+    """Run the study with ``src`` first on the path; its wall time in seconds."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [sys.executable, "-m", "medshield.cli", "study", "finetune"]
+    command += ["--config", str(REPO / "configs" / "study_finetune.yaml")]
+    for item in [*overrides, f"output_dir={out}"]:
+        command += ["--set", item]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{src} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return wall
+
+
+def cell_accuracies(out: Path) -> dict[str, dict[str, float]]:
+    """cell -> accuracy metric -> value, from every cell's results.json."""
+    cells = {}
+    for path in sorted((out / "study_finetune" / "cells").glob("*/results.json")):
+        metrics = json.loads(path.read_text())["metrics"]
+        cells[path.parent.name] = {
+            k: v["value"] for k, v in metrics.items() if k.startswith(ACCURACIES)
+        }
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="lora,adapter", help=f"of {', '.join(METHODS)}")
+    parser.add_argument("--modalities", default="chest_xray")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", help="the new path's (fp32 or bf16)")
+    parser.add_argument("--rounds", type=int, default=1, help="old/new pairs, order alternating")
+    parser.add_argument("--old-ref", default=OLD_REF)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    methods = ", ".join(METHODS[m] for m in args.methods.split(","))
+    overrides = [
+        *REDUCED,
+        f"methods=[{methods}]",
+        f"modalities=[{args.modalities}]",
+        f"seeds=[{args.seeds}]",
+        f"workers={args.workers}",
+        f"device={args.device}",
+    ]
+    new_only = [f"precision={args.precision}"] if args.precision != "fp32" else []
+    walls: dict[str, list[float]] = {"old": [], "new": []}
+    accuracies: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="study_throughput_") as tmp:
+        sources = {"old": extract_old(args.old_ref, Path(tmp) / "old"), "new": REPO / "src"}
+        for round_ in range(args.rounds):
+            for path in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
+                out = Path(tmp) / f"{path}{round_}"
+                extra = new_only if path == "new" else []
+                walls[path].append(run_study(sources[path], out, overrides + extra))
+                accuracies[path] = cell_accuracies(out)
+                print(f"round {round_ + 1} {path}: {walls[path][-1]:.1f} s", flush=True)
+    cells = len(accuracies["new"])
+    rates = {p: cells * len(w) / sum(w) * 3600 for p, w in walls.items()}
+    diffs = [
+        (abs(value - accuracies["old"][cell][name]), cell, name)
+        for cell, metrics in accuracies["new"].items()
+        for name, value in metrics.items()
+    ]
+    largest = max(diffs)
+    result: dict[str, Any] = {
+        "settings": {**vars(args), "out": str(args.out), "overrides": overrides + new_only},
+        "cells": cells,
+        "wall_s": walls,
+        "cells_per_hour": rates,
+        "ratio": rates["new"] / rates["old"],
+        "largest_accuracy_difference": {
+            "value": largest[0],
+            "cell": largest[1],
+            "metric": largest[2],
+        },
+        "accuracies": accuracies,
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        },
+    }
+    print(f"{cells} cells, {args.workers} workers, device {args.device}")
+    for path in ("old", "new"):
+        print(f"  {path}: {rates[path]:.1f} cells/hour (wall {walls[path]} s)")
+    print(f"  ratio new/old: {result['ratio']:.2f}")
+    print(f"  largest accuracy difference: {largest[0]:.4f} ({largest[2]}, {largest[1]})")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
