@@ -107,3 +107,14 @@ def test_a_base_model_is_loaded_once_per_process(tmp_path: Path, data_dir: Path)
         next(second.parameters()).add_(1.0)  # a cell fine-tunes its copy in place
     third = load_base(cfg)
     assert torch.equal(next(third.parameters()), next(first.parameters()))
+
+
+def test_early_stop_is_off_for_a_question_conditioned_classifier() -> None:
+    from medshield.train.finetune.workflow import RobustEvalConfig, _attacks
+
+    class Conditioned(torch.nn.Linear):
+        conditioned = True  # one question per image of the batch: no dropping images
+
+    ev = RobustEvalConfig(retrieval=False)
+    assert all(a.early_stop for _, a in _attacks(torch.nn.Linear(2, 2), ev, 2.0))
+    assert not any(a.early_stop for _, a in _attacks(Conditioned(2, 2), ev, 2.0))

@@ -103,7 +103,8 @@ class RobustEvalConfig(StrictModel):
     adversarial image, and restarts only the images no earlier restart broke (see
     :class:`medshield.attacks.base.Attack`): fewer gradient steps, and a robust accuracy that
     can only fall or stay (the images that hold follow the same iterates). Off, every attack
-    takes all its steps on every image, as before 2026-12-06.
+    takes all its steps on every image, as before 2026-12-06. Not on the VQA task, whose
+    classifier holds one question per image of the batch.
 
     ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
     modality, clean and under the registered multimodal ``retrieval_attack`` built with
@@ -207,6 +208,9 @@ def load_base(config: FineTuneRunConfig) -> DualEncoder:
 
 
 def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[tuple[str, Attack]]:
+    # a question-conditioned classifier (the VQA task) holds one question per image of the
+    # batch, so its attacks cannot drop images mid-batch: no early stop there
+    early_stop = ev.early_stop and not getattr(model, "conditioned", False)
     attacks: list[tuple[str, Attack]] = [
         (
             f"pgd{s}",
@@ -216,18 +220,18 @@ def _attacks(model: torch.nn.Module, ev: RobustEvalConfig, eps: float) -> list[t
                 alpha=pgd_step_size(eps, s),
                 steps=s,
                 restarts=ev.restarts,
-                early_stop=ev.early_stop,
+                early_stop=early_stop,
             ),
         )
         for s in ev.pgd_steps
     ]
     if ev.apgd:
         attacks.append(
-            ("apgd-ce", APGD(model, eps=eps, steps=ev.apgd_steps, early_stop=ev.early_stop))
+            ("apgd-ce", APGD(model, eps=eps, steps=ev.apgd_steps, early_stop=early_stop))
         )
     if ev.apgd_dlr:
         attacks.append(
-            ("apgd-dlr", APGDDLR(model, eps=eps, steps=ev.apgd_steps, early_stop=ev.early_stop))
+            ("apgd-dlr", APGDDLR(model, eps=eps, steps=ev.apgd_steps, early_stop=early_stop))
         )
     return attacks
 
