@@ -118,3 +118,23 @@ def test_early_stop_is_off_for_a_question_conditioned_classifier() -> None:
     ev = RobustEvalConfig(retrieval=False)
     assert all(a.early_stop for _, a in _attacks(torch.nn.Linear(2, 2), ev, 2.0))
     assert not any(a.early_stop for _, a in _attacks(Conditioned(2, 2), ev, 2.0))
+
+
+def test_a_checkpoint_saved_again_is_loaded_again(tmp_path: Path, data_dir: Path) -> None:
+    from finetune_support import TINY_MODEL
+
+    from medshield.models import create_model, save_model
+
+    torch.manual_seed(0)
+    save_model(create_model(TINY_MODEL["backend"], **TINY_MODEL["kwargs"]), tmp_path / "base")
+    cfg = run_config(tmp_path, data_dir, model={"checkpoint": str(tmp_path / "base")})
+    first = load_base(cfg)
+
+    def same(model: torch.nn.Module) -> bool:
+        pairs = zip(model.state_dict().values(), first.state_dict().values(), strict=True)
+        return all(torch.equal(a, b) for a, b in pairs)
+
+    assert same(load_base(cfg))
+    torch.manual_seed(1)
+    save_model(create_model(TINY_MODEL["backend"], **TINY_MODEL["kwargs"]), tmp_path / "base")
+    assert not same(load_base(cfg))  # the new weights, not the cached ones

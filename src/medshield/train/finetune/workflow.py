@@ -180,8 +180,9 @@ def base_reference(config: FineTuneRunConfig) -> dict[str, Any]:
 
 
 _BASES: dict[str, tuple[DualEncoder, torch.Tensor]] = {}
-"""This process's base models by reference, each with the CPU random state building it left:
-a study worker loads each base once for all the cells it runs."""
+"""This process's base models by reference (and a checkpoint's file times, so a checkpoint
+saved again is loaded again), each with the CPU random state building it left: a study worker
+loads each base once for all the cells it runs."""
 
 
 def load_base(config: FineTuneRunConfig) -> DualEncoder:
@@ -195,7 +196,8 @@ def load_base(config: FineTuneRunConfig) -> DualEncoder:
             "base model it was fine-tuned from as model.checkpoint"
         )
     reference = base_reference(config)
-    key = json.dumps(reference, sort_keys=True, default=str)
+    stamp = [f.stat().st_mtime_ns for f in Path(checkpoint).iterdir()] if checkpoint else []
+    key = json.dumps([reference, max(stamp, default=0)], sort_keys=True, default=str)
     if key not in _BASES:
         model = build_base(reference)
         _BASES[key] = copy.deepcopy(model), torch.get_rng_state()
