@@ -327,3 +327,65 @@ def test_apgd_dlr_ignores_the_logit_scale_that_masks_cross_entropy(trained) -> N
     torch.manual_seed(0)
     dlr = accuracy(model, APGDDLR(scaled, eps=8, steps=20)(images, labels), labels)
     assert dlr < ce <= clean
+
+
+class CountingModel(nn.Module):
+    """Counts the images that go through a forward pass with an input gradient (attack
+    steps)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.graded = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.graded += len(x) if x.requires_grad else 0
+        return self.model(x)
+
+
+EARLY_STOP_CONFIGS = {
+    "pgd": lambda m, stop: PGD(m, eps=4, alpha=1, steps=8, restarts=3, early_stop=stop),
+    "apgd-ce": lambda m, stop: APGD(m, eps=4, steps=10, restarts=2, early_stop=stop),
+    "apgd-dlr": lambda m, stop: APGDDLR(m, eps=4, steps=10, early_stop=stop),
+    "pgd-l2": lambda m, stop: PGD(m, eps=50, alpha=15, steps=6, norm="L2", early_stop=stop),
+}
+
+
+@pytest.mark.parametrize("name", list(EARLY_STOP_CONFIGS))
+def test_early_stop_never_raises_robust_accuracy_and_takes_fewer_steps(trained, name) -> None:
+    model, images, labels = trained
+    runs = {}
+    for stop in (False, True):
+        counting = CountingModel(model)
+        torch.manual_seed(5)
+        adv = EARLY_STOP_CONFIGS[name](counting, stop)(images, labels)
+        after = torch.rand(1)  # the same random numbers drawn: later attacks start the same
+        with torch.no_grad():
+            robust = model(adv).argmax(1) == labels
+        runs[stop] = adv, robust, counting.graded, after
+    (adv_off, robust_off, steps_off, after_off), (adv_on, robust_on, steps_on, after_on) = (
+        runs[False],
+        runs[True],
+    )
+    assert 0 < robust_off.sum() < len(labels)  # some images fall, some hold
+    assert not (robust_on & ~robust_off).any()  # never robust where the full run broke it
+    assert torch.equal(robust_on, robust_off)  # and on this seeded case: the same accuracy
+    # an image that held went through the same iterates, so it ends at the same point
+    assert torch.allclose(adv_on[robust_on], adv_off[robust_on], atol=1e-6)
+    assert steps_on < steps_off
+    assert torch.equal(after_on, after_off)
+    assert ((adv_on - images).abs().amax() <= 4 / 255 + 1e-6) or name == "pgd-l2"
+
+
+def test_early_stop_has_no_effect_without_a_success_test(trained) -> None:
+    model, images, labels = trained
+
+    def loss(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, y, reduction="none")
+
+    out = []
+    for stop in (False, True):
+        torch.manual_seed(2)
+        out.append(
+            PGD(model, eps=4, alpha=1, steps=4, loss_fn=loss, early_stop=stop)(images, labels)
+        )
+    assert torch.equal(out[0], out[1])

@@ -61,3 +61,26 @@ def test_save_and_load_round_trip(model: MiniClip, tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
         texts = ["an abdominal CT slice showing the liver"]
         torch.testing.assert_close(loaded.encode_text(texts), model.encode_text(texts))
+
+
+def test_folded_same_padding_gives_the_same_features_and_gradients_bit_for_bit() -> None:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from medshield.models.mini_clip import fold_same_padding
+
+    torch.manual_seed(0)
+    padded = EfficientNet.from_name("efficientnet-lite0", image_size=32).eval()
+    folded = EfficientNet.from_name("efficientnet-lite0", image_size=32).eval()
+    folded.load_state_dict(padded.state_dict())
+    assert fold_same_padding(folded) > 0
+    assert fold_same_padding(folded) == 0  # nothing left to move
+    assert folded.state_dict().keys() == padded.state_dict().keys()
+    x = torch.rand(4, 3, 32, 32)
+    outputs = []
+    for tower in (padded, folded):
+        xx = x.clone().requires_grad_(True)
+        features = tower.extract_features(xx)
+        (grad,) = torch.autograd.grad(features.square().sum(), xx)
+        outputs.append((features.detach(), grad))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])

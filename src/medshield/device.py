@@ -5,7 +5,8 @@ machine without one is a clear error rather than a CUDA traceback mid-run."""
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from contextlib import AbstractContextManager, nullcontext
+from typing import Annotated, Literal
 
 import torch
 from pydantic import AfterValidator
@@ -51,3 +52,33 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (so wall-clock timings measure it); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+Precision = Literal["fp32", "bf16"]
+"""A config field holding the arithmetic of training and attacks: ``fp32`` (the default, and
+the reference for every figure) or ``bf16`` (:func:`torch.autocast` to bfloat16, for GPUs)."""
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """ConfigError for ``bf16`` on a CUDA GPU without native bfloat16 (before Ampere), where
+    autocast would emulate it slowly. The CPU is accepted: torch's CPU autocast supports
+    bfloat16 everywhere (natively only with AVX512-BF16 or AMX, else emulated and slower than
+    fp32), so ``bf16`` on the CPU runs, for checking the code path, not for speed."""
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and device.type == "cuda":
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(
+                f"precision bf16 asked for, but the GPU {name} has no native bfloat16 "
+                "(it needs compute capability 8.0 or later); use precision: fp32"
+            )
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    """The context training steps and attacks run in: nothing for ``fp32``, else
+    :func:`torch.autocast` to bfloat16 on ``device`` (see :func:`check_precision`)."""
+    check_precision(device, precision)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -64,6 +64,9 @@ class APGD(Attack):
         restarts (int): independent random starts. (Default: 1)
         loss_fn (callable): ``loss_fn(model_output, labels) -> (N,)`` losses to maximise.
             (Default: cross-entropy on logits, which makes this APGD-CE)
+        early_stop (bool): stop evaluating an example at its first successful iterate (which
+            it returns), and restart only the examples no earlier run broke (see
+            :class:`~medshield.attacks.base.Attack`). (Default: False)
 
     Shape:
         - images: :math:`(N, C, H, W)` float in [0, 1], C = 1 or 3.
@@ -89,8 +92,9 @@ class APGD(Attack):
         norm: str = "Linf",
         restarts: int = 1,
         loss_fn: LossFn | None = None,
+        early_stop: bool = False,
     ) -> None:
-        super().__init__(model, eps, loss_fn)
+        super().__init__(model, eps, loss_fn, early_stop)
         self.steps = check_count(steps, "steps")
         self.norm = check_norm(norm)
         self.restarts = check_count(restarts, "restarts")
@@ -98,14 +102,17 @@ class APGD(Attack):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(eps={self.eps:g}/255, steps={self.steps}, norm={self.norm}, "
-            f"restarts={self.restarts})"
+            f"restarts={self.restarts}" + (", early_stop=True)" if self.early_stop else ")")
         )
 
     def perturb(
         self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
     ) -> torch.Tensor:
         return self.best_of_restarts(
-            lambda: self._run(images, labels, target_labels), self.restarts, labels, target_labels
+            lambda active: self._run(images, labels, target_labels, active),
+            self.restarts,
+            labels,
+            target_labels,
         )
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -124,16 +131,35 @@ class APGD(Attack):
         return (images + eps * t / (scale + TINY)).clamp(0.0, 1.0)
 
     def _run(
-        self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        target_labels: torch.Tensor | None,
+        active: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One run from a random start drawn for every image. Only the ``active`` rows (None:
+        all) are evaluated; with :attr:`early_stop` a row leaves at its first success. The
+        per-example state of a row that left keeps moving without model evaluations (it is
+        cheap and never used: the row returns its successful iterate)."""
         eps = self.eps / 255
         n = len(images)
         check_at = set(checkpoints(self.steps))
+        if self.early_stop and active is None:
+            active = torch.ones(n, dtype=torch.bool, device=images.device)
 
         adv = self._start(images, eps)
-        value, succeeded, grad = self.loss_and_grad(adv, labels, target_labels)
+        value, succeeded, grad = self.loss_and_grad_rows(
+            adv,
+            labels,
+            target_labels,
+            active,
+            torch.zeros(n, dtype=images.dtype, device=images.device),
+            torch.zeros_like(adv),
+        )
         best, best_value, best_grad = adv.clone(), value.clone(), grad.clone()
         ever_success = succeeded.clone() if succeeded is not None else None
+        if active is not None and ever_success is not None:
+            active = active & ~ever_success
         last_success = adv.clone()  # the last iterate that succeeded, where one did
 
         step = torch.full((n, 1, 1, 1), 2 * eps, dtype=images.dtype, device=images.device)
@@ -148,11 +174,15 @@ class APGD(Attack):
             moved = adv + momentum * (z - adv) + (1 - momentum) * (adv - previous)
             previous, adv = adv, project(moved, images, eps, self.norm)
 
-            value, succeeded, grad = self.loss_and_grad(adv, labels, target_labels)
+            value, succeeded, grad = self.loss_and_grad_rows(
+                adv, labels, target_labels, active, value, grad
+            )
             history.append(value)
             if succeeded is not None:
                 last_success[succeeded] = adv[succeeded]
                 ever_success |= succeeded
+                if active is not None:
+                    active = active & ~ever_success
             improved = value > best_value
             best[improved], best_value[improved] = adv[improved], value[improved]
             best_grad[improved] = grad[improved]

@@ -67,6 +67,7 @@ class APGDDLR(APGD):
             start). (Default: 100)
         norm (str): "Linf" or "L2". (Default: "Linf")
         restarts (int): independent random starts. (Default: 1)
+        early_stop (bool): see :class:`~medshield.attacks.APGD`. (Default: False)
 
     Shape:
         - images: :math:`(N, C, H, W)` float in [0, 1], C = 1 or 3.
@@ -87,8 +88,9 @@ class APGDDLR(APGD):
         steps: int = 100,
         norm: str = "Linf",
         restarts: int = 1,
+        early_stop: bool = False,
     ) -> None:
-        super().__init__(model, eps, steps, norm, restarts)
+        super().__init__(model, eps, steps, norm, restarts, early_stop=early_stop)
         # set after the base class so the attack keeps the default loss's class-index labels
         # and success tracking (misclassified = broken), which a custom loss_fn switches off
         self.loss_fn = dlr_loss

@@ -82,6 +82,11 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(requires_grad)
 
 
+def take(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """``t[rows]``, or None for None (optional target labels)."""
+    return None if t is None else t[rows]
+
+
 def per_example_norm(x: torch.Tensor) -> torch.Tensor:
     """L2 norm of each example, shaped (N, 1, 1, 1) to broadcast over images."""
     return x.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
@@ -149,6 +154,13 @@ class Attack(ABC):
             *maximises* (targeted attacks minimise it towards the target labels). Default:
             cross-entropy on logits, with integer labels. A custom loss may take any labels
             tensor with one row per image, e.g. (N, D) caption embeddings.
+        early_stop: stop attacking an example once it succeeds (misclassified, or classified
+            as the target), keeping that successful iterate, and run later restarts only on
+            the examples no earlier restart broke. Iterative attacks that support it (PGD,
+            APGD) then take fewer gradient steps; the random numbers drawn are the same, so
+            every example that never succeeds follows the same iterates as without it (up to
+            the last bits of the model's arithmetic on a smaller batch), and robust accuracy
+            can only fall or stay. No effect with a custom ``loss_fn`` (no success test).
 
     Call: ``attack(images, labels, target_labels=None) -> adversarial images``.
 
@@ -170,7 +182,13 @@ class Attack(ABC):
     paper: str = ""
     threat_model: str = ""
 
-    def __init__(self, model: nn.Module, eps: float = 8.0, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8.0,
+        loss_fn: LossFn | None = None,
+        early_stop: bool = False,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, DualEncoder) and loss_fn is None:
@@ -184,6 +202,7 @@ class Attack(ABC):
         self.eps = check_budget(eps, "eps")
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else cross_entropy_loss
         self._default_loss = loss_fn is None
+        self.early_stop = bool(early_stop)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:g}/255)"
@@ -262,22 +281,58 @@ class Attack(ABC):
     # --- helpers ---------------------------------------------------------------------------------
     def best_of_restarts(
         self,
-        run: Callable[[], torch.Tensor],
+        run: Callable[[torch.Tensor | None], torch.Tensor],
         restarts: int,
         labels: torch.Tensor,
         target_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Call ``run()`` ``restarts`` times and keep, per example, the best result
-        (see :meth:`keep_best`)."""
-        best = run()
+        """Call ``run(active)`` ``restarts`` times and keep, per example, the best result
+        (see :meth:`keep_best`). ``active`` is None (attack every example) or, with
+        :attr:`early_stop`, a bool mask of the examples no earlier run broke: ``run`` draws its
+        random start for every example but attacks only those, and only those are compared."""
+        best = run(None)
         if restarts == 1:
             return best
         best_value, best_success = self.evaluate(best, labels, target_labels)
         for _ in range(restarts - 1):
-            adv = run()
-            value, succeeded = self.evaluate(adv, labels, target_labels)
-            self.keep_best(best, best_value, best_success, adv, value, succeeded)
+            if not (self.early_stop and best_success is not None):
+                adv = run(None)
+                value, succeeded = self.evaluate(adv, labels, target_labels)
+                self.keep_best(best, best_value, best_success, adv, value, succeeded)
+                continue
+            active = ~best_success
+            adv = run(active)  # also when no example is left: the same random numbers drawn
+            rows = active.nonzero()[:, 0]
+            if not len(rows):
+                continue
+            sub = best[rows], best_value[rows], best_success[rows]
+            value, succeeded = self.evaluate(adv[rows], labels[rows], take(target_labels, rows))
+            self.keep_best(*sub, adv[rows], value, succeeded)
+            best[rows], best_value[rows], best_success[rows] = sub
         return best
+
+    def loss_and_grad_rows(
+        self,
+        adv: torch.Tensor,
+        labels: torch.Tensor,
+        target_labels: torch.Tensor | None,
+        active: torch.Tensor | None,
+        value: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`loss_and_grad` on the ``active`` rows only (None: all rows); the other rows
+        keep ``value`` and ``grad`` and count as not succeeded."""
+        if active is None:
+            return self.loss_and_grad(adv, labels, target_labels)
+        rows = active.nonzero()[:, 0]
+        value, grad = value.clone(), grad.clone()
+        succeeded = torch.zeros_like(active) if self._default_loss else None
+        if len(rows):
+            v, s, g = self.loss_and_grad(adv[rows], labels[rows], take(target_labels, rows))
+            value[rows], grad[rows] = v, g
+            if succeeded is not None and s is not None:
+                succeeded[rows] = s
+        return value, succeeded, grad
 
     @staticmethod
     def keep_best(

@@ -55,6 +55,9 @@ class PGD(Attack):
         restarts (int): independent random starts; needs ``random_start``. (Default: 1)
         loss_fn (callable): ``loss_fn(model_output, labels) -> (N,)`` losses to maximise.
             (Default: cross-entropy on logits)
+        early_stop (bool): stop stepping an example at its first successful iterate, and
+            restart only the examples no earlier run broke (see
+            :class:`~medshield.attacks.base.Attack`). (Default: False)
 
     Shape:
         - images: :math:`(N, C, H, W)` float in [0, 1], C = 1 or 3.
@@ -83,8 +86,9 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         loss_fn: LossFn | None = None,
+        early_stop: bool = False,
     ) -> None:
-        super().__init__(model, eps, loss_fn)
+        super().__init__(model, eps, loss_fn, early_stop)
         self.alpha = check_budget(alpha, "alpha")
         self.steps = check_count(steps, "steps")
         self.norm = check_norm(norm)
@@ -96,26 +100,48 @@ class PGD(Attack):
     def __repr__(self) -> str:
         return (
             f"PGD(eps={self.eps:g}/255, alpha={self.alpha:g}/255, steps={self.steps}, "
-            f"norm={self.norm}, random_start={self.random_start}, restarts={self.restarts})"
+            f"norm={self.norm}, random_start={self.random_start}, restarts={self.restarts}"
+            + (", early_stop=True)" if self.early_stop else ")")
         )
 
     def perturb(
         self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
     ) -> torch.Tensor:
         return self.best_of_restarts(
-            lambda: self._run(images, labels, target_labels), self.restarts, labels, target_labels
+            lambda active: self._run(images, labels, target_labels, active),
+            self.restarts,
+            labels,
+            target_labels,
         )
 
     def _run(
-        self, images: torch.Tensor, labels: torch.Tensor, target_labels: torch.Tensor | None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        target_labels: torch.Tensor | None,
+        active: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One run from a random start drawn for every image; only the ``active`` rows (None:
+        all) are attacked, and with :attr:`early_stop` a row leaves at its first success."""
         eps, alpha = self.eps / 255, self.alpha / 255
         adv = random_start(images, eps, self.norm) if self.random_start else images.clone()
+        if self.early_stop and active is None:
+            active = torch.ones(len(images), dtype=torch.bool, device=images.device)
+        zero, zero_grad = torch.zeros(len(images), dtype=images.dtype, device=images.device), None
+        if active is not None:
+            zero_grad = torch.zeros_like(adv)
         for _ in range(self.steps):
-            _, _, grad = self.loss_and_grad(adv, labels, target_labels)
+            if active is not None and not active.any():
+                break
+            _, succeeded, grad = self.loss_and_grad_rows(
+                adv, labels, target_labels, active, zero, zero_grad
+            )
+            if self.early_stop and succeeded is not None:
+                active = active & ~succeeded
             if self.norm == "Linf":
                 step = grad.sign()
             else:
                 step = grad / (per_example_norm(grad) + TINY)
-            adv = project(adv + alpha * step, images, eps, self.norm)
+            moved = project(adv + alpha * step, images, eps, self.norm)
+            adv = moved if active is None else torch.where(active.view(-1, 1, 1, 1), moved, adv)
         return adv

@@ -79,11 +79,13 @@ def check_eps_values(eps_values: Sequence[float]) -> list[float]:
 # --- attacks from config entries -------------------------------------------------------------
 
 
-def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
+def build_attack(
+    entry: AttackEntry, model: nn.Module, eps: float, early_stop: bool = False
+) -> Attack:
     """The registered image attack of ``entry`` on ``model`` at budget ``eps`` (/255), one run
     (restarts are the caller's: :func:`attacked_rows`). An attack that takes a step size
     ``alpha`` the entry leaves out gets :func:`~medshield.attacks.pgd.pgd_step_size` of its
-    budget and steps.
+    budget and steps; one that takes ``early_stop`` gets ``early_stop`` unless the entry sets it.
 
     Raises:
         ConfigError: arguments that do not fit the attack at this budget (the entry's name and
@@ -96,6 +98,8 @@ def build_attack(entry: AttackEntry, model: nn.Module, eps: float) -> Attack:
         if "alpha" in params and "alpha" not in kwargs:
             steps = kwargs.get("steps", params["steps"].default if "steps" in params else 1)
             kwargs["alpha"] = pgd_step_size(eps, steps)
+        if "early_stop" in params and "early_stop" not in kwargs:
+            kwargs["early_stop"] = early_stop
         return cls(model, eps=eps, **kwargs)
     except (TypeError, InputError) as exc:
         raise ConfigError(
@@ -140,7 +144,10 @@ def attacked_rows(
         images: float (N, C, H, W) in [0, 1].
         labels: (N,) integer class indices.
         batch_size: images per attack call.
-        restarts: runs per batch, one row each.
+        restarts: runs per batch, one row each. With ``attack.early_stop`` a restart attacks
+            only the images no earlier restart fooled; a fooled image's later rows repeat the
+            row of the restart that fooled it (the per-image worst case is the same, in fewer
+            gradient steps).
 
     Returns:
         Per batch, per restart, one row per image in the format of the module docstring without
@@ -159,10 +166,18 @@ def attacked_rows(
         zero = (grad.flatten(1) == 0).all(dim=1).tolist()
         with evaluating(model):
             clean_pred = check_finite_outputs(model(x), "attacking the classifier").argmax(dim=1)
+        adv, adv_pred = x.clone(), clean_pred.clone()
         for restart in range(restarts):
-            adv = attack(x, y)
-            with evaluating(model):
-                adv_pred = model(adv).argmax(dim=1)
+            rerun = (adv_pred == y) if attack.early_stop and restart else torch.ones_like(y) > 0
+            if rerun.all():
+                adv = attack(x, y)
+                with evaluating(model):
+                    adv_pred = model(adv).argmax(dim=1)
+            elif rerun.any():
+                adv, adv_pred = adv.clone(), adv_pred.clone()
+                adv[rerun] = attack(x[rerun], y[rerun])
+                with evaluating(model):
+                    adv_pred[rerun] = model(adv[rerun]).argmax(dim=1)
             delta = (adv - x).flatten(1).double()
             linf = delta.abs().amax(dim=1) * 255
             l2 = delta.norm(dim=1) * 255
@@ -200,6 +215,7 @@ def robust_rows(
     seed: int | None = 0,
     batch_size: int = 128,
     names: Sequence[str] | None = None,
+    early_stop: bool = False,
 ) -> list[Row]:
     """Attack ``classifier`` (images -> logits) with every entry of ``attacks`` at every budget
     of ``eps_values`` (budget by budget, attack by attack, in the given order): the flat rows
@@ -208,6 +224,9 @@ def robust_rows(
     ``seed``: the random starts are drawn from a generator seeded with it, leaving the global
     one untouched; None draws them from the global generator. ``names``: the entries' labels
     when ``attacks`` is part of a longer list (default :func:`~medshield.config.attack_labels`).
+    ``early_stop``: attacks that support it stop on an image once it is misclassified and
+    restart only the images not yet fooled (see :class:`~medshield.attacks.base.Attack`), unless
+    the entry sets ``early_stop`` itself; robust accuracy can only fall or stay.
 
     Raises:
         ConfigError: an attack entry that does not fit the registry.
@@ -221,7 +240,7 @@ def robust_rows(
             torch.manual_seed(seed)
         for eps in eps_values:
             for label, entry in zip(labels_of, attacks, strict=True):
-                attack = build_attack(entry, classifier, eps)
+                attack = build_attack(entry, classifier, eps, early_stop)
                 rows.extend(
                     {"attack": label, "eps": eps, **row}
                     for row in attacked_rows(

@@ -42,7 +42,32 @@ def _efficientnet_lite0(image_size: int, pretrained: bool) -> nn.Module:
         weights = {k: v for k, v in weights.items() if not k.startswith("_fc.")}
         tower.load_state_dict(weights, strict=False)
     del tower._fc, tower._dropout  # classification head unused
+    fold_same_padding(tower)
     return tower
+
+
+def fold_same_padding(tower: nn.Module) -> int:
+    """Move EfficientNet's symmetric "same" padding into its convolutions; the number moved.
+
+    ``Conv2dStaticSamePadding`` zero-pads its input with a separate ``ZeroPad2d`` before every
+    convolution, a copy of the activations (and of their gradients) that cost 5-6% of a
+    fine-tuning cell (docs/studies/throughput.md). Where the padding is the same on both sides
+    (the stride-1 depthwise convolutions) the convolution's own ``padding`` computes the same
+    thing without the copy; the asymmetric padding of stride-2 convolutions stays. No weights
+    change, so saved models load as before.
+    """
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    moved = 0
+    for module in tower.modules():
+        pad = getattr(module, "static_padding", None)
+        if isinstance(module, Conv2dStaticSamePadding) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and module.padding == (0, 0):
+                module.padding = (top, left)
+                module.static_padding = nn.Identity()
+                moved += 1
+    return moved
 
 
 def _minilm(pretrained: bool) -> tuple[nn.Module, Any]:

@@ -49,7 +49,7 @@ from medshield.config import (
     check_folder_name,
     load_yaml_model,
 )
-from medshield.device import DeviceName, resolve_device
+from medshield.device import DeviceName, Precision, resolve_device
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import majority_hits
 from medshield.eval.robust import worst_case
@@ -108,6 +108,9 @@ class StudyFinetuneConfig(StrictModel):
             threads (the thread budget of :mod:`medshield.threads`); several small cells share
             one GPU well. ``device`` and ``workers`` are left out of the study's saved config: a
             study may resume with other values.
+        precision: ``fp32`` or ``bf16`` for every cell (see
+            :attr:`~medshield.train.finetune.workflow.FineTuneRunConfig.precision`); a run-time
+            field like ``device``.
     """
 
     name: FolderName = "study_finetune"
@@ -141,7 +144,8 @@ class StudyFinetuneConfig(StrictModel):
     robust: RobustEvalConfig = Field(default_factory=RobustEvalConfig)
     device: DeviceName = "auto"
     workers: int = Field(1, ge=1)
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "workers"})
+    precision: Precision = "fp32"
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "workers", "precision"})
 
     @model_validator(mode="after")
     def _check(self) -> StudyFinetuneConfig:
@@ -278,6 +282,7 @@ def cell_config(
         robust=config.robust,
         device=config.device,
         lr_selection=lr_selection,
+        precision=config.precision,
     )
 
 

@@ -75,7 +75,7 @@ from medshield import data
 from medshield.attacks.base import Attack
 from medshield.attacks.pgd import PGD, pgd_step_size
 from medshield.config import StrictModel
-from medshield.device import synchronize
+from medshield.device import autocast, check_precision, synchronize
 from medshield.errors import ConfigError, DataError, InputError
 from medshield.eval.features import classify_images
 from medshield.eval.zero_shot import balanced_subset
@@ -877,6 +877,7 @@ def finetune(
     log: Log | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> FineTuneResult:
     """Fine-tune ``model`` (modified in place) on one modality's train split.
 
@@ -900,6 +901,8 @@ def finetune(
         progress: show a tqdm bar.
         device: where to train (the model and the new modules move there; training data moves
             one batch at a time). The result's classifier stays there.
+        precision: ``fp32`` or ``bf16``: each step's forward pass and loss (the adversary of
+            adversarial methods included) under :func:`medshield.device.autocast`.
 
     Returns:
         A :class:`FineTuneResult` (``base_state`` on the CPU).
@@ -917,6 +920,7 @@ def finetune(
         raise DataError(f"fine-tuning needs at least 2 training items, got {len(train.images)}")
 
     device = torch.device(device)
+    check_precision(device, precision)  # a bad precision fails before the first step
     base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model.to(device)
     base = copy.deepcopy(model).eval()
@@ -967,7 +971,8 @@ def finetune(
         if train.questions is not None:
             classifier.set_questions([train.questions[i] for i in idx])
         images, labels = train.images[idx].to(device), train.labels[idx].to(device)
-        loss, parts = method.loss(classifier, images, labels)
+        with autocast(device, precision):
+            loss, parts = method.loss(classifier, images, labels)
         lr = optimizer.param_groups[0]["lr"]
         check_finite_loss(loss, f"{config.method} fine-tuning step {step + 1}", "finetune.lr", lr)
         optimizer.zero_grad(set_to_none=True)

@@ -46,6 +46,8 @@ robust<=clean, stronger<=weaker, zero-gradients, uses image) are in ``results.js
 
 from __future__ import annotations
 
+import copy
+import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +69,7 @@ from medshield.config import (
     load_yaml_model,
     refuse_old_fields,
 )
-from medshield.device import DeviceName, resolve_device
+from medshield.device import DeviceName, Precision, autocast, check_precision, resolve_device
 from medshield.errors import ConfigError, DataError, UnknownNameError
 from medshield.eval.metrics import RECALL_KS, bootstrap_ci, image_use_flag, majority_hits
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
@@ -92,6 +94,8 @@ from medshield.train.finetune.common import (
 from medshield.train.finetune.select import finetune_lr_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
+CUDA_BATCH = 512
+"""Images per attack call at least, on a CUDA device (``robust.batch_size`` on the CPU)."""
 
 
 #: The attacks of ``medshield finetune``'s robust evaluation when the config names none.
@@ -117,6 +121,13 @@ class RobustEvalConfig(StrictModel):
     and budget is a row group of its own and enters the per-image worst case. Default: PGD-10
     and PGD-50 with 2 restarts each, APGD-CE-50 and APGD-DLR-50.
 
+    ``early_stop``: an attack stops on an image once the image is misclassified, keeping that
+    adversarial image, and restarts only the images no earlier restart broke (see
+    :class:`medshield.attacks.base.Attack`): fewer gradient steps, and a robust accuracy that
+    can only fall or stay (the images that hold follow the same iterates). Off, every attack
+    takes all its steps on every image, as before 2026-12-06. Not on the VQA task, whose
+    classifier holds one question per image of the batch.
+
     ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
     modality, clean and under the registered multimodal ``retrieval_attack`` built with
     ``retrieval_attack_kwargs``, over ``retrieval_per_class_cap`` test images per class.
@@ -126,8 +137,11 @@ class RobustEvalConfig(StrictModel):
     attacks: AttackList = Field(
         default_factory=lambda: [AttackEntry.model_validate(a) for a in DEFAULT_ATTACKS]
     )
+    early_stop: bool = True
     max_test_items: int | None = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
+    """Images per forward pass and per attack call; on a CUDA device the attacks take at least
+    :data:`CUDA_BATCH` (512) images per call, i.e. every test image of a cell at once."""
     bootstrap_resamples: int = Field(1000, ge=10)
     retrieval: bool = True
     retrieval_per_class_cap: int | None = Field(10, ge=1)
@@ -172,7 +186,12 @@ class FineTuneRunConfig(StrictModel):
     """A learning-rate selection made by another run (a study's first seed, with
     ``from_seed``): train once at its ``pick`` instead of searching ``finetune.lr_grid``, and
     record it as this run's ``lr_selection``."""
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device"})
+    precision: Precision = "fp32"
+    """The arithmetic of training and attacks: ``fp32``, or ``bf16`` (autocast to bfloat16;
+    a GPU without native bfloat16 is a ConfigError, see
+    :func:`medshield.device.check_precision`). Like the device, not part of the saved config:
+    ``results.json`` records both."""
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "precision"})
 
     @model_validator(mode="after")
     def _check_lr_selection(self) -> FineTuneRunConfig:
@@ -197,15 +216,34 @@ def base_reference(config: FineTuneRunConfig) -> dict[str, Any]:
     return {"backend": config.model.backend, "kwargs": config.model.kwargs, "seed": config.seed}
 
 
+_BASES: dict[str, tuple[DualEncoder, torch.Tensor]] = {}
+"""This process's base models by reference (and a checkpoint's file times, so a checkpoint
+saved again is loaded again), each with the CPU random state building it left: a study worker
+loads each base once for all the cells it runs."""
+
+
 def load_base(config: FineTuneRunConfig) -> DualEncoder:
-    """The base model, with a clear error for a fine-tuned directory given as a checkpoint."""
+    """The base model (a fresh copy of this process's cached one), with a clear error for a
+    fine-tuned directory given as a checkpoint. A backend built from its seed leaves the random
+    state as building it does."""
     checkpoint = config.model.checkpoint
     if checkpoint and (Path(checkpoint) / META_FILE).is_file():
         raise DataError(
             f"{checkpoint} holds a fine-tuned classifier, not a base dual encoder; give the "
             "base model it was fine-tuned from as model.checkpoint"
         )
-    return build_base(base_reference(config))
+    reference = base_reference(config)
+    stamp = [f.stat().st_mtime_ns for f in Path(checkpoint).iterdir()] if checkpoint else []
+    key = json.dumps([reference, max(stamp, default=0)], sort_keys=True, default=str)
+    if key not in _BASES:
+        model = build_base(reference)
+        _BASES[key] = copy.deepcopy(model), torch.get_rng_state()
+        return model
+    model, rng_state = _BASES[key]
+    if "seed" in reference:
+        torch.manual_seed(int(reference["seed"]))  # the CUDA generators, as build_base seeds them
+        torch.set_rng_state(rng_state)
+    return copy.deepcopy(model)
 
 
 def share_bootstrap_ci(values: list[bool], resamples: int, seed: int = 0) -> dict[str, float | int]:
@@ -324,8 +362,11 @@ def run_finetune(
     (``progress``: a tqdm bar over the training batches)."""
     modality = task_name(config.modality)
     device = resolve_device(config.device)  # a GPU this machine lacks fails before training
+    check_precision(device, config.precision)  # and so does bf16 on a GPU without it
     saved = run.path / "finetuned"
     base = load_base(config)  # a wrong checkpoint fails here, before any training
+    if device.type == "cuda":
+        base.to(memory_format=torch.channels_last)  # NHWC convolutions, faster on GPUs
     if (saved / META_FILE).is_file():
         log(f"loading the fine-tuned {config.finetune.method} from {saved}")
         classifier, meta = load_finetuned(saved, model=base)
@@ -346,6 +387,7 @@ def run_finetune(
             log=log,
             progress=progress,
             device=device,
+            precision=config.precision,
         )
         if config.lr_selection is not None:
             result.report["lr_selection"] = config.lr_selection
@@ -353,6 +395,10 @@ def run_finetune(
         classifier, report = result.classifier, result.report
 
     ev = config.robust
+    attack_batch = ev.batch_size if device.type == "cpu" else max(ev.batch_size, CUDA_BATCH)
+    # a question-conditioned classifier (the VQA task) holds one question per image of the
+    # batch, so its attacks cannot drop images mid-batch: no early stop there
+    early_stop = ev.early_stop and not getattr(classifier, "conditioned", False)
     test = load_train_data(modality, ev.max_test_items, config.seed, config.data_dir, "test")
     images, labels = test.images, test.labels
 
@@ -382,7 +428,7 @@ def run_finetune(
                 (
                     f"{name}@{eps:g}",
                     lambda eps=eps, name=name, entry=entry: attacked_test_rows(
-                        classifier, test, [entry], [eps], None, ev.batch_size, [name]
+                        classifier, test, [entry], [eps], None, attack_batch, [name], early_stop
                     ),
                 )
             )
@@ -416,7 +462,8 @@ def run_finetune(
         if group in complete:
             continue
         log(f"  {group} ...")
-        new = job()
+        with autocast(device, config.precision):
+            new = job()
         run.append_samples({**tags, **r, "group": group, "n_group": len(new)} for r in new)
 
     metrics, flags = summarize_finetune_rows(run.load_samples(), ev, config.seed)
@@ -431,6 +478,7 @@ def run_finetune(
         "sanity": flags,
         "finetuned_dir": str(saved),
         "device": str(device),
+        "precision": config.precision,
     }
 
 
@@ -442,12 +490,13 @@ def attacked_test_rows(
     seed: int | None,
     batch_size: int,
     names: list[str] | None = None,
+    early_stop: bool = False,
     ids: bool = False,
 ) -> list[dict[str, Any]]:
     """The flat rows of :func:`medshield.eval.robust.robust_rows` for the test items ``test``
     (a :class:`~medshield.train.finetune.common.TrainData`), a slice at a time (on the VQA task
     with each slice's questions set); ``index``: the item's position in ``test``, or its id
-    (``ids``)."""
+    (``ids``); ``early_stop``: see :func:`~medshield.eval.robust.robust_rows`."""
     rows: list[dict[str, Any]] = []
     for part in item_slices(classifier, test, batch_size):
         for row in robust_rows(
@@ -459,6 +508,7 @@ def attacked_test_rows(
             seed,
             batch_size,
             names,
+            early_stop,
         ):
             position = row["index"] + part.start
             rows.append({**row, "index": int(test.ids[position]) if ids else position})
