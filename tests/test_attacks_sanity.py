@@ -160,3 +160,38 @@ def test_restarts_are_rows_of_their_own(trained) -> None:
         (2, 1),
     ]
     assert len(rows) == 16
+
+
+def test_early_stop_restarts_only_the_images_not_yet_fooled(trained) -> None:
+    """With ``early_stop`` a later restart attacks only the images earlier restarts did not
+    fool; a fooled image's later row repeats the fooling row, and the worst case over restarts
+    is never above the worst case without early stopping."""
+    model, images, labels = trained
+    calls: list[int] = []
+
+    class Counting(PGD):
+        def __call__(self, x: torch.Tensor, y: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            return super().__call__(x, y, *rest)
+
+    def counting(stop: bool) -> PGD:
+        return Counting(model, eps=6, alpha=1.5, steps=3, early_stop=stop)
+
+    def worst(rows: list[dict]) -> dict[int, bool]:
+        out: dict[int, bool] = {}
+        for r in rows:
+            out[r["index"]] = out.get(r["index"], True) and r["robust_correct"]
+        return out
+
+    torch.manual_seed(0)
+    on = attacked_rows(model, counting(True), images, labels, len(images), restarts=2)
+    first, second = calls
+    torch.manual_seed(0)
+    off = attacked_rows(model, counting(False), images, labels, len(images), restarts=2)
+    fooled = [r for r in on if r["restart"] == 0 and not r["robust_correct"]]
+    assert fooled and first == len(images) and second == len(images) - len(fooled)
+    again = {r["index"]: r for r in on if r["restart"] == 1}
+    for r in fooled:
+        assert {**again[r["index"]], "restart": 0} == r
+    assert calls[2:] == [len(images), len(images)]
+    assert all(not held or worst(off)[i] for i, held in worst(on).items())

@@ -46,7 +46,7 @@ def test_early_stop_never_raises_robust_accuracy_of_a_run(tmp_path: Path, data_d
         metrics = run_finetune(cfg, run, log=lambda _: None)["metrics"]
         runs[stop] = robust_by_group(run), metrics
     (off, metrics_off), (on, metrics_on) = runs[False], runs[True]
-    assert set(off) == set(on) == {"pgd3@2", "apgd-ce@2", "apgd-dlr@2"}
+    assert set(off) == set(on) == {"pgd@2", "apgd-ce@2", "apgd-dlr@2"}
     for group in off:
         assert not any(on[group][i] and not off[group][i] for i in off[group]), group
     assert 0 < metrics_off["robust_accuracy/worst@2"]["value"] < 1  # some images hold
@@ -118,14 +118,18 @@ def test_a_base_model_is_loaded_once_per_process(tmp_path: Path, data_dir: Path)
 
 
 def test_early_stop_is_off_for_a_question_conditioned_classifier() -> None:
-    from medshield.train.finetune.workflow import RobustEvalConfig, _attacks
+    from medshield.eval.robust import build_attack
+    from medshield.train.finetune.workflow import RobustEvalConfig, attacks_stop_early
 
     class Conditioned(torch.nn.Linear):
         conditioned = True  # one question per image of the batch: no dropping images
 
     ev = RobustEvalConfig(retrieval=False)
-    assert all(a.early_stop for _, a in _attacks(torch.nn.Linear(2, 2), ev, 2.0))
-    assert not any(a.early_stop for _, a in _attacks(Conditioned(2, 2), ev, 2.0))
+    plain, conditioned = torch.nn.Linear(2, 2), Conditioned(2, 2)
+    assert attacks_stop_early(ev, plain) and not attacks_stop_early(ev, conditioned)
+    for model in (plain, conditioned):
+        stop = attacks_stop_early(ev, model)
+        assert all(build_attack(e, model, 2.0, stop).early_stop == stop for e in ev.attacks)
 
 
 def test_a_checkpoint_saved_again_is_loaded_again(tmp_path: Path, data_dir: Path) -> None:

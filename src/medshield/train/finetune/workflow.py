@@ -233,7 +233,8 @@ def load_base(config: FineTuneRunConfig) -> DualEncoder:
             "base model it was fine-tuned from as model.checkpoint"
         )
     reference = base_reference(config)
-    stamp = [f.stat().st_mtime_ns for f in Path(checkpoint).iterdir()] if checkpoint else []
+    folder = Path(checkpoint) if checkpoint else None
+    stamp = [f.stat().st_mtime_ns for f in folder.iterdir()] if folder and folder.is_dir() else []
     key = json.dumps([reference, max(stamp, default=0)], sort_keys=True, default=str)
     if key not in _BASES:
         model = build_base(reference)
@@ -244,6 +245,13 @@ def load_base(config: FineTuneRunConfig) -> DualEncoder:
         torch.manual_seed(int(reference["seed"]))  # the CUDA generators, as build_base seeds them
         torch.set_rng_state(rng_state)
     return copy.deepcopy(model)
+
+
+def attacks_stop_early(ev: RobustEvalConfig, classifier: torch.nn.Module) -> bool:
+    """Whether the evaluation attacks of ``classifier`` stop early (``ev.early_stop``): never
+    on a question-conditioned classifier (the VQA task), which holds one question per image of
+    the batch, so its attacks cannot drop images mid-batch."""
+    return ev.early_stop and not getattr(classifier, "conditioned", False)
 
 
 def share_bootstrap_ci(values: list[bool], resamples: int, seed: int = 0) -> dict[str, float | int]:
@@ -396,9 +404,7 @@ def run_finetune(
 
     ev = config.robust
     attack_batch = ev.batch_size if device.type == "cpu" else max(ev.batch_size, CUDA_BATCH)
-    # a question-conditioned classifier (the VQA task) holds one question per image of the
-    # batch, so its attacks cannot drop images mid-batch: no early stop there
-    early_stop = ev.early_stop and not getattr(classifier, "conditioned", False)
+    early_stop = attacks_stop_early(ev, classifier)
     test = load_train_data(modality, ev.max_test_items, config.seed, config.data_dir, "test")
     images, labels = test.images, test.labels
 
