@@ -77,7 +77,7 @@ def test_registry_has_the_image_attacks() -> None:
 
 
 def test_one_step_size_rule_for_pgd_without_an_explicit_alpha() -> None:
-    from medshield.train.finetune.common import AdversaryConfig
+    from medshield.train.finetune.config import AdversaryConfig
 
     assert pgd_step_size(2, 2) == 2.5  # Madry's 2.5 * eps / steps: few steps cross the ball
     assert pgd_step_size(2, 10) == 0.5

@@ -25,7 +25,7 @@ from medshield.models.io import create_model, load_model, read_record, save_mode
 from medshield.models.mini_llava import MiniLlava
 from medshield.models.open_clip_backend import OpenClipDualEncoder
 from medshield.registry import MODELS
-from medshield.train.finetune.common import read_finetuned_meta
+from medshield.train.finetune.io import read_finetuned_meta
 
 TEST_BACKEND = "test-io-tiny"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune.common import VQA_TASK, TrainData, load_train_data
+from medshield.train.finetune.data import VQA_TASK, TrainData, load_train_data
 
 torch.set_num_threads(1)  # the suite shares two cores
 

@@ -17,13 +17,10 @@ from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.registry import METHODS
 from medshield.train.finetune import adv, load_finetuned, ran, save_finetuned, trades
-from medshield.train.finetune.common import (
-    FineTuneConfig,
-    TrainData,
-    method_for,
-    parse_finetune_config,
-    prompt_embeddings,
-)
+from medshield.train.finetune.classifier import prompt_embeddings
+from medshield.train.finetune.config import FineTuneConfig, parse_finetune_config
+from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.method import method_for
 
 ADV = ("adv-lora", "adv-adapter", "adv-linear-probe")
 QUICK = {"pgd_steps": 1}

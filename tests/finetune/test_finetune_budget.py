@@ -15,14 +15,14 @@ from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.studies.finetune import load_study_config, run_study_finetune
-from medshield.train.finetune.common import (
+from medshield.train.finetune.config import parse_finetune_config
+from medshield.train.finetune.data import (
     TrainData,
     load_train_data,
-    lr_factor,
-    parse_finetune_config,
     split_validation,
     validation_accuracy,
 )
+from medshield.train.finetune.loop import lr_factor
 from medshield.train.finetune.select import finetune_lr_grid, robust_validation_accuracy
 
 

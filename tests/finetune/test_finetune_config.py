@@ -18,10 +18,8 @@ from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.studies.finetune import load_study_config
 from medshield.train.finetune import finetune
-from medshield.train.finetune.common import (
-    TrainData,
-    parse_finetune_config,
-)
+from medshield.train.finetune.config import parse_finetune_config
+from medshield.train.finetune.data import TrainData
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     load_finetune_config,

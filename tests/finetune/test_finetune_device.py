@@ -18,7 +18,7 @@ from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.train.finetune import load_finetuned, save_finetuned
-from medshield.train.finetune.common import TrainData
+from medshield.train.finetune.data import TrainData
 from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

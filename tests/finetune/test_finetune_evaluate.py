@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from medshield.cli import app
 from medshield.config import AttackEntry
 from medshield.runs import Run
-from medshield.train.finetune.common import VQA_TASK
+from medshield.train.finetune.data import VQA_TASK
 from medshield.train.finetune.workflow import finetuned_rows, run_finetune
 
 

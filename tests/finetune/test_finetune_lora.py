@@ -11,11 +11,9 @@ from finetune_support import FAST, run_method
 
 from medshield.models.mini_clip import MiniClip
 from medshield.train.finetune import load_finetuned, save_finetuned
-from medshield.train.finetune.common import (
-    FineTuneConfig,
-    TrainData,
-    method_for,
-)
+from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.method import method_for
 
 
 def test_lora_modules_in_both_towers_get_gradients_and_change(

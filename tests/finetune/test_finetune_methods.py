@@ -10,11 +10,9 @@ from finetune_support import FAST, run_method
 
 from medshield.models.base import ZeroShotClassifier
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune.common import (
-    FineTuneConfig,
-    TrainData,
-    method_for,
-)
+from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.method import method_for
 
 
 def test_adapters_train_in_both_towers_and_start_as_identity(

@@ -24,7 +24,9 @@ from medshield.train.finetune import (
     load_finetuned,
     save_finetuned,
 )
-from medshield.train.finetune.common import FineTuneConfig, TrainData, method_for
+from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.method import method_for
 from medshield.train.finetune.ran import (
     LinearRectifier,
     covariance_penalty,

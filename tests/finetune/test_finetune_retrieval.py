@@ -14,7 +14,8 @@ from medshield.errors import InputError
 from medshield.eval.metrics import RECALL_KS
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
-from medshield.train.finetune.common import RectifiedEncoder, TrainData, adapted_encoder
+from medshield.train.finetune.classifier import RectifiedEncoder, adapted_encoder
+from medshield.train.finetune.data import TrainData
 from medshield.train.finetune.workflow import (
     FineTuneRunConfig,
     recall_indicators,

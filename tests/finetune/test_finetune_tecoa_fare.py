@@ -13,13 +13,9 @@ from finetune_support import FAST, run_method
 from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.registry import METHODS
-from medshield.train.finetune.common import (
-    AdversaryConfig,
-    FineTuneConfig,
-    TrainData,
-    method_for,
-    parse_finetune_config,
-)
+from medshield.train.finetune.config import AdversaryConfig, FineTuneConfig, parse_finetune_config
+from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.method import method_for
 from medshield.train.finetune.tecoa import ScaledLogits
 
 

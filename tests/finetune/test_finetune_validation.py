@@ -12,7 +12,7 @@ from finetune_support import run_method
 
 from medshield.errors import DataError
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune.common import (
+from medshield.train.finetune.data import (
     TrainData,
     load_train_data,
     predict_classes,

@@ -17,12 +17,9 @@ from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.studies.finetune import load_study_config, run_study_finetune
 from medshield.train.finetune import FineTunedClassifier, load_finetuned, save_finetuned
-from medshield.train.finetune.common import (
-    VQA_TASK,
-    FineTuneConfig,
-    TrainData,
-    method_for,
-)
+from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.data import VQA_TASK, TrainData
+from medshield.train.finetune.method import method_for
 
 
 def test_vqa_items_carry_questions_and_start_from_zero_shot_answers(

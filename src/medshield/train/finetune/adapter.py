@@ -28,12 +28,8 @@ from medshield.config import StrictModel
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder, eval_mode
 from medshield.registry import METHODS
-from medshield.train.finetune.common import (
-    FineTunedClassifier,
-    FineTuneMethod,
-    clear_text_cache,
-    freeze,
-)
+from medshield.train.finetune.classifier import FineTunedClassifier, clear_text_cache
+from medshield.train.finetune.method import FineTuneMethod, freeze
 
 
 class AdapterOptions(StrictModel):

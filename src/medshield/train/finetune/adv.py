@@ -21,9 +21,10 @@ from torch import nn
 from medshield.attacks.pgd import PGD
 from medshield.registry import METHODS
 from medshield.train.finetune.adapter import Adapter, AdapterOptions
-from medshield.train.finetune.common import FineTunedClassifier, NoOptions
+from medshield.train.finetune.classifier import FineTunedClassifier
 from medshield.train.finetune.linear_probe import LinearProbe
 from medshield.train.finetune.lora import Lora, LoraOptions
+from medshield.train.finetune.method import NoOptions
 from medshield.train.finetune.trades import TradesOptions, trades_attack, trades_loss
 
 

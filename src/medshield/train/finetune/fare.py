@@ -33,7 +33,9 @@ from medshield.config import StrictModel
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder, eval_mode
 from medshield.registry import METHODS
-from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, TrainData, freeze
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.method import FineTuneMethod, freeze
 from medshield.train.finetune.tecoa import image_side_trainable
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
-from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.method import FineTuneMethod
 
 
 @METHODS.register("full", "full fine-tuning of both towers with CE over live class prompts")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
-from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, freeze
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.method import FineTuneMethod, freeze
 
 
 @METHODS.register("linear-probe", "frozen encoders, a linear head (CLIP linear probe, LP-FT init)")

@@ -37,7 +37,8 @@ from medshield.config import StrictModel
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
-from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, freeze
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.method import FineTuneMethod, freeze
 
 DEFAULT_IMAGE_TARGETS = r"image_tower\.(_blocks\.\d+\._(expand|project)_conv|_conv_head)"
 DEFAULT_TEXT_TARGETS = (

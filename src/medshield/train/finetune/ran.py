@@ -60,13 +60,10 @@ from medshield.attacks.pgd import PGD
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
-from medshield.train.finetune.common import (
-    FineTunedClassifier,
-    FineTuneMethod,
-    TrainData,
-    freeze,
-)
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.data import TrainData
 from medshield.train.finetune.lora import inject_lora
+from medshield.train.finetune.method import FineTuneMethod, freeze
 from medshield.train.finetune.trades import (
     TradesOptions,
     trades_adversary,

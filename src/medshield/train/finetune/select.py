@@ -3,9 +3,9 @@
 :func:`finetune_lr_grid` trains one model per learning rate of the grid, each from a fresh copy
 of the base model with the same seed, data, validation split and step budget, and scores it on
 the held-out items: clean accuracy for a clean method, and for an adversarial one
-(:attr:`~medshield.train.finetune.common.FineTuneMethod.adversarial`: tecoa, fare, fare-probe,
+(:attr:`~medshield.train.finetune.method.FineTuneMethod.adversarial`: tecoa, fare, fare-probe,
 ran, adv-*) robust accuracy under the method's own training adversary
-(:meth:`~medshield.train.finetune.common.FineTuneMethod.training_attack`: PGD with the
+(:meth:`~medshield.train.finetune.method.FineTuneMethod.training_attack`: PGD with the
 cross-entropy loss at the training eps, steps and step size, in eval mode). The model of the
 best score is kept (the first of the grid on a tie); nothing is retrained. Its report gets
 ``lr_selection``:
@@ -34,18 +34,16 @@ import torch
 
 from medshield.errors import ConfigError
 from medshield.models.base import DualEncoder
-from medshield.train.finetune.common import (
-    FineTuneConfig,
-    FineTuneResult,
+from medshield.train.finetune.config import FineTuneConfig, parse_finetune_config
+from medshield.train.finetune.data import (
     TrainData,
-    finetune,
     item_slices,
     load_train_data,
-    method_for,
-    parse_finetune_config,
     predict_classes,
     validation_accuracy,
 )
+from medshield.train.finetune.loop import FineTuneResult, finetune
+from medshield.train.finetune.method import method_for
 
 
 def robust_validation_accuracy(result: FineTuneResult, val: TrainData, batch_size: int) -> float:
@@ -79,7 +77,7 @@ def finetune_lr_grid(
     """Fine-tune a copy of ``model`` at every learning rate of ``config.lr_grid`` and return the
     result scored best on validation, its report with ``lr_selection`` (see the module
     docstring) and its config at the picked ``lr`` (``lr_grid`` cleared). ``model`` itself is
-    left as it was; ``kwargs`` go to :func:`~medshield.train.finetune.common.finetune`."""
+    left as it was; ``kwargs`` go to :func:`~medshield.train.finetune.loop.finetune`."""
     config = parse_finetune_config(config)
     if config.lr_grid is None:
         raise ConfigError("finetune_lr_grid needs finetune.lr_grid (a list of learning rates)")

@@ -32,7 +32,8 @@ from medshield.attacks.pgd import PGD
 from medshield.config import StrictModel
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
-from medshield.train.finetune.common import FineTunedClassifier, FineTuneMethod, freeze
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.method import FineTuneMethod, freeze
 
 
 class TeCoAOptions(StrictModel):

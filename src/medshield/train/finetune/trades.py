@@ -19,7 +19,7 @@ from torch import nn
 from medshield.attacks.pgd import PGD
 from medshield.config import StrictModel
 from medshield.models.base import eval_mode
-from medshield.train.finetune.common import FineTunedClassifier
+from medshield.train.finetune.classifier import FineTunedClassifier
 
 
 class TradesOptions(StrictModel):

@@ -2,7 +2,7 @@
 
 The task (``modality``) is a modality or ``vqa_rad_closed``, the VQA-RAD closed yes/no questions
 answered through question-conditioned class prompts (see
-:mod:`medshield.train.finetune.common`). The run directory (see :mod:`medshield.runs`) holds
+:mod:`medshield.train.finetune.classifier`). The run directory (see :mod:`medshield.runs`) holds
 ``config.yaml``, ``finetuned/`` (the saved method state, see
 :func:`~medshield.train.finetune.save_finetuned`), ``samples.jsonl`` and ``results.json``.
 Evaluation on a class-balanced test subsample:
@@ -27,7 +27,7 @@ Evaluation on a class-balanced test subsample:
   :func:`medshield.eval.robust.robust_flags`;
 - on a modality, unless ``robust.retrieval`` is false, ``retrieval`` and ``retrieval_adv``:
   image-text retrieval over the modality's test images (``retrieval_per_class_cap`` per class)
-  with the fine-tuned dual encoder (:func:`~medshield.train.finetune.common.adapted_encoder`),
+  with the fine-tuned dual encoder (:func:`~medshield.train.finetune.classifier.adapted_encoder`),
   clean and with every image-caption pair attacked by the multimodal ``retrieval_attack``
   (Co-Attack at eps 2/255 by default), rows from :mod:`medshield.eval.retrieval`; metrics
   ``retrieval_{i2t,t2i}[_adv]/R@{1,5,10}`` and an ``retrieval adv<=clean`` flag on R@1.
@@ -76,21 +76,17 @@ from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import robust_flags, robust_rows, worst_case
 from medshield.models.base import DualEncoder
 from medshield.runs import Log, Run
-from medshield.train.finetune.common import (
-    META_FILE,
+from medshield.train.finetune.classifier import FineTunedClassifier, adapted_encoder
+from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.data import (
     VQA_TASK,
-    FineTuneConfig,
-    FineTunedClassifier,
-    adapted_encoder,
-    build_base,
-    finetune,
     item_slices,
-    load_finetuned,
     load_train_data,
     predict_classes,
-    save_finetuned,
     task_name,
 )
+from medshield.train.finetune.io import META_FILE, build_base, load_finetuned, save_finetuned
+from medshield.train.finetune.loop import finetune
 from medshield.train.finetune.select import finetune_lr_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
@@ -500,7 +496,7 @@ def attacked_test_rows(
     ids: bool = False,
 ) -> list[dict[str, Any]]:
     """The flat rows of :func:`medshield.eval.robust.robust_rows` for the test items ``test``
-    (a :class:`~medshield.train.finetune.common.TrainData`), a slice at a time (on the VQA task
+    (a :class:`~medshield.train.finetune.data.TrainData`), a slice at a time (on the VQA task
     with each slice's questions set); ``index``: the item's position in ``test``, or its id
     (``ids``); ``early_stop``: see :func:`~medshield.eval.robust.robust_rows`."""
     rows: list[dict[str, Any]] = []

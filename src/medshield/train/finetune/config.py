@@ -1,0 +1,143 @@
+"""The fine-tuning config: method, optimisation budget and schedule, learning-rate grid,
+per-method options and the training adversary (:class:`FineTuneConfig`), validated into
+:class:`ConfigError` by :func:`parse_finetune_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from medshield.attacks.pgd import pgd_step_size
+from medshield.config import StrictModel
+from medshield.errors import ConfigError
+from medshield.registry import METHODS
+
+DEFAULT_EPOCHS = 10  # the budget when neither steps nor epochs is set
+
+
+class AdversaryConfig(StrictModel):
+    """On-the-fly PGD adversary used while training (TeCoA, FARE; RAN and the ``adv-*`` methods
+    use its ``eps`` with their own ``pgd_steps`` / ``pgd_step``), L-inf, /255 units.
+
+    ``steps`` defaults to 10 and ``alpha`` to :func:`medshield.attacks.pgd.pgd_step_size`,
+    ``2.5 * eps / steps`` (Madry et al., 2018) but at least ``eps / 4``: 10 steps of eps / 4,
+    the TeCoA and FARE reference training adversary (RobustVLM, Schlarmann et al. 2024). Until
+    2026-12 the default was 2 steps of 1.25 x eps, an FGSM-like adversary that invites
+    catastrophic overfitting.
+    """
+
+    eps: float = Field(2.0, gt=0)
+    steps: int = Field(10, ge=1)
+    alpha: float | None = Field(None, gt=0)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else pgd_step_size(self.eps, self.steps)
+
+
+class FineTuneConfig(StrictModel):
+    """How to fine-tune: method, optimisation budget and schedule, learning-rate grid,
+    per-method kwargs, adversary.
+
+    Attributes:
+        method: a name registered in :data:`medshield.registry.METHODS`.
+        steps: the budget in optimiser steps; batches come from successive seeded reshuffles
+            of the (class-balanced) training items, a new pass starting where one runs out.
+        epochs: the budget in passes over the training items instead (the default when
+            neither is set: 10, since at 2 epochs of a few hundred items most methods are far
+            from converged, see docs/studies/finetune.md). Setting both is an error.
+        batch_size: items per step.
+        lr: AdamW learning rate (the peak of the schedule).
+        lr_grid: learning rates to choose from on the validation split (needs
+            ``val_fraction`` above 0): one model is trained per value with the same seed and
+            budget, and the best on validation is kept (see
+            :func:`medshield.train.finetune.select.finetune_lr_grid`); None trains at ``lr``.
+        schedule: ``constant`` or ``cosine`` (decay to 0 at the last step), after the warm-up.
+        warmup_fraction: share of the steps over which the learning rate rises linearly from
+            ``lr / warm-up steps`` to ``lr`` (0: no warm-up), so it scales with the budget.
+        log_every: steps per history entry (None: one pass over the training items).
+        weight_decay: AdamW weight decay.
+        max_train_items: class-balanced subsample of the train split (None: all).
+        val_fraction: share of those items held out (stratified by class) as a validation set,
+            scored at every history entry (``val_accuracy``); 0 holds out nothing.
+        keep_best: end with the weights of the history entry of highest validation accuracy
+            (the earliest on a tie) instead of the last step's; needs ``val_fraction`` above 0.
+        kwargs: method-specific options, validated by the method (unknown keys are refused;
+            RAN's loss weights are among its options).
+        adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN and the
+            ``adv-*`` methods take its ``eps`` and set their own steps). ``null`` means no
+            adversary, which only the clean methods accept.
+    """
+
+    method: str = "ran"
+    steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    lr_grid: list[float] | None = None
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    log_every: int | None = Field(None, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_train_items: int | None = Field(512, ge=2)
+    val_fraction: float = Field(0.0, ge=0, le=0.5)
+    keep_best: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    adversary: AdversaryConfig | None = Field(default_factory=AdversaryConfig)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> FineTuneConfig:
+        if self.method not in METHODS:
+            known = ", ".join(METHODS.names())
+            raise ValueError(f"unknown fine-tuning method {self.method!r}; registered: {known}")
+        method = METHODS.get(self.method)
+        method.Options.model_validate(self.kwargs)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(
+                f"steps ({self.steps}) and epochs ({self.epochs}) are both set: the budget is "
+                "one of them; keep steps (optimiser steps) or epochs (passes), not both"
+            )
+        if self.steps is None and self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS
+        if self.keep_best and self.val_fraction == 0:
+            raise ValueError(
+                "keep_best picks the best history entry by validation accuracy: set "
+                "val_fraction above 0"
+            )
+        if self.lr_grid is not None:
+            if not self.lr_grid:
+                raise ValueError(
+                    "lr_grid is empty: give at least one learning rate, or leave lr_grid out "
+                    "(null) to train at lr"
+                )
+            if any(lr <= 0 for lr in self.lr_grid):
+                raise ValueError(f"every learning rate in lr_grid must be > 0, got {self.lr_grid}")
+            if self.val_fraction == 0:
+                raise ValueError(
+                    "lr_grid picks the learning rate on a validation split: set val_fraction "
+                    "above 0 (e.g. 0.2)"
+                )
+        if method.adversarial and self.adversary is None:
+            raise ValueError(
+                f"{self.method} trains against an adversary, but adversary is null: give "
+                "adversary: {eps: ...} (its eps is the training budget, /255), or use a clean "
+                "method"
+            )
+        return self
+
+    @property
+    def options(self) -> BaseModel:
+        """The method's validated ``kwargs``."""
+        return METHODS.get(self.method).Options.model_validate(self.kwargs)
+
+
+def parse_finetune_config(raw: dict[str, Any] | FineTuneConfig) -> FineTuneConfig:
+    """Validate a fine-tuning config; every problem becomes a :class:`ConfigError`."""
+    if isinstance(raw, FineTuneConfig):
+        return raw
+    try:
+        return FineTuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid fine-tuning config:\n{exc}") from None
