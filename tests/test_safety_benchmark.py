@@ -27,7 +27,8 @@ from medshield.data.safety import (
     load_safety_items,
     match_answer,
 )
-from medshield.data.safety.benchmark import _finding_names, item_id
+from medshield.data.safety.benchmark import _finding_names
+from medshield.data.safety.items import item_id
 from medshield.defense.synthesizer import normalise_text
 from medshield.errors import DataError, InputError, UnknownNameError
 

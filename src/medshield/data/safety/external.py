@@ -29,12 +29,7 @@ from typing import Any
 
 from medshield.data.medmnist import data_root, load_split
 from medshield.data.modalities import get_modality
-from medshield.data.safety.benchmark import (
-    RADIOLOGY,
-    ImageRef,
-    SafetyItem,
-    item_id,
-)
+from medshield.data.safety.items import RADIOLOGY, ImageRef, SafetyItem, item_id
 from medshield.data.vqa_rad import load_vqa_rad
 from medshield.errors import DataError
 

@@ -16,7 +16,7 @@ under a header. The fields:
   red-teaming ``modalities``, :data:`~medshield.data.safety.external.DEFAULT_MODALITY` when
   none is set). A row with an image but no modality is grouped as ``unspecified``;
 - ``answer``: a benign row's reference answer, scored as the benchmark's are
-  (:func:`~medshield.data.safety.benchmark.match_answer`): ``yes`` / ``no`` answers as closed
+  (:func:`~medshield.data.safety.items.match_answer`): ``yes`` / ``no`` answers as closed
   yes/no questions (the first of the two in the response counts), any other answer must occur
   in the response;
 - ``category``: free text, kept as written (``unspecified`` without one); the nine ids of
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from medshield.data.modalities import MODALITIES, get_modality
-from medshield.data.safety.benchmark import (
+from medshield.data.safety.external import DEFAULT_MODALITY, image_picker, read_csv_rows
+from medshield.data.safety.items import (
     RADIOLOGY,
     ImageRef,
     SafetyItem,
@@ -46,7 +47,6 @@ from medshield.data.safety.benchmark import (
     load_image_file,
     normalize_answer,
 )
-from medshield.data.safety.external import DEFAULT_MODALITY, image_picker, read_csv_rows
 from medshield.errors import DataError, UnknownNameError
 
 SOURCE = "file"

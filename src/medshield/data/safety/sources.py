@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medshield.data.medmnist import data_root
-from medshield.data.safety.benchmark import SafetyItem, build_benchmark
+from medshield.data.safety.benchmark import build_benchmark
 from medshield.data.safety.external import (
     DEFAULT_MODALITY,
     check_limit,
@@ -16,6 +16,7 @@ from medshield.data.safety.external import (
     load_jailbreakbench,
     load_medsafetybench,
 )
+from medshield.data.safety.items import SafetyItem
 from medshield.data.safety.queryfile import load_query_file
 from medshield.errors import DataError, InputError, UnknownNameError
 

@@ -2,7 +2,7 @@
 
 Other parts of medshield (attacks, defenses, reports) refer to the categories by the ids in
 :data:`CATEGORY_IDS`; they are part of the benchmark's public contract and never change within a
-:data:`~medshield.data.safety.benchmark.BENCHMARK_VERSION`.
+:data:`~medshield.data.safety.items.BENCHMARK_VERSION`.
 """
 
 from __future__ import annotations
