@@ -13,7 +13,6 @@ from sklearn.metrics import roc_auc_score
 from medshield.errors import InputError
 from medshield.eval.metrics import (
     Metric,
-    _macro_auc_batched,
     accuracy,
     bootstrap_ci,
     bootstrap_distribution,
@@ -24,6 +23,7 @@ from medshield.eval.metrics import (
     recall_at_k,
     summarize,
 )
+from medshield.eval.metrics.point import macro_auc_batched
 from medshield.eval.retrieval import first_correct_rank
 
 
@@ -145,7 +145,7 @@ def test_vectorised_auc_bootstrap_matches_sklearn_resample_by_resample() -> None
     scores = np.round(rng.random((30, 3)), 1)  # coarse scores: many ties
     slow = bootstrap_distribution(macro_auc, scores, labels, n_resamples=60, seed=7)
     fast = bootstrap_distribution(
-        _macro_auc_batched, scores, labels, n_resamples=60, seed=7, vectorized=True
+        macro_auc_batched, scores, labels, n_resamples=60, seed=7, vectorized=True
     )
     np.testing.assert_allclose(fast, slow, equal_nan=True)
     assert np.isfinite(slow).sum() > 30
@@ -157,10 +157,10 @@ def test_auc_bootstrap_skips_degenerate_resamples() -> None:
     labels[0] = 1
     scores = np.stack([1 - np.linspace(0, 1, 20), np.linspace(0, 1, 20)], axis=1)[::-1]
     samples = bootstrap_distribution(
-        _macro_auc_batched, scores, labels, n_resamples=200, vectorized=True
+        macro_auc_batched, scores, labels, n_resamples=200, vectorized=True
     )
     assert np.isnan(samples).any() and np.isfinite(samples).any()
-    lo, hi = bootstrap_ci(_macro_auc_batched, scores, labels, n_resamples=200, vectorized=True)
+    lo, hi = bootstrap_ci(macro_auc_batched, scores, labels, n_resamples=200, vectorized=True)
     assert lo == hi == roc_auc_score(labels, scores[:, 1]) == 1.0
 
 
