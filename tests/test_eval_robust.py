@@ -22,7 +22,7 @@ from medshield.eval.robust import (
 )
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune.workflow import RobustEvalConfig
+from medshield.train.finetune.run_config import RobustEvalConfig
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,8 @@ from medshield.studies.finetune import load_study_config
 from medshield.train.finetune import finetune
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.workflow import (
-    FineTuneRunConfig,
-    load_finetune_config,
-    run_finetune,
-)
+from medshield.train.finetune.run_config import FineTuneRunConfig
+from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 
 @pytest.mark.parametrize(

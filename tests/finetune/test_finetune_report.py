@@ -20,7 +20,7 @@ from medshield.studies.finetune_report import (
     verdict,
     write_report,
 )
-from medshield.train.finetune.workflow import RobustEvalConfig
+from medshield.train.finetune.run_config import RobustEvalConfig
 
 EV = RobustEvalConfig(eps=[1, 2], bootstrap_resamples=200)
 N = 100  # test images per seed

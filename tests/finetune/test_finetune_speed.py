@@ -119,7 +119,8 @@ def test_a_base_model_is_loaded_once_per_process(tmp_path: Path, data_dir: Path)
 
 def test_early_stop_is_off_for_a_question_conditioned_classifier() -> None:
     from medshield.eval.robust import build_attack
-    from medshield.train.finetune.workflow import RobustEvalConfig, attacks_stop_early
+    from medshield.train.finetune.run_config import RobustEvalConfig
+    from medshield.train.finetune.workflow import attacks_stop_early
 
     class Conditioned(torch.nn.Linear):
         conditioned = True  # one question per image of the batch: no dropping images

@@ -18,12 +18,8 @@ from medshield.errors import ConfigError
 from medshield.eval.robust import build_attack, worst_case
 from medshield.registry import IMAGE_ATTACKS
 from medshield.runs import Run
-from medshield.train.finetune.workflow import (
-    DEFAULT_ATTACKS,
-    RobustEvalConfig,
-    load_finetune_config,
-    run_finetune,
-)
+from medshield.train.finetune.run_config import DEFAULT_ATTACKS, RobustEvalConfig
+from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 
 class Shift(Attack):
