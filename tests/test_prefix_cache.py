@@ -15,7 +15,7 @@ from test_mini_llava import image, tiny_model
 
 from medshield.defense import create_defense
 from medshield.errors import InputError
-from medshield.models import Message, create_chat_model, mini_llava
+from medshield.models import Message, create_chat_model, mini_llava_inputs
 from medshield.models.mini_llava import MiniLlava
 from medshield.models.prefix_cache import (
     PrefixCache,
@@ -170,7 +170,7 @@ def test_mini_llava_caches_the_demonstrations_with_their_images(
             super().__init__(*args, **kwargs)
             shared.append(self)
 
-    monkeypatch.setattr(mini_llava, "SharedPrefixCache", Spy)
+    monkeypatch.setattr(mini_llava_inputs, "SharedPrefixCache", Spy)
     conversations = fixed_defense.apply_batch(requests())
     assert all(len(m.images) == 1 for m in conversations[0][0:-1:2])  # demos carry images
     model.clear_prefix_cache()
