@@ -361,7 +361,7 @@ def test_upstream_failure_is_502(failing_upstream: str, caplog: pytest.LogCaptur
         }
     )
     assert config.served_name() == "llava-7b"  # clients keep the upstream's model name
-    caplog.set_level(logging.INFO, logger="medshield.commands.serve")
+    caplog.set_level(logging.INFO, logger="medshield.serve")
     with serving(build_app(config)) as url:
         with pytest.raises(openai.InternalServerError) as info:
             client(url).chat.completions.create(model="llava-7b", messages=[user(SECRET)])

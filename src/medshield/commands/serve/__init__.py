@@ -123,7 +123,7 @@ from medshield.defense import Defense, create_defense
 from medshield.errors import ConfigError
 from medshield.models.chat import ChatVLM, create_chat_model
 
-logger = logging.getLogger("medshield.commands.serve")
+logger = logging.getLogger("medshield.serve")  # the command's name, kept when the module moved
 
 
 def create_app(
