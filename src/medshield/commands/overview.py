@@ -56,8 +56,6 @@ def _print_demo_summary(results: dict[str, Any], run_path: Path) -> None:
     """The demo's final table: per stage its wall time, the time producing its trained artifact
     took in the run that produced it (beside a reuse's time), where the artifact came from and
     its headline figures; then where the report is."""
-    from rich.text import Text
-
     from medshield.report.kinds.demo import CACHE_LABELS
 
     table = Table(
