@@ -133,6 +133,7 @@ def test_cli_finetune_writes_results_and_its_report(tmp_path: Path, data_dir: Pa
     result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert "clean_accuracy:" in result.output and "trainable parameters" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("report: ")  # the report's path
     html = (tmp_path / "ft" / "report.html").read_text()
     assert "fine-tuning run" in html and "held out for validation" in html
 

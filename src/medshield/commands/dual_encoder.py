@@ -176,11 +176,11 @@ def finetune(
         fail(exc)
     for name, m in result["metrics"].items():
         console.print(f"{name}: {format_metric(m)}")
-    report = result["report"]
+    trained = result["report"]
     done(
-        f"trainable parameters {report['trainable_params']:,}, training {report['train_wall_s']}"
-        f" s, FLOPs x{report['overhead']['flops_ratio']:.4f}, latency "
-        f"x{report['overhead']['latency_ratio']:.2f}; run in ",
+        f"trainable parameters {trained['trainable_params']:,}, training "
+        f"{trained['train_wall_s']} s, FLOPs x{trained['overhead']['flops_ratio']:.4f}, latency "
+        f"x{trained['overhead']['latency_ratio']:.2f}; run in ",
         run.path,
     )
     print_lines(report)
