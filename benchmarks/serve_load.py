@@ -42,9 +42,9 @@ def make_fake_app(args: argparse.Namespace) -> Any:
     """The proxy over a fake backend that sleeps ``args.fake_ms`` per ``generate`` call."""
     import torch
 
+    from medshield.commands.serve import ServeLimits, create_app
     from medshield.defense import create_defense
     from medshield.models.chat import ChatVLM, Conversation
-    from medshield.serve import ServeLimits, create_app
 
     class FakeVLM(ChatVLM):
         """Replies after a fixed delay per batch, reporting what it received."""
@@ -78,7 +78,7 @@ def make_fake_app(args: argparse.Namespace) -> Any:
 
 def serve_only(args: argparse.Namespace) -> None:
     """Child process: serve, print the base URL on stdout, stop when stdin closes."""
-    from medshield.serve import build_app, load_serve_config, serving
+    from medshield.commands.serve import build_app, load_serve_config, serving
 
     if args.config:
         # latency does not depend on training: an untrained mini-llava is a fair load

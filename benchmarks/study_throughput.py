@@ -9,7 +9,7 @@ other and alternating which goes first from round to round, so both see the same
 * ``new``: this checkout's ``src`` (early stopping of the evaluation attacks on, the base model
   loaded once per worker; ``--precision bf16`` only here).
 
-Each path runs as ``python -m medshield.cli study finetune`` in a fresh output folder, with
+Each path runs as ``python -m medshield.commands.cli study finetune`` in a fresh output folder, with
 ``workers`` processes; its wall time (process start included, as a study pays it) gives cells
 per hour, and the ratio new / old is the speed-up. The CPU time of the study and its cell
 processes gives cells per CPU-hour too, a ratio that other jobs on the machine distort less.
@@ -102,7 +102,15 @@ def run_study(src: Path, config: dict[str, Any], out: Path) -> tuple[float, floa
     out.mkdir(parents=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(json.dumps({**config, "output_dir": str(out)}))  # JSON is YAML
-    command = [sys.executable, "-m", "medshield.cli", "study", "finetune", "--config", str(path)]
+    command = [
+        sys.executable,
+        "-m",
+        "medshield.commands.cli",
+        "study",
+        "finetune",
+        "--config",
+        str(path),
+    ]
     start, cpu_start = time.perf_counter(), cpu_seconds()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start

@@ -8,7 +8,7 @@ import traceback
 
 from typer.testing import CliRunner
 
-from medshield.cli import app
+from medshield.commands.cli import app
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:

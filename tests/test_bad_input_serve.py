@@ -1,9 +1,9 @@
 """Bad-input corpus of the serve family: every malformed request to ``POST /v1/chat/completions``
 gets its status and an OpenAI-style error body that names the problem, never a traceback.
 
-The app is the real proxy (:func:`medshield.serve.create_app`) over a fake backend, driven in
-process by FastAPI's ``TestClient`` with server exceptions turned into responses, so an unhandled
-failure shows as the plain-text 500 a client would get.
+The app is the real proxy (:func:`medshield.commands.serve.create_app`) over a fake backend,
+driven in process by FastAPI's ``TestClient`` with server exceptions turned into responses, so an
+unhandled failure shows as the plain-text 500 a client would get.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from medshield.commands.serve import ServeLimits, create_app
 from medshield.defense import create_defense
 from medshield.models.chat import ChatVLM, Conversation
-from medshield.serve import ServeLimits, create_app
 
 
 class CountingVLM(ChatVLM):

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from medshield import cli
+from medshield.commands import cli, console, dual_encoder
+from medshield.commands.demo import load_demo_config
+from medshield.commands.serve import load_serve_config
+from medshield.commands.studies.defense import load_defense_study_config
+from medshield.commands.studies.finetune import load_study_config
+from medshield.commands.studies.noise import load_noise_study_config
 from medshield.config import load_config
-from medshield.demo import load_demo_config
 from medshield.errors import MedshieldError
 from medshield.safety.redteam import load_redteam_config
-from medshield.serve import load_serve_config
-from medshield.studies.defense import load_defense_study_config
-from medshield.studies.finetune import load_study_config
-from medshield.studies.noise import load_noise_study_config
 from medshield.train.finetune.workflow import load_finetune_config
 from medshield.train.vlm import load_vlm_config
 
@@ -77,7 +77,9 @@ def test_messages_keep_their_brackets() -> None:
 
     @cli.app.command("fail-for-test", hidden=True)
     def fail_for_test() -> None:
-        cli._fail(MedshieldError("install medshield[online] and set [bold]MEDSHIELD_DATA_DIR[/]"))
+        console.fail(
+            MedshieldError("install medshield[online] and set [bold]MEDSHIELD_DATA_DIR[/]")
+        )
 
     try:
         result = runner.invoke(cli.app, ["fail-for-test"])
@@ -101,7 +103,7 @@ def test_tables_are_never_squeezed_when_output_is_not_a_terminal(
             "dermatology": {name: metric for name in names},
         }
     }
-    cli._print_metrics(metrics)
+    dual_encoder.print_metrics(metrics)
     out = capsys.readouterr().out
     assert "…" not in out
     header = next(line for line in out.splitlines() if "modality" in line)

@@ -15,19 +15,19 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_shipped_demo_config_equals_the_built_in_default() -> None:
-    from medshield.demo import DemoConfig, load_demo_config
+    from medshield.commands.demo import DemoConfig, load_demo_config
 
     assert load_demo_config(CONFIGS / "demo.yaml") == DemoConfig()
 
 
 def _loader(path: Path) -> Callable[[Path], BaseModel]:
     """Each shipped config validates against the model of the command that reads it."""
-    from medshield.demo import load_demo_config
+    from medshield.commands.demo import load_demo_config
+    from medshield.commands.serve import load_serve_config
+    from medshield.commands.studies.defense import load_defense_study_config
+    from medshield.commands.studies.finetune import load_study_config
+    from medshield.commands.studies.noise import load_noise_study_config
     from medshield.safety.redteam import load_redteam_config
-    from medshield.serve import load_serve_config
-    from medshield.studies.defense import load_defense_study_config
-    from medshield.studies.finetune import load_study_config
-    from medshield.studies.noise import load_noise_study_config
 
     special = {
         "demo.yaml": load_demo_config,
@@ -93,11 +93,11 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
 
 def _loaders() -> dict[str, Callable[[list[str]], BaseModel]]:
     """Every command's config loader, by command."""
-    from medshield.demo import load_demo_config
+    from medshield.commands.demo import load_demo_config
+    from medshield.commands.studies.defense import load_defense_study_config
+    from medshield.commands.studies.finetune import load_study_config
+    from medshield.commands.studies.noise import load_noise_study_config
     from medshield.safety.redteam import load_redteam_config
-    from medshield.studies.defense import load_defense_study_config
-    from medshield.studies.finetune import load_study_config
-    from medshield.studies.noise import load_noise_study_config
     from medshield.train.finetune.workflow import load_finetune_config
     from medshield.train.vlm import load_vlm_config
 
@@ -123,7 +123,7 @@ def test_a_run_name_is_one_folder_name_in_every_config(command: str, name: str) 
 
 
 def test_study_labels_that_name_cell_folders_are_folder_names() -> None:
-    from medshield.studies.finetune import load_study_config
+    from medshield.commands.studies.finetune import load_study_config
 
     with pytest.raises(ConfigError, match="'runs/x' must be a single folder name"):
         load_study_config(None, ["checkpoints={runs/x: null}"])
@@ -132,11 +132,11 @@ def test_study_labels_that_name_cell_folders_are_folder_names() -> None:
 
 
 def test_every_config_model_refuses_non_finite_numbers() -> None:
-    import medshield.demo  # noqa: F401  (imports every command's config models)
-    import medshield.serve  # noqa: F401
-    import medshield.studies.defense  # noqa: F401
-    import medshield.studies.finetune  # noqa: F401
-    import medshield.studies.noise  # noqa: F401
+    import medshield.commands.demo  # noqa: F401  (imports every command's config models)
+    import medshield.commands.serve  # noqa: F401
+    import medshield.commands.studies.defense  # noqa: F401
+    import medshield.commands.studies.finetune  # noqa: F401
+    import medshield.commands.studies.noise  # noqa: F401
     import medshield.train.finetune  # noqa: F401
     from medshield.config import StrictModel
 

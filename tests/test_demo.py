@@ -12,8 +12,8 @@ from test_mini_llava import TINY_LM
 from typer.testing import CliRunner
 
 from medshield.cache import ArtifactCache
-from medshield.cli import app
-from medshield.demo import load_demo_config, run_demo
+from medshield.commands.cli import app
+from medshield.commands.demo import load_demo_config, run_demo
 from medshield.errors import ConfigError, DataError
 from medshield.runs import Run
 

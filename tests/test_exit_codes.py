@@ -145,7 +145,7 @@ def test_ctrl_c_exits_130_with_one_line(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("medshield.workflows.run_pretrain", interrupted)
+    monkeypatch.setattr("medshield.commands.workflows.run_pretrain", interrupted)
     monkeypatch.setattr("medshield.report.write_report", interrupted)
     args = [*_sets([f"output_dir={tmp_path}"])] if command == ["pretrain"] else [str(tmp_path)]
     code, out = run_cli([*command, *args])

@@ -24,14 +24,19 @@ LAYERS = (
     ("attacks",),
     ("defense", "eval", "noise"),
     ("cache", "report", "safety", "train"),
-    ("serve", "workflows"),
+    ("commands",),
+)
+# The commands (whole jobs, and the command line over them) sit on top; the rest is the library.
+COMMANDS = ("commands",)
+LIBRARY = tuple(sorted({name for names in LAYERS for name in names} - set(COMMANDS)))
+# Inside medshield.commands the same rule holds between its packages and modules, bottom first.
+COMMAND_LAYERS = (
+    ("console", "serve", "workflows"),
     ("studies",),
     ("demo",),
+    ("dual_encoder", "generative", "overview", "study"),
     ("cli",),
 )
-# The commands (a whole job, or the command line) sit on top; the rest is the library.
-COMMANDS = ("cli", "demo", "serve", "studies", "workflows")
-LIBRARY = tuple(sorted({name for names in LAYERS for name in names} - set(COMMANDS)))
 
 # The imports that still close a cycle, each with the reason; each must still close one. (The
 # last one went with issue 24: the registries import their built-in plugins themselves.)
@@ -158,6 +163,13 @@ def layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def command_layer(module: str) -> str:
+    """The package or module directly under medshield.commands that a module belongs to ("" for
+    the rest, ``medshield.commands`` itself included)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "commands" else ""
+
+
 def package_graph(graph: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """The graph between medshield's top-level packages and modules (an edge stands for the first
     module-level import found between them)."""
@@ -207,7 +219,16 @@ def imports_where(graph: dict[str, dict[str, int]], wrong: Callable[[str, str], 
 
 def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
     rank = {name: i for i, names in enumerate(LAYERS) for name in names}
-    return imports_where(graph, lambda a, b: rank[b] > rank[a])
+    found = imports_where(graph, lambda a, b: rank[b] > rank[a])
+    command_rank = {name: i for i, names in enumerate(COMMAND_LAYERS) for name in names}
+    return found + [
+        f"{module} imports {target} (line {line})"
+        for module in sorted(graph)
+        for target, line in sorted(graph[module].items())
+        if command_layer(module)
+        and command_layer(target)
+        and command_rank[command_layer(target)] > command_rank[command_layer(module)]
+    ]
 
 
 def commands_imported_by_the_library(graph: dict[str, dict[str, int]]) -> list[str]:
@@ -222,6 +243,12 @@ def test_every_top_level_name_is_placed_in_a_layer() -> None:
     assert names == set(placed), f"not in LAYERS: {sorted(names - set(placed))}; " + (
         f"no longer in src: {sorted(set(placed) - names)}"
     )
+    commands = {command_layer(m) for m in module_files()} - {""}
+    placed = [name for names in COMMAND_LAYERS for name in names]
+    assert len(placed) == len(set(placed)), "a command name is in two layers"
+    assert commands == set(placed), f"not in COMMAND_LAYERS: {sorted(commands - set(placed))}; " + (
+        f"no longer in src/medshield/commands: {sorted(set(placed) - commands)}"
+    )
 
 
 def test_the_graph_sees_imports_inside_functions(tmp_path: Path) -> None:
@@ -235,6 +262,30 @@ def test_the_graph_sees_imports_inside_functions(tmp_path: Path) -> None:
     assert describe(cycle_in(["a", "b", "c"], graph), graph) == (
         "a (line 1) -> b (line 2) -> c (line 3) -> a"
     )
+
+
+def test_the_checks_name_a_library_module_importing_a_command() -> None:
+    graph = {
+        "medshield.report.x": {"medshield.commands.cli": 3, "medshield.eval": 4},
+        "medshield.commands.demo.stages": {"medshield.commands.cli": 5},
+        "medshield.commands.cli": {"medshield.commands.demo.stages": 6, "medshield.report.x": 7},
+        "medshield.eval": {},
+    }
+    report_to_cli = "medshield.report.x imports medshield.commands.cli (line 3)"
+    assert commands_imported_by_the_library(graph) == [report_to_cli]
+    assert upward_imports(graph) == [
+        report_to_cli,
+        "medshield.commands.demo.stages imports medshield.commands.cli (line 5)",
+    ]
+    # report.x, cli and demo.stages are one strongly connected group: one cycle through it
+    assert module_cycles(graph) == [
+        "medshield.commands.cli (line 6) -> medshield.commands.demo.stages (line 5) -> "
+        "medshield.commands.cli"
+    ]
+    assert package_cycles(graph) == [
+        "commands (medshield.commands.cli imports medshield.report.x, line 7) -> "
+        "report (medshield.report.x imports medshield.commands.cli, line 3) -> commands"
+    ]
 
 
 def test_no_import_cycle_between_modules() -> None:

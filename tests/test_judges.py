@@ -383,7 +383,7 @@ def test_llm_judge_builds_an_endpoint_backend_whose_model_name_does_not_clash():
 
 
 def test_cli_judges_calibrate_keyword():
-    from medshield.cli import app
+    from medshield.commands.cli import app
 
     result = CliRunner().invoke(app, ["judges", "calibrate", "--judge", "keyword"])
     assert result.exit_code == 0, result.output
@@ -398,7 +398,7 @@ def test_cli_judges_calibrate_keyword():
 
 
 def test_cli_judges_calibrate_on_your_own_labels(tmp_path: Path):
-    from medshield.cli import app
+    from medshield.commands.cli import app
 
     mine = tmp_path / "mine.jsonl"
     rows = [

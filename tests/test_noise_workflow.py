@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from medshield.cli import app
+from medshield.commands.cli import app
 
 runner = CliRunner()
 

@@ -193,7 +193,7 @@ def test_redteam_config_needs_a_query_file_with_source_file() -> None:
         load_redteam_config(None, ["source=file"])
     with pytest.raises(ConfigError, match="only read with source: file"):
         load_redteam_config(None, ["query_file=examples/queries.jsonl"])
-    from medshield.studies.defense import load_defense_study_config
+    from medshield.commands.studies.defense import load_defense_study_config
 
     study = load_defense_study_config(
         None, ["redteam.source=file", "redteam.query_file=examples/queries.jsonl"]

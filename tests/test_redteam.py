@@ -222,7 +222,7 @@ def test_config_checks(tmp_path: Path) -> None:
 def test_cli_redteam(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from medshield.cli import app
+    from medshield.commands.cli import app
 
     args = [
         "redteam",
@@ -459,7 +459,7 @@ def test_query_file_run(tmp_path: Path, data_dir: Path) -> None:
 def test_cli_redteam_on_the_example_query_file(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from medshield.cli import app
+    from medshield.commands.cli import app
 
     example = Path(__file__).parents[1] / "examples" / "queries.jsonl"
     args = [

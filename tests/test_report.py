@@ -27,7 +27,7 @@ from report_support import (
 )
 from typer.testing import CliRunner
 
-from medshield.cli import app
+from medshield.commands.cli import app
 from medshield.errors import DataError
 from medshield.report import render, render_report, report_after_run, write_report
 from medshield.report.kinds import RENDERERS
@@ -216,7 +216,7 @@ def test_finetune_run_report(tmp_path: Path, layout: str) -> None:
 
 def test_defense_study_report(redteam: Path, tmp_path: Path) -> None:
     """From the defense study's own aggregation of cell results (all cells reuse one run)."""
-    from medshield.studies.defense import Cell, aggregate, decide_claims
+    from medshield.commands.studies.defense import Cell, aggregate, decide_claims
 
     cell_results = json.loads((redteam / "results.json").read_text())
     cells = [

@@ -31,11 +31,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from medshield.cli import app as cli_app
-from medshield.defense import create_defense
-from medshield.errors import ConfigError, InputError
-from medshield.models.chat import ChatVLM, Conversation
-from medshield.serve import (
+from medshield.commands.cli import app as cli_app
+from medshield.commands.serve import (
     ServeConfig,
     ServeLimits,
     build_app,
@@ -45,6 +42,9 @@ from medshield.serve import (
     serving,
     untrained,
 )
+from medshield.defense import create_defense
+from medshield.errors import ConfigError, InputError
+from medshield.models.chat import ChatVLM, Conversation
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "patient Zebediah Quillfeather, MRN 5550123"
@@ -430,7 +430,7 @@ def test_ready_reflects_the_upstream_while_health_stays_ok() -> None:
 
 
 def test_an_unexpected_failure_is_an_openai_style_500(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medshield.serve as serve
+    import medshield.commands.serve as serve
 
     def broken(raw: bytes) -> Any:
         raise RuntimeError("a bug")
@@ -617,7 +617,7 @@ def test_an_api_key_guards_the_v1_endpoints_but_not_health(
 
 
 def test_serving_beyond_loopback_without_a_key_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medshield.serve as serve
+    import medshield.commands.serve as serve
 
     monkeypatch.setattr(serve, "build_app", lambda config, allow_untrained: None)
     monkeypatch.setattr(serve.uvicorn, "run", lambda *args, **kwargs: None)
@@ -634,7 +634,7 @@ def test_serving_beyond_loopback_without_a_key_warns(monkeypatch: pytest.MonkeyP
 
 
 def test_an_untrained_mini_llava_is_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medshield.serve as serve
+    import medshield.commands.serve as serve
 
     documented = load_serve_config(REPO / "configs/serve.yaml")
     assert untrained(documented)

@@ -15,11 +15,8 @@ from test_chat_hf import build_tiny_llava
 from typer.testing import CliRunner
 
 import medshield.models.chat as chat
-from medshield.cli import app
-from medshield.errors import ConfigError, InputError
-from medshield.runs import Run
-from medshield.safety.redteam import RedteamConfig, summarize_run
-from medshield.studies.defense import (
+from medshield.commands.cli import app
+from medshield.commands.studies.defense import (
     METRICS,
     NEAR_MISS_METRIC,
     Cell,
@@ -36,7 +33,7 @@ from medshield.studies.defense import (
     write_claims,
     write_table,
 )
-from medshield.studies.defense.claims import (
+from medshield.commands.studies.defense.claims import (
     INCONCLUSIVE,
     NOT_REACHED,
     NOT_TESTED,
@@ -45,7 +42,10 @@ from medshield.studies.defense.claims import (
     SUPPORTED,
     Tallies,
 )
-from medshield.studies.defense.config import TargetSettings
+from medshield.commands.studies.defense.config import TargetSettings
+from medshield.errors import ConfigError, InputError
+from medshield.runs import Run
+from medshield.safety.redteam import RedteamConfig, summarize_run
 
 torch.set_num_threads(1)  # the suite shares two cores
 runner = CliRunner()

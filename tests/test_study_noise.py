@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from medshield.attacks import CoAttack
-from medshield.cli import app
+from medshield.commands.cli import app
+from medshield.commands.studies.noise import load_noise_study_config, mean_t_ci
 from medshield.data import ImageCaptionDataset
 from medshield.errors import DataError, InputError
 from medshield.models.mini_clip import MiniClip
 from medshield.noise import NoisyCaptionDataset, NoisyMix, choose_perturbed, craft_noisy_dataset
-from medshield.studies.noise import load_noise_study_config, mean_t_ci
 
 runner = CliRunner()
 TINY_STUDY = [  # the smallest study: one upstream modality, fundus held out, one tiny epoch

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from medshield import threads
-from medshield.cli import app
+from medshield.commands.cli import app
 
 
 @pytest.fixture

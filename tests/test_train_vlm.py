@@ -7,7 +7,7 @@ import torch
 from test_mini_llava import TINY_LM, tiny_model
 from typer.testing import CliRunner
 
-from medshield.cli import app
+from medshield.commands.cli import app
 from medshield.errors import ConfigError
 from medshield.runs import Run
 from medshield.train.vlm import (

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from medshield import workflows
-from medshield.cli import app
+from medshield.commands import workflows
+from medshield.commands.cli import app
 from medshield.config import load_config
 from medshield.eval.metrics import summarize
 from medshield.runs import Run
@@ -90,7 +90,7 @@ def installed_plugin(root: Path, module: str, source: str) -> dict[str, str]:
 
 
 def medshield_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    code = "from medshield.cli import app; app(prog_name='medshield')"
+    code = "from medshield.commands.cli import app; app(prog_name='medshield')"
     return subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
     )

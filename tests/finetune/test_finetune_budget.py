@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from finetune_support import TINY_EVAL, run_method, write_study_config
 
+from medshield.commands.studies.finetune import load_study_config, run_study_finetune
 from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
-from medshield.studies.finetune import load_study_config, run_study_finetune
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import (
     TrainData,

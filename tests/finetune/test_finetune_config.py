@@ -11,12 +11,12 @@ import pytest
 import torch
 from finetune_support import FAST
 
+from medshield.commands.studies.finetune import load_study_config
 from medshield.config import ModelConfig
 from medshield.errors import ConfigError, DataError
 from medshield.models import save_model
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
-from medshield.studies.finetune import load_study_config
 from medshield.train.finetune import finetune
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import TrainData

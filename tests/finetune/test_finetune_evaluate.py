@@ -10,7 +10,7 @@ import pytest
 from finetune_support import run_config, run_method
 from typer.testing import CliRunner
 
-from medshield.cli import app
+from medshield.commands.cli import app
 from medshield.config import AttackEntry
 from medshield.runs import Run
 from medshield.train.finetune.data import VQA_TASK

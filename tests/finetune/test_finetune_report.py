@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medshield.studies.finetune import aggregate
-from medshield.studies.finetune_report import (
+from medshield.commands.studies.finetune import aggregate
+from medshield.commands.studies.finetune_report import (
     ablation,
     curves,
     ran_terms,

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from finetune_support import write_study_config
 
-from medshield.errors import ConfigError
-from medshield.runs import Run
-from medshield.studies.finetune import (
+from medshield.commands.studies.finetune import (
     _finetune_config,
     cell_config,
     load_study_config,
     run_study_finetune,
 )
+from medshield.errors import ConfigError
+from medshield.runs import Run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from finetune_support import FAST, TINY_EVAL, run_method, write_study_config
 
+from medshield.commands.studies.finetune import load_study_config, run_study_finetune
 from medshield.errors import DataError, InputError
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
-from medshield.studies.finetune import load_study_config, run_study_finetune
 from medshield.train.finetune import FineTunedClassifier, load_finetuned, save_finetuned
 from medshield.train.finetune.config import FineTuneConfig
 from medshield.train.finetune.data import VQA_TASK, TrainData

@@ -108,7 +108,7 @@ def test_wrong_checkpoint_and_bad_config_fail_before_training(
 def test_cli_refuses_an_unknown_method_with_a_clear_message(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from medshield.cli import app
+    from medshield.commands.cli import app
 
     result = CliRunner().invoke(
         app, ["finetune", "--method", "lorax", "--set", f"output_dir={tmp_path}"]
@@ -122,7 +122,7 @@ def test_cli_finetune_writes_results_and_its_report(tmp_path: Path, data_dir: Pa
     import yaml
     from typer.testing import CliRunner
 
-    from medshield.cli import app
+    from medshield.commands.cli import app
 
     cfg = run_config(tmp_path, data_dir)
     cfg.finetune.max_train_items, cfg.finetune.val_fraction = 12, 0.5
@@ -133,6 +133,7 @@ def test_cli_finetune_writes_results_and_its_report(tmp_path: Path, data_dir: Pa
     result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert "clean_accuracy:" in result.output and "trainable parameters" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("report: ")  # the report's path
     html = (tmp_path / "ft" / "report.html").read_text()
     assert "fine-tuning run" in html and "held out for validation" in html
 

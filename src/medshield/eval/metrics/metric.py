@@ -14,9 +14,10 @@ from medshield.errors import InputError
 Interval = Literal["bootstrap", "student-t", "mover"]
 """How a metric's 95% interval was made (see docs/concepts.md, "Confidence intervals"): a
 percentile bootstrap over items (:func:`bootstrap_ci`, every metric of a run), a Student-t
-interval over seeds (the noise study's means, :func:`medshield.studies.noise.mean_t_ci`), or a
-MOVER interval combining two bootstrap intervals (the defense study's balanced error,
-:func:`medshield.studies.defense.analysis.balanced_error`)."""
+interval over seeds (the noise study's means,
+:func:`medshield.commands.studies.noise.mean_t_ci`), or a MOVER interval combining two bootstrap
+intervals (the defense study's balanced error,
+:func:`medshield.commands.studies.defense.analysis.balanced_error`)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The defense study (``medshield study defense``, :mod:`medshield.studies.defense`): each headline
-metric against the demonstration budget, a line per selection strategy from the undefended
-point, the baselines in the table, and the study's claims."""
+"""The defense study (``medshield study defense``, :mod:`medshield.commands.studies.defense`):
+each headline metric against the demonstration budget, a line per selection strategy from the
+undefended point, the baselines in the table, and the study's claims."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""``medshield demo`` (:mod:`medshield.demo`): the stages with their times, cache use and headline
-figures, a link to each stage's own report, and the two comparisons the demo is about: RAN
-against LoRA (clean and robust accuracy) and the safety benchmark without and with the
+"""``medshield demo`` (:mod:`medshield.commands.demo`): the stages with their times, cache use and
+headline figures, a link to each stage's own report, and the two comparisons the demo is about:
+RAN against LoRA (clean and robust accuracy) and the safety benchmark without and with the
 synthetic-demonstration defense."""
 
 from __future__ import annotations

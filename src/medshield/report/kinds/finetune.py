@@ -23,7 +23,7 @@ from medshield.report.view import (
 
 CLAIMED = ("table", "modalities", "methods", "checkpoints", "cells", "plots")
 REPORT_KEYS = ("task_tables", "task_means", "targets", "ablation", "curves", "ran_terms")
-"""The study's issue-20 report (:mod:`medshield.studies.finetune_report`): targets and
+"""The study's issue-20 report (:mod:`medshield.commands.studies.finetune_report`): targets and
 ablation are tables here; the per-task tables, curves and RAN term log are its files."""
 COSTS = {
     "trainable_params": "trainable params",

@@ -20,8 +20,8 @@ best score is kept (the first of the grid on a tie); nothing is retrained. Its r
   trainings (the kept run's own are its report's ``compute``).
 
 A study reuses the first seed's pick for its other seeds (see
-:mod:`medshield.studies.finetune`); their reports carry the first seed's ``lr_selection`` with
-``from_seed``.
+:mod:`medshield.commands.studies.finetune`); their reports carry the first seed's
+``lr_selection`` with ``from_seed``.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ swept over the demonstration budget and the selection strategy, next to the base
    over-defense rate, benign accuracy and balanced error with 95% intervals, overall, per
    modality and (ASR) per attack; the best strategy at each budget; written to ``results.json``,
    ``table.md`` and ``plots/*.png``;
-3. the **claims** (:mod:`medshield.studies.defense.claims`): demonstrations cut attack success,
-   over-defense (plain and near-miss) falls as the budget grows, mixed is best at small budgets,
-   retrieval beats fixed selection, each decided on paired differences over items, and the
-   benchmark target at its budget, written to ``results.json`` (``claims``) and ``claims.md``.
+3. the **claims** (:mod:`medshield.commands.studies.defense.claims`): demonstrations cut attack
+   success, over-defense (plain and near-miss) falls as the budget grows, mixed is best at small
+   budgets, retrieval beats fixed selection, each decided on paired differences over items, and
+   the benchmark target at its budget, written to ``results.json`` (``claims``) and
+   ``claims.md``.
 
 Decision rules (also in ``docs/studies/defense.md``):
 
@@ -30,7 +31,7 @@ Decision rules (also in ``docs/studies/defense.md``):
   whose ASR interval overlaps the best one's are listed as not separated from it.
 - *claims*: "a is lower than b" is decided on the paired difference b - a over the items both
   cells answered, ``SUPPORTED`` / ``REFUTED`` / ``INCONCLUSIVE`` by whether its 95% CI lies above
-  0, below 0 or holds it; see :mod:`medshield.studies.defense.claims`.
+  0, below 0 or holds it; see :mod:`medshield.commands.studies.defense.claims`.
 - *balanced error*: the mean of ASR and over-defense rate (one number for the safety /
   helpfulness balance; lower is better). Its interval combines the two bootstrap intervals by
   MOVER (Zou & Donner 2008), as harmful and benign rows are independent samples.
@@ -43,16 +44,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from medshield.runs import Log, Run, read_results, read_samples
-from medshield.safety.redteam import RedteamConfig, build_judges, run_redteam
-from medshield.studies.defense.analysis import (
+from medshield.commands.studies.defense.analysis import (
     aggregate,
     balanced_error,
     best_strategies,
     compare_lower,
 )
-from medshield.studies.defense.claims import decide_claims, item_tallies, write_claims
-from medshield.studies.defense.config import (
+from medshield.commands.studies.defense.claims import decide_claims, item_tallies, write_claims
+from medshield.commands.studies.defense.config import (
     METRICS,
     NEAR_MISS_METRIC,
     RULES,
@@ -60,8 +59,10 @@ from medshield.studies.defense.config import (
     DemonstrationSettings,
     load_defense_study_config,
 )
-from medshield.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
-from medshield.studies.defense.outputs import plot, write_table
+from medshield.commands.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
+from medshield.commands.studies.defense.outputs import plot, write_table
+from medshield.runs import Log, Run, read_results, read_samples
+from medshield.safety.redteam import RedteamConfig, build_judges, run_redteam
 from medshield.threads import set_threads, worker_threads
 
 __all__ = [

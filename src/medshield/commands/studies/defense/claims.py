@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from medshield.commands.studies.defense.config import CONTROL_STRATEGIES, TargetSettings
 from medshield.eval.metrics import bootstrap_distribution, percentile_interval
 from medshield.eval.safety_metrics import NEAR_MISS, _prepare
-from medshield.studies.defense.config import CONTROL_STRATEGIES, TargetSettings
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "SUPPORTED", "REFUTED", "INCONCLUSIVE"
 NOT_TESTED = "NOT TESTED"

@@ -25,9 +25,10 @@ FLOPs and latency ratio to the base zero-shot classifier; failed sanity flags),
 ``robust_vs_clean_<checkpoint>_eps<eps>.png`` (worst-case robust accuracy against clean
 accuracy, one point per method and task with CI bars), and one per checkpoint and retrieval
 direction, ``retrieval_<direction>_<checkpoint>.png`` (R@1 under the multimodal attack against
-clean R@1) (both written by :mod:`medshield.studies.finetune_outputs`), and the issue-20 report
-of :mod:`medshield.studies.finetune_report`: per-task tables with their references, the targets
-with paired CIs and verdicts, the RAN ablation, the training curves and RAN's per-term log.
+clean R@1) (both written by :mod:`medshield.commands.studies.finetune_outputs`), and the
+issue-20 report of :mod:`medshield.commands.studies.finetune_report`: per-task tables with their
+references, the targets with paired CIs and verdicts, the RAN ablation, the training curves and
+RAN's per-term log.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from medshield import data
+from medshield.commands.studies.finetune_outputs import (
+    plot_retrieval,
+    plot_robust_vs_clean,
+    write_table,
+)
+from medshield.commands.studies.finetune_report import write_report
 from medshield.config import (
     FolderName,
     ModelConfig,
@@ -55,8 +62,6 @@ from medshield.eval.metrics import majority_hits
 from medshield.eval.robust import worst_case
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.runs import RESULTS_FILE, Log, Run, has_results, read_results
-from medshield.studies.finetune_outputs import plot_retrieval, plot_robust_vs_clean, write_table
-from medshield.studies.finetune_report import write_report
 from medshield.threads import set_threads, usable_cores, worker_threads
 from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
 from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from medshield.commands.studies import finetune_outputs
 from medshield.eval.metrics import paired_difference_ci
 from medshield.eval.robust import per_image
-from medshield.studies import finetune_outputs
 from medshield.train.finetune.common import VQA_TASK, task_prompts
 from medshield.train.finetune.ran import _LOG_NAME, RAN_PARTS, RAN_TERMS
 from medshield.train.finetune.workflow import share_bootstrap_ci
@@ -242,7 +242,7 @@ def task_tables(
     table: list[dict[str, Any]], cells: list[Cell], eps: list[float]
 ) -> list[dict[str, Any]]:
     """One table per (checkpoint, task) from the study's aggregated rows (see
-    :func:`medshield.studies.finetune.aggregate`), with the task's chance and majority
+    :func:`medshield.commands.studies.finetune.aggregate`), with the task's chance and majority
     references and each method's training compute and learning rate."""
     groups = _group(cells)
     out: dict[tuple[str, str], dict[str, Any]] = {}

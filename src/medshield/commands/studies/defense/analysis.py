@@ -1,18 +1,18 @@
 """The defense study's numbers: one point per cell and the best strategy at each budget (the
-claims, decided on paired differences, are in :mod:`medshield.studies.defense.claims`)."""
+claims, decided on paired differences, are in :mod:`medshield.commands.studies.defense.claims`)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from medshield.eval.metrics import Metric
-from medshield.studies.defense.config import (
+from medshield.commands.studies.defense.config import (
     CELL_METRICS,
     METRICS,
     NEAR_MISS_METRIC,
 )
-from medshield.studies.defense.grid import Cell
+from medshield.commands.studies.defense.grid import Cell
+from medshield.eval.metrics import Metric
 
 # --- aggregation ---------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medshield.commands.serve.config import ServeLimits
 from medshield.models.chat import Conversation, Message
-from medshield.serve.config import ServeLimits
 
 # -------------------------------------------------------------------- request schema
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from medshield.commands.studies.defense import DemonstrationSettings
+from medshield.commands.studies.finetune import MethodSpec
 from medshield.config import (
     AttackEntry,
     AttackList,
@@ -33,8 +35,6 @@ from medshield.safety.redteam import (
     RedteamConfig,
     check_names,
 )
-from medshield.studies.defense import DemonstrationSettings
-from medshield.studies.finetune import MethodSpec
 from medshield.train.finetune.common import FineTuneConfig, parse_finetune_config
 from medshield.train.finetune.workflow import RobustEvalConfig
 

@@ -4,11 +4,11 @@ Stages (each an ordinary run directory under ``<output_dir>/<name>/``, with ``co
 ``results.json``, ``samples.jsonl`` and ``report.html``, so ``medshield report`` works on it):
 
 1. ``pretrain``: contrastive pretraining of mini-clip on the clean upstream image-caption pairs
-   (:func:`~medshield.workflows.run_pretrain`), then zero-shot evaluation
-   (:func:`~medshield.workflows.run_evaluate`);
+   (:func:`~medshield.commands.workflows.run_pretrain`), then zero-shot evaluation
+   (:func:`~medshield.commands.workflows.run_evaluate`);
 2. ``noise``: a noisy upstream set, a fraction ``noise.ratio`` of the same pairs replaced by
    adversarial pairs crafted against the clean mini-clip
-   (:func:`~medshield.workflows.run_craft_noise`);
+   (:func:`~medshield.commands.workflows.run_craft_noise`);
 3. ``pretrain_noisy``: mini-clip pretrained on the noisy set, evaluated the same way;
 4. ``finetune_<method>_<modality>``: each method of ``finetune.methods`` (RAN and LoRA by
    default, matched budgets) fine-tunes the noisy-pretrained mini-clip on each modality and is
@@ -43,9 +43,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from medshield.demo.checks import _check_ready
-from medshield.demo.config import DemoConfig, load_demo_config
-from medshield.demo.stages import _Demo
+from medshield.commands.demo.checks import _check_ready
+from medshield.commands.demo.config import DemoConfig, load_demo_config
+from medshield.commands.demo.stages import _Demo
 from medshield.runs import Log, Run
 
 __all__ = ["DemoConfig", "load_demo_config", "run_demo"]

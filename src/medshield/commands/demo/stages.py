@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from medshield.cache import ArtifactCache, CacheEntry
+from medshield.commands.demo.config import DemoConfig
+from medshield.commands.demo.summary import headline_text
+from medshield.commands.workflows import (
+    build_model,
+    remove_checkpoints,
+    resolve_modalities,
+    run_craft_noise,
+    run_evaluate,
+    run_pretrain,
+)
 from medshield.config import RunConfig
 from medshield.data import get_modality
 from medshield.data.medmnist import data_root
-from medshield.demo.config import DemoConfig
-from medshield.demo.summary import headline_text
 from medshield.models import load_model
 from medshield.models.chat import create_chat_model
 from medshield.models.smollm import cache_dir
@@ -23,14 +31,6 @@ from medshield.runs import Log, Run
 from medshield.safety.redteam import DefenseConfig, build_judges, run_redteam
 from medshield.train.finetune.workflow import FineTuneRunConfig, RobustEvalConfig, run_finetune
 from medshield.train.vlm import VLMTrainConfig, evaluate_vqa_closed, run_train_vlm
-from medshield.workflows import (
-    build_model,
-    remove_checkpoints,
-    resolve_modalities,
-    run_craft_noise,
-    run_evaluate,
-    run_pretrain,
-)
 
 CACHE_SUBDIR = "demo"
 

@@ -1,5 +1,5 @@
 """End-to-end workflows behind the CLI: pretrain, evaluate and craft-noise (the demo,
-:mod:`medshield.demo`, composes them).
+:mod:`medshield.commands.demo`, composes them).
 
 Each takes a :class:`RunConfig` and writes a run directory (see :mod:`medshield.runs`); the CLI
 only parses arguments and calls these, so everything here is importable and scriptable.

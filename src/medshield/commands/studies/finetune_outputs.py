@@ -1,6 +1,6 @@
 """The robust fine-tuning study's files: the aggregated ``table.csv`` / ``table.md``, the
 robust-vs-clean and retrieval scatters, and the markdown and plots of the issue-20 report
-(:mod:`medshield.studies.finetune_report` computes what they show)."""
+(:mod:`medshield.commands.studies.finetune_report` computes what they show)."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def cell_name(ratio: float, eps: float | None, seed: int) -> str:
 
 def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dict[str, Any]:
     """Run (or resume) every cell, then aggregate; returns the study's results."""
-    from medshield import workflows  # the workflows import the whole library
+    from medshield.commands import workflows  # the workflows import the whole library
 
     base = config.base
     test_modalities = workflows.resolve_modalities(base, "test")
@@ -185,7 +185,7 @@ def run_noise_study(config: NoiseStudyConfig, run: Run, log: Log = print) -> dic
 
 def _surrogate(config: NoiseStudyConfig, upstream_cfg: RunConfig, run: Run, log: Log) -> Path:
     """The surrogate's model directory: the configured one, or a clean model trained here."""
-    from medshield import workflows
+    from medshield.commands import workflows
 
     if config.surrogate is not None:
         return Path(config.surrogate)

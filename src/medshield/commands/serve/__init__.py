@@ -96,11 +96,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import LOGGING_CONFIG
 
-from medshield.defense import Defense, create_defense
-from medshield.errors import ConfigError
-from medshield.models.chat import ChatVLM, create_chat_model
-from medshield.serve.batcher import Batcher
-from medshield.serve.config import (
+from medshield.commands.serve.batcher import Batcher
+from medshield.commands.serve.config import (
     UNTRAINED,
     ServeConfig,
     ServeDefenseConfig,
@@ -109,7 +106,7 @@ from medshield.serve.config import (
     load_serve_config,
     untrained,
 )
-from medshield.serve.protocol import (
+from medshield.commands.serve.protocol import (
     ChatRequest,
     ServeError,
     TextPart,
@@ -121,9 +118,12 @@ from medshield.serve.protocol import (
     estimate_tokens,
     to_conversation,
 )
-from medshield.serve.service import _Service
+from medshield.commands.serve.service import _Service
+from medshield.defense import Defense, create_defense
+from medshield.errors import ConfigError
+from medshield.models.chat import ChatVLM, create_chat_model
 
-logger = logging.getLogger("medshield.serve")
+logger = logging.getLogger("medshield.serve")  # the command's name, kept when the module moved
 
 
 def create_app(

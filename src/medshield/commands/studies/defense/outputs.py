@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medshield.commands.studies.defense.analysis import _finite
+from medshield.commands.studies.defense.claims import claims_summary
+from medshield.commands.studies.defense.config import (
+    CELL_METRICS,
+    LABELS,
+    METRICS,
+    NEAR_MISS_METRIC,
+    RULES,
+)
 from medshield.eval.metrics import format_metric
-from medshield.studies.defense.analysis import _finite
-from medshield.studies.defense.claims import claims_summary
-from medshield.studies.defense.config import CELL_METRICS, LABELS, METRICS, NEAR_MISS_METRIC, RULES
 
 
 def _md(header: list[str], rows: list[list[str]]) -> list[str]:

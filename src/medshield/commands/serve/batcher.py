@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from medshield.commands.serve.protocol import _server_error
 from medshield.errors import InputError
 from medshield.models.chat import ChatVLM, Conversation
-from medshield.serve.protocol import _server_error
 
 
 @dataclass

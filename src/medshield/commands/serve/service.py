@@ -8,13 +8,9 @@ import re
 import time
 from typing import Any
 
-from medshield.defense import Defense
-from medshield.errors import InputError
-from medshield.models.chat import ChatVLM, Conversation
-from medshield.models.openai_chat import EndpointError
-from medshield.serve.batcher import Batcher
-from medshield.serve.config import ServeLimits
-from medshield.serve.protocol import (
+from medshield.commands.serve.batcher import Batcher
+from medshield.commands.serve.config import ServeLimits
+from medshield.commands.serve.protocol import (
     ChatRequest,
     ServeError,
     _count_images,
@@ -22,6 +18,10 @@ from medshield.serve.protocol import (
     estimate_tokens,
     to_conversation,
 )
+from medshield.defense import Defense
+from medshield.errors import InputError
+from medshield.models.chat import ChatVLM, Conversation
+from medshield.models.openai_chat import EndpointError
 
 
 class _Service:
