@@ -319,13 +319,6 @@ def test_imports_only_go_down_the_layers() -> None:
 # --- module size (issue 24) ----------------------------------------------------------------------
 
 MAX_MODULE_LINES = 500
-# LEAD, decide at merge (issue 24): the modules still allowed over MAX_MODULE_LINES, each with its
-# reason. cli.py was being split into a `medshield.commands` package by another helper when this
-# test came in; once it (or what replaces it) is under the limit, empty this. Every entry must
-# still be over the limit, so the list only shrinks.
-STILL_OVER: dict[str, str] = {
-    "medshield/cli.py": "moving into medshield.commands (issue 24)",
-}
 
 
 def module_lines() -> dict[str, int]:
@@ -341,14 +334,11 @@ def oversized_modules(lines: dict[str, int]) -> list[str]:
 
 
 def test_no_module_is_over_500_lines() -> None:
-    lines = module_lines()
-    over = [m for m in oversized_modules(lines) if m.split(":")[0] not in STILL_OVER]
+    over = oversized_modules(module_lines())
     assert not over, (
         f"modules over {MAX_MODULE_LINES} lines (split them along their banners):\n"
         + "\n".join(over)
     )
-    within = [name for name in STILL_OVER if lines.get(name, 0) <= MAX_MODULE_LINES]
-    assert not within, f"no longer over {MAX_MODULE_LINES} lines (or gone), remove: {within}"
 
 
 def test_the_size_check_counts_lines() -> None:

@@ -66,7 +66,8 @@ def build_evaluated(config: RunConfig) -> tuple[DualEncoder, tuple[Any, dict[str
     Raises:
         DataError: a fine-tuned directory whose files or base model do not fit.
     """
-    from medshield.train.finetune.common import META_FILE, adapted_encoder, load_finetuned
+    from medshield.train.finetune.classifier import adapted_encoder
+    from medshield.train.finetune.io import META_FILE, load_finetuned
 
     checkpoint = config.model.checkpoint
     if checkpoint and (Path(checkpoint) / META_FILE).is_file():

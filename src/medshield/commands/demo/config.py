@@ -35,8 +35,8 @@ from medshield.safety.redteam import (
     RedteamConfig,
     check_names,
 )
-from medshield.train.finetune.common import FineTuneConfig, parse_finetune_config
-from medshield.train.finetune.workflow import RobustEvalConfig
+from medshield.train.finetune.config import FineTuneConfig, parse_finetune_config
+from medshield.train.finetune.run_config import RobustEvalConfig
 
 SHARED_FINETUNE: dict[str, Any] = {
     "epochs": 2,
@@ -76,7 +76,7 @@ class DemoNoiseConfig(NoiseConfig):
 
 
 class DemoRobustConfig(RobustEvalConfig):
-    """:class:`~medshield.train.finetune.workflow.RobustEvalConfig`: PGD-10 at 1 and 2 /255 on
+    """:class:`~medshield.train.finetune.run_config.RobustEvalConfig`: PGD-10 at 1 and 2 /255 on
     100 test images by default, no retrieval."""
 
     eps: list[float] = Field(default_factory=lambda: [1.0, 2.0])

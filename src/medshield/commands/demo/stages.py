@@ -29,7 +29,8 @@ from medshield.models.smollm import cache_dir
 from medshield.report import report_after_run
 from medshield.runs import Log, Run
 from medshield.safety.redteam import DefenseConfig, build_judges, run_redteam
-from medshield.train.finetune.workflow import FineTuneRunConfig, RobustEvalConfig, run_finetune
+from medshield.train.finetune.run_config import FineTuneRunConfig, RobustEvalConfig
+from medshield.train.finetune.workflow import run_finetune
 from medshield.train.vlm import VLMTrainConfig, evaluate_vqa_closed, run_train_vlm
 
 CACHE_SUBDIR = "demo"

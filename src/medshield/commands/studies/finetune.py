@@ -8,7 +8,7 @@ reuse that pick (:func:`run_study_finetune`). The tasks are the modalities and, 
 ``vqa_closed`` (default on), the pseudo-modality ``vqa_rad_closed``: the VQA-RAD closed
 questions answered "yes" or "no", each method fine-tuned as a yes/no classifier whose class
 prompts are the item's own question followed by each answer (``"<question> yes"``,
-``"<question> no"``, see :mod:`medshield.train.finetune.common`), evaluated clean and with the
+``"<question> no"``, see :mod:`medshield.train.finetune.classifier`), evaluated clean and with the
 image under the same PGD / APGD-CE / APGD-DLR attacks and budgets as the modalities. A cell
 with a ``results.json`` is done and kept; an interrupted cell resumes from its own
 ``samples.jsonl``; the study resumes per cell. ``ran_ablations`` adds RAN variants with one loss
@@ -63,15 +63,11 @@ from medshield.eval.robust import worst_case
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.runs import RESULTS_FILE, Log, Run, has_results, read_results
 from medshield.threads import set_threads, usable_cores, worker_threads
-from medshield.train.finetune.common import VQA_TASK, parse_finetune_config
+from medshield.train.finetune.config import parse_finetune_config
+from medshield.train.finetune.data import VQA_TASK
 from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms
-from medshield.train.finetune.workflow import (
-    FineTuneRunConfig,
-    RobustEvalConfig,
-    recall_indicators,
-    run_finetune,
-    share_bootstrap_ci,
-)
+from medshield.train.finetune.run_config import FineTuneRunConfig, RobustEvalConfig
+from medshield.train.finetune.workflow import recall_indicators, run_finetune, share_bootstrap_ci
 
 
 class MethodSpec(StrictModel):
@@ -114,7 +110,7 @@ class StudyFinetuneConfig(StrictModel):
             one GPU well. ``device`` and ``workers`` are left out of the study's saved config: a
             study may resume with other values.
         precision: ``fp32`` or ``bf16`` for every cell (see
-            :attr:`~medshield.train.finetune.workflow.FineTuneRunConfig.precision`); a run-time
+            :attr:`~medshield.train.finetune.run_config.FineTuneRunConfig.precision`); a run-time
             field like ``device``.
     """
 

@@ -33,7 +33,7 @@ import numpy as np
 from medshield.commands.studies import finetune_outputs
 from medshield.eval.metrics import paired_difference_ci
 from medshield.eval.robust import per_image
-from medshield.train.finetune.common import VQA_TASK, task_prompts
+from medshield.train.finetune.data import VQA_TASK, task_prompts
 from medshield.train.finetune.ran import _LOG_NAME, RAN_PARTS, RAN_TERMS
 from medshield.train.finetune.workflow import share_bootstrap_ci
 
