@@ -1,7 +1,7 @@
 """Benchmark: fine-tuning study cells per hour, the code before issue 22's speed-ups against now.
 
-Runs the same cells of the *reduced* fine-tuning study (the settings of the three-seed runs in
-docs/studies/finetune.md, written out in ``FINETUNE``, ``ROBUST`` and ``ATTACKS`` below) with two code paths, one after the
+Runs the same cells of the *reduced* fine-tuning study (the settings of docs/studies/throughput.md,
+written out in ``FINETUNE``, ``ROBUST`` and ``ATTACKS`` below) with two code paths, one after the
 other and alternating which goes first from round to round, so both see the same machine:
 
 * ``old``: the source tree of ``--old-ref`` (default: the commit before the speed-ups),
