@@ -50,11 +50,15 @@ class RobustEvalConfig(StrictModel):
     and PGD-50 with 2 restarts each, APGD-CE-50 and APGD-DLR-50.
 
     ``early_stop``: an attack stops on an image once the image is misclassified, keeping that
-    adversarial image, and restarts only the images no earlier restart broke (see
-    :class:`medshield.attacks.base.Attack`): fewer gradient steps, and a robust accuracy that
-    can only fall or stay (the images that hold follow the same iterates). Off, every attack
-    takes all its steps on every image, as before 2026-12-06. Not on the VQA task, whose
-    classifier holds one question per image of the batch.
+    adversarial image (see :class:`medshield.attacks.base.Attack`), and an entry's later
+    restarts attack only the images no earlier restart fooled (a fooled image's later rows
+    repeat its fooling row; see :func:`medshield.eval.robust.attacked_rows`): fewer gradient
+    steps for the same per-image worst case. Within a run the images that hold follow the
+    same iterates, so one run's robust accuracy can only fall or stay; a later restart draws
+    its random starts for the images left only, so its iterates differ from a full-batch
+    restart's (the same attack, other random numbers). Off, every attack takes all its steps
+    on every image, as before 2026-12-06. Not on the VQA task, whose classifier holds one
+    question per image of the batch.
 
     ``retrieval``: also evaluate image-text retrieval with the fine-tuned encoder on a
     modality, clean and under the registered multimodal ``retrieval_attack`` built with
