@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import medshield.models.chat as chat
 from medshield.commands.cli import app
+from medshield.commands.redteam import RedteamConfig, summarize_run
 from medshield.commands.studies.defense import (
     METRICS,
     NEAR_MISS_METRIC,
@@ -45,7 +46,6 @@ from medshield.commands.studies.defense.claims import (
 from medshield.commands.studies.defense.config import TargetSettings
 from medshield.errors import ConfigError, InputError
 from medshield.runs import Run
-from medshield.safety.redteam import RedteamConfig, summarize_run
 
 torch.set_num_threads(1)  # the suite shares two cores
 runner = CliRunner()

@@ -286,7 +286,7 @@ def run_evaluate(
             )
         )
     if finetuned is not None:
-        from medshield.train.finetune.workflow import finetuned_rows
+        from medshield.commands.finetune import finetuned_rows
 
         classifier, record = finetuned
         jobs.append(

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from medshield.commands.finetune.config import CUDA_BATCH, FineTuneRunConfig, RobustEvalConfig
 from medshield.config import (
     AttackEntry,
     attack_labels,
@@ -79,7 +80,6 @@ from medshield.train.finetune.data import (
 )
 from medshield.train.finetune.io import META_FILE, build_base, load_finetuned, save_finetuned
 from medshield.train.finetune.loop import finetune
-from medshield.train.finetune.run_config import CUDA_BATCH, FineTuneRunConfig, RobustEvalConfig
 from medshield.train.finetune.select import finetune_lr_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
