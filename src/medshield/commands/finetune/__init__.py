@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -291,12 +290,7 @@ def run_finetune(
     test = load_train_data(modality, ev.max_test_items, config.seed, config.data_dir, "test")
     images, labels = test.images, test.labels
 
-    all_rows = run.load_samples()
-    counts = Counter(r["group"] for r in all_rows if "group" in r)
-    expected = {r["group"]: r["n_group"] for r in all_rows if "group" in r}
-    complete = {g for g, n in counts.items() if n == expected[g]}
-    if len(complete) != len(counts):
-        run.rewrite_samples(r for r in all_rows if r.get("group") in complete)
+    complete = run.complete_groups()
 
     def prediction_rows(shown: torch.Tensor) -> list[dict[str, Any]]:
         pred = predict_classes(classifier, test, shown, ev.batch_size)
