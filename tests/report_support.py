@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from medshield.commands.redteam import RedteamConfig, run_redteam
 from medshield.eval.metrics import summarize
 from medshield.models.chat import ChatVLM, Conversation
 from medshield.registry import CHAT_MODELS
 from medshield.runs import Run
-from medshield.safety.redteam import RedteamConfig, run_redteam
 
 SCRIPT = "<script>alert('pwned')</script>"
 REFUSAL = "I'm sorry, but I can't help with that request."

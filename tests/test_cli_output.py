@@ -11,15 +11,15 @@ from typer.testing import CliRunner
 
 from medshield.commands import cli, console, dual_encoder
 from medshield.commands.demo import load_demo_config
+from medshield.commands.finetune import load_finetune_config
+from medshield.commands.redteam import load_redteam_config
 from medshield.commands.serve import load_serve_config
 from medshield.commands.studies.defense import load_defense_study_config
 from medshield.commands.studies.finetune import load_study_config
 from medshield.commands.studies.noise import load_noise_study_config
+from medshield.commands.train_vlm import load_vlm_config
 from medshield.config import load_config
 from medshield.errors import MedshieldError
-from medshield.safety.redteam import load_redteam_config
-from medshield.train.finetune.workflow import load_finetune_config
-from medshield.train.vlm import load_vlm_config
 
 runner = CliRunner()
 

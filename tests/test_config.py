@@ -23,11 +23,11 @@ def test_shipped_demo_config_equals_the_built_in_default() -> None:
 def _loader(path: Path) -> Callable[[Path], BaseModel]:
     """Each shipped config validates against the model of the command that reads it."""
     from medshield.commands.demo import load_demo_config
+    from medshield.commands.redteam import load_redteam_config
     from medshield.commands.serve import load_serve_config
     from medshield.commands.studies.defense import load_defense_study_config
     from medshield.commands.studies.finetune import load_study_config
     from medshield.commands.studies.noise import load_noise_study_config
-    from medshield.safety.redteam import load_redteam_config
 
     special = {
         "demo.yaml": load_demo_config,
@@ -94,12 +94,12 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
 def _loaders() -> dict[str, Callable[[list[str]], BaseModel]]:
     """Every command's config loader, by command."""
     from medshield.commands.demo import load_demo_config
+    from medshield.commands.finetune import load_finetune_config
+    from medshield.commands.redteam import load_redteam_config
     from medshield.commands.studies.defense import load_defense_study_config
     from medshield.commands.studies.finetune import load_study_config
     from medshield.commands.studies.noise import load_noise_study_config
-    from medshield.safety.redteam import load_redteam_config
-    from medshield.train.finetune.workflow import load_finetune_config
-    from medshield.train.vlm import load_vlm_config
+    from medshield.commands.train_vlm import load_vlm_config
 
     return {
         "pretrain": lambda o: load_config(None, o),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medshield.attacks import CoAttack
+from medshield.commands.finetune.config import RobustEvalConfig
 from medshield.config import AttackEntry, attack_labels
 from medshield.errors import InputError
 from medshield.eval.metrics import summarize
@@ -22,7 +23,6 @@ from medshield.eval.robust import (
 )
 from medshield.eval.vqa import vqa_closed_rows
 from medshield.models.mini_clip import MiniClip
-from medshield.train.finetune.run_config import RobustEvalConfig
 
 
 @pytest.fixture(scope="module")

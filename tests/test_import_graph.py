@@ -23,7 +23,7 @@ LAYERS = (
     ("models", "runs"),
     ("attacks",),
     ("defense", "eval", "noise"),
-    ("cache", "report", "safety", "train"),
+    ("cache", "report", "train"),
     ("commands",),
 )
 # The commands (whole jobs, and the command line over them) sit on top; the rest is the library.
@@ -31,7 +31,7 @@ COMMANDS = ("commands",)
 LIBRARY = tuple(sorted({name for names in LAYERS for name in names} - set(COMMANDS)))
 # Inside medshield.commands the same rule holds between its packages and modules, bottom first.
 COMMAND_LAYERS = (
-    ("console", "serve", "workflows"),
+    ("console", "finetune", "redteam", "serve", "train_vlm", "workflows"),
     ("studies",),
     ("demo",),
     ("dual_encoder", "generative", "overview", "study"),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medshield.commands.redteam import load_redteam_config
 from medshield.data.safety import (
     image_picker,
     load_query_file,
@@ -20,7 +21,6 @@ from medshield.data.safety import (
     query_file_record,
 )
 from medshield.errors import ConfigError, DataError, InputError
-from medshield.safety.redteam import load_redteam_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from medshield.data.safety import SafetyItem
-from medshield.errors import ConfigError, InputError
-from medshield.models.chat import ChatVLM, Conversation
-from medshield.registry import CHAT_MODELS
-from medshield.runs import Run
-from medshield.safety.redteam import (
+from medshield.commands.redteam import (
     RedteamConfig,
     load_redteam_config,
     run_redteam,
     select_items,
 )
+from medshield.data.safety import SafetyItem
+from medshield.errors import ConfigError, InputError
+from medshield.models.chat import ChatVLM, Conversation
+from medshield.registry import CHAT_MODELS
+from medshield.runs import Run
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 TRIGGERS = ("falsif", "fake", "forge", "insurance")
@@ -93,7 +93,7 @@ def read_rows(run: Run) -> list[dict[str, Any]]:
 
 def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
     cfg = config(tmp_path)
-    from medshield.safety.redteam import load_items
+    from medshield.commands.redteam import load_items
 
     items = select_items(load_items(cfg), cfg.limit, cfg.seed)
     harmful = [i for i in items if i.kind == "harmful"]
@@ -184,7 +184,7 @@ def test_rows_errors_resume_and_metrics(tmp_path: Path) -> None:
 
 def test_bad_image_is_an_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config(tmp_path, limit=2, attacks=["direct", "jb-authority"])
-    from medshield.safety.redteam import load_items
+    from medshield.commands.redteam import load_items
 
     victim = select_items(load_items(cfg), 2, 0)[0]
     original = SafetyItem.load_image
@@ -303,7 +303,7 @@ def test_openai_backend_served_model(tmp_path: Path, server: ThreadingHTTPServer
         "kwargs": {"base_url": url, "model": "llava-med", "max_retries": 0, "timeout": 5},
     }
     cfg = config(tmp_path, model=model, limit=2, attacks=["direct", "figstep"])
-    from medshield.safety.redteam import load_items
+    from medshield.commands.redteam import load_items
 
     victim = [i for i in select_items(load_items(cfg), 2, 0) if i.kind == "benign"][0]
     server.broken = victim.text  # type: ignore[attr-defined]
@@ -385,7 +385,7 @@ def test_query_file_run(tmp_path: Path, data_dir: Path) -> None:
     from PIL import Image
     from rich.console import Console
 
-    from medshield.safety.redteam import print_redteam_summary
+    from medshield.commands.redteam import print_redteam_summary
 
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -508,8 +508,8 @@ def stored(run: Run, name: str) -> torch.Tensor:
 def test_rows_keep_the_images_the_model_received(tmp_path: Path) -> None:
     import hashlib
 
+    from medshield.commands.redteam import load_items
     from medshield.models.chat import load_image
-    from medshield.safety.redteam import load_items
 
     cfg = config(tmp_path, limit=2, attacks=["direct", "figstep"])
     model = Recorder()

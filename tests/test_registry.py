@@ -182,8 +182,8 @@ def test_a_fresh_interpreter_finds_every_built_in_from_the_registry_alone() -> N
 
 
 def test_the_redteam_and_study_defaults_are_the_old_lists() -> None:
+    from medshield.commands.redteam import RedteamConfig
     from medshield.commands.studies.defense.config import DefenseStudyConfig
-    from medshield.safety.redteam import RedteamConfig
 
     # DEFAULT_ATTACKS and DEFAULT_JUDGES of safety/redteam.py before the `default` flag: a
     # config that lists neither runs the same attacks and judges, in the same order.

@@ -21,6 +21,18 @@ def test_reopening_with_the_same_config_keeps_rows(tmp_path: Path) -> None:
     assert Run(tmp_path, cfg).load_samples() == [{"i": 1}, {"i": 2}]
 
 
+def test_complete_groups_drops_a_group_a_crash_cut_short_and_keeps_ungrouped_rows(
+    tmp_path: Path,
+) -> None:
+    run = Run(tmp_path, load_config(None, ["name=a"]))
+    whole = [{"group": "a", "n_group": 2, "i": i} for i in range(2)]
+    torn = [{"group": "b", "n_group": 3, "i": 0}]
+    run.append_samples([{"epoch": 1}, *whole, *torn])
+    assert run.complete_groups() == {"a"}
+    assert run.load_samples() == [{"epoch": 1}, *whole]
+    assert run.complete_groups() == {"a"}  # nothing more to drop
+
+
 def test_a_different_config_is_refused_unless_overwriting(tmp_path: Path) -> None:
     Run(tmp_path, load_config(None, ["name=a"])).append_samples([{"i": 1}])
     (tmp_path / "checkpoints").mkdir()

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import medshield.models.chat as chat
 from medshield.commands.cli import app
+from medshield.commands.redteam import RedteamConfig, summarize_run
 from medshield.commands.studies.defense import (
     METRICS,
     NEAR_MISS_METRIC,
@@ -41,11 +42,11 @@ from medshield.commands.studies.defense.claims import (
     REFUTED,
     SUPPORTED,
     Tallies,
+    claims_markdown,
 )
 from medshield.commands.studies.defense.config import TargetSettings
 from medshield.errors import ConfigError, InputError
 from medshield.runs import Run
-from medshield.safety.redteam import RedteamConfig, summarize_run
 
 torch.set_num_threads(1)  # the suite shares two cores
 runner = CliRunner()
@@ -403,6 +404,19 @@ def test_benchmark_target_per_strategy() -> None:
     assert claim["verdict"] == NOT_REACHED and claim["reached_by"] == []
     claim = _claims(hand, target=TargetSettings(budget=4))["benchmark_target"]
     assert claim["verdict"] == NOT_TESTED and "budget 4" in claim["note"]
+
+
+def test_the_claims_strategy_table_prints_metrics_with_their_intervals() -> None:
+    hand = {
+        ("undefended", None, 0): (60, 0, 40),
+        ("strategy", "harmful-only", 8): (6, 4, 40),
+    }
+    claims = _claims(hand)
+    asr = claims["benchmark_target"]["strategies"][0]["attack_success_rate"]
+    expected = f"{asr['value']:.2f} [{asr['ci_low']:.2f}, {asr['ci_high']:.2f}]"
+    row = next(line for line in claims_markdown(claims) if line.startswith("| harmful-only |"))
+    assert row.startswith(f"| harmful-only | {expected} | ")
+    assert expected.startswith("0.10 [0.0")  # ASR 6/60, the interval around it
 
 
 def test_table_and_claims_md(tmp_path: Path) -> None:

@@ -8,9 +8,7 @@ from test_mini_llava import TINY_LM, tiny_model
 from typer.testing import CliRunner
 
 from medshield.commands.cli import app
-from medshield.errors import ConfigError
-from medshield.runs import Run
-from medshield.train.vlm import (
+from medshield.commands.train_vlm import (
     Example,
     VLMTrainConfig,
     batch_indices,
@@ -19,6 +17,8 @@ from medshield.train.vlm import (
     medmnist_examples,
     train_vlm,
 )
+from medshield.errors import ConfigError
+from medshield.runs import Run
 
 
 def tiny_examples() -> list[Example]:

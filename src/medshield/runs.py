@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
@@ -179,6 +180,19 @@ class Run:
     def load_samples(self) -> list[dict[str, Any]]:
         """Every finished row (see :func:`read_samples`)."""
         return read_samples(self.samples_path)
+
+    def complete_groups(self) -> set[str]:
+        """The row groups finished in ``samples.jsonl``, for a job that resumes group by group
+        (each row tagged with its ``group`` and the group's size ``n_group``). The rows of a group
+        a crash cut short are dropped, so that the group is computed again; rows without a group
+        are kept."""
+        rows = self.load_samples()
+        counts = Counter(r["group"] for r in rows if "group" in r)
+        expected = {r["group"]: r["n_group"] for r in rows if "group" in r}
+        complete = {g for g, n in counts.items() if n == expected[g]}
+        if len(complete) != len(counts):
+            self.rewrite_samples(r for r in rows if "group" not in r or r["group"] in complete)
+        return complete
 
     def append_samples(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append rows and flush them to disk at once (after a torn line, on a new line)."""

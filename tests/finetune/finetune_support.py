@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medshield.commands.finetune.config import FineTuneRunConfig
 from medshield.models.mini_clip import MiniClip
 from medshield.train.finetune import finetune
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.run_config import FineTuneRunConfig
 
 FAST = {"epochs": 1, "max_train_items": 8, "batch_size": 8, "adversary": {"eps": 2, "steps": 1}}
 TINY_MODEL = {

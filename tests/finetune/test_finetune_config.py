@@ -11,6 +11,8 @@ import pytest
 import torch
 from finetune_support import FAST
 
+from medshield.commands.finetune import load_finetune_config, run_finetune
+from medshield.commands.finetune.config import FineTuneRunConfig
 from medshield.commands.studies.finetune import load_study_config
 from medshield.config import ModelConfig
 from medshield.errors import ConfigError, DataError
@@ -20,8 +22,6 @@ from medshield.runs import Run
 from medshield.train.finetune import finetune
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.run_config import FineTuneRunConfig
-from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import yaml
 from bad_input_support import run_cli
 from finetune_support import TINY_EVAL, run_config, run_method
 
+from medshield.commands.finetune import load_finetune_config, run_finetune
 from medshield.config import dump_config
 from medshield.device import resolve_device
 from medshield.errors import ConfigError
@@ -19,7 +20,6 @@ from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.train.finetune import load_finetuned, save_finetuned
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 METHODS = ("linear-probe", "full", "lora", "adapter", "tecoa", "fare", "ran")

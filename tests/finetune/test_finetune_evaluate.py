@@ -11,10 +11,10 @@ from finetune_support import run_config, run_method
 from typer.testing import CliRunner
 
 from medshield.commands.cli import app
+from medshield.commands.finetune import finetuned_rows, run_finetune
 from medshield.config import AttackEntry
 from medshield.runs import Run
 from medshield.train.finetune.data import VQA_TASK
-from medshield.train.finetune.workflow import finetuned_rows, run_finetune
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from medshield.commands.finetune.config import RobustEvalConfig
 from medshield.commands.studies.finetune import aggregate
 from medshield.commands.studies.finetune_report import (
     ablation,
@@ -20,7 +21,6 @@ from medshield.commands.studies.finetune_report import (
     verdict,
     write_report,
 )
-from medshield.train.finetune.run_config import RobustEvalConfig
 
 EV = RobustEvalConfig(eps=[1, 2], bootstrap_resamples=200)
 N = 100  # test images per seed

@@ -10,14 +10,14 @@ import pytest
 import torch
 from finetune_support import FAST, TINY_EVAL, run_config, run_method
 
+from medshield.commands.finetune import recall_indicators, retrieval_flags, run_finetune
+from medshield.commands.finetune.config import FineTuneRunConfig
 from medshield.errors import InputError
 from medshield.eval.metrics import RECALL_KS
 from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.train.finetune.classifier import RectifiedEncoder, adapted_encoder
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.run_config import FineTuneRunConfig
-from medshield.train.finetune.workflow import recall_indicators, retrieval_flags, run_finetune
 
 
 def test_adapted_encoder_is_the_classifier_image_path(base: MiniClip, train: TrainData) -> None:

@@ -10,11 +10,11 @@ import torch
 import yaml
 from finetune_support import TINY_EVAL, run_config
 
+from medshield.commands.finetune import load_base, load_finetune_config, run_finetune
 from medshield.config import dump_config
 from medshield.device import autocast, check_precision
 from medshield.errors import ConfigError
 from medshield.runs import Run
-from medshield.train.finetune.workflow import load_base, load_finetune_config, run_finetune
 
 EVAL = {
     **TINY_EVAL,
@@ -118,9 +118,9 @@ def test_a_base_model_is_loaded_once_per_process(tmp_path: Path, data_dir: Path)
 
 
 def test_early_stop_is_off_for_a_question_conditioned_classifier() -> None:
+    from medshield.commands.finetune import attacks_stop_early
+    from medshield.commands.finetune.config import RobustEvalConfig
     from medshield.eval.robust import build_attack
-    from medshield.train.finetune.run_config import RobustEvalConfig
-    from medshield.train.finetune.workflow import attacks_stop_early
 
     class Conditioned(torch.nn.Linear):
         conditioned = True  # one question per image of the batch: no dropping images

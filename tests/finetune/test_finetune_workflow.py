@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from finetune_support import run_config
 
-from medshield.config import AttackEntry
-from medshield.errors import ConfigError, DataError
-from medshield.eval.metrics import image_use_flag, majority_hits
-from medshield.runs import Run
-from medshield.train.finetune.workflow import (
+from medshield.commands.finetune import (
     derangement,
     load_finetune_config,
     run_finetune,
     share_bootstrap_ci,
 )
+from medshield.config import AttackEntry
+from medshield.errors import ConfigError, DataError
+from medshield.eval.metrics import image_use_flag, majority_hits
+from medshield.runs import Run
 
 
 def test_finetune_run_writes_rows_metrics_flags_and_resumes(tmp_path: Path, data_dir: Path) -> None:

@@ -13,13 +13,13 @@ from torch import nn
 
 from medshield.attacks import APGD, APGDDLR, PGD, Attack
 from medshield.attacks.pgd import pgd_step_size
+from medshield.commands.finetune import load_finetune_config, run_finetune
+from medshield.commands.finetune.config import DEFAULT_ATTACKS, RobustEvalConfig
 from medshield.config import load_config
 from medshield.errors import ConfigError
 from medshield.eval.robust import build_attack, worst_case
 from medshield.registry import IMAGE_ATTACKS
 from medshield.runs import Run
-from medshield.train.finetune.run_config import DEFAULT_ATTACKS, RobustEvalConfig
-from medshield.train.finetune.workflow import load_finetune_config, run_finetune
 
 
 class Shift(Attack):

@@ -156,13 +156,13 @@ def finetune(
     """Fine-tune one method on one modality or vqa_rad_closed; clean + PGD/APGD robust accuracy
     and retrieval under Co-Attack, with 95% CIs."""
     offline_default()
-    from medshield.eval.metrics import format_metric
-    from medshield.runs import Run
-    from medshield.train.finetune.workflow import (
+    from medshield.commands.finetune import (
         finetune_run_dir,
         load_finetune_config,
         run_finetune,
     )
+    from medshield.eval.metrics import format_metric
+    from medshield.runs import Run
 
     report: list[str] = []
     try:

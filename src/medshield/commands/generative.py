@@ -33,9 +33,9 @@ def train_vlm(
 ) -> None:
     """Instruction-tune mini-llava and report VQA-RAD closed accuracy with/without the image."""
     offline_default()
+    from medshield.commands.train_vlm import load_vlm_config, run_train_vlm
     from medshield.eval.metrics import Metric, format_metric
     from medshield.runs import Run
-    from medshield.train.vlm import load_vlm_config, run_train_vlm
 
     report: list[str] = []
     try:
@@ -82,8 +82,8 @@ def redteam(
 ) -> None:
     """Run the clinical safety benchmark (attacks x judges) against a chat VLM; resumes."""
     offline_default()
+    from medshield.commands.redteam import load_redteam_config, print_redteam_summary, run_redteam
     from medshield.runs import Run
-    from medshield.safety.redteam import load_redteam_config, print_redteam_summary, run_redteam
 
     extra = [f"model.backend={model}"] if model else []
     if attacks:

@@ -206,15 +206,7 @@ def run_evaluate(
     """
     ev, seed, data_dir = config.evaluate, config.seed, config.data.data_dir
     modalities = resolve_modalities(config, "test")
-    all_rows = run.load_samples()
-    eval_rows = [r for r in all_rows if "group" in r]
-    counts = Counter(r["group"] for r in eval_rows)
-    expected = {r["group"]: r["n_group"] for r in eval_rows}
-    complete = {g for g, n in counts.items() if n == expected[g]}
-    if len(complete) != len(counts):  # drop what a crash left half-written
-        run.rewrite_samples(
-            r for r in all_rows if r.get("group", "") in complete or "group" not in r
-        )
+    complete = run.complete_groups()  # drops what a crash left half-written
     skipped: dict[str, str] = {}
 
     jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = []
@@ -286,7 +278,7 @@ def run_evaluate(
             )
         )
     if finetuned is not None:
-        from medshield.train.finetune.workflow import finetuned_rows
+        from medshield.commands.finetune import finetuned_rows
 
         classifier, record = finetuned
         jobs.append(

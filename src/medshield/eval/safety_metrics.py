@@ -245,3 +245,13 @@ def summarize_safety(
     summary["n_rows"] = len(kept)
     summary["n_errors"] = errors
     return summary
+
+
+def source_label(results: dict[str, Any]) -> str:
+    """The item source a run's results name: the source, or for a query file its path, the
+    start of its SHA-256 and its number of rows."""
+    r = results.get("redteam", results)
+    query = r.get("query_file")
+    if not query:
+        return str(r.get("source", "-"))
+    return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"

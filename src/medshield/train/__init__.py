@@ -1,4 +1,5 @@
-"""Training loops (pretraining, fine-tuning, instruction tuning) and what they share."""
+"""Training loops (pretraining, fine-tuning) and what every training loop shares (the mini-llava
+instruction tuning of :mod:`medshield.commands.train_vlm` included)."""
 
 from __future__ import annotations
 

@@ -12,13 +12,13 @@ Stages (each an ordinary run directory under ``<output_dir>/<name>/``, with ``co
 3. ``pretrain_noisy``: mini-clip pretrained on the noisy set, evaluated the same way;
 4. ``finetune_<method>_<modality>``: each method of ``finetune.methods`` (RAN and LoRA by
    default, matched budgets) fine-tunes the noisy-pretrained mini-clip on each modality and is
-   evaluated clean and under PGD (:func:`~medshield.train.finetune.workflow.run_finetune`);
+   evaluated clean and under PGD (:func:`~medshield.commands.finetune.run_finetune`);
 5. ``vlm``: mini-llava (the clean mini-clip's image tower, an MLP projector, SmolLM2) instruction
-   tuned for a few steps (:func:`~medshield.train.vlm.run_train_vlm`), or loaded from
+   tuned for a few steps (:func:`~medshield.commands.train_vlm.run_train_vlm`), or loaded from
    ``vlm.checkpoint``, and its VQA-RAD closed accuracy;
 6. ``redteam_undefended`` / ``redteam_defended``: the clinical safety benchmark on a small slice,
    without and with the synthetic-demonstration defense
-   (:func:`~medshield.safety.redteam.run_redteam`, one loaded model and one set of judges).
+   (:func:`~medshield.commands.redteam.run_redteam`, one loaded model and one set of judges).
 
 The demo directory itself gets ``config.yaml`` (the :class:`DemoConfig`), ``results.json``
 (``demo.stages``: per stage its directory, wall time, cache status, the wall time producing its

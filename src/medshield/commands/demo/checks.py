@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medshield.commands.demo.config import DemoConfig
+from medshield.commands.redteam import DefenseConfig, load_items, select_items
 from medshield.commands.workflows import build_multimodal_attack, resolve_modalities
 from medshield.data.medmnist import load_split
 from medshield.data.vqa_rad import load_vqa_rad
@@ -15,7 +16,6 @@ from medshield.defense import create_defense
 from medshield.errors import DataError
 from medshield.models.mini_llava import META_FILE as VLM_META_FILE
 from medshield.models.smollm import check_smollm
-from medshield.safety.redteam import DefenseConfig, load_items, select_items
 
 
 def _check_ready(config: DemoConfig) -> None:

@@ -9,6 +9,14 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from medshield.commands.finetune.config import RobustEvalConfig
+from medshield.commands.redteam import (
+    ChatModelConfig,
+    DefenseConfig,
+    GenerationConfig,
+    RedteamConfig,
+    check_names,
+)
 from medshield.commands.studies.defense import DemonstrationSettings
 from medshield.commands.studies.finetune import MethodSpec
 from medshield.config import (
@@ -28,15 +36,7 @@ from medshield.config import (
 from medshield.data import get_modality
 from medshield.defense.selection import STRATEGIES
 from medshield.errors import ConfigError, UnknownNameError
-from medshield.safety.redteam import (
-    ChatModelConfig,
-    DefenseConfig,
-    GenerationConfig,
-    RedteamConfig,
-    check_names,
-)
 from medshield.train.finetune.config import FineTuneConfig, parse_finetune_config
-from medshield.train.finetune.run_config import RobustEvalConfig
 
 SHARED_FINETUNE: dict[str, Any] = {
     "epochs": 2,
@@ -76,7 +76,7 @@ class DemoNoiseConfig(NoiseConfig):
 
 
 class DemoRobustConfig(RobustEvalConfig):
-    """:class:`~medshield.train.finetune.run_config.RobustEvalConfig`: PGD-10 at 1 and 2 /255 on
+    """:class:`~medshield.commands.finetune.config.RobustEvalConfig`: PGD-10 at 1 and 2 /255 on
     100 test images by default, no retrieval."""
 
     eps: list[float] = Field(default_factory=lambda: [1.0, 2.0])
@@ -86,7 +86,7 @@ class DemoRobustConfig(RobustEvalConfig):
 
 
 class DemoGenerationConfig(GenerationConfig):
-    """:class:`~medshield.safety.redteam.GenerationConfig`: 24 new tokens by default."""
+    """:class:`~medshield.commands.redteam.GenerationConfig`: 24 new tokens by default."""
 
     max_new_tokens: int = Field(24, ge=1)
 

@@ -12,6 +12,10 @@ from typing import Any
 from medshield.cache import ArtifactCache, CacheEntry
 from medshield.commands.demo.config import DemoConfig
 from medshield.commands.demo.summary import headline_text
+from medshield.commands.finetune import run_finetune
+from medshield.commands.finetune.config import FineTuneRunConfig, RobustEvalConfig
+from medshield.commands.redteam import DefenseConfig, build_judges, run_redteam
+from medshield.commands.train_vlm import VLMTrainConfig, evaluate_vqa_closed, run_train_vlm
 from medshield.commands.workflows import (
     build_model,
     remove_checkpoints,
@@ -28,10 +32,6 @@ from medshield.models.chat import create_chat_model
 from medshield.models.smollm import cache_dir
 from medshield.report import report_after_run
 from medshield.runs import Log, Run
-from medshield.safety.redteam import DefenseConfig, build_judges, run_redteam
-from medshield.train.finetune.run_config import FineTuneRunConfig, RobustEvalConfig
-from medshield.train.finetune.workflow import run_finetune
-from medshield.train.vlm import VLMTrainConfig, evaluate_vqa_closed, run_train_vlm
 
 CACHE_SUBDIR = "demo"
 

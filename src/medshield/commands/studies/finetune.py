@@ -1,7 +1,7 @@
 """``medshield study finetune``: the robust fine-tuning comparison (RAN against the baselines).
 
 Every cell (checkpoint x method x task x seed) is one ``medshield finetune`` run (see
-:mod:`medshield.train.finetune.workflow`) in ``<study>/cells/<cell>/``, with the same optimiser
+:mod:`medshield.commands.finetune`) in ``<study>/cells/<cell>/``, with the same optimiser
 steps, schedule, data and adversary for every method (matched budgets); a method with an
 ``lr_grid`` picks its learning rate on the first seed's validation split, and its other seeds
 reuse that pick (:func:`run_study_finetune`). The tasks are the modalities and, with
@@ -16,7 +16,7 @@ term switched off each (``ran-no_<term>``).
 
 The study directory gets ``table.csv`` / ``table.md`` (per checkpoint, method and task: clean
 accuracy, the two image-free references ``majority_accuracy`` and ``shuffled_image_accuracy``
-(see :mod:`medshield.train.finetune.workflow`), robust accuracy per attack and budget and the
+(see :mod:`medshield.commands.finetune`), robust accuracy per attack and budget and the
 per-image worst case over the attacks, retrieval R@1/5/10 clean and under the multimodal attack
 (modalities, unless ``robust.retrieval`` is off), each pooled over seeds with a 95% bootstrap
 CI from :func:`medshield.eval.metrics.bootstrap_ci`; trainable parameters, training wall time,
@@ -43,6 +43,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from medshield import data
+from medshield.commands.finetune import recall_indicators, run_finetune, share_bootstrap_ci
+from medshield.commands.finetune.config import FineTuneRunConfig, RobustEvalConfig
 from medshield.commands.studies.finetune_outputs import (
     plot_retrieval,
     plot_robust_vs_clean,
@@ -66,8 +68,6 @@ from medshield.threads import set_threads, usable_cores, worker_threads
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import VQA_TASK
 from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms
-from medshield.train.finetune.run_config import FineTuneRunConfig, RobustEvalConfig
-from medshield.train.finetune.workflow import recall_indicators, run_finetune, share_bootstrap_ci
 
 
 class MethodSpec(StrictModel):
@@ -110,7 +110,7 @@ class StudyFinetuneConfig(StrictModel):
             one GPU well. ``device`` and ``workers`` are left out of the study's saved config: a
             study may resume with other values.
         precision: ``fp32`` or ``bf16`` for every cell (see
-            :attr:`~medshield.train.finetune.run_config.FineTuneRunConfig.precision`); a run-time
+            :attr:`~medshield.commands.finetune.config.FineTuneRunConfig.precision`); a run-time
             field like ``device``.
     """
 

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from medshield.commands.finetune import share_bootstrap_ci
 from medshield.commands.studies import finetune_outputs
 from medshield.eval.metrics import paired_difference_ci
 from medshield.eval.robust import per_image
 from medshield.train.finetune.data import VQA_TASK, task_prompts
 from medshield.train.finetune.ran import _LOG_NAME, RAN_PARTS, RAN_TERMS
-from medshield.train.finetune.workflow import share_bootstrap_ci
 
 CHEST, BLOOD = "chest_xray", "blood_cell"
 FLAT_TOLERANCE = 0.05

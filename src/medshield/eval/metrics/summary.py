@@ -221,7 +221,7 @@ def summarize(
       :mod:`medshield.eval.robust`: ``attack``, ``eps``, ``index``, ``clean_correct``,
       ``robust_correct``);
     - ``finetuned``: the same, for a fine-tuned classifier on its own task (rows from
-      :func:`medshield.train.finetune.workflow.finetuned_eval_rows`, which carry ``label``), plus
+      :func:`medshield.commands.finetune.finetuned_eval_rows`, which carry ``label``), plus
       ``majority_accuracy`` (:func:`majority_hits`) and, when every row has
       ``shuffled_correct`` (the prediction with another test item's image), the control
       ``shuffled_image_accuracy``;

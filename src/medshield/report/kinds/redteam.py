@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from medshield.eval.metrics import format_metric
+from medshield.eval.safety_metrics import source_label
 from medshield.report import plots
 from medshield.report.images import image_key, thumbnails
 from medshield.report.rundir import RunData
@@ -20,7 +21,6 @@ from medshield.report.view import (
     ci,
     number,
 )
-from medshield.safety.redteam import source_label
 
 METRICS = {
     "attack_success_rate": "ASR",

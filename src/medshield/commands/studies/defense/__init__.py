@@ -44,6 +44,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from medshield.commands.redteam import RedteamConfig, build_judges, run_redteam
 from medshield.commands.studies.defense.analysis import (
     aggregate,
     balanced_error,
@@ -62,7 +63,6 @@ from medshield.commands.studies.defense.config import (
 from medshield.commands.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
 from medshield.commands.studies.defense.outputs import plot, write_table
 from medshield.runs import Log, Run, read_results, read_samples
-from medshield.safety.redteam import RedteamConfig, build_judges, run_redteam
 from medshield.threads import set_threads, worker_threads
 
 __all__ = [

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from medshield.commands.studies.defense.config import CONTROL_STRATEGIES, TargetSettings
-from medshield.eval.metrics import bootstrap_distribution, percentile_interval
+from medshield.eval.metrics import bootstrap_distribution, format_metric, percentile_interval
 from medshield.eval.safety_metrics import NEAR_MISS, _prepare
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "SUPPORTED", "REFUTED", "INCONCLUSIVE"
@@ -340,15 +340,6 @@ def _num(x: float | None, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.2f}"
 
 
-def _ci(metric: dict[str, Any] | None) -> str:
-    if not metric or metric.get("value") is None:
-        return "-"
-    low, high = metric.get("ci_low"), metric.get("ci_high")
-    if low is None or high is None:
-        return _num(metric["value"])
-    return f"{metric['value']:.2f} [{low:.2f}, {high:.2f}]"
-
-
 def comparison_text(c: dict[str, Any]) -> str:
     """``than - lower = +0.123 [+0.050, +0.200] (n items)``."""
     low, high = c["ci"]
@@ -395,8 +386,9 @@ def claims_markdown(claims: dict[str, dict[str, Any]]) -> list[str]:
             ]
             for s in c["strategies"]:
                 lines.append(
-                    f"| {s['strategy']} | {_ci(s['attack_success_rate'])} | "
-                    f"{_ci(s['over_defense_rate'])} | {_ci(s['over_defense_near_miss_rate'])} | "
+                    f"| {s['strategy']} | {format_metric(s['attack_success_rate'], 2)} | "
+                    f"{format_metric(s['over_defense_rate'], 2)} | "
+                    f"{format_metric(s['over_defense_near_miss_rate'], 2)} | "
                     f"{s['verdict']} | {'yes' if s['within_target_at_ci_high'] else 'no'} |"
                 )
     return lines

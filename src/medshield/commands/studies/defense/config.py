@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
+from medshield.commands.redteam import DefenseConfig, RedteamConfig, check_names
 from medshield.config import FolderName, StrictModel, load_yaml_model
 from medshield.errors import UnknownNameError
 from medshield.registry import DEFENSES, JAILBREAKS, STRATEGIES
-from medshield.safety.redteam import DefenseConfig, RedteamConfig, check_names
 
 BASELINES = ("none", "self-reminder", "adashield-static", "demonstrations-real-images")
 REAL_IMAGES = "demonstrations-real-images"

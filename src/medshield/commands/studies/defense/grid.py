@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medshield.commands.redteam import DefenseConfig, RedteamConfig
 from medshield.commands.studies.defense.config import REAL_IMAGES, DefenseStudyConfig
-from medshield.safety.redteam import DefenseConfig, RedteamConfig
 
 
 @dataclass(frozen=True)

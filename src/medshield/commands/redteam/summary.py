@@ -5,16 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from medshield.eval.metrics import format_metric
-
-
-def source_label(results: dict[str, Any]) -> str:
-    """The item source a run's results name: the source, or for a query file its path, the
-    start of its SHA-256 and its number of rows."""
-    r = results.get("redteam", results)
-    query = r.get("query_file")
-    if not query:
-        return str(r.get("source", "-"))
-    return f"file {query['path']} (sha256 {query['sha256'][:12]}, {query['n_items']} rows)"
+from medshield.eval.safety_metrics import source_label
 
 
 def _n(values: dict[str, Any], key: str) -> str:

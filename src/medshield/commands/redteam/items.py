@@ -8,8 +8,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from medshield.commands.redteam.config import BENIGN_ATTACK, RedteamConfig
 from medshield.errors import ConfigError
-from medshield.safety.redteam.config import BENIGN_ATTACK, RedteamConfig
 
 
 def load_items(config: RedteamConfig) -> list[Any]:

@@ -56,17 +56,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from medshield.runs import Log, Reporter, Run, check_measured
-from medshield.safety.redteam.config import (
+from medshield.commands.redteam.config import (
     ChatModelConfig,
     DefenseConfig,
     GenerationConfig,
     RedteamConfig,
     load_redteam_config,
 )
-from medshield.safety.redteam.items import load_items, plan, select_items
-from medshield.safety.redteam.runner import _Runner, build_judges, check_names
-from medshield.safety.redteam.summary import print_redteam_summary, source_label
+from medshield.commands.redteam.items import load_items, plan, select_items
+from medshield.commands.redteam.runner import _Runner, build_judges, check_names
+from medshield.commands.redteam.summary import print_redteam_summary
+from medshield.runs import Log, Reporter, Run, check_measured
 
 __all__ = [
     "ChatModelConfig",
@@ -80,7 +80,6 @@ __all__ = [
     "print_redteam_summary",
     "run_redteam",
     "select_items",
-    "source_label",
     "summarize_run",
 ]
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from medshield.commands.finetune.config import CUDA_BATCH, FineTuneRunConfig, RobustEvalConfig
 from medshield.config import (
     AttackEntry,
     attack_labels,
@@ -79,7 +79,6 @@ from medshield.train.finetune.data import (
 )
 from medshield.train.finetune.io import META_FILE, build_base, load_finetuned, save_finetuned
 from medshield.train.finetune.loop import finetune
-from medshield.train.finetune.run_config import CUDA_BATCH, FineTuneRunConfig, RobustEvalConfig
 from medshield.train.finetune.select import finetune_lr_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
@@ -291,12 +290,7 @@ def run_finetune(
     test = load_train_data(modality, ev.max_test_items, config.seed, config.data_dir, "test")
     images, labels = test.images, test.labels
 
-    all_rows = run.load_samples()
-    counts = Counter(r["group"] for r in all_rows if "group" in r)
-    expected = {r["group"]: r["n_group"] for r in all_rows if "group" in r}
-    complete = {g for g, n in counts.items() if n == expected[g]}
-    if len(complete) != len(counts):
-        run.rewrite_samples(r for r in all_rows if r.get("group") in complete)
+    complete = run.complete_groups()
 
     def prediction_rows(shown: torch.Tensor) -> list[dict[str, Any]]:
         pred = predict_classes(classifier, test, shown, ev.batch_size)

@@ -9,10 +9,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from medshield.commands.redteam.config import BENIGN_ATTACK, RedteamConfig
 from medshield.errors import ConfigError, InputError
 from medshield.registry import JAILBREAKS, JUDGES
 from medshield.runs import Log, Run
-from medshield.safety.redteam.config import BENIGN_ATTACK, RedteamConfig
 
 IMAGE_CACHE = 1024  # item images kept in memory (each attack reuses them)
 
