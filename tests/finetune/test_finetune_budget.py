@@ -130,6 +130,32 @@ def test_adversarial_methods_pick_by_robust_validation_accuracy(
     assert robust == pytest.approx(max(selection["scores"]))
 
 
+def test_a_robust_tie_goes_to_the_higher_clean_accuracy(
+    base: MiniClip, train16: TrainData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TeCoA at 80 steps scored 0 robust at every learning rate: the tie goes to the run with
+    the best clean validation accuracy, not blindly to the first of the grid."""
+    import medshield.train.finetune.select as select
+
+    clean = iter([0.5, 0.9, 0.7])
+    monkeypatch.setattr(select, "robust_validation_accuracy", lambda *_: 0.0)
+    monkeypatch.setattr(select, "validation_accuracy", lambda *_: next(clean))
+    config = {
+        "method": "adv-linear-probe",
+        "steps": 1,
+        "batch_size": 4,
+        "max_train_items": None,
+        "val_fraction": 0.25,
+        "lr_grid": [1e-3, 2e-3, 3e-3],
+        "kwargs": {"pgd_steps": 1},
+    }
+    result = finetune_lr_grid(
+        copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
+    )
+    assert result.report["lr_selection"]["scores"] == [0.0, 0.0, 0.0]
+    assert result.report["lr_selection"]["pick"] == 2e-3
+
+
 def test_compute_counts_the_adversarys_passes(base: MiniClip, train: TrainData) -> None:
     """Per step the TRADES linear probe passes each image through the tower k + 3 times (the
     clean target, k PGD steps, the clean and adversarial loss terms) and back k times (the

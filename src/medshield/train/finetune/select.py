@@ -7,7 +7,8 @@ the held-out items: clean accuracy for a clean method, and for an adversarial on
 ran, adv-*) robust accuracy under the method's own training adversary
 (:meth:`~medshield.train.finetune.method.FineTuneMethod.training_attack`: PGD with the
 cross-entropy loss at the training eps, steps and step size, in eval mode). The model of the
-best score is kept (the first of the grid on a tie); nothing is retrained. Its report gets
+best score is kept (an adversarial method's tie on robust accuracy goes to the higher clean
+accuracy, then to the first of the grid); nothing is retrained. Its report gets
 ``lr_selection``:
 
 - ``grid``: the learning rates, in config order;
@@ -99,8 +100,11 @@ def finetune_lr_grid(
             robust.append(robust_validation_accuracy(result, result.val, config.batch_size))
         for key in totals:
             totals[key] += result.report["compute"][key]
-        scores = robust if method.adversarial else clean
-        if best is None or scores[-1] > max(scores[:-1]):
+        # the key of the kept run: its score, then (adversarial methods) its clean accuracy,
+        # so an all-zero robust column (a method that learned nothing robust) still picks the
+        # run that learned the task best
+        keys = list(zip(robust, clean, strict=True)) if method.adversarial else clean
+        if best is None or keys[-1] > max(keys[:-1]):
             best = result
     assert best is not None
     scores = robust if method.adversarial else clean
