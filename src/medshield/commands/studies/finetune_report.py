@@ -35,13 +35,12 @@ from medshield.commands.studies import finetune_outputs
 from medshield.eval.metrics import paired_difference_ci
 from medshield.eval.robust import per_image
 from medshield.train.finetune.data import VQA_TASK, task_prompts
-from medshield.train.finetune.ran import _LOG_NAME, RAN_PARTS, RAN_TERMS
+from medshield.train.finetune.ran import RAN_LOG_TERMS, RAN_PARTS, RAN_TERMS
 
 CHEST, BLOOD = "chest_xray", "blood_cell"
 FLAT_TOLERANCE = 0.05
 """A curve has flattened when its mean over the last quarter of the logged points moved at
 most this share from the quarter before."""
-RAN_LOG_TERMS = [_LOG_NAME.get(t, t) for t in RAN_TERMS]
 _NOT = "NOT MEASURED"
 
 Cell = dict[str, Any]
@@ -190,11 +189,10 @@ def targets(cells: list[Cell], checkpoints: list[str], resamples: int) -> list[d
                 fits = params["ran"] <= params["adv-lora"]
                 entry.update(verdict="REACHED" if fits else "NOT REACHED", note="exact count")
             out.append(entry)
-            # ablated by part (RAN_PARTS) or term by term (RAN_TERMS): either set counts
-            by_part = [f"ran-no_{p}" for p in RAN_PARTS if not get(ck, f"ran-no_{p}", task)]
-            by_term = [f"ran-no_{t}" for t in RAN_TERMS if not get(ck, f"ran-no_{t}", task)]
-            names = RAN_PARTS if len(by_part) < len(RAN_PARTS) else RAN_TERMS
-            missing = by_part if names is RAN_PARTS else by_term
+            # ablated term by term (RAN_TERMS) or by part (RAN_PARTS): either set counts; with
+            # neither, the parts are what is missing
+            names = RAN_TERMS if any(get(ck, f"ran-no_{t}", task) for t in RAN_TERMS) else RAN_PARTS
+            missing = [f"ran-no_{n}" for n in names if not get(ck, f"ran-no_{n}", task)]
             missing = (["ran"] if not ran else []) + missing
             out.append(
                 {

@@ -158,6 +158,8 @@ def ablation_terms(name: str) -> tuple[str, ...]:
 
 
 _LOG_NAME = {"beta": "kl"}  # the history logs the KL term under its own name
+RAN_LOG_TERMS = tuple(_LOG_NAME.get(t, t) for t in RAN_TERMS)
+"""The names RAN's loss terms carry in a run's ``history`` (``beta``'s term is ``kl``)."""
 
 
 # --- tower placement ----------------------------------------------------------------------------
