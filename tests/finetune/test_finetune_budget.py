@@ -209,3 +209,44 @@ def test_a_study_reuses_the_first_seeds_learning_rate(tmp_path: Path, data_dir: 
     # resuming reads the pick back and runs nothing
     result = run_study_finetune(load_study_config(config), run, log=lambda _: None)
     assert result["cells"] == 2
+
+
+@pytest.mark.parametrize(
+    ("clean", "robust", "pick", "degenerate"),
+    [
+        # adv-adapter at lr 0.01 collapsed onto one class: robust 0.5 = its clean accuracy
+        ([0.5, 0.8, 0.9], [0.5, 0.3, 0.4], 3e-3, [True, False, False]),
+        # every run collapsed: the usual key decides among them
+        ([0.5, 0.25, 0.5], [0.5, 0.25, 0.25], 1e-3, [True, True, True]),
+    ],
+)
+def test_a_run_collapsed_onto_one_class_is_not_picked(
+    base: MiniClip,
+    train16: TrainData,
+    monkeypatch: pytest.MonkeyPatch,
+    clean: list[float],
+    robust: list[float],
+    pick: float,
+    degenerate: list[bool],
+) -> None:
+    import medshield.train.finetune.select as select
+
+    clean_scores, robust_scores = iter(clean), iter(robust)
+    monkeypatch.setattr(select, "robust_validation_accuracy", lambda *_: next(robust_scores))
+    monkeypatch.setattr(select, "validation_accuracy", lambda *_: next(clean_scores))
+    config = {
+        "method": "adv-linear-probe",
+        "steps": 1,
+        "batch_size": 4,
+        "max_train_items": None,
+        "val_fraction": 0.25,
+        "lr_grid": [1e-3, 2e-3, 3e-3],
+        "kwargs": {"pgd_steps": 1},
+    }
+    result = finetune_lr_grid(
+        copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
+    )
+    selection = result.report["lr_selection"]
+    assert selection["val_majority_accuracy"] == 0.5  # 4 held-out items, 2 per class
+    assert selection["degenerate"] == degenerate
+    assert selection["pick"] == pick

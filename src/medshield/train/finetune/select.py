@@ -8,7 +8,11 @@ ran, adv-*) robust accuracy under the method's own training adversary
 (:meth:`~medshield.train.finetune.method.FineTuneMethod.training_attack`: PGD with the
 cross-entropy loss at the training eps, steps and step size, in eval mode). The model of the
 best score is kept (an adversarial method's tie on robust accuracy goes to the higher clean
-accuracy, then to the first of the grid); nothing is retrained. Its report gets
+accuracy, then to the first of the grid); nothing is retrained. A run whose clean validation
+accuracy is no better than the majority class's share is *degenerate*, a classifier collapsed
+onto one class (measured: adv-adapter at lr 0.01 on chest X-ray): its robust accuracy equals
+its clean accuracy, about 0.5 on a balanced binary split, which would beat every real robust
+model, so it is kept only when every run of the grid is degenerate. Its report gets
 ``lr_selection``:
 
 - ``grid``: the learning rates, in config order;
@@ -16,6 +20,8 @@ accuracy, then to the first of the grid); nothing is retrained. Its report gets
 - ``scores``: the selection score per learning rate;
 - ``val_clean_accuracy`` per learning rate, and ``val_robust_accuracy`` for an adversarial
   method;
+- ``val_majority_accuracy``: the majority class's share of the validation items, and
+  ``degenerate``: per learning rate, whether the run did no better than it;
 - ``pick``: the chosen learning rate; ``val_items``: the validation items;
 - ``compute``: ``image_forward``, ``image_backward`` and ``train_wall_s`` summed over the grid's
   trainings (the kept run's own are its report's ``compute``).
@@ -66,6 +72,11 @@ def robust_validation_accuracy(result: FineTuneResult, val: TrainData, batch_siz
     return float((pred == val.labels).float().mean())
 
 
+def majority_share(labels: torch.Tensor) -> float:
+    """The share of the most frequent label: the accuracy of a constant classifier."""
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
 def finetune_lr_grid(
     model: DualEncoder,
     config: FineTuneConfig | dict[str, Any],
@@ -88,6 +99,8 @@ def finetune_lr_grid(
         train = load_train_data(modality, config.max_train_items, seed, data_dir)
     select_by = "val_robust_accuracy" if method.adversarial else "val_clean_accuracy"
     best: FineTuneResult | None = None
+    majority: float | None = None
+    degenerate: list[bool] = []
     clean: list[float] = []
     robust: list[float] = []
     totals = {"image_forward": 0, "image_backward": 0, "train_wall_s": 0.0}
@@ -96,14 +109,17 @@ def finetune_lr_grid(
         result = finetune(copy.deepcopy(model), cfg, modality, seed, data_dir, train, **kwargs)
         assert result.val is not None  # the config asks for val_fraction > 0 with a grid
         clean.append(validation_accuracy(result.classifier, result.val, config.batch_size))
+        majority = majority_share(result.val.labels)
+        degenerate.append(clean[-1] <= majority)
         if method.adversarial:
             robust.append(robust_validation_accuracy(result, result.val, config.batch_size))
         for key in totals:
             totals[key] += result.report["compute"][key]
-        # the key of the kept run: its score, then (adversarial methods) its clean accuracy,
-        # so an all-zero robust column (a method that learned nothing robust) still picks the
-        # run that learned the task best
-        keys = list(zip(robust, clean, strict=True)) if method.adversarial else clean
+        # the key of the kept run: not degenerate, its score, then (adversarial methods) its
+        # clean accuracy, so an all-zero robust column (a method that learned nothing robust)
+        # still picks the run that learned the task best
+        scores = robust if method.adversarial else clean
+        keys = [(not d, s, c) for d, s, c in zip(degenerate, scores, clean, strict=True)]
         if best is None or keys[-1] > max(keys[:-1]):
             best = result
     assert best is not None
@@ -113,6 +129,8 @@ def finetune_lr_grid(
         "select_by": select_by,
         "scores": scores,
         "val_clean_accuracy": clean,
+        "val_majority_accuracy": majority,
+        "degenerate": degenerate,
         "pick": best.config.lr,
         "val_items": len(best.val.images) if best.val is not None else 0,
         "compute": {**totals, "train_wall_s": round(totals["train_wall_s"], 3)},
