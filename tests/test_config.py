@@ -35,6 +35,7 @@ def _loader(path: Path) -> Callable[[Path], BaseModel]:
         "study_finetune.yaml": load_study_config,
         "study_finetune_ablation.yaml": load_study_config,
         "study_finetune_headline.yaml": load_study_config,
+        "study_finetune_realignment.yaml": load_study_config,
         "study_defense.yaml": load_defense_study_config,
         "redteam_quick.yaml": load_redteam_config,
         "serve.yaml": load_serve_config,

@@ -126,8 +126,10 @@ def test_adversarial_methods_pick_by_robust_validation_accuracy(
     assert selection["select_by"] == "val_robust_accuracy"
     assert selection["scores"] == selection["val_robust_accuracy"]
     assert len(selection["val_clean_accuracy"]) == 2
+    state = torch.random.get_rng_state()
     robust = robust_validation_accuracy(result, result.val, 4)  # type: ignore[arg-type]
     assert robust == pytest.approx(max(selection["scores"]))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
 
 
 def test_a_robust_tie_goes_to_the_higher_clean_accuracy(

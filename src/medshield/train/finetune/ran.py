@@ -36,8 +36,8 @@ run's history):
     updated at the start of every step), and ``keep`` x ``||f(x) - f_0(x)||^2`` keeps the
     clean features near those of a frozen copy ``f_0`` of the model as training began (the
     pretrained features). ``keep`` is 0 by default: the pretrained features are the
-    non-robust ones, and anchoring to them cost 37.5 points of robust accuracy (chest X-ray,
-    docs/studies/finetune.md); a teacher that follows the student with momentum 0 (the
+    non-robust ones, and anchoring to them cost 18 points of robust accuracy at 1/255 on top
+    of ``align`` (chest X-ray, docs/studies/finetune.md); a teacher that follows the student with momentum 0 (the
     target is the student itself) collapsed onto one class at lr 1e-2;
 (c) contrastive feature disentanglement, on the clean features: ``cov`` x the mean squared
     off-diagonal entry of the batch correlation matrix (scale-free, in [0, 1]), ``svd`` x
@@ -100,9 +100,9 @@ class RANOptions(TradesOptions):
     # loss weights (0 switches a term off; beta is TradesOptions') and the EMA teacher's momentum
     task_clean: float = 1.0
     # keep is off by default: anchoring the clean features to the pretrained (non-robust)
-    # ones cost 37.5 points of worst-case accuracy at 1/255 on chest X-ray (seed 0, 80 steps,
-    # paired [+31.5, +44.5]); the EMA teacher at 0.9 is what re-alignment gains by (+8 points
-    # at 1/255 over no re-alignment at lr 1e-2; momentum 0 collapsed onto one class)
+    # ones cost 18.0 points of worst-case accuracy at 1/255 on top of align, 41.5 alone
+    # (chest X-ray, seed 0, 80 steps; configs/study_finetune_realignment.yaml); the EMA
+    # teacher at 0.9 gained 8.0 over no re-alignment at lr 1e-2 (momentum 0 collapsed)
     keep: float = 0.0
     align: float = 1.0
     cov: float = 1.0

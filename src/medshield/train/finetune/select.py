@@ -61,13 +61,15 @@ def robust_validation_accuracy(result: FineTuneResult, val: TrainData, batch_siz
     if attack is None:
         raise ConfigError(f"{result.config.method} is a clean method: it has no training adversary")
     device = next(classifier.parameters()).device
-    torch.manual_seed(result.seed)  # the adversary's random start
-    adv = torch.cat(
-        [
-            attack(val.images[part].to(device), val.labels[part].to(device)).cpu()
-            for part in item_slices(classifier, val, batch_size)
-        ]
-    )
+    # the adversary's random start, seeded without moving the caller's global RNG
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(result.seed)
+        adv = torch.cat(
+            [
+                attack(val.images[part].to(device), val.labels[part].to(device)).cpu()
+                for part in item_slices(classifier, val, batch_size)
+            ]
+        )
     pred = predict_classes(classifier, val, adv, batch_size)
     return float((pred == val.labels).float().mean())
 
