@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from finetune_support import TINY_EVAL, run_method, write_study_config
 
 from medshield.commands.studies.finetune import load_study_config, run_study_finetune

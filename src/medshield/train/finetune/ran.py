@@ -37,8 +37,8 @@ run's history):
     clean features near those of a frozen copy ``f_0`` of the model as training began (the
     pretrained features). ``keep`` is 0 by default: the pretrained features are the
     non-robust ones, and anchoring to them cost 18 points of robust accuracy at 1/255 on top
-    of ``align`` (chest X-ray, docs/studies/finetune.md); a teacher that follows the student with momentum 0 (the
-    target is the student itself) collapsed onto one class at lr 1e-2;
+    of ``align`` (chest X-ray, docs/studies/finetune.md); a teacher that follows the student
+    with momentum 0 (the target is the student itself) collapsed onto one class at lr 1e-2;
 (c) contrastive feature disentanglement, on the clean features: ``cov`` x the mean squared
     off-diagonal entry of the batch correlation matrix (scale-free, in [0, 1]), ``svd`` x
     ``-sum_{i<=k} s_i / sum_i s_i`` over the singular values of the centred batch (NMTune,
