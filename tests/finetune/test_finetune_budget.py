@@ -24,7 +24,11 @@ from medshield.train.finetune.data import (
     validation_accuracy,
 )
 from medshield.train.finetune.loop import lr_factor
-from medshield.train.finetune.select import finetune_lr_grid, robust_validation_accuracy
+from medshield.train.finetune.select import (
+    finetune_lr_grid,
+    is_degenerate,
+    robust_validation_accuracy,
+)
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +257,13 @@ def test_a_run_collapsed_onto_one_class_is_not_picked(
     assert selection["val_majority_accuracy"] == 0.5  # 4 held-out items, 2 per class
     assert selection["degenerate"] == degenerate
     assert selection["pick"] == pick
+
+
+def test_a_constant_classifiers_accuracy_in_float32_counts_as_degenerate() -> None:
+    """LoRA at lr 1e-2 predicted the majority class of 103 validation items: its float32
+    accuracy, 52/103, sits a hair above 52/103 in float64 and was not flagged."""
+    labels = torch.tensor([0] * 52 + [1] * 51)
+    constant = float((torch.zeros(103, dtype=torch.long) == labels).float().mean())
+    assert constant > 52 / 103  # the rounding that hid it
+    assert is_degenerate(constant, labels)
+    assert not is_degenerate(53 / 103, labels)

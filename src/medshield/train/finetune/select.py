@@ -79,6 +79,13 @@ def majority_share(labels: torch.Tensor) -> float:
     return float(torch.bincount(labels).max()) / len(labels)
 
 
+def is_degenerate(accuracy: float, labels: torch.Tensor) -> bool:
+    """Whether ``accuracy`` on ``labels`` is no better than the majority share. Accuracies
+    are multiples of ``1 / len(labels)``, so half an item of slack absorbs the float32 mean's
+    rounding (52/103 computed in float32 is above 52/103 in float64)."""
+    return accuracy <= majority_share(labels) + 0.5 / len(labels)
+
+
 def finetune_lr_grid(
     model: DualEncoder,
     config: FineTuneConfig | dict[str, Any],
@@ -112,7 +119,7 @@ def finetune_lr_grid(
         assert result.val is not None  # the config asks for val_fraction > 0 with a grid
         clean.append(validation_accuracy(result.classifier, result.val, config.batch_size))
         majority = majority_share(result.val.labels)
-        degenerate.append(clean[-1] <= majority)
+        degenerate.append(is_degenerate(clean[-1], result.val.labels))
         if method.adversarial:
             robust.append(robust_validation_accuracy(result, result.val, config.batch_size))
         for key in totals:
