@@ -137,16 +137,20 @@ def test_adversarial_methods_pick_by_robust_validation_accuracy(
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
 
 
-def test_a_robust_tie_goes_to_the_higher_clean_accuracy(
-    base: MiniClip, train16: TrainData, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """TeCoA at 80 steps scored 0 robust at every learning rate: the tie goes to the run with
-    the best clean validation accuracy, not blindly to the first of the grid."""
+def select_with_scores(
+    base: MiniClip,
+    train16: TrainData,
+    monkeypatch: pytest.MonkeyPatch,
+    clean: list[float],
+    robust: list[float],
+) -> dict:
+    """``lr_selection`` of an adv-linear-probe grid of 3 (1e-3, 2e-3, 3e-3) whose runs score
+    the given clean and robust validation accuracies, in grid order."""
     import medshield.train.finetune.select as select
 
-    clean = iter([0.5, 0.9, 0.7])
-    monkeypatch.setattr(select, "robust_validation_accuracy", lambda *_: 0.0)
-    monkeypatch.setattr(select, "validation_accuracy", lambda *_: next(clean))
+    clean_scores, robust_scores = iter(clean), iter(robust)
+    monkeypatch.setattr(select, "robust_validation_accuracy", lambda *_: next(robust_scores))
+    monkeypatch.setattr(select, "validation_accuracy", lambda *_: next(clean_scores))
     config = {
         "method": "adv-linear-probe",
         "steps": 1,
@@ -159,8 +163,17 @@ def test_a_robust_tie_goes_to_the_higher_clean_accuracy(
     result = finetune_lr_grid(
         copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
     )
-    assert result.report["lr_selection"]["scores"] == [0.0, 0.0, 0.0]
-    assert result.report["lr_selection"]["pick"] == 2e-3
+    return result.report["lr_selection"]
+
+
+def test_a_robust_tie_goes_to_the_higher_clean_accuracy(
+    base: MiniClip, train16: TrainData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TeCoA at 80 steps scored 0 robust at every learning rate: the tie goes to the run with
+    the best clean validation accuracy, not blindly to the first of the grid."""
+    selection = select_with_scores(base, train16, monkeypatch, [0.5, 0.9, 0.7], [0.0] * 3)
+    assert selection["scores"] == [0.0, 0.0, 0.0]
+    assert selection["pick"] == 2e-3
 
 
 def test_compute_counts_the_adversarys_passes(base: MiniClip, train: TrainData) -> None:
@@ -236,24 +249,7 @@ def test_a_run_collapsed_onto_one_class_is_not_picked(
     pick: float,
     degenerate: list[bool],
 ) -> None:
-    import medshield.train.finetune.select as select
-
-    clean_scores, robust_scores = iter(clean), iter(robust)
-    monkeypatch.setattr(select, "robust_validation_accuracy", lambda *_: next(robust_scores))
-    monkeypatch.setattr(select, "validation_accuracy", lambda *_: next(clean_scores))
-    config = {
-        "method": "adv-linear-probe",
-        "steps": 1,
-        "batch_size": 4,
-        "max_train_items": None,
-        "val_fraction": 0.25,
-        "lr_grid": [1e-3, 2e-3, 3e-3],
-        "kwargs": {"pgd_steps": 1},
-    }
-    result = finetune_lr_grid(
-        copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
-    )
-    selection = result.report["lr_selection"]
+    selection = select_with_scores(base, train16, monkeypatch, clean, robust)
     assert selection["val_majority_accuracy"] == 0.5  # 4 held-out items, 2 per class
     assert selection["degenerate"] == degenerate
     assert selection["pick"] == pick

@@ -108,7 +108,6 @@ def finetune_lr_grid(
         train = load_train_data(modality, config.max_train_items, seed, data_dir)
     select_by = "val_robust_accuracy" if method.adversarial else "val_clean_accuracy"
     best: FineTuneResult | None = None
-    majority: float | None = None
     degenerate: list[bool] = []
     clean: list[float] = []
     robust: list[float] = []
@@ -118,7 +117,6 @@ def finetune_lr_grid(
         result = finetune(copy.deepcopy(model), cfg, modality, seed, data_dir, train, **kwargs)
         assert result.val is not None  # the config asks for val_fraction > 0 with a grid
         clean.append(validation_accuracy(result.classifier, result.val, config.batch_size))
-        majority = majority_share(result.val.labels)
         degenerate.append(is_degenerate(clean[-1], result.val.labels))
         if method.adversarial:
             robust.append(robust_validation_accuracy(result, result.val, config.batch_size))
@@ -131,17 +129,17 @@ def finetune_lr_grid(
         keys = [(not d, s, c) for d, s, c in zip(degenerate, scores, clean, strict=True)]
         if best is None or keys[-1] > max(keys[:-1]):
             best = result
-    assert best is not None
+    assert best is not None and best.val is not None  # every run of a grid holds one out
     scores = robust if method.adversarial else clean
     selection: dict[str, Any] = {
         "grid": list(config.lr_grid),
         "select_by": select_by,
         "scores": scores,
         "val_clean_accuracy": clean,
-        "val_majority_accuracy": majority,
+        "val_majority_accuracy": majority_share(best.val.labels),
         "degenerate": degenerate,
         "pick": best.config.lr,
-        "val_items": len(best.val.images) if best.val is not None else 0,
+        "val_items": len(best.val.images),
         "compute": {**totals, "train_wall_s": round(totals["train_wall_s"], 3)},
     }
     if method.adversarial:
