@@ -28,18 +28,18 @@ def _loader(path: Path) -> Callable[[Path], BaseModel]:
     from medshield.commands.studies.defense import load_defense_study_config
     from medshield.commands.studies.finetune import load_study_config
     from medshield.commands.studies.noise import load_noise_study_config
+    from medshield.commands.train_vlm import load_vlm_config
 
     special = {
         "demo.yaml": load_demo_config,
         "study_noise.yaml": load_noise_study_config,
-        "study_finetune.yaml": load_study_config,
-        "study_finetune_ablation.yaml": load_study_config,
-        "study_finetune_headline.yaml": load_study_config,
-        "study_finetune_realignment.yaml": load_study_config,
         "study_defense.yaml": load_defense_study_config,
         "redteam_quick.yaml": load_redteam_config,
         "serve.yaml": load_serve_config,
+        "train_vlm_shipped.yaml": load_vlm_config,
     }
+    if path.name.startswith("study_finetune"):
+        return load_study_config
     return special.get(path.name, load_config)
 
 

@@ -54,8 +54,14 @@ def test_tower_depths_pick_the_1x1_layers_of_those_blocks_and_the_projection(
         "image_tower._conv_head",
         "image_proj",
     ]
+    named = FineTuneConfig(method="ran", kwargs={"depths": ["early", "middle"]}).options
+    assert [t.split(".")[2] for t in tower_targets(base, named)[:4]] == ["4", "4", "8", "8"]
+    # the default, every block: each block's 1x1 layers once, in order, then the projection
     defaults = tower_targets(base, FineTuneConfig(method="ran").options)
-    assert [t.split(".")[2] for t in defaults[:4]] == ["4", "4", "8", "8"]  # early, middle
+    every = FineTuneConfig(method="ran", kwargs={"depths": list(range(1, 17)) + ["late"]})
+    assert defaults == tower_targets(base, every.options)
+    # the first MBConv block has no expansion: 1 + 2 x 15 layers, the head conv, the projection
+    assert len(defaults) == 1 + 2 * 15 + 1 + 1
 
 
 def test_tower_ran_on_a_vit_rectifies_its_mlps_and_merges(train: TrainData, tmp_path: Path) -> None:
@@ -81,7 +87,7 @@ def test_tower_rectifiers_merge_into_the_base_architecture_with_the_same_logits(
 ) -> None:
     clf = _tower(base, train)
     wrapped = [m for m in clf.modules() if isinstance(m, LoraLayer)]
-    assert len(wrapped) == 6
+    assert len(wrapped) == 33  # every block (see the depths test) and the projection
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n in ("class_weight", "bias") for n in trainable)
     torch.manual_seed(1)
