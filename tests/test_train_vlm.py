@@ -147,3 +147,26 @@ def test_cli_train_vlm(tmp_path, data_dir) -> None:
     run = tmp_path / "mini-llava"
     assert (run / "results.json").is_file() and (run / "model" / "mini_llava.safetensors").is_file()
     assert (run / "report.html").stat().st_size > 1000
+
+
+@pytest.mark.slow  # loads SmolLM2 (converted from the GGUF once, about 25 s) and scores 144 replies
+def test_the_shipped_mini_llava_names_the_modality_from_the_image_alone(data_dir) -> None:
+    """The shipped checkpoint reads the image: on held-out MedMNIST test images it names the
+    modality (2 images of each of 6 modalities) far above chance (1/6), and without an image
+    it gives one answer whatever it was asked about (docs/studies/safety-benchmark.md: 0.767
+    against 0.167 on 120 images)."""
+    import numpy as np
+
+    from medshield.commands.train_vlm import modality_choices
+    from medshield.data import available_modalities, get_modality, load_split
+    from medshield.models import create_chat_model
+
+    model = create_chat_model("mini-llava", checkpoint="instruct")
+    modalities = available_modalities(str(data_dir))
+    titles = [get_modality(m).title for m in modalities]
+    images = [im for m in modalities for im in load_split(m, "test", str(data_dir)).tensor([0, 1])]
+    truth = np.repeat(np.arange(len(modalities)), 2)
+    with_image = modality_choices(model, images, titles)
+    assert (with_image == truth).mean() >= 0.5
+    without = modality_choices(model, [None] * len(images), titles)
+    assert len(set(without.tolist())) == 1

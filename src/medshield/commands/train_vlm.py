@@ -60,6 +60,7 @@ from medshield.runs import Run, swap_directory
 from medshield.train import check_finite_loss
 
 CONDITIONS = ("image", "no_image", "shuffled_image")
+MODALITY_QUESTION = "What imaging modality is this?"
 
 
 class VLMTrainConfig(StrictModel):
@@ -122,7 +123,7 @@ def medmnist_examples(
                 if task == 0:
                     q, a = "Describe the image.", mod.sample_caption(label, rng)
                 elif task == 1:
-                    q, a = "What imaging modality is this?", mod.title
+                    q, a = MODALITY_QUESTION, mod.title
                 elif task == 2:
                     q, a = f"What does this {mod.title} show?", mod.class_names[label]
                 elif task == 3:
@@ -408,13 +409,35 @@ def evaluate_vqa_closed(
     return results
 
 
+def modality_choices(
+    model: MiniLlava, images: list[torch.Tensor | None], titles: list[str], batch_size: int = 32
+) -> np.ndarray:
+    """For each image (``None``: the question alone), the index of the modality title the model
+    finds likeliest as its reply to :data:`MODALITY_QUESTION` (the question every
+    instruction-tuned mini-llava was taught; ``benchmarks/vlm_image_use.py``)."""
+    convs = [
+        [Message("user", MODALITY_QUESTION, [] if image is None else [image])]
+        for image in images
+        for _ in titles
+    ]
+    replies = [title for _ in images for title in titles]
+    with torch.no_grad():
+        scores = torch.cat(
+            [
+                model.score(convs[i : i + batch_size], replies[i : i + batch_size])
+                for i in range(0, len(convs), batch_size)
+            ]
+        )
+    return scores.view(len(images), len(titles)).argmax(1).numpy()
+
+
 def _other(i: int, permutation: np.ndarray) -> int:
     """The shuffled partner of item ``i`` (never ``i`` itself)."""
     j = int(permutation[i])
     return (i + 1) % len(permutation) if j == i else j
 
 
-def load_vlm_config(path: str | Path | None, overrides: list[str] | None) -> VLMTrainConfig:
+def load_vlm_config(path: str | Path | None, overrides: list[str] | None = None) -> VLMTrainConfig:
     """A :class:`VLMTrainConfig` from an optional YAML file plus ``key=value`` overrides.
 
     Raises:

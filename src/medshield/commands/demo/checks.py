@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 from medshield.commands.demo.config import DemoConfig
 from medshield.commands.redteam import DefenseConfig, load_items, select_items
@@ -15,6 +14,7 @@ from medshield.data.vqa_rad import load_vqa_rad
 from medshield.defense import create_defense
 from medshield.errors import DataError
 from medshield.models.mini_llava import META_FILE as VLM_META_FILE
+from medshield.models.mini_llava import resolve_checkpoint
 from medshield.models.smollm import check_smollm
 
 
@@ -68,7 +68,7 @@ def _requirements(config: DemoConfig) -> list[Callable[[], object]]:
         lambda: load_vqa_rad("test", data_dir),
     ]
     if v.checkpoint is not None:
-        checks.append(functools.partial(_check_vlm_checkpoint, Path(v.checkpoint)))
+        checks.append(functools.partial(_check_vlm_checkpoint, v.checkpoint))
     else:
         checks.append(check_smollm)  # its tokenizer, even for a tiny random LM
         if v.vqa_rad:
@@ -83,8 +83,10 @@ def _requirements(config: DemoConfig) -> list[Callable[[], object]]:
     return checks
 
 
-def _check_vlm_checkpoint(directory: Path) -> None:
-    """``directory`` holds a saved mini-llava, and SmolLM2 can be loaded when it is its LM."""
+def _check_vlm_checkpoint(checkpoint: str) -> None:
+    """``checkpoint`` names a shipped mini-llava or a directory that holds a saved one, and
+    SmolLM2 can be loaded when it is its LM."""
+    directory = resolve_checkpoint(checkpoint)
     meta = directory / VLM_META_FILE
     if not meta.is_file():
         raise DataError(

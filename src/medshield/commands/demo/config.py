@@ -141,14 +141,15 @@ class DemoFinetuneConfig(StrictModel):
 
 
 class DemoVLMConfig(StrictModel):
-    """Stage 5: mini-llava, trained for ``steps`` steps (projector, plus LoRA when
-    ``lora_rank`` > 0) on instructions from the MedMNIST train images
-    (``medmnist_per_class`` per class) and VQA-RAD train questions, or loaded from
-    ``checkpoint`` (a directory written by ``medshield train-vlm``; then nothing is trained).
+    """Stage 5: mini-llava, loaded from ``checkpoint`` (default ``instruct``, the mini-llava that
+    ships with medshield and uses the image; or a directory written by ``medshield
+    train-vlm``), or, with ``checkpoint: null``, trained for ``steps`` steps (projector, plus
+    LoRA when ``lora_rank`` > 0) on the clean mini-clip's image tower with instructions from
+    the MedMNIST train images (``medmnist_per_class`` per class) and VQA-RAD train questions.
     ``eval_limit`` VQA-RAD closed (yes/no) test questions are answered, by likelihood.
     ``lm`` is ``smollm2`` or a dict of LlamaConfig arguments (a tiny random LM, for tests)."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = "instruct"
     lm: str | dict[str, Any] = "smollm2"
     lora_rank: int = Field(0, ge=0)
     medmnist_per_class: int = Field(5, ge=0)

@@ -29,6 +29,7 @@ from medshield.data import get_modality
 from medshield.data.medmnist import data_root
 from medshield.models import load_model
 from medshield.models.chat import create_chat_model
+from medshield.models.mini_llava import resolve_checkpoint
 from medshield.models.smollm import cache_dir
 from medshield.report import report_after_run
 from medshield.runs import Log, Run
@@ -295,7 +296,7 @@ class _Demo:
         )
         stage_run = Run(self.run.path / "vlm", cfg)
         if loading:
-            model_dir, summary, cache = Path(str(v.checkpoint)), {}, {"status": "loaded"}
+            model_dir, summary, cache = resolve_checkpoint(v.checkpoint), {}, {"status": "loaded"}
         else:
             spec = {
                 "clip": clip[1],

@@ -290,8 +290,9 @@ def build_app(config: ServeConfig, allow_untrained: bool = False) -> FastAPI:
     defense = create_defense(config.defense.name, **config.defense.kwargs)
     if untrained(config) and not allow_untrained:
         raise ConfigError(
-            f"{UNTRAINED}; serve a trained one with --set model.kwargs.checkpoint=DIR (e.g. "
-            "runs/mini-llava/model, written by `medshield train-vlm`), another backend with "
+            f"{UNTRAINED}; serve a trained one with --set model.kwargs.checkpoint=instruct (the "
+            "one that ships with medshield) or =DIR (written by `medshield train-vlm`), another "
+            "backend with "
             "--model, or pass --allow-untrained to serve it anyway (smoke tests only)"
         )
     model = create_chat_model(config.model.backend, **config.model.kwargs)
