@@ -115,7 +115,7 @@ def _build_tower(clip: str, image_size: int) -> tuple[nn.Module, int, tuple[floa
 @CHAT_MODELS.register(
     "mini-llava",
     "built-in default: mini-clip image tower + MLP projector + SmolLM2-135M-Instruct, "
-    "trained by `medshield train-vlm`",
+    "trained by `medshield train-vlm` (a trained one ships: checkpoint instruct)",
 )
 class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
     """mini-clip image tower + MLP projector + SmolLM2 (see the module docstring).
