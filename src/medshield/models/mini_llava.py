@@ -454,7 +454,8 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """The directory of ``checkpoint``: a shipped checkpoint's name (:data:`SHIPPED_CHECKPOINTS`)
-    or a directory written by :meth:`MiniLlava.save`.
+    or a directory written by :meth:`MiniLlava.save` (a shipped name wins over a directory of
+    the same name in the working directory: write ``./instruct`` for that one).
 
     Raises:
         DataError: neither a shipped name nor an existing directory.
