@@ -169,6 +169,12 @@ def judges_calibrate(
         Path | None,
         typer.Option("--labelled", help="Labelled answers (jsonl); default: the shipped set."),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Only the answers whose model field contains this (e.g. instruct)."
+        ),
+    ] = None,
 ) -> None:
     """Accuracy and Cohen's kappa of each judge's three-way label on the labelled answers: the
     held-out split, the tune split and all."""
@@ -180,6 +186,11 @@ def judges_calibrate(
         names.append("llm")
     try:
         items = load_labelled_answers(None, labelled)
+        if model is not None:
+            models = sorted({i.model for i in items})
+            items = [i for i in items if model.lower() in i.model.lower()]
+            if not items:
+                raise MedshieldError(f"no labelled answer's model contains {model!r}: {models}")
         splits = {
             name: [n for n, i in enumerate(items) if split in (None, i.split)]
             for name, split in (("heldout", "heldout"), ("tune", "tune"), ("all", None))
@@ -188,12 +199,7 @@ def judges_calibrate(
         results = []
         for name in names:
             kwargs: dict[str, Any] = {}
-            if name == "embedding" and labelled is not None:
-                if "tune" not in splits:
-                    raise MedshieldError(
-                        f"the embedding judge is fitted on the tune split, and {labelled} has "
-                        'none: mark some answers "split": "tune"'
-                    )
+            if name == "embedding" and labelled is not None and "tune" in splits:
                 kwargs["train"] = [items[n] for n in splits["tune"]]
             if name == "llm":
                 if not llm_model:
@@ -218,5 +224,10 @@ def judges_calibrate(
     for split, r in results:
         table.add_row(r.judge, split, str(r.n), f"{r.accuracy:.3f}", f"{r.kappa:.3f}")
     console.print(table)
-    if "embedding" in names:
+    if "embedding" in names and (labelled is None or "tune" in splits):
         console.print("the embedding judge is fitted on the tune split: its tune row is in-sample")
+    elif "embedding" in names:
+        console.print(
+            f"{labelled} has no tune split: the embedding judge is the shipped one (fitted on "
+            "the shipped set's tune split)"
+        )
