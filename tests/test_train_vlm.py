@@ -12,6 +12,7 @@ from medshield.commands.train_vlm import (
     Example,
     VLMTrainConfig,
     batch_indices,
+    build_model,
     evaluate_vqa_closed,
     load_vlm_config,
     medmnist_examples,
@@ -118,6 +119,20 @@ def test_bad_config(tmp_path) -> None:
         load_vlm_config(None, ["steps=0"])
     with pytest.raises(ConfigError):
         load_vlm_config(tmp_path / "missing.yaml", [])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_vlm_config(None, ["image_size=100"])
+
+
+def test_image_size_sets_the_image_tokens(tmp_path) -> None:
+    assert build_model(config()).image_tokens == 4  # 64 px by default
+    assert build_model(config(image_size=128)).image_tokens == 16
+    from medshield.models import save_model
+    from medshield.models.mini_clip import MiniClip
+
+    save_model(MiniClip(image_size=32, pretrained=False), tmp_path / "clip")
+    assert build_model(config(clip=str(tmp_path / "clip"))).image_size == 32  # its own size
+    with pytest.raises(ConfigError, match="trained at 32 px"):
+        build_model(config(clip=str(tmp_path / "clip"), image_size=64))
 
 
 def test_cli_train_vlm(tmp_path, data_dir) -> None:

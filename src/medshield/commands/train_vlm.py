@@ -52,7 +52,7 @@ from medshield.data import (
     missing_data_error,
 )
 from medshield.data.vqa_rad import load_vqa_image
-from medshield.errors import DataError
+from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import bootstrap_ci
 from medshield.models.chat import Message
 from medshield.models.mini_llava import WEIGHTS_FILE, MiniLlava
@@ -75,6 +75,9 @@ class VLMTrainConfig(StrictModel):
     of the size, for shipping; the model is then evaluated as reloaded from that file."""
     clip: str = "imagenet"
     """A saved mini-clip directory, ``imagenet`` or ``random``."""
+    image_size: int | None = Field(None, ge=32, multiple_of=32)
+    """The tower's input size, (image_size / 32)^2 image tokens; None: 64 px for ``imagenet`` /
+    ``random``, a mini-clip directory's own size (which refuses another)."""
     lm: str | dict[str, Any] = "smollm2"
     lora_rank: int = Field(0, ge=0)
     lora_alpha: float = Field(16.0, gt=0)
@@ -177,9 +180,19 @@ def build_instructions(config: VLMTrainConfig, image_size: int) -> list[Example]
 def build_model(config: VLMTrainConfig) -> MiniLlava:
     """The mini-llava the config describes, with a projector seeded from ``config.seed``."""
     torch.manual_seed(config.seed)
-    return MiniLlava(
-        clip=config.clip, lm=config.lm, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha
+    model = MiniLlava(
+        clip=config.clip,
+        lm=config.lm,
+        image_size=config.image_size or 64,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
     )
+    if config.image_size and model.image_size != config.image_size:
+        raise ConfigError(
+            f"image_size={config.image_size}, but the mini-clip {config.clip} was trained at "
+            f"{model.image_size} px: remove image_size or set it to {model.image_size}"
+        )
+    return model
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
