@@ -172,7 +172,7 @@ def judges_calibrate(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", help="Only the answers whose model field contains this (e.g. instruct)."
+            "--model", help="Only the answers whose model field contains this (e.g. shipped)."
         ),
     ] = None,
 ) -> None:
