@@ -196,10 +196,11 @@ def judges_calibrate(
             for name, split in (("heldout", "heldout"), ("tune", "tune"), ("all", None))
         }
         splits = {name: chosen for name, chosen in splits.items() if chosen}
+        own_tune = labelled is not None and "tune" in splits  # else the shipped embedding judge
         results = []
         for name in names:
             kwargs: dict[str, Any] = {}
-            if name == "embedding" and labelled is not None and "tune" in splits:
+            if name == "embedding" and own_tune:
                 kwargs["train"] = [items[n] for n in splits["tune"]]
             if name == "llm":
                 if not llm_model:
@@ -224,7 +225,7 @@ def judges_calibrate(
     for split, r in results:
         table.add_row(r.judge, split, str(r.n), f"{r.accuracy:.3f}", f"{r.kappa:.3f}")
     console.print(table)
-    if "embedding" in names and (labelled is None or "tune" in splits):
+    if "embedding" in names and (labelled is None or own_tune):
         console.print("the embedding judge is fitted on the tune split: its tune row is in-sample")
     elif "embedding" in names:
         console.print(

@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import safetensors.torch
@@ -55,6 +55,7 @@ from medshield.data.vqa_rad import load_vqa_image
 from medshield.errors import ConfigError, DataError
 from medshield.eval.metrics import bootstrap_ci
 from medshield.models.chat import Message
+from medshield.models.int8_weights import WeightFormat
 from medshield.models.mini_llava import WEIGHTS_FILE, MiniLlava
 from medshield.runs import Run, swap_directory
 from medshield.train import check_finite_loss
@@ -70,7 +71,7 @@ class VLMTrainConfig(StrictModel):
     output_dir: str = "runs"
     model_dir: str | None = None
     """Where the final model is saved (default ``<run>/model``)."""
-    weights: Literal["float32", "int8"] = "float32"
+    weights: WeightFormat = "float32"
     """How the final model's trained weights are stored: ``int8`` (per-row scales) is a quarter
     of the size, for shipping; the model is then evaluated as reloaded from that file."""
     clip: str = "imagenet"

@@ -18,13 +18,16 @@ Example::
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from medshield.errors import DataError
 
 SCALE_SUFFIX = ".int8_row_scale"
-WEIGHT_FORMATS = ("float32", "int8")
+WeightFormat = Literal["float32", "int8"]
 """How :meth:`~medshield.models.mini_llava.MiniLlava.save` stores trained weights."""
+WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
 
 def quantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -64,11 +64,8 @@ from torch import nn
 
 import medshield
 from medshield.errors import DataError, InputError
-from medshield.models.chat import (
-    ChatVLM,
-    Conversation,
-)
-from medshield.models.int8_weights import WEIGHT_FORMATS, dequantize_int8, quantize_int8
+from medshield.models import int8_weights
+from medshield.models.chat import ChatVLM, Conversation
 from medshield.models.io import check_init_kwargs_record, init_kwargs_record, read_record
 from medshield.models.mini_llava_inputs import MiniLlavaInputs
 from medshield.models.prefix_cache import (
@@ -274,14 +271,16 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         }
 
     # --- save / load -----------------------------------------------------------------------------
-    def save(self, directory: str | Path, weights: str = "float32") -> Path:
+    def save(self, directory: str | Path, weights: int8_weights.WeightFormat = "float32") -> Path:
         """Write the model to ``directory`` (see the module docstring); returns it as a Path.
 
         ``weights="int8"`` stores every saved matrix as int8 with per-row scales (a quarter of
         the size; :mod:`medshield.models.int8_weights`), as the shipped checkpoint does.
         """
-        if weights not in WEIGHT_FORMATS:
-            raise InputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+        if weights not in int8_weights.WEIGHT_FORMATS:
+            raise InputError(
+                f"weights must be one of {', '.join(int8_weights.WEIGHT_FORMATS)}, not {weights!r}"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self._saved_state()
@@ -290,7 +289,7 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
             state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         if weights == "int8":
-            tensors = quantize_int8(tensors)
+            tensors = int8_weights.quantize_int8(tensors)
         header = {"format": "pt", **init_kwargs_record(self.init_kwargs)}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata=header)
         meta = {
@@ -323,7 +322,7 @@ class MiniLlava(MiniLlavaInputs, nn.Module, ChatVLM):
         except (SafetensorError, OSError) as exc:
             raise DataError(f"cannot read {path}: {exc}") from exc
         try:
-            tensors = dequantize_int8(tensors)
+            tensors = int8_weights.dequantize_int8(tensors)
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from exc
         expected = set(self._saved_state())
