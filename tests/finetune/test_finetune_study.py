@@ -42,6 +42,16 @@ def test_the_shipped_ablation_shares_the_main_studys_heavy_ran_cells() -> None:
     }
 
 
+def test_the_shipped_studies_train_tecoa_with_frozen_batchnorm_statistics() -> None:
+    """TeCoA scored 0.000 robust with BatchNorm in train mode on the CPU headline; the shipped
+    studies freeze its statistics; every other method keeps the default."""
+    for name in ("study_finetune.yaml", "study_finetune_headline.yaml"):
+        config = load_study_config(CONFIGS / name)
+        modes = {s.name: _finetune_config(config, s).batchnorm for s in config.expanded_methods()}
+        assert modes.pop("tecoa") == "frozen"
+        assert set(modes.values()) == {"train"}
+
+
 def test_ran_parts_are_ablated_together_and_unknown_names_refused() -> None:
     """``ran_ablations: parts`` switches off each of RAN's three parts (all of its loss terms)
     in one variant; a name that is neither a term nor a part is refused."""

@@ -127,3 +127,29 @@ def test_fare_probe_trains_its_head_at_probe_lr(base: MiniClip, train: TrainData
     moved = (clf.class_weight - clf.zero_shot_embeddings).abs().max()
     tower_moved = (model.image_proj.weight - base.image_proj.weight).abs().max()
     assert moved > 1e-3 > 1e-6 > tower_moved
+
+
+def _batchnorm_stats(model: MiniClip) -> list[torch.Tensor]:
+    return [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("method", ["tecoa", "full"])
+def test_batchnorm_frozen_keeps_the_pretrained_statistics_and_trains_the_rest(
+    base: MiniClip, train: TrainData, method: str
+) -> None:
+    before = _batchnorm_stats(base)
+    assert before  # the tower has BatchNorm layers to freeze
+    trained, _ = run_method(base, train, method, lr=1e-3)
+    after = _batchnorm_stats(trained)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    frozen, _ = run_method(base, train, method, lr=1e-3, batchnorm="frozen")
+    assert all(torch.equal(a, b) for a, b in zip(before, _batchnorm_stats(frozen), strict=True))
+    norms = [m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    base_norms = [m for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(norms, base_norms, strict=True))
+
+
+def test_batchnorm_setting_is_one_of_two_names() -> None:
+    assert FineTuneConfig(method="tecoa").batchnorm == "train"
+    with pytest.raises(ConfigError, match="batchnorm"):
+        parse_finetune_config({"method": "tecoa", "batchnorm": "eval"})

@@ -69,6 +69,13 @@ class FineTuneConfig(StrictModel):
         adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN and the
             ``adv-*`` methods take its ``eps`` and set their own steps). ``null`` means no
             adversary, which only the clean methods accept.
+        batchnorm: how the BatchNorm layers that train (those of a method that trains the whole
+            image tower: ``tecoa``, ``fare``, ``full``) behave during training. ``train``
+            normalises each batch by its own statistics and updates the running ones;
+            ``frozen`` keeps every BatchNorm layer in eval mode, so training, the training
+            adversary and the deployed model all use the pretrained running statistics (the
+            affine weights still train). Layers of a method that leaves them frozen (LoRA,
+            adapters, RAN, the probes) are in eval mode either way.
     """
 
     method: str = "ran"
@@ -86,6 +93,7 @@ class FineTuneConfig(StrictModel):
     keep_best: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
     adversary: AdversaryConfig | None = Field(default_factory=AdversaryConfig)
+    batchnorm: Literal["train", "frozen"] = "train"
 
     @model_validator(mode="after")
     def _check_method(self) -> FineTuneConfig:

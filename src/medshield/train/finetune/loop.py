@@ -274,7 +274,7 @@ def finetune(
             method.start_epoch(epoch, math.ceil(n_steps / per_pass))
             batches = _batches(len(train.images), config.batch_size, generator)
         idx = batches.pop(0)
-        set_train_modes(classifier)
+        set_train_modes(classifier, config.batchnorm)
         if train.questions is not None:
             classifier.set_questions([train.questions[i] for i in idx])
         images, labels = train.images[idx].to(device), train.labels[idx].to(device)

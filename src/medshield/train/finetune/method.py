@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -125,10 +125,15 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def set_train_modes(module: nn.Module) -> None:
+BATCHNORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def set_train_modes(module: nn.Module, batchnorm: Literal["train", "frozen"] = "train") -> None:
     """Train mode, except submodules with no trainable parameter (frozen BatchNorm statistics,
-    no dropout in frozen parts)."""
+    no dropout in frozen parts) and, with ``batchnorm="frozen"``, every BatchNorm layer (see
+    :attr:`FineTuneConfig.batchnorm`)."""
     module.train()
     for m in module.modules():
-        if not any(p.requires_grad for p in m.parameters()):
+        frozen_norm = batchnorm == "frozen" and isinstance(m, BATCHNORM_LAYERS)
+        if frozen_norm or not any(p.requires_grad for p in m.parameters()):
             m.eval()
