@@ -15,6 +15,7 @@ from medshield.errors import ConfigError
 from medshield.registry import METHODS
 
 DEFAULT_EPOCHS = 10  # the budget when neither steps nor epochs is set
+BatchNormMode = Literal["train", "frozen"]  # FineTuneConfig.batchnorm
 
 
 class AdversaryConfig(StrictModel):
@@ -93,7 +94,7 @@ class FineTuneConfig(StrictModel):
     keep_best: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
     adversary: AdversaryConfig | None = Field(default_factory=AdversaryConfig)
-    batchnorm: Literal["train", "frozen"] = "train"
+    batchnorm: BatchNormMode = "train"
 
     @model_validator(mode="after")
     def _check_method(self) -> FineTuneConfig:

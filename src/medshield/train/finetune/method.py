@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -23,7 +23,7 @@ from medshield.errors import InputError
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
 from medshield.train.finetune.classifier import FineTunedClassifier
-from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.config import BatchNormMode, FineTuneConfig
 from medshield.train.finetune.data import TrainData
 
 
@@ -128,7 +128,7 @@ def freeze(module: nn.Module) -> None:
 BATCHNORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def set_train_modes(module: nn.Module, batchnorm: Literal["train", "frozen"] = "train") -> None:
+def set_train_modes(module: nn.Module, batchnorm: BatchNormMode = "train") -> None:
     """Train mode, except submodules with no trainable parameter (frozen BatchNorm statistics,
     no dropout in frozen parts) and, with ``batchnorm="frozen"``, every BatchNorm layer (see
     :attr:`FineTuneConfig.batchnorm`)."""
