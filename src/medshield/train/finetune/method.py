@@ -128,7 +128,7 @@ def freeze(module: nn.Module) -> None:
 BATCHNORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def set_train_modes(module: nn.Module, batchnorm: BatchNormMode = "train") -> None:
+def set_train_modes(module: nn.Module, batchnorm: BatchNormMode) -> None:
     """Train mode, except submodules with no trainable parameter (frozen BatchNorm statistics,
     no dropout in frozen parts) and, with ``batchnorm="frozen"``, every BatchNorm layer (see
     :attr:`FineTuneConfig.batchnorm`)."""
