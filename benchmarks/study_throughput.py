@@ -95,6 +95,21 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def old_name(metric: str, old_metrics: dict[str, float]) -> str:
+    """A new path's metric as the old path names it: a lone PGD entry of an attack list is
+    ``pgd`` since issue 24, where the default old ref says ``pgd10``."""
+    if metric in old_metrics:
+        return metric
+    return metric.replace("robust_accuracy/pgd@", "robust_accuracy/pgd10@")
+
+
+def cli_module(src: Path) -> str:
+    """The CLI module of the source tree ``src``: it moved from ``medshield.cli`` to
+    ``medshield.commands.cli`` after the default old ref."""
+    moved = (src / "medshield" / "commands").is_dir()
+    return "medshield.commands.cli" if moved else "medshield.cli"
+
+
 def run_study(src: Path, config: dict[str, Any], out: Path) -> tuple[float, float]:
     """Run the study ``config`` with ``src`` first on the path; its wall time and the CPU time
     of the study and its cell processes, in seconds."""
@@ -102,15 +117,7 @@ def run_study(src: Path, config: dict[str, Any], out: Path) -> tuple[float, floa
     out.mkdir(parents=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(json.dumps({**config, "output_dir": str(out)}))  # JSON is YAML
-    command = [
-        sys.executable,
-        "-m",
-        "medshield.commands.cli",
-        "study",
-        "finetune",
-        "--config",
-        str(path),
-    ]
+    command = [sys.executable, "-m", cli_module(src), "study", "finetune", "--config", str(path)]
     start, cpu_start = time.perf_counter(), cpu_seconds()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
@@ -174,10 +181,13 @@ def main() -> None:
     rates = {p: cells * len(w) / sum(w) * 3600 for p, w in walls.items()}
     cpu_rates = {p: cells * len(c) / sum(c) * 3600 for p, c in cpus.items()}
     diffs = [
-        (abs(value - accuracies["old"][cell][name]), cell, name)
+        (abs(value - old[old_name(name, old)]), cell, name)
         for cell, metrics in accuracies["new"].items()
         for name, value in metrics.items()
+        if old_name(name, old := accuracies["old"][cell]) in old
     ]
+    if not any("robust_accuracy/" in name for _, _, name in diffs):
+        sys.exit("no robust accuracy is named alike in both paths: nothing to compare")
     largest = max(diffs)
     result: dict[str, Any] = {
         "settings": {**vars(args), "out": str(args.out), "configs": configs},
@@ -188,6 +198,7 @@ def main() -> None:
         "cells_per_cpu_hour": cpu_rates,
         "ratio": rates["new"] / rates["old"],
         "cpu_ratio": cpu_rates["new"] / cpu_rates["old"],
+        "accuracies_compared": len(diffs),
         "largest_accuracy_difference": {
             "value": largest[0],
             "cell": largest[1],
@@ -207,7 +218,10 @@ def main() -> None:
             f"{cpu_rates[path]:.1f} cells per CPU-hour (CPU {cpus[path]} s)"
         )
     print(f"  ratio new/old: {result['ratio']:.2f} (wall), {result['cpu_ratio']:.2f} (CPU time)")
-    print(f"  largest accuracy difference: {largest[0]:.4f} ({largest[2]}, {largest[1]})")
+    print(
+        f"  largest accuracy difference: {largest[0]:.4f} ({largest[2]}, {largest[1]}), "
+        f"of {len(diffs)} compared"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -77,6 +77,7 @@ from medshield.train.finetune.data import (
     predict_classes,
     task_name,
 )
+from medshield.train.finetune.deploy import evaluation_copy
 from medshield.train.finetune.io import META_FILE, build_base, load_finetuned, save_finetuned
 from medshield.train.finetune.loop import finetune
 from medshield.train.finetune.select import finetune_lr_grid
@@ -255,8 +256,7 @@ def run_finetune(
     check_precision(device, config.precision)  # and so does bf16 on a GPU without it
     saved = run.path / "finetuned"
     base = load_base(config)  # a wrong checkpoint fails here, before any training
-    if device.type == "cuda":
-        base.to(memory_format=torch.channels_last)  # NHWC convolutions, faster on GPUs
+    base.to(memory_format=torch.channels_last)  # NHWC convolutions: faster on CPUs and GPUs
     if (saved / META_FILE).is_file():
         log(f"loading the fine-tuned {config.finetune.method} from {saved}")
         classifier, meta = load_finetuned(saved, model=base)
@@ -283,6 +283,7 @@ def run_finetune(
             result.report["lr_selection"] = config.lr_selection
         save_finetuned(result, saved)
         classifier, report = result.classifier, result.report
+    classifier = evaluation_copy(classifier)  # LoRA merged, BatchNorm folded: the same function
 
     ev = config.robust
     attack_batch = ev.batch_size if device.type == "cpu" else max(ev.batch_size, CUDA_BATCH)
