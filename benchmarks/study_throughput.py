@@ -7,7 +7,8 @@ other and alternating which goes first from round to round, so both see the same
 * ``old``: the source tree of ``--old-ref`` (default: the commit before the speed-ups),
   extracted with ``git archive`` and put first on ``PYTHONPATH``;
 * ``new``: this checkout's ``src`` (early stopping of the evaluation attacks on, the base model
-  loaded once per worker; ``--precision bf16`` only here).
+  loaded once per worker, evaluation on a copy with LoRA merged and BatchNorm folded, weights
+  in ``channels_last``; ``--precision bf16`` only here).
 
 Each path runs as ``python -m medshield.commands.cli study finetune`` in a fresh output folder, with
 ``workers`` processes; its wall time (process start included, as a study pays it) gives cells
@@ -103,6 +104,13 @@ def old_name(metric: str, old_metrics: dict[str, float]) -> str:
     return metric.replace("robust_accuracy/pgd@", "robust_accuracy/pgd10@")
 
 
+def attack_form(src: Path) -> str:
+    """Which form of ``ATTACKS`` the source tree ``src`` reads: ``new`` (attack lists, issue 24)
+    or ``old`` (the fields before them)."""
+    config = (src / "medshield" / "config.py").read_text()
+    return "new" if "AttackList" in config else "old"
+
+
 def cli_module(src: Path) -> str:
     """The CLI module of the source tree ``src``: it moved from ``medshield.cli`` to
     ``medshield.commands.cli`` after the default old ref."""
@@ -161,14 +169,17 @@ def main() -> None:
         "workers": args.workers,
         "device": args.device,
     }
-    configs = {path: {**study, "robust": {**ROBUST, **ATTACKS[path]}} for path in ATTACKS}
-    if args.precision != "fp32":
-        configs["new"]["precision"] = args.precision
     walls: dict[str, list[float]] = {"old": [], "new": []}
     cpus: dict[str, list[float]] = {"old": [], "new": []}
     accuracies: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="study_throughput_") as tmp:
         sources = {"old": extract_old(args.old_ref, Path(tmp) / "old"), "new": REPO / "src"}
+        configs = {
+            path: {**study, "robust": {**ROBUST, **ATTACKS[attack_form(src)]}}
+            for path, src in sources.items()
+        }
+        if args.precision != "fp32":
+            configs["new"]["precision"] = args.precision
         for round_ in range(args.rounds):
             for path in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
                 out = Path(tmp) / f"{path}{round_}"

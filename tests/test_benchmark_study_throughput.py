@@ -34,3 +34,11 @@ def test_metrics_are_compared_under_the_old_paths_names() -> None:
     assert bench.old_name(apgd, before_issue_24) == apgd
     after = {"robust_accuracy/pgd@2": 0.5}
     assert bench.old_name("robust_accuracy/pgd@2", after) == "robust_accuracy/pgd@2"
+
+
+def test_each_source_tree_gets_the_attack_config_it_reads(tmp_path: Path) -> None:
+    bench = load_benchmark()
+    assert bench.attack_form(REPO / "src") == "new"
+    (tmp_path / "medshield").mkdir()
+    (tmp_path / "medshield" / "config.py").write_text("pgd_steps: list[int] = [10]\n")
+    assert bench.attack_form(tmp_path) == "old"  # before issue 24's attack lists
