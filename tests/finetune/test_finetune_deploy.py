@@ -70,6 +70,7 @@ def test_evaluation_copy_computes_the_same_logits_and_gradients(
     assert not any(isinstance(m, (LoraLayer, nn.BatchNorm2d)) for m in deployed.modules())
     convs = [m for m in deployed.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not {id(p) for p in deployed.parameters()} & {id(p) for p in classifier.parameters()}
     # the original is untouched: its wrappers and BatchNorm layers are still there
     assert sum(isinstance(m, LoraLayer) for m in classifier.modules()) == wrapped
     assert sum(isinstance(m, nn.BatchNorm2d) for m in classifier.modules()) == norms > 0
