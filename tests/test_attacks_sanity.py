@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medshield.attacks import PGD, Attack
+from medshield.attacks.apgd_dlr import dlr_loss
 from medshield.attacks.sanity import (
     accuracy_flag,
     budget_flag,
@@ -90,7 +91,9 @@ def test_flags_trigger_on_zero_gradients(trained) -> None:
     model, images, labels = trained
     masked = RoundedModel(model)
     flag = zero_gradient_flag(attacked_rows(masked, PGD(masked, eps=8, steps=1), images, labels))
-    assert not flag.passed and "60 of 60" in flag.detail
+    assert not flag.passed
+    zero, counted = (int(n) for n in flag.detail.split(" correctly")[0].split(" of "))
+    assert zero == counted > 0  # every correctly classified image, as rounding masks them all
     assert zero_gradient_flag(
         attacked_rows(model, PGD(model, eps=8, steps=1), images, labels)
     ).passed
@@ -195,3 +198,20 @@ def test_early_stop_restarts_only_the_images_not_yet_fooled(trained) -> None:
         assert {**again[r["index"]], "restart": 0} == r
     assert calls[2:] == [len(images), len(images)]
     assert all(not held or worst(off)[i] for i, held in worst(on).items())
+
+
+def test_zero_gradient_flag_counts_only_correctly_classified_examples() -> None:
+    misclassified = [{"clean_correct": False, "zero_gradient": True}] * 3
+    rows = misclassified + [{"clean_correct": True, "zero_gradient": False}] * 5
+    flag = zero_gradient_flag(rows)
+    assert flag.passed and flag.detail.startswith("0 of 5 correctly classified")
+    flag = zero_gradient_flag([*rows, {"clean_correct": True, "zero_gradient": True}])
+    assert not flag.passed and flag.detail.startswith("1 of 6 correctly classified")
+
+
+def test_dlr_loss_is_flat_where_the_true_class_ranks_third() -> None:
+    """Why the flag leaves misclassified images out: on them DLR may have no gradient at all."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]], requires_grad=True)
+    (grad,) = torch.autograd.grad(dlr_loss(logits, torch.tensor([2, 0])).sum(), logits)
+    assert torch.all(grad[0] == 0)  # true class third: the loss is the constant 1
+    assert grad[1].abs().sum() > 0  # correctly classified: a gradient to follow

@@ -127,16 +127,21 @@ def stronger_flag(
 
 
 def zero_gradient_flag(rows: Sequence[Row], max_fraction: float = 0.0) -> SanityFlag:
-    """Fraction of examples whose input gradient of the attack's loss is exactly zero (rows'
-    ``zero_gradient``). Passes when it is at most ``max_fraction``; more points to gradient
-    masking (e.g. a model that rounds or takes an argmax of its input, or saturated softmax)."""
+    """Fraction of the correctly classified examples whose input gradient of the attack's loss
+    is exactly zero (rows' ``zero_gradient``). Passes when it is at most ``max_fraction``; more
+    points to gradient masking (e.g. a model that rounds or takes an argmax of its input, or
+    saturated softmax). Examples the model misclassifies clean (rows' ``clean_correct`` false)
+    are left out: the attack has nothing to do there, and a loss may be flat there by design
+    (the DLR loss is constant when the true class ranks third among the logits, which flagged
+    11 of 200 blood-cell images of every fine-tuned model)."""
     if not rows:
         raise InputError("a sanity check needs at least one row")
-    zero = sum(bool(r["zero_gradient"]) for r in rows)
-    fraction = zero / len(rows)
+    counted = [r for r in rows if r.get("clean_correct", True)]
+    zero = sum(bool(r["zero_gradient"]) for r in counted)
+    fraction = zero / len(counted) if counted else 0.0
     return SanityFlag(
         "zero-gradients",
         fraction <= max_fraction,
-        f"{zero} of {len(rows)} examples ({fraction:.1%}) have an exactly zero input "
-        "gradient" + ("; gradient masking?" if fraction > max_fraction else ""),
+        f"{zero} of {len(counted)} correctly classified examples ({fraction:.1%}) have an "
+        "exactly zero input gradient" + ("; gradient masking?" if fraction > max_fraction else ""),
     )
