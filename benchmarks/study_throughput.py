@@ -191,12 +191,12 @@ def main() -> None:
     cells = len(accuracies["new"])
     rates = {p: cells * len(w) / sum(w) * 3600 for p, w in walls.items()}
     cpu_rates = {p: cells * len(c) / sum(c) * 3600 for p, c in cpus.items()}
-    diffs = [
-        (abs(value - old[old_name(name, old)]), cell, name)
-        for cell, metrics in accuracies["new"].items()
-        for name, value in metrics.items()
-        if old_name(name, old := accuracies["old"][cell]) in old
-    ]
+    diffs = []
+    for cell, metrics in accuracies["new"].items():
+        old = accuracies["old"][cell]
+        for name, value in metrics.items():
+            if (before := old_name(name, old)) in old:
+                diffs.append((abs(value - old[before]), cell, name))
     if not any("robust_accuracy/" in name for _, _, name in diffs):
         sys.exit("no robust accuracy is named alike in both paths: nothing to compare")
     largest = max(diffs)
