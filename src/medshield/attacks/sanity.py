@@ -136,7 +136,7 @@ def zero_gradient_flag(rows: Sequence[Row], max_fraction: float = 0.0) -> Sanity
     11 of 200 blood-cell images of every fine-tuned model)."""
     if not rows:
         raise InputError("a sanity check needs at least one row")
-    counted = [r for r in rows if r.get("clean_correct", True)]
+    counted = [r for r in rows if r["clean_correct"]]
     zero = sum(bool(r["zero_gradient"]) for r in counted)
     fraction = zero / len(counted) if counted else 0.0
     return SanityFlag(

@@ -24,7 +24,6 @@ import copy
 
 import torch
 from efficientnet_lite_pytorch import EfficientNet
-from peft.tuners.lora import LoraLayer
 
 from medshield.models.mini_clip import fold_batchnorm
 from medshield.train.finetune.classifier import FineTunedClassifier
@@ -35,10 +34,7 @@ def evaluation_copy(classifier: FineTunedClassifier) -> FineTunedClassifier:
     """A copy of ``classifier`` in eval mode and inference form (see the module docstring);
     ``classifier`` itself is left as it is."""
     deployed = copy.deepcopy(classifier).eval()
-    for layer in deployed.modules():
-        if isinstance(layer, LoraLayer) and not layer.merged:
-            layer.merge()
-    merge_rectifiers(deployed, merge=False)  # the products are in the weights: unwrap
+    merge_rectifiers(deployed)  # LoRA layers not merged yet are merged, then all unwrapped
     for tower in [m for m in deployed.modules() if isinstance(m, EfficientNet)]:
         fold_batchnorm(tower)
     return deployed.to(memory_format=torch.channels_last)

@@ -255,11 +255,12 @@ def tower_targets(model: DualEncoder, options: RANOptions) -> list[str]:
 
 
 def merge_rectifiers(module: nn.Module, merge: bool = True) -> None:
-    """Merge every peft LoRA layer's ``B A`` into its base weight (``merge``) and put the base
-    layer back in its place, so ``module`` has the base architecture again (in place)."""
+    """Merge every peft LoRA layer's ``B A`` into its base weight (``merge``; a layer peft
+    already marks merged is left as it is) and put the base layer back in its place, so
+    ``module`` has the base architecture again (in place)."""
     for name, layer in list(module.named_modules()):
         if isinstance(layer, LoraLayer):
-            if merge:
+            if merge and not layer.merged:
                 layer.merge()
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, layer.base_layer)
