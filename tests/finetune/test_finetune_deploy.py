@@ -1,5 +1,6 @@
 """The evaluation copy of a fine-tuned classifier (issue 22): LoRA merged and unwrapped,
-BatchNorm folded into the convolutions, channels_last; the same function as the original."""
+BatchNorm folded into the convolutions, channels_last; the same function as the original. Its
+text-free form is what the training adversaries attack."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_support import run_method
+from finetune_support import FAST, run_method
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from medshield.attacks.pgd import PGD
+from medshield.models.base import eval_mode
 from medshield.models.mini_clip import MiniClip, fold_batchnorm
+from medshield.train.finetune import trades
+from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.config import FineTuneConfig
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.deploy import evaluation_copy
+from medshield.train.finetune.deploy import LeftOut, evaluation_copy
+from medshield.train.finetune.method import count_parameters, method_for
+from medshield.train.finetune.trades import TradesOptions
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +112,81 @@ def test_fold_batchnorm_leaves_a_hooked_pair_and_refuses_another_tower(
     assert folded == 48
     with pytest.raises(TypeError, match="EfficientNet"):
         fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def _perturbed_adv_lora(base: MiniClip, items: TrainData) -> FineTunedClassifier:
+    """An ``adv-lora`` classifier as it is in the middle of training: LoRA not merged, its
+    factors moved from zero, train mode."""
+    cfg = FineTuneConfig(method="adv-lora", kwargs={"rank": 4, "pgd_steps": 1}, **FAST)
+    clf = method_for(cfg).build(copy.deepcopy(base), items.class_prompts)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in clf.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    clf.refresh_class_embeddings()
+    return clf.train()
+
+
+def test_the_copy_for_image_attacks_leaves_the_text_tower_out(
+    trained_base: MiniClip, train: TrainData
+) -> None:
+    clf = _perturbed_adv_lora(trained_base, train)
+    flags = {name: p.requires_grad for name, p in clf.named_parameters()}
+    current = evaluation_copy(clf, text_tower=False)
+
+    images = train.images[:6]
+    with eval_mode(clf):
+        logits, grad = logits_and_input_grad(clf, images)
+    new_logits, new_grad = logits_and_input_grad(current, images)
+    torch.testing.assert_close(new_logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new_grad, grad, rtol=1e-3, atol=1e-5 * grad.abs().max().item())
+
+    stages = clf.model.text_blocks()
+    assert all(isinstance(s, LeftOut) for s in current.model.text_blocks())
+    assert len(current.model.text_blocks()) == len(stages)
+    text_weights = sum(p.numel() for s in stages for p in s.parameters())
+    assert count_parameters(current) <= count_parameters(clf) - text_weights
+    assert not any(p.requires_grad for p in current.parameters())
+    with pytest.raises(RuntimeError, match="leaves the text tower out"):
+        current.model.encode_text(["a new prompt"])
+    # the original keeps its text tower, modes and trainable flags
+    assert clf.training and clf.model.text_blocks() == stages
+    assert {name: p.requires_grad for name, p in clf.named_parameters()} == flags
+
+
+def test_the_copy_for_image_attacks_answers_the_current_questions(
+    base: MiniClip, vqa_train: TrainData
+) -> None:
+    clf = _perturbed_adv_lora(base, vqa_train)
+    clf.set_questions(vqa_train.questions[:3])
+    current = evaluation_copy(clf, text_tower=False)
+    images = vqa_train.images[:3]
+    with torch.no_grad(), eval_mode(clf):
+        torch.testing.assert_close(current(images), clf(images), rtol=1e-4, atol=1e-4)
+
+
+def test_the_training_adversary_runs_on_a_copy_and_leaves_the_classifier_as_it_is(
+    base: MiniClip, train: TrainData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clf = _perturbed_adv_lora(base, train)
+    attacked: list[nn.Module] = []
+    monkeypatch.setattr(PGD, "perturb", _recording(PGD.perturb, attacked))
+    wrapped = sum(isinstance(m, LoraLayer) for m in clf.modules())
+    images = train.images[:4]
+    options = TradesOptions(pgd_steps=2)
+    adv = trades.trades_adversary(clf, images, 2 / 255, options)
+
+    assert len(attacked) == 1 and attacked[0] is not clf
+    assert not any(isinstance(m, (LoraLayer, nn.BatchNorm2d)) for m in attacked[0].modules())
+    assert (adv - images).abs().max() <= 2 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert not torch.equal(adv, images)
+    assert clf.training and sum(isinstance(m, LoraLayer) for m in clf.modules()) == wrapped
+
+
+def _recording(perturb: Any, attacked: list[nn.Module]) -> Any:
+    def record(self: PGD, *args: Any, **kwargs: Any) -> torch.Tensor:
+        attacked.append(self.model)
+        return perturb(self, *args, **kwargs)
+
+    return record

@@ -26,12 +26,12 @@ from medshield.train.finetune import (
 )
 from medshield.train.finetune.config import FineTuneConfig
 from medshield.train.finetune.data import TrainData
+from medshield.train.finetune.lora import merge_lora_layers
 from medshield.train.finetune.method import method_for
 from medshield.train.finetune.ran import (
     LinearRectifier,
     covariance_penalty,
     fold_linear_rectifier,
-    merge_rectifiers,
     tower_targets,
 )
 
@@ -97,7 +97,7 @@ def test_tower_rectifiers_merge_into_the_base_architecture_with_the_same_logits(
     x = train.images[:4]
     with torch.no_grad():
         before = clf.eval()(x)
-        merge_rectifiers(clf)
+        merge_lora_layers(clf)
         after = clf(x)
     assert not torch.allclose(before, ZeroShotClassifier(base, train.class_prompts)(x))
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

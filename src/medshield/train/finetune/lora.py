@@ -144,6 +144,18 @@ def inject_lora(
         p.requires_grad_("lora_" in name)
 
 
+def merge_lora_layers(module: nn.Module, merge: bool = True) -> None:
+    """Merge every peft LoRA layer's ``B A`` into its base weight (``merge``; a layer peft
+    already marks merged is left as it is) and put the base layer back in its place, so
+    ``module`` has the base architecture again (in place)."""
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, LoraLayer):
+            if merge and not layer.merged:
+                layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, layer.base_layer)
+
+
 @METHODS.register("lora", "LoRA (peft) on image-tower convs/linears and text-tower attention")
 class Lora(FineTuneMethod):
     paper = "Hu et al. ICLR 2022 (LoRA), via Hugging Face peft"

@@ -9,13 +9,13 @@
   ``W + (alpha / r) B A`` through ``peft`` (the same injection as the ``lora`` method,
   :func:`~medshield.train.finetune.lora.inject_lora`), and so does the image projection with
   ``projection: true``. The rest of the model, the text tower included, stays frozen; the head
-  is learned, initialised from the class-prompt embeddings. After training peft merges each
-  ``B A`` into its base weight and the LoRA wrappers are dropped (:func:`merge_rectifiers`), so
-  the deployed classifier is the base architecture with other weights: zero parameters and zero
-  FLOPs of overhead. Why low-rank *weight* updates: they merge exactly, which a nonlinear
-  adapter cannot; why not after the tower: a 2/255 perturbation moves the frozen tower's
-  embedding further than the gap between class centres (docs/studies/finetune.md), so a
-  rectifier there has nothing left to rectify.
+  is learned, initialised from the class-prompt embeddings. After training peft merges each ``B A``
+  into its base weight and the LoRA wrappers are dropped
+  (:func:`~medshield.train.finetune.lora.merge_lora_layers`), so the deployed classifier is the base
+  architecture with other weights: zero parameters and zero FLOPs of overhead. Why low-rank *weight*
+  updates: they merge exactly, which a nonlinear adapter cannot; why not after the tower: a 2/255
+  perturbation moves the frozen tower's embedding further than the gap between class centres
+  (docs/studies/finetune.md), so a rectifier there has nothing left to rectify.
 - ``head`` (the ablation, the first design): a residual rectifier ``r(z) = z + g(z)`` on the
   unnormalised embedding ``z`` of the frozen model, ``rectifier: linear``
   (``(I + U V) z``, rank ``rank``, ``null`` = full; folded into the image projection after
@@ -57,7 +57,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
 from pydantic import model_validator
 from torch import nn
 
@@ -67,7 +66,8 @@ from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
 from medshield.train.finetune.classifier import FineTunedClassifier
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.lora import inject_lora
+from medshield.train.finetune.deploy import evaluation_copy
+from medshield.train.finetune.lora import inject_lora, merge_lora_layers
 from medshield.train.finetune.method import FineTuneMethod, freeze
 from medshield.train.finetune.trades import (
     TradesOptions,
@@ -254,18 +254,6 @@ def tower_targets(model: DualEncoder, options: RANOptions) -> list[str]:
     return targets
 
 
-def merge_rectifiers(module: nn.Module, merge: bool = True) -> None:
-    """Merge every peft LoRA layer's ``B A`` into its base weight (``merge``; a layer peft
-    already marks merged is left as it is) and put the base layer back in its place, so
-    ``module`` has the base architecture again (in place)."""
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, LoraLayer):
-            if merge and not layer.merged:
-                layer.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child, layer.base_layer)
-
-
 # --- head placement -----------------------------------------------------------------------------
 
 
@@ -409,8 +397,9 @@ class RAN(FineTuneMethod):
         return FineTunedClassifier(model, class_prompts, head="learned", rectifier=rectifier)
 
     def prepare(self, classifier: nn.Module, train: TrainData) -> None:
-        """Keep the frozen copy of the starting model and start the EMA teacher from it."""
-        self.pretrained = _frozen_copy(classifier)
+        """Keep the frozen copy of the starting model (in inference form: it only embeds
+        images) and start the EMA teacher from it."""
+        self.pretrained = evaluation_copy(classifier, text_tower=False)
         self.teacher = _frozen_copy(classifier)
         self.ema_pairs = [
             (t, s)
@@ -467,7 +456,7 @@ class RAN(FineTuneMethod):
         classifier = super().finalize(classifier)
         o: RANOptions = self.options
         if o.placement == "tower":
-            merge_rectifiers(classifier)
+            merge_lora_layers(classifier)
             classifier.structure_meta = {"merged": True}
         elif o.rectifier == "linear" and o.fold:
             fold_linear_rectifier(classifier)
@@ -475,7 +464,7 @@ class RAN(FineTuneMethod):
 
     def restore_structure(self, classifier: nn.Module, meta: dict[str, Any]) -> nn.Module:
         if meta.get("merged"):  # the saved weights already hold B A: drop the wrappers only
-            merge_rectifiers(classifier, merge=False)
+            merge_lora_layers(classifier, merge=False)
             classifier.structure_meta = {"merged": True}
         if meta.get("folded"):
             classifier.rectifier = None

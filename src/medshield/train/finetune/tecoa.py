@@ -16,7 +16,9 @@ Schlarmann et al. 2024, which trains TeCoA as its baseline):
   however well the images separate. The deployed classifier keeps the model's scale (the same
   prediction: the head is fixed and its bias zero).
 - The adversary is ``FineTuneConfig.adversary``, by default PGD-10 with steps of eps / 4
-  (``steps`` and ``alpha`` configurable, /255 units), crafted in eval mode.
+  (``steps`` and ``alpha`` configurable, /255 units), crafted in eval mode, on a copy of the
+  current classifier in inference form made at every step (as TRADES's adversary,
+  :mod:`medshield.train.finetune.trades`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from medshield.config import StrictModel
 from medshield.models.base import DualEncoder
 from medshield.registry import METHODS
 from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.deploy import evaluation_copy
 from medshield.train.finetune.method import FineTuneMethod, freeze
 
 
@@ -81,8 +84,9 @@ class TeCoA(FineTuneMethod):
     def loss(
         self, classifier: FineTunedClassifier, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        scaled = ScaledLogits(classifier, self.options.logit_scale)
+        scale = self.options.logit_scale
+        current = ScaledLogits(evaluation_copy(classifier, text_tower=False), scale)
         adv_cfg = self.config.adversary
-        attack = PGD(scaled, eps=adv_cfg.eps, alpha=adv_cfg.step_size, steps=adv_cfg.steps)
+        attack = PGD(current, eps=adv_cfg.eps, alpha=adv_cfg.step_size, steps=adv_cfg.steps)
         adv = attack(images, labels)
-        return F.cross_entropy(scaled(adv), labels), {}
+        return F.cross_entropy(ScaledLogits(classifier, scale)(adv), labels), {}

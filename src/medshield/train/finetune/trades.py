@@ -6,7 +6,10 @@ distributions of clean and adversarial images, ``sum p_clean (log p_clean - log 
 gradients through both. The adversarial images maximise that KL: PGD
 (:class:`~medshield.attacks.pgd.PGD`, which runs the model in eval mode) against the current
 classifier, L-inf ball of ``FineTuneConfig.adversary.eps``, ``pgd_steps`` steps of
-``pgd_step`` x eps (default 5 steps of eps / 4) from a random start.
+``pgd_step`` x eps (default 5 steps of eps / 4) from a random start. The adversary runs on a
+copy of the current classifier in inference form, made at every step
+(:func:`~medshield.train.finetune.deploy.evaluation_copy` without the text tower): the same
+function, with LoRA merged and BatchNorm folded, so its steps cost less.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from torch import nn
 
 from medshield.attacks.pgd import PGD
 from medshield.config import StrictModel
-from medshield.models.base import eval_mode
 from medshield.train.finetune.classifier import FineTunedClassifier
+from medshield.train.finetune.deploy import evaluation_copy
 
 
 class TradesOptions(StrictModel):
@@ -60,14 +63,16 @@ def trades_adversary(
     classifier: FineTunedClassifier, images: torch.Tensor, eps: float, options: TradesOptions
 ) -> torch.Tensor:
     """Adversarial images that maximise :func:`trades_kl` against the current classifier's
-    clean class distribution, crafted in eval mode (a live head is refreshed from the current
-    text tower first, so the adversary sees the model as it is now)."""
+    clean class distribution, crafted in eval mode on a copy in inference form (a live head is
+    refreshed from the current text tower first, so the adversary sees the model as it is
+    now)."""
     if classifier.head == "live":
         classifier.refresh_class_embeddings()
-    with torch.no_grad(), eval_mode(classifier):
-        target = F.log_softmax(classifier(images), dim=-1)
+    current = evaluation_copy(classifier, text_tower=False)
+    with torch.no_grad():
+        target = F.log_softmax(current(images), dim=-1)
     attack = PGD(
-        classifier,
+        current,
         eps=eps,
         alpha=options.pgd_step * eps,
         steps=options.pgd_steps,
