@@ -166,7 +166,7 @@ def test_the_copy_for_image_attacks_answers_the_current_questions(
         torch.testing.assert_close(current(images), clf(images), rtol=1e-4, atol=1e-4)
 
 
-def test_the_training_adversary_runs_on_a_copy_and_leaves_the_classifier_as_it_is(
+def test_the_trades_adversary_runs_on_a_copy_and_leaves_the_classifier_as_it_is(
     base: MiniClip, train: TrainData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clf = _perturbed_adv_lora(base, train)
@@ -174,14 +174,33 @@ def test_the_training_adversary_runs_on_a_copy_and_leaves_the_classifier_as_it_i
     monkeypatch.setattr(PGD, "perturb", _recording(PGD.perturb, attacked))
     wrapped = sum(isinstance(m, LoraLayer) for m in clf.modules())
     images = train.images[:4]
-    options = TradesOptions(pgd_steps=2)
-    adv = trades.trades_adversary(clf, images, 2 / 255, options)
+    adv = trades.trades_adversary(clf, images, 2 / 255, TradesOptions(pgd_steps=2))
 
     assert len(attacked) == 1 and attacked[0] is not clf
     assert not any(isinstance(m, (LoraLayer, nn.BatchNorm2d)) for m in attacked[0].modules())
     assert (adv - images).abs().max() <= 2 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert not torch.equal(adv, images)
     assert clf.training and sum(isinstance(m, LoraLayer) for m in clf.modules()) == wrapped
+
+
+@pytest.mark.parametrize("method", ["adv-lora", "ran", "tecoa", "fare"])
+def test_every_training_adversary_attacks_a_copy_in_inference_form(
+    base: MiniClip, train: TrainData, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    cfg = FineTuneConfig(method=method, **FAST)
+    trainer = method_for(cfg)
+    clf = trainer.build(copy.deepcopy(base), train.class_prompts)
+    trainer.prepare(clf, train)
+    attacked: list[nn.Module] = []
+    monkeypatch.setattr(PGD, "perturb", _recording(PGD.perturb, attacked))
+    loss, _ = trainer.loss(clf.train(), train.images[:4], train.labels[:4])
+    loss.backward()
+
+    own = {id(p) for p in clf.parameters()}
+    assert len(attacked) == 1
+    assert not own & {id(p) for p in attacked[0].parameters()}  # a copy, not the classifier
+    assert not any(isinstance(m, (LoraLayer, nn.BatchNorm2d)) for m in attacked[0].modules())
+    assert any(p.grad is not None for p in clf.parameters())  # the loss still trains clf
 
 
 def _recording(perturb: Any, attacked: list[nn.Module]) -> Any:

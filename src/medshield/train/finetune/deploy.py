@@ -2,8 +2,9 @@
 
 Evaluation only runs a trained classifier forward (and backward to its input, in the attacks),
 and so does the adversary inside adversarial training (TRADES for RAN and the ``adv-*``
-methods, TeCoA's PGD), which crafts its images against the current model in eval mode. Both can
-use a copy in inference form: the same function, computed with less work.
+methods, the PGD of TeCoA and FARE), which crafts its images against the current model in eval
+mode, on a copy made at every step. Both can use a copy in inference form: the same function,
+computed with less work.
 
 - Every peft LoRA layer (the ``lora`` / ``adv-lora`` methods, RAN's rectifiers) merged into its
   base weight and unwrapped, so the copy has the base architecture

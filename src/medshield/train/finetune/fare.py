@@ -11,7 +11,9 @@ the original model; the maximisation is PGD (``FineTuneConfig.adversary``). No l
 and the text tower is untouched, so the classifier is the zero-shot classifier with the base
 class-prompt embeddings. The labels of the downstream split are ignored (FARE is unsupervised).
 The adversary is ``FineTuneConfig.adversary``, by default PGD-10 with steps of eps / 4, as in
-the reference training (RobustVLM: 10 steps of 1/255 at eps 4/255, AdamW, lr 1e-5).
+the reference training (RobustVLM: 10 steps of 1/255 at eps 4/255, AdamW, lr 1e-5), crafted on
+a copy of the current model in inference form made at every step (as TRADES's adversary,
+:mod:`medshield.train.finetune.trades`).
 
 ``fare`` is scored as the zero-shot classifier it is; ``fare-probe`` (:class:`FAREProbe`)
 trains FARE and then a linear probe on its frozen features, for the supervised comparison.
@@ -19,7 +21,6 @@ trains FARE and then a linear probe on its frozen features, for the supervised c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +36,8 @@ from medshield.models.base import DualEncoder, eval_mode
 from medshield.registry import METHODS
 from medshield.train.finetune.classifier import FineTunedClassifier
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.method import FineTuneMethod, freeze
+from medshield.train.finetune.deploy import evaluation_copy
+from medshield.train.finetune.method import FineTuneMethod
 from medshield.train.finetune.tecoa import image_side_trainable
 
 
@@ -67,8 +69,8 @@ class FARE(FineTuneMethod):
         return FineTunedClassifier(model, class_prompts, head="fixed")
 
     def prepare(self, classifier: nn.Module, train: TrainData) -> None:
-        self.original = ImageEmbedder(copy.deepcopy(classifier.model)).eval()  # still untrained
-        freeze(self.original)
+        # still untrained: the frozen target embeddings, from a copy in inference form
+        self.original = ImageEmbedder(evaluation_copy(classifier, text_tower=False).model)
         self.embedder = ImageEmbedder(classifier.model)
 
     def loss(
@@ -77,8 +79,9 @@ class FARE(FineTuneMethod):
         with torch.no_grad():
             targets = self.original(images)
         adv_cfg = self.config.adversary
+        current = evaluation_copy(classifier, text_tower=False)  # the adversary's copy
         attack = PGD(
-            self.embedder,
+            ImageEmbedder(current.model),
             eps=adv_cfg.eps,
             alpha=adv_cfg.step_size,
             steps=adv_cfg.steps,
