@@ -98,6 +98,15 @@ def test_verdict_states_the_point_estimate_and_the_ci() -> None:
     assert missing == {"verdict": "NOT MEASURED", "note": "no cells of tecoa"}
 
 
+def test_a_gap_verdict_counts_the_seeds_that_clear_the_bar_alone() -> None:
+    gap = {"value": 0.04, "ci_low": 0.01, "ci_high": 0.07, "n": 600}
+    mixed = verdict({**gap, "per_seed": {"0": 0.05, "1": 0.06, "2": 0.01}}, 0.03)
+    assert mixed["verdict"] == "REACHED"
+    assert mixed["note"].endswith("per seed +0.050, +0.060, +0.010: 2 of 3 clear it")
+    one_seed = verdict({**gap, "per_seed": {"0": 0.04}}, 0.03)
+    assert "per seed" not in one_seed["note"]  # one seed says nothing the CI does not
+
+
 @pytest.mark.parametrize("strong", [True, False])
 def test_targets_flip_with_the_measured_accuracy(strong: bool) -> None:
     """RAN 6 points above adv-lora at 2/255 on the same images reaches target 2, level with it
@@ -120,6 +129,8 @@ def test_targets_flip_with_the_measured_accuracy(strong: bool) -> None:
     assert gap["paired"] and gap["seeds"] == 3 and gap["n"] == 3 * N
     assert gap["value"] == pytest.approx(0.06 if strong else 0.0)
     assert gap["verdict"] == ("REACHED" if strong else "NOT REACHED")
+    assert gap["per_seed"] == pytest.approx({s: 0.06 if strong else 0.0 for s in "012"})
+    assert gap["note"].endswith(f"{3 if strong else 0} of 3 clear it")
     ran1 = by_claim(found, "ran worst-case robust accuracy @1/255")
     assert ran1["verdict"] == ("REACHED" if strong else "NOT REACHED")
     assert ran1["ci_clears"] == strong  # 0.6 of 300 images clears 0.40 with its whole CI

@@ -184,7 +184,9 @@ def targets_md(targets: list[dict[str, Any]]) -> str:
         "# Targets (issue 20)",
         "",
         "A bar on one method uses its bootstrap CI; a bar on a gap between two methods the "
-        "paired CI over the (seed, test image) pairs both were scored on.",
+        "paired CI over the (seed, test image) pairs both were scored on, and the note gives "
+        "the gap of each seed alone: the CI holds the test images' variance, the seeds are "
+        "the only look at training's.",
         "",
     ]
     return "\n".join(intro + _md(header, rows)) + "\n"
