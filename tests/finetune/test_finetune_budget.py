@@ -143,14 +143,18 @@ def select_with_scores(
     monkeypatch: pytest.MonkeyPatch,
     clean: list[float],
     robust: list[float],
+    predicted: list[int] | None = None,
 ) -> dict:
     """``lr_selection`` of an adv-linear-probe grid of 3 (1e-3, 2e-3, 3e-3) whose runs score
-    the given clean and robust validation accuracies, in grid order."""
+    the given clean and robust validation accuracies and predict ``predicted`` classes (default:
+    both), in grid order."""
     import medshield.train.finetune.select as select
 
     clean_scores, robust_scores = iter(clean), iter(robust)
+    classes = iter(predicted or [2] * len(clean))
     monkeypatch.setattr(select, "robust_validation_accuracy", lambda *_: next(robust_scores))
     monkeypatch.setattr(select, "validation_accuracy", lambda *_: next(clean_scores))
+    monkeypatch.setattr(select, "classes_predicted", lambda *_: next(classes))
     config = {
         "method": "adv-linear-probe",
         "steps": 1,
@@ -253,6 +257,27 @@ def test_a_run_collapsed_onto_one_class_is_not_picked(
     assert selection["val_majority_accuracy"] == 0.5  # 4 held-out items, 2 per class
     assert selection["degenerate"] == degenerate
     assert selection["pick"] == pick
+
+
+def test_a_run_that_predicts_half_of_the_classes_or_fewer_is_not_picked(
+    base: MiniClip, train16: TrainData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The best robust score belongs to a run that predicts one class of two: refused, and the
+    selection records how many classes each run predicts."""
+    selection = select_with_scores(
+        base, train16, monkeypatch, [0.75, 0.75, 0.75], [0.25, 0.5, 0.25], predicted=[2, 1, 2]
+    )
+    assert selection["degenerate"] == [False, True, False]
+    assert selection["val_classes_predicted"] == [2, 1, 2] and selection["val_classes"] == 2
+    assert selection["pick"] == 1e-3
+
+
+def test_a_partial_collapse_on_eight_classes_is_degenerate() -> None:
+    labels = torch.arange(8).repeat(13)  # 104 items, 13 per class: majority share 0.125
+    assert is_degenerate(0.25, labels, predicted=4)  # well above chance, on half the classes
+    assert not is_degenerate(0.25, labels, predicted=5)
+    assert not is_degenerate(0.25, labels)  # without the count, the accuracy rule alone
+    assert is_degenerate(0.125, labels, predicted=8)
 
 
 def test_a_constant_classifiers_accuracy_in_float32_counts_as_degenerate() -> None:
