@@ -16,8 +16,10 @@ model, so it is kept only when every run of the grid is degenerate. A *partial* 
 counts too: a run whose clean predictions on the validation items cover at most half of the
 classes they hold (measured on blood cells, 8 classes: `adv-lora` at 3e-3 and TeCoA at 3e-4 were
 picked at validation clean accuracy 0.252 and 0.282, robust 0.243 and 0.204, and predicted 1 to
-4 of the classes on 5 of their 6 test cells). On a binary task that is the one-class
-collapse. Its report gets ``lr_selection``:
+4 of the classes on 5 of their 6 test cells; rerun with this rule, TeCoA's 3e-4 run predicted 4
+classes on validation and was refused, while `adv-lora`'s predicted 7, skewed rather than
+missing classes, and stood). On a binary task that is the one-class collapse. Its report gets
+``lr_selection``:
 
 - ``grid``: the learning rates, in config order;
 - ``select_by``: ``val_clean_accuracy`` or ``val_robust_accuracy``;
