@@ -12,6 +12,7 @@ import pytest
 import torch
 from finetune_support import TINY_EVAL, run_method, write_study_config
 
+from medshield.attacks.pgd import PGD
 from medshield.commands.studies.finetune import load_study_config, run_study_finetune
 from medshield.errors import ConfigError
 from medshield.models.mini_clip import MiniClip
@@ -113,7 +114,7 @@ def test_lr_grid_keeps_the_best_validation_score_and_records_the_grid(
 
 
 def test_adversarial_methods_pick_by_robust_validation_accuracy(
-    base: MiniClip, train16: TrainData
+    base: MiniClip, train16: TrainData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = {
         "method": "adv-linear-probe",
@@ -132,9 +133,17 @@ def test_adversarial_methods_pick_by_robust_validation_accuracy(
     assert selection["scores"] == selection["val_robust_accuracy"]
     assert len(selection["val_clean_accuracy"]) == 2
     state = torch.random.get_rng_state()
+    attacked: list[torch.nn.Module] = []
+    perturb = PGD.perturb
+    monkeypatch.setattr(
+        PGD, "perturb", lambda self, *a, **k: attacked.append(self.model) or perturb(self, *a, **k)
+    )
     robust = robust_validation_accuracy(result, result.val, 4)  # type: ignore[arg-type]
     assert robust == pytest.approx(max(selection["scores"]))
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    # scored on the evaluation copy (BatchNorm folded), as every evaluation
+    assert attacked and all(m is not result.classifier for m in attacked)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in attacked[0].modules())
 
 
 def select_with_scores(

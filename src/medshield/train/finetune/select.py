@@ -58,14 +58,16 @@ from medshield.train.finetune.data import (
     predict_classes,
     validation_accuracy,
 )
+from medshield.train.finetune.deploy import evaluation_copy
 from medshield.train.finetune.loop import FineTuneResult, finetune
 from medshield.train.finetune.method import method_for
 
 
 def robust_validation_accuracy(result: FineTuneResult, val: TrainData, batch_size: int) -> float:
     """Accuracy on the held-out items under the method's own training adversary (eval mode;
-    on the VQA task each batch with its own questions)."""
-    classifier = result.classifier
+    on the VQA task each batch with its own questions), on the classifier's evaluation copy as
+    every evaluation (:func:`~medshield.train.finetune.deploy.evaluation_copy`)."""
+    classifier = evaluation_copy(result.classifier)
     attack = method_for(result.config).training_attack(classifier)
     if attack is None:
         raise ConfigError(f"{result.config.method} is a clean method: it has no training adversary")
