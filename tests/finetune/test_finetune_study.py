@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from finetune_support import write_study_config
+from finetune_support import timed_cell, write_study_config
 
+from medshield.commands.finetune.config import FineTuneRunConfig
 from medshield.commands.studies.finetune import (
+    CellKey,
     _finetune_config,
+    _run_cells,
     cell_config,
+    cell_name,
     load_study_config,
     run_study_finetune,
 )
@@ -159,7 +163,7 @@ def test_study_cells_run_in_worker_processes_like_one_at_a_time(
     logs: list[str] = []
     parallel_run = Run(tmp_path / "parallel", parallel_cfg)
     parallel = run_study_finetune(parallel_cfg, parallel_run, log=logs.append)
-    assert logs[0] == "2 of 2 cells of seeds [0] to run, 2 at a time"
+    assert logs[0] == "4 of 4 cells to run, 2 at a time"
     assert sorted(r["cell"] for r in parallel_run.load_samples()) == sorted(
         r["cell"] for r in Run(tmp_path / "serial", serial_cfg).load_samples()
     )
@@ -172,3 +176,37 @@ def test_study_cells_run_in_worker_processes_like_one_at_a_time(
     logs.clear()
     run_study_finetune(one_at_a_time, Run(tmp_path / "parallel", one_at_a_time), logs.append)
     assert logs == []  # resumed with workers=1: every cell was already done
+
+
+def test_one_pool_runs_a_later_seed_once_the_cell_whose_pick_it_reuses_is_done(
+    tmp_path: Path,
+) -> None:
+    """With 2 workers, a later seed's cell that reuses a pick (``waits_for``) is built and
+    started only after its first-seed cell finishes, while a cell that waits for nothing runs
+    meanwhile: no worker idles until the whole first seed is done."""
+    slow, quick, dependent, free = (
+        ("base", "grid", "t", 0),
+        ("base", "fixed", "t", 0),
+        ("base", "grid", "t", 1),
+        ("base", "fixed", "t", 1),
+    )
+    sleep = {slow: 30, quick: 0, dependent: 1, free: 2}  # timed_cell sleeps seed / 10 s
+    times = {key: tmp_path / f"{cell_name(*key)}.json" for key in sleep}
+    built_after_slow: dict[CellKey, bool] = {}
+
+    def build(key: CellKey) -> FineTuneRunConfig:
+        built_after_slow[key] = times[slow].exists()
+        return FineTuneRunConfig(name=cell_name(*key), output_dir="", seed=sleep[key])
+
+    def waits_for(key: CellKey) -> CellKey | None:
+        return slow if key == dependent else None
+
+    order = [slow, quick, dependent, free]
+    finished = list(_run_cells(order, waits_for, build, tmp_path, 2, print, run=timed_cell))
+    assert sorted(cfg.name for cfg in finished) == sorted(cell_name(*k) for k in order)
+    when = {key: json.loads(path.read_text()) for key, path in times.items()}
+    assert built_after_slow[dependent] and not built_after_slow[free]
+    assert when[dependent]["start"] >= when[slow]["end"]
+    assert when[free]["end"] < when[slow]["end"]  # ran on the other worker meanwhile
+    names = [cfg.name for cfg in finished]
+    assert names.index(cell_name(*dependent)) > names.index(cell_name(*slow))

@@ -34,8 +34,8 @@ RAN's per-term log.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -261,6 +261,20 @@ def _modalities(config: StudyFinetuneConfig) -> list[str]:
     return tasks
 
 
+CellKey = tuple[str, str, str, int]
+"""A cell: (checkpoint label, method label, task, seed)."""
+
+
+def cell_name(checkpoint: str, method: str, task: str, seed: int) -> str:
+    """The cell's run directory name under ``<study>/cells``."""
+    return f"{checkpoint}__{method}__{task}__seed{seed}"
+
+
+def _finished(cells_dir: Path, name: str, recorded: set[str]) -> bool:
+    """Whether the cell is recorded in the study's samples and has its results."""
+    return name in recorded and has_results(cells_dir / name)
+
+
 def cell_config(
     config: StudyFinetuneConfig,
     checkpoint: str,
@@ -273,7 +287,7 @@ def cell_config(
     learning-rate pick, for a later seed of a method with an ``lr_grid``)."""
     model = config.model.model_copy(update={"checkpoint": config.checkpoints[checkpoint]})
     return FineTuneRunConfig(
-        name=f"{checkpoint}__{spec.name}__{modality}__seed{seed}",
+        name=cell_name(checkpoint, spec.name, modality, seed),
         output_dir="",
         seed=seed,
         modality=modality,
@@ -303,63 +317,59 @@ def first_seed_selection(
 def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) -> dict[str, Any]:
     """Run (or resume) every cell, then write the table, plots and aggregated results.
 
-    Cells run seed by seed (every checkpoint, method and task of the first seed before the
-    next seed), one at a time or, with ``workers`` > 1, in that many processes at once; each
-    finished cell is recorded in the study's ``samples.jsonl`` as it completes. The first
-    seed's cells all finish before any other seed's starts: a method with an ``lr_grid``
-    picks its learning rate on the first seed, and its cells of the other seeds train once at
-    that pick (``lr_selection`` with ``from_seed`` in their results).
+    Cells run one at a time or, with ``workers`` > 1, in that many processes at once, the first
+    seed's cells first; each finished cell is recorded in the study's ``samples.jsonl`` as it
+    completes. A method with an ``lr_grid`` picks its learning rate on the first seed, and its
+    cells of the other seeds train once at that pick (``lr_selection`` with ``from_seed`` in
+    their results): such a cell starts as soon as its first-seed cell has finished, the other
+    cells need not wait.
     """
     _check_checkpoints(config)
     modalities = _modalities(config)
-    specs = config.expanded_methods()
+    specs = {spec.name: spec for spec in config.expanded_methods()}
     cells_dir = run.path / "cells"
     done = {r["cell"] for r in run.load_samples() if "cell" in r}
+    first = config.seeds[0]
     grid = [
-        (checkpoint, spec, modality, seed)
+        (checkpoint, name, modality, seed)
         for checkpoint in config.checkpoints
-        for spec in specs
+        for name in specs
         for modality in modalities
         for seed in config.seeds
     ]
-    first, later = config.seeds[0], config.seeds[1:]
-    configs: dict[tuple[str, str, str, int], FineTuneRunConfig] = {}
-    for phase in ([first], later):  # later seeds reuse the first seed's learning rates
-        keys = [key for key in grid if key[3] in phase]
-        for checkpoint, spec, modality, seed in keys:
-            reused = None
-            if seed != first:
-                reused = first_seed_selection(config, cells_dir, checkpoint, spec, modality)
-            cfg = cell_config(config, checkpoint, spec, modality, seed, reused)
-            configs[(checkpoint, spec.name, modality, seed)] = cfg
-        seed_major = sorted(
-            (configs[(c, sp.name, m, seed)] for c, sp, m, seed in keys),
-            key=lambda cfg: config.seeds.index(cfg.seed),
+
+    def build(key: CellKey) -> FineTuneRunConfig:
+        checkpoint, name, modality, seed = key
+        reused = None
+        if seed != first:
+            reused = first_seed_selection(config, cells_dir, checkpoint, specs[name], modality)
+        return cell_config(config, checkpoint, specs[name], modality, seed, reused)
+
+    def waits_for(key: CellKey) -> CellKey | None:
+        checkpoint, name, modality, seed = key
+        if seed == first or _finetune_config(config, specs[name]).lr_grid is None:
+            return None
+        return (checkpoint, name, modality, first)
+
+    seed_major = sorted(grid, key=lambda key: config.seeds.index(key[3]))
+    todo = [key for key in seed_major if not _finished(cells_dir, cell_name(*key), done)]
+    if todo:
+        log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
+    cells_run = _run_cells(todo, waits_for, build, cells_dir, config.workers, log)
+    for count, cfg in enumerate(cells_run, 1):
+        log(f"[{count}/{len(todo)}] {cfg.name} done")
+        run.append_samples(
+            [{"cell": cfg.name, "results": str(cells_dir / cfg.name / RESULTS_FILE)}]
         )
-        todo = [
-            cfg
-            for cfg in seed_major
-            if not (cfg.name in done and has_results(cells_dir / cfg.name))
-        ]
-        if todo:
-            log(
-                f"{len(todo)} of {len(keys)} cells of seeds {phase} to run, "
-                f"{config.workers} at a time"
-            )
-        for count, cfg in enumerate(_run_cells(todo, cells_dir, config.workers, log), 1):
-            log(f"[{count}/{len(todo)}] {cfg.name} done")
-            run.append_samples(
-                [{"cell": cfg.name, "results": str(cells_dir / cfg.name / RESULTS_FILE)}]
-            )
     cells: list[dict[str, Any]] = []
-    for checkpoint, spec, modality, seed in grid:
-        cfg = configs[(checkpoint, spec.name, modality, seed)]
+    for checkpoint, name, modality, seed in grid:
+        cfg = build((checkpoint, name, modality, seed))
         path = cells_dir / cfg.name
         cells.append(
             {
                 "cell": cfg.name,
                 "checkpoint": checkpoint,
-                "method": spec.name,
+                "method": name,
                 "modality": modality,
                 "seed": seed,
                 "result": read_results(path),
@@ -375,7 +385,7 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
     report = write_report(cells, table, ev.eps, ev.bootstrap_resamples, run.path)
     return {
         "modalities": modalities,
-        "methods": [s.name for s in specs],
+        "methods": list(specs),
         "checkpoints": list(config.checkpoints),
         "cells": len(cells),
         "table": table,
@@ -394,27 +404,47 @@ def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
 
 
 def _run_cells(
-    todo: list[FineTuneRunConfig], cells_dir: Path, workers: int, log: Log
+    todo: list[CellKey],
+    waits_for: Callable[[CellKey], CellKey | None],
+    build: Callable[[CellKey], FineTuneRunConfig],
+    cells_dir: Path,
+    workers: int,
+    log: Log,
+    run: Callable[..., None] = run_cell,
 ) -> Iterator[FineTuneRunConfig]:
-    """Run the cells, yielding each as it finishes; the first failure stops the study."""
+    """Run the cells ``todo`` in their order with ``run`` (:func:`run_cell`; a module-level
+    function, for the worker processes), yielding each as it finishes; the first failure stops
+    the study. A cell starts once the cell it ``waits_for`` (if that one is in ``todo``) has
+    finished, and its config is built only then (it may read that cell's results). With
+    several workers, one pool of processes runs every cell of the study."""
     if workers == 1 or len(todo) <= 1:
-        for cfg in todo:
+        for key in todo:  # the order puts every cell after the one it waits for
+            cfg = build(key)
             log(f"{cfg.name} ...")
-            run_cell(cfg.model_dump(), str(cells_dir / cfg.name), log)
+            run(cfg.model_dump(), str(cells_dir / cfg.name), log)
             yield cfg
         return
+    waiting = list(todo)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     threads = (worker_threads(workers),)  # the workers share the thread budget (threads.py)
     with ProcessPoolExecutor(workers, context, set_threads, threads) as pool:
-        futures = {
-            pool.submit(run_cell, cfg.model_dump(), str(cells_dir / cfg.name)): cfg for cfg in todo
-        }
+        running: dict[Future[None], tuple[CellKey, FineTuneRunConfig]] = {}
         try:
-            for future in as_completed(futures):
-                future.result()
-                yield futures[future]
+            while waiting or running:
+                unfinished = set(waiting) | {key for key, _ in running.values()}
+                for key in [k for k in waiting if waits_for(k) not in unfinished]:
+                    waiting.remove(key)
+                    cfg = build(key)
+                    future = pool.submit(run, cfg.model_dump(), str(cells_dir / cfg.name))
+                    running[future] = (key, cfg)
+                if not running:
+                    raise RuntimeError(f"cells wait for cells that never run: {waiting}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+                    yield running.pop(future)[1]
         except BaseException:
-            for future in futures:
+            for future in running:
                 future.cancel()
             raise
 
