@@ -15,6 +15,8 @@ from medshield.errors import InputError
 from medshield.eval.metrics import summarize
 from medshield.eval.retrieval import adversarial_retrieval_rows, retrieval_rows
 from medshield.eval.robust import (
+    attacked_rows,
+    build_attack,
     check_eps_values,
     robust_flags,
     robust_rows,
@@ -347,3 +349,57 @@ def test_evaluate_default_attack_reproduces_the_rows_before_the_refactor() -> No
         at = [r for r in rows if r["eps"] == eps]
         assert [r["robust_correct"] for r in at] == [bool(v) for v in robust]
         assert [r["l2"] for r in at] == pytest.approx(l2, abs=1e-4)
+
+
+class _Counting(torch.nn.Module):
+    """The tiny classifier, counting its forward passes on clean images (input gradient on or
+    off) apart from those on any other input."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.images = model, images
+        self.clean_calls = {"grad": 0, "no_grad": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(torch.equal(x, self.images[i : i + len(x)]) for i in range(len(self.images))):
+            self.clean_calls["grad" if x.requires_grad else "no_grad"] += 1
+        return self.model(x)
+
+
+def test_robust_rows_share_clean_predictions_and_zero_gradient_flags() -> None:
+    """The clean predictions are computed once and each attack's zero-gradient flags once for
+    all budgets, within one call and across calls given the same ``memo`` (one call per attack
+    and budget, as ``medshield finetune`` makes them); the rows are those of one attack and
+    budget at a time, each recomputing both."""
+    model, images, labels = _tiny_classifier()
+    attacks = [AttackEntry(name="pgd", steps=3), AttackEntry(name="apgd-dlr", steps=3)]
+    names, budgets = ["pgd", "apgd-dlr"], (4, 8, 16)
+    batches = 3  # 10 images, 4 at a time
+    counting = _Counting(model, images)
+    one_call = robust_rows(counting, images, labels, attacks, budgets, 5, 4, early_stop=True)
+    assert counting.clean_calls == {"grad": 2 * batches, "no_grad": batches}
+
+    counting = _Counting(model, images)
+    memo: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        per_group, alone = [], []
+        for eps in budgets:
+            for name, entry in zip(names, attacks, strict=True):
+                per_group += robust_rows(
+                    counting, images, labels, [entry], [eps], None, 4, [name], True, memo
+                )
+    assert counting.clean_calls == {"grad": 2 * batches, "no_grad": batches}
+    assert set(memo) == {"clean_pred", "zero_gradient/pgd", "zero_gradient/apgd-dlr"}
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        for eps in budgets:
+            for name, entry in zip(names, attacks, strict=True):
+                attack = build_attack(entry, model, eps, early_stop=True)
+                alone += [
+                    {"attack": name, "eps": eps, **row}
+                    for row in attacked_rows(model, attack, images, labels, 4)
+                ]
+    assert one_call == per_group == alone
+    assert any(r["zero_gradient"] is False for r in alone)
+    assert {r["clean_correct"] for r in alone} == {True, False}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medshield.commands.finetune.config import RobustEvalConfig
-from medshield.commands.studies.finetune import aggregate
+from medshield.commands.studies.finetune_outputs import aggregate
 from medshield.commands.studies.finetune_report import (
     ablation,
     curves,

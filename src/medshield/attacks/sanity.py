@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from medshield.attacks.base import check_budget, check_norm
+import torch
+
+from medshield.attacks.base import Attack, attack_mode, check_budget, check_norm
 from medshield.errors import InputError
 
 Row = dict[str, Any]
@@ -145,3 +147,20 @@ def zero_gradient_flag(rows: Sequence[Row], max_fraction: float = 0.0) -> Sanity
         f"{zero} of {len(counted)} correctly classified examples ({fraction:.1%}) have an "
         "exactly zero input gradient" + ("; gradient masking?" if fraction > max_fraction else ""),
     )
+
+
+def zero_gradients(
+    attack: Attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """(N,) bool: the input gradient of the attack's loss at each clean image is exactly zero
+    (the rows' ``zero_gradient``; it does not depend on the attack's budget)."""
+    param = next(attack.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    flags = []
+    with attack_mode(attack.model):
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            _, _, grad = attack.loss_and_grad(x, y, None)
+            flags.append((grad.flatten(1) == 0).all(dim=1))
+    return torch.cat(flags)

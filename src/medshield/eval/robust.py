@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from medshield import data
-from medshield.attacks.base import Attack, attack_mode, check_budget
+from medshield.attacks.base import Attack, check_budget
 from medshield.attacks.pgd import pgd_step_size
 from medshield.attacks.sanity import (
     SanityFlag,
@@ -44,10 +44,11 @@ from medshield.attacks.sanity import (
     range_flag,
     stronger_flag,
     zero_gradient_flag,
+    zero_gradients,
 )
 from medshield.config import AttackEntry, attack_labels
 from medshield.errors import ConfigError, InputError
-from medshield.eval.features import check_finite_outputs
+from medshield.eval.features import classify_images
 from medshield.eval.zero_shot import balanced_subset
 from medshield.models.base import DualEncoder, ZeroShotClassifier, check_images, evaluating
 from medshield.registry import IMAGE_ATTACKS
@@ -134,6 +135,8 @@ def attacked_rows(
     labels: torch.Tensor,
     batch_size: int = 128,
     restarts: int = 1,
+    clean_pred: torch.Tensor | None = None,
+    zero_gradient: torch.Tensor | None = None,
 ) -> list[Row]:
     """Attack every image (untargeted) ``restarts`` times and classify it clean and adversarial.
 
@@ -148,6 +151,9 @@ def attacked_rows(
             only the images no earlier restart fooled; a fooled image's later rows repeat the
             row of the restart that fooled it (the per-image worst case is the same, in fewer
             gradient steps).
+        clean_pred, zero_gradient: ``model``'s (N,) clean predictions and
+            :func:`~medshield.attacks.sanity.zero_gradients` of ``attack`` on these images,
+            when the caller has them (computed here otherwise).
 
     Returns:
         Per batch, per restart, one row per image in the format of the module docstring without
@@ -156,17 +162,18 @@ def attacked_rows(
     images, labels = _check_inputs(images, labels, batch_size)
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise InputError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if zero_gradient is None:
+        zero_gradient = zero_gradients(attack, images, labels, batch_size)
+    if clean_pred is None:
+        clean_pred = classify_images(model, images, batch_size).argmax(dim=1)
     device = _device(model)
     rows: list[Row] = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
-        with attack_mode(attack.model):
-            _, _, grad = attack.loss_and_grad(x, y, None)
-        zero = (grad.flatten(1) == 0).all(dim=1).tolist()
-        with evaluating(model):
-            clean_pred = check_finite_outputs(model(x), "attacking the classifier").argmax(dim=1)
-        adv, adv_pred = x.clone(), clean_pred.clone()
+        zero = zero_gradient[start : start + batch_size].tolist()
+        clean = clean_pred[start : start + batch_size].to(device)
+        adv, adv_pred = x.clone(), clean.clone()
         for restart in range(restarts):
             rerun = (adv_pred == y) if attack.early_stop and restart else torch.ones_like(y) > 0
             if rerun.all():
@@ -183,14 +190,14 @@ def attacked_rows(
             l2 = delta.norm(dim=1) * 255
             flat = adv.flatten(1)
             for j in range(len(x)):
-                clean_ok = bool(clean_pred[j] == y[j])
+                clean_ok = bool(clean[j] == y[j])
                 adv_ok = bool(adv_pred[j] == y[j])
                 rows.append(
                     {
                         "restart": restart,
                         "index": start + j,
                         "label": int(y[j]),
-                        "clean_pred": int(clean_pred[j]),
+                        "clean_pred": int(clean[j]),
                         "adv_pred": int(adv_pred[j]),
                         "clean_correct": clean_ok,
                         "adv_correct": adv_ok,
@@ -216,6 +223,7 @@ def robust_rows(
     batch_size: int = 128,
     names: Sequence[str] | None = None,
     early_stop: bool = False,
+    memo: dict[str, torch.Tensor] | None = None,
 ) -> list[Row]:
     """Attack ``classifier`` (images -> logits) with every entry of ``attacks`` at every budget
     of ``eps_values`` (budget by budget, attack by attack, in the given order): the flat rows
@@ -228,25 +236,43 @@ def robust_rows(
     restart only the images not yet fooled (see :class:`~medshield.attacks.base.Attack`), unless
     the entry sets ``early_stop`` itself; robust accuracy can only fall or stay.
 
+    The clean predictions and each entry's zero-gradient flags
+    (:func:`~medshield.attacks.sanity.zero_gradients`) depend on neither the budget nor the
+    random numbers: they are computed once and kept in ``memo`` when given (``"clean_pred"``,
+    ``"zero_gradient/<label>"``), for a caller attacking the same classifier and images in
+    several calls (one per attack and budget, as ``medshield finetune`` does).
+
     Raises:
         ConfigError: an attack entry that does not fit the registry.
         InputError: bad budgets, images or labels.
     """
     eps_values = check_eps_values(eps_values)
     labels_of = list(names) if names is not None else attack_labels(list(attacks))
+    images, labels = _check_inputs(images, labels, batch_size)
     rows: list[Row] = []
+    memo = {} if memo is None else memo
+    if "clean_pred" not in memo:
+        memo["clean_pred"] = classify_images(classifier, images, batch_size).argmax(dim=1)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         for eps in eps_values:
             for label, entry in zip(labels_of, attacks, strict=True):
                 attack = build_attack(entry, classifier, eps, early_stop)
-                rows.extend(
-                    {"attack": label, "eps": eps, **row}
-                    for row in attacked_rows(
-                        classifier, attack, images, labels, batch_size, entry.restarts
-                    )
+                zero = f"zero_gradient/{label}"
+                if zero not in memo:
+                    memo[zero] = zero_gradients(attack, images, labels, batch_size)
+                attacked = attacked_rows(
+                    classifier,
+                    attack,
+                    images,
+                    labels,
+                    batch_size,
+                    entry.restarts,
+                    memo["clean_pred"],
+                    memo[zero],
                 )
+                rows.extend({"attack": label, "eps": eps, **row} for row in attacked)
     return rows
 
 

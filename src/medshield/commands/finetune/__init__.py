@@ -306,13 +306,22 @@ def run_finetune(
     if len(images) > 1:  # the control: each item's image swapped for another item's
         shuffled = images[derangement(len(images), config.seed)]
         jobs.append(("shuffled", lambda: prediction_rows(shuffled)))
+    clean_memo: dict[int, dict[str, torch.Tensor]] = {}  # shared by the attack groups
     for eps in ev.eps:
         for name, entry in zip(attack_labels(ev.attacks), ev.attacks, strict=True):
             jobs.append(
                 (
                     f"{name}@{eps:g}",
                     lambda eps=eps, name=name, entry=entry: attacked_test_rows(
-                        classifier, test, [entry], [eps], None, attack_batch, [name], early_stop
+                        classifier,
+                        test,
+                        [entry],
+                        [eps],
+                        None,
+                        attack_batch,
+                        [name],
+                        early_stop,
+                        memo=clean_memo,
                     ),
                 )
             )
@@ -376,12 +385,16 @@ def attacked_test_rows(
     names: list[str] | None = None,
     early_stop: bool = False,
     ids: bool = False,
+    memo: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> list[dict[str, Any]]:
     """The flat rows of :func:`medshield.eval.robust.robust_rows` for the test items ``test``
     (a :class:`~medshield.train.finetune.data.TrainData`), a slice at a time (on the VQA task
     with each slice's questions set); ``index``: the item's position in ``test``, or its id
-    (``ids``); ``early_stop``: see :func:`~medshield.eval.robust.robust_rows`."""
+    (``ids``); ``early_stop``: see :func:`~medshield.eval.robust.robust_rows`; ``memo``: one
+    ``robust_rows`` memo per slice (by its start), for calls on the same classifier and
+    items."""
     rows: list[dict[str, Any]] = []
+    memo = {} if memo is None else memo
     for part in item_slices(classifier, test, batch_size):
         for row in robust_rows(
             classifier,
@@ -393,6 +406,7 @@ def attacked_test_rows(
             batch_size,
             names,
             early_stop,
+            memo.setdefault(part.start, {}),
         ):
             position = row["index"] + part.start
             rows.append({**row, "index": int(test.ids[position]) if ids else position})

@@ -1,4 +1,5 @@
-"""The robust fine-tuning study's files: the aggregated ``table.csv`` / ``table.md``, the
+"""The robust fine-tuning study's files: the table aggregated over seeds (:func:`aggregate`),
+``table.csv`` / ``table.md``, the
 robust-vs-clean and retrieval scatters, and the markdown and plots of the issue-20 report
 (:mod:`medshield.commands.studies.finetune_report` computes what they show)."""
 
@@ -9,9 +10,68 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medshield.eval.metrics import format_metric
+import numpy as np
+
+from medshield.commands.finetune import recall_indicators, share_bootstrap_ci
+from medshield.commands.finetune.config import RobustEvalConfig
+from medshield.eval.metrics import format_metric, majority_hits
+from medshield.eval.robust import worst_case
 from medshield.report import plots
 from medshield.report.view import ci
+
+
+def aggregate(cells: list[dict[str, Any]], ev: RobustEvalConfig) -> list[dict[str, Any]]:
+    """One table row per (checkpoint, method, modality): metrics pooled over seeds' items."""
+    keys = list(dict.fromkeys((c["checkpoint"], c["method"], c["modality"]) for c in cells))
+    table = []
+    for key in keys:
+        group = [c for c in cells if (c["checkpoint"], c["method"], c["modality"]) == key]
+        rows = [r for c in group for r in c["rows"]]
+        entry: dict[str, Any] = {
+            "checkpoint": key[0],
+            "method": key[1],
+            "modality": key[2],
+            "seeds": len(group),
+        }
+        entry["clean_accuracy"] = share_bootstrap_ci(
+            [r["correct"] for r in rows if r.get("group") == "clean"], ev.bootstrap_resamples
+        )
+        majority = [
+            hit
+            for c in group
+            for hit in majority_hits([r for r in c["rows"] if r.get("group") == "clean"])
+        ]
+        if majority:
+            entry["majority_accuracy"] = share_bootstrap_ci(majority, ev.bootstrap_resamples)
+        shuffled = [r["correct"] for r in rows if r.get("group") == "shuffled"]
+        if shuffled:  # cells run before the control existed have none
+            entry["shuffled_image_accuracy"] = share_bootstrap_ci(shuffled, ev.bootstrap_resamples)
+        attack_groups = sorted({(r["attack"], r["eps"]) for r in rows if "attack" in r})
+        for attack, eps in attack_groups:
+            hits = [v for c in group for v in worst_case(c["rows"], eps, attack)]
+            entry[f"robust/{attack}@{eps:g}"] = share_bootstrap_ci(hits, ev.bootstrap_resamples)
+        for eps in ev.eps:
+            worst = [v for c in group for v in worst_case(c["rows"], eps)]
+            if worst:
+                entry[f"robust/worst@{eps:g}"] = share_bootstrap_ci(worst, ev.bootstrap_resamples)
+        for name, hits in recall_indicators(rows).items():
+            entry[name] = share_bootstrap_ci(hits, ev.bootstrap_resamples)
+        reports = [c["result"]["report"] for c in group]
+        entry["trainable_params"] = int(np.mean([r["trainable_params"] for r in reports]))
+        entry["train_wall_s"] = float(np.mean([r["train_wall_s"] for r in reports]))
+        entry["flops_ratio"] = float(np.mean([r["overhead"]["flops_ratio"] for r in reports]))
+        entry["latency_ratio"] = float(np.mean([r["overhead"]["latency_ratio"] for r in reports]))
+        failed = sorted(
+            {
+                f"{f['name']}({f['group']})"
+                for c in group
+                for f in c["result"].get("sanity", [])
+                if not f["passed"]
+            }
+        )
+        entry["sanity_failed"] = failed
+        table.append(entry)
+    return table
 
 
 def write_table(table: list[dict[str, Any]], directory: Path) -> None:

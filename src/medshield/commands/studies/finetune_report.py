@@ -255,8 +255,8 @@ def task_tables(
     table: list[dict[str, Any]], cells: list[Cell], eps: list[float]
 ) -> list[dict[str, Any]]:
     """One table per (checkpoint, task) from the study's aggregated rows (see
-    :func:`medshield.commands.studies.finetune.aggregate`), with the task's chance and majority
-    references and each method's training compute and learning rate."""
+    :func:`medshield.commands.studies.finetune_outputs.aggregate`), with the task's chance and
+    majority references and each method's training compute and learning rate."""
     groups = _group(cells)
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in table:
