@@ -422,7 +422,7 @@ def _run_cells(
             run(cfg.model_dump(), str(cells_dir / cfg.name), log)
             yield cfg
         return
-    waiting = list(todo)
+    waiting, needs = list(todo), {key: waits_for(key) for key in todo}
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     threads = (worker_threads(workers),)  # the workers share the thread budget (threads.py)
     with ProcessPoolExecutor(workers, context, set_threads, threads) as pool:
@@ -430,7 +430,7 @@ def _run_cells(
         try:
             while waiting or running:
                 unfinished = set(waiting) | {key for key, _ in running.values()}
-                for key in [k for k in waiting if waits_for(k) not in unfinished]:
+                for key in [k for k in waiting if needs[k] not in unfinished]:
                     waiting.remove(key)
                     cfg = build(key)
                     future = pool.submit(run, cfg.model_dump(), str(cells_dir / cfg.name))

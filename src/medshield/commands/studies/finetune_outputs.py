@@ -1,7 +1,7 @@
 """The robust fine-tuning study's files: the table aggregated over seeds (:func:`aggregate`),
-``table.csv`` / ``table.md``, the
-robust-vs-clean and retrieval scatters, and the markdown and plots of the issue-20 report
-(:mod:`medshield.commands.studies.finetune_report` computes what they show)."""
+``table.csv`` / ``table.md``, the robust-vs-clean and retrieval scatters, and the markdown and
+plots of the issue-20 report (:mod:`medshield.commands.studies.finetune_report` computes what
+they show)."""
 
 from __future__ import annotations
 
