@@ -183,14 +183,16 @@ def test_one_pool_runs_a_later_seed_once_the_cell_whose_pick_it_reuses_is_done(
 ) -> None:
     """With 2 workers, a later seed's cell that reuses a pick (``waits_for``) is built and
     started only after its first-seed cell finishes, while a cell that waits for nothing runs
-    meanwhile: no worker idles until the whole first seed is done."""
-    slow, quick, dependent, free = (
+    meanwhile (no worker idles until the whole first seed is done); a freed worker takes the
+    earliest ready cell of the order, so the waiting cell goes before a later free one."""
+    slow, quick, dependent, free, last = (
         ("base", "grid", "t", 0),
         ("base", "fixed", "t", 0),
         ("base", "grid", "t", 1),
         ("base", "fixed", "t", 1),
+        ("base", "other", "t", 1),
     )
-    sleep = {slow: 30, quick: 0, dependent: 1, free: 2}  # timed_cell sleeps seed / 10 s
+    sleep = {slow: 30, quick: 0, dependent: 1, free: 50, last: 2}  # timed_cell: seed / 10 s
     times = {key: tmp_path / f"{cell_name(*key)}.json" for key in sleep}
     built_after_slow: dict[CellKey, bool] = {}
 
@@ -201,12 +203,11 @@ def test_one_pool_runs_a_later_seed_once_the_cell_whose_pick_it_reuses_is_done(
     def waits_for(key: CellKey) -> CellKey | None:
         return slow if key == dependent else None
 
-    order = [slow, quick, dependent, free]
+    order = [slow, quick, dependent, free, last]
     finished = list(_run_cells(order, waits_for, build, tmp_path, 2, print, run=timed_cell))
     assert sorted(cfg.name for cfg in finished) == sorted(cell_name(*k) for k in order)
     when = {key: json.loads(path.read_text()) for key, path in times.items()}
     assert built_after_slow[dependent] and not built_after_slow[free]
     assert when[dependent]["start"] >= when[slow]["end"]
-    assert when[free]["end"] < when[slow]["end"]  # ran on the other worker meanwhile
-    names = [cfg.name for cfg in finished]
-    assert names.index(cell_name(*dependent)) > names.index(cell_name(*slow))
+    assert when[free]["start"] < when[slow]["end"]  # on the other worker meanwhile
+    assert when[dependent]["start"] < when[last]["start"]

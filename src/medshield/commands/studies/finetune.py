@@ -414,7 +414,9 @@ def _run_cells(
     function, for the worker processes), yielding each as it finishes; the first failure stops
     the study. A cell starts once the cell it ``waits_for`` (if that one is in ``todo``) has
     finished, and its config is built only then (it may read that cell's results). With
-    several workers, one pool of processes runs every cell of the study."""
+    several workers, one pool of processes runs every cell of the study: a freed worker takes
+    the first cell of ``todo`` that waits for nothing unfinished, so cells start in their order
+    as far as their waits allow (a study cut short has the earliest seeds done)."""
     if workers == 1 or len(todo) <= 1:
         for key in todo:  # the order puts every cell after the one it waits for
             cfg = build(key)
@@ -430,7 +432,8 @@ def _run_cells(
         try:
             while waiting or running:
                 unfinished = set(waiting) | {key for key, _ in running.values()}
-                for key in [k for k in waiting if needs[k] not in unfinished]:
+                ready = [k for k in waiting if needs[k] not in unfinished]
+                for key in ready[: workers - len(running)]:  # the earliest first, as they free
                     waiting.remove(key)
                     cfg = build(key)
                     future = pool.submit(run, cfg.model_dump(), str(cells_dir / cfg.name))
