@@ -307,8 +307,7 @@ def first_seed_selection(
     ``lr_grid``)."""
     if _finetune_config(config, spec).lr_grid is None:
         return None
-    first = cell_config(config, checkpoint, spec, modality, config.seeds[0])
-    result = read_results(cells_dir / first.name)
+    result = read_results(cells_dir / cell_name(checkpoint, spec.name, modality, config.seeds[0]))
     return {**result["report"]["lr_selection"], "from_seed": config.seeds[0]}
 
 
@@ -336,12 +335,16 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
         for seed in config.seeds
     ]
 
-    def build(key: CellKey) -> FineTuneRunConfig:
-        checkpoint, name, modality, seed = key
-        reused = None
-        if seed != first:
-            reused = first_seed_selection(config, cells_dir, checkpoint, specs[name], modality)
-        return cell_config(config, checkpoint, specs[name], modality, seed, reused)
+    configs: dict[CellKey, FineTuneRunConfig] = {}
+
+    def build(key: CellKey) -> FineTuneRunConfig:  # once per cell: a later seed reads its pick
+        if key not in configs:
+            checkpoint, name, modality, seed = key
+            reused = None
+            if seed != first:
+                reused = first_seed_selection(config, cells_dir, checkpoint, specs[name], modality)
+            configs[key] = cell_config(config, checkpoint, specs[name], modality, seed, reused)
+        return configs[key]
 
     def waits_for(key: CellKey) -> CellKey | None:
         checkpoint, name, modality, seed = key
