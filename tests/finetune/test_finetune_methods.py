@@ -12,7 +12,7 @@ from medshield.models.base import ZeroShotClassifier
 from medshield.models.mini_clip import MiniClip
 from medshield.train.finetune.config import FineTuneConfig
 from medshield.train.finetune.data import TrainData
-from medshield.train.finetune.method import method_for
+from medshield.train.finetune.method import eval_roots, method_for, set_train_modes
 
 
 def test_adapters_train_in_both_towers_and_start_as_identity(
@@ -49,3 +49,23 @@ def test_tecoa_and_fare_train_the_image_side_only(base: MiniClip, train: TrainDa
         text_keys = [k for k in ref if k.startswith("text_tower.")]
         assert all(torch.equal(state[k], ref[k]) for k in text_keys), method
         assert result.report["history"][0]["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "batchnorm"), [("lora", "train"), ("adapter", "train"), ("tecoa", "frozen")]
+)
+def test_train_modes_keep_every_frozen_part_and_frozen_norm_in_eval_mode(
+    base: MiniClip, train: TrainData, method: str, batchnorm: str
+) -> None:
+    clf = method_for(FineTuneConfig(method=method, batchnorm=batchnorm, **FAST)).build(
+        copy.deepcopy(base), train.class_prompts
+    )
+    roots = eval_roots(clf, batchnorm)
+    clf.eval()  # an attack or a validation pass left it so
+    set_train_modes(clf, roots)
+    for name, m in clf.named_modules():  # each module by the rule, not the listed roots
+        frozen_norm = batchnorm == "frozen" and isinstance(m, torch.nn.BatchNorm2d)
+        trainable = any(p.requires_grad for p in m.parameters())
+        assert m.training == (trainable and not frozen_norm), name
+    assert any(m.training for m in clf.modules()) and any(not m.training for m in clf.modules())
+    assert len(roots) < sum(1 for _ in clf.modules())  # the top-most ones only

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,26 @@ def test_study_runs_cells_aggregates_with_cis_plots_and_resumes(
     config.write_text(bad)
     with pytest.raises(ConfigError, match="unknown RAN terms"):
         load_study_config(config)
+
+
+HEAVY_IMPORTS = ("peft", "transformers", "scipy.stats", "sklearn", "matplotlib")
+
+
+def test_the_study_process_schedules_cells_without_the_heavy_imports() -> None:
+    # the study process validates and builds every cell's config before its workers start: the
+    # imports only a cell needs (peft, transformers, scipy, sklearn) would delay every worker
+    script = f"""
+import sys
+from medshield.commands import cli
+from medshield.commands.studies.finetune import cell_config, load_study_config
+config = load_study_config({str(CONFIGS / "study_finetune_headline.yaml")!r})
+for spec in config.expanded_methods():
+    cell_config(config, "base", spec, "chest_xray", 0)
+print(sorted(m for m in {HEAVY_IMPORTS!r} if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

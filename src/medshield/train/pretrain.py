@@ -28,7 +28,6 @@ from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from medshield.config import PretrainConfig
 from medshield.errors import ConfigError
@@ -176,6 +175,8 @@ def pretrain(
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     total = steps_per_epoch * config.epochs
+    from transformers import get_cosine_schedule_with_warmup  # a heavy import, when needed
+
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(config.warmup_fraction * total), total
     )

@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from medshield.commands.finetune.config import CUDA_BATCH, FineTuneRunConfig, RobustEvalConfig
 from medshield.config import (
@@ -232,6 +231,8 @@ def retrieval_flags(recall: dict[str, list[bool]]) -> list[dict[str, Any]]:
         pairs = list(zip(clean, adv, strict=True))
         gained = sum(a and not c for c, a in pairs)
         lost = sum(c and not a for c, a in pairs)
+        from scipy.stats import binomtest  # a heavy import, only with retrieval rows
+
         p = binomtest(gained, gained + lost, alternative="greater").pvalue if gained else 1.0
         flags.append(
             {

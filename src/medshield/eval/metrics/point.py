@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from medshield.errors import InputError
 
@@ -35,6 +34,8 @@ def macro_auc(
         of the one-vs-rest AUCs of every class. nan when some class of 0..C-1 is absent from
         ``labels`` (its AUC is undefined).
     """
+    from sklearn.metrics import roc_auc_score  # a heavy import, when needed
+
     scores, labels = check_scores(scores, labels)
     num_classes = scores.shape[1]
     if not np.all(np.isin(np.arange(num_classes), labels)):

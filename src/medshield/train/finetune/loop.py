@@ -38,7 +38,13 @@ from medshield.train.finetune.data import (
     split_validation,
     validation_accuracy,
 )
-from medshield.train.finetune.method import count_parameters, freeze, method_for, set_train_modes
+from medshield.train.finetune.method import (
+    count_parameters,
+    eval_roots,
+    freeze,
+    method_for,
+    set_train_modes,
+)
 
 Log = Callable[[str], None]
 
@@ -267,6 +273,7 @@ def finetune(
     window = 0
     batches: list[torch.Tensor] = []
     epoch = -1
+    frozen = eval_roots(classifier, config.batchnorm)
     bar = tqdm(total=n_steps, desc=config.method, disable=not progress)
     for step in range(n_steps):
         if not batches:
@@ -274,7 +281,7 @@ def finetune(
             method.start_epoch(epoch, math.ceil(n_steps / per_pass))
             batches = _batches(len(train.images), config.batch_size, generator)
         idx = batches.pop(0)
-        set_train_modes(classifier, config.batchnorm)
+        set_train_modes(classifier, frozen)
         if train.questions is not None:
             classifier.set_questions([train.questions[i] for i in idx])
         images, labels = train.images[idx].to(device), train.labels[idx].to(device)

@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from pydantic import Field
 from torch import nn
 
@@ -136,6 +134,8 @@ def inject_lora(
     freeze(model)
     for name in targets:
         _plain_layer(model, name)
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
     )
@@ -148,12 +148,20 @@ def merge_lora_layers(module: nn.Module, merge: bool = True) -> None:
     """Merge every peft LoRA layer's ``B A`` into its base weight (``merge``; a layer peft
     already marks merged is left as it is) and put the base layer back in its place, so
     ``module`` has the base architecture again (in place)."""
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, LoraLayer):
-            if merge and not layer.merged:
-                layer.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child, layer.base_layer)
+    for name, layer in lora_layers(module):
+        if merge and not layer.merged:
+            layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer.base_layer)
+
+
+def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The peft LoRA layers in ``module``, with their names. peft (and transformers inside it)
+    is imported here, not with this module: a process that only validates a config, such as the
+    study scheduling its cells, starts without it."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
 
 
 @METHODS.register("lora", "LoRA (peft) on image-tower convs/linears and text-tower attention")
@@ -189,17 +197,15 @@ class Lora(FineTuneMethod):
     def finalize(self, classifier: nn.Module) -> nn.Module:
         classifier = super().finalize(classifier)
         if self.options.merge:
-            for module in classifier.modules():
-                if isinstance(module, LoraLayer):
-                    module.merge()
+            for _, layer in lora_layers(classifier):
+                layer.merge()
             classifier.structure_meta = {"merged": True}
         return classifier
 
     def restore_structure(self, classifier: nn.Module, meta: dict[str, Any]) -> nn.Module:
         if meta.get("merged"):
             # the saved base-layer weights already hold B A: mark the layers merged, add nothing
-            for module in classifier.modules():
-                if isinstance(module, LoraLayer):
-                    module.merged_adapters = ["default"]
+            for _, layer in lora_layers(classifier):
+                layer.merged_adapters = ["default"]
             classifier.structure_meta = {"merged": True}
         return classifier
