@@ -34,7 +34,6 @@ RAN's per-term log.
 from __future__ import annotations
 
 import multiprocessing
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -104,11 +103,10 @@ class StudyFinetuneConfig(StrictModel):
             is picked on the first seed and reused by the others (:func:`run_study_finetune`).
         robust: clean / robust evaluation settings.
         device: where every cell trains and is attacked (``auto``, ``cpu``, ``cuda[:N]``).
-        workers: cells run at once, one in the study process and the others each in a worker
-            process, with ``budget // workers`` threads each (the thread budget of
-            :mod:`medshield.threads`); several small cells share one GPU well. ``device``
-            and ``workers`` are left out of the study's saved config: a study may resume with
-            other values.
+        workers: cells run at once, each in its own process with ``budget // workers``
+            threads (the thread budget of :mod:`medshield.threads`); several small cells share
+            one GPU well. ``device`` and ``workers`` are left out of the study's saved config: a
+            study may resume with other values.
         precision: ``fp32`` or ``bf16`` for every cell (see
             :attr:`~medshield.commands.finetune.config.FineTuneRunConfig.precision`); a run-time
             field like ``device``.
@@ -316,12 +314,12 @@ def first_seed_selection(
 def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) -> dict[str, Any]:
     """Run (or resume) every cell, then write the table, plots and aggregated results.
 
-    Cells run one at a time or, with ``workers`` > 1, that many at once (this process and
-    ``workers - 1`` worker processes, :func:`_run_cells`), the first seed's cells first; each
-    finished cell is recorded in the study's ``samples.jsonl`` as it completes. A method with
-    an ``lr_grid`` picks its learning rate on the first seed, and its cells of the other seeds
-    train once at that pick (``lr_selection`` with ``from_seed`` in their results): such a cell
-    starts as soon as its first-seed cell has finished, the other cells need not wait.
+    Cells run one at a time or, with ``workers`` > 1, in that many processes at once, the first
+    seed's cells first; each finished cell is recorded in the study's ``samples.jsonl`` as it
+    completes. A method with an ``lr_grid`` picks its learning rate on the first seed, and its
+    cells of the other seeds train once at that pick (``lr_selection`` with ``from_seed`` in
+    their results): such a cell starts as soon as its first-seed cell has finished, the other
+    cells need not wait.
     """
     _check_checkpoints(config)
     modalities = _modalities(config)
@@ -419,9 +417,7 @@ def _run_cells(
     function, for the worker processes), yielding each as it finishes; the first failure stops
     the study. A cell starts once the cell it ``waits_for`` (if that one is in ``todo``) has
     finished, and its config is built only then (it may read that cell's results). With
-    several workers, ``workers`` cells run at once: one in this process (on a thread, so the
-    study keeps scheduling) and the others in one pool of ``workers - 1`` processes for the
-    whole study, which saves a process start (its imports) and its memory. A freed slot takes
+    several workers, one pool of processes runs every cell of the study: a freed worker takes
     the first cell of ``todo`` that waits for nothing unfinished, so cells start in their order
     as far as their waits allow (a study cut short has the earliest seeds done)."""
     if workers == 1 or len(todo) <= 1:
@@ -433,11 +429,9 @@ def _run_cells(
         return
     waiting, needs = list(todo), {key: waits_for(key) for key in todo}
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    threads = worker_threads(workers)  # the workers share the thread budget (threads.py)
-    set_threads(threads)  # this process is one of them
-    with ProcessPoolExecutor(workers - 1, context, set_threads, (threads,)) as pool:
+    threads = (worker_threads(workers),)  # the workers share the thread budget (threads.py)
+    with ProcessPoolExecutor(workers, context, set_threads, threads) as pool:
         running: dict[Future[None], tuple[CellKey, FineTuneRunConfig]] = {}
-        here: Future[None] | None = None  # the cell running in this process
         try:
             while waiting or running:
                 unfinished = set(waiting) | {key for key, _ in running.values()}
@@ -445,11 +439,7 @@ def _run_cells(
                 for key in ready[: workers - len(running)]:  # the earliest first, as they free
                     waiting.remove(key)
                     cfg = build(key)
-                    args = (cfg.model_dump(), str(cells_dir / cfg.name))
-                    if here is None or here.done():
-                        future = here = _on_a_thread(run, *args)
-                    else:
-                        future = pool.submit(run, *args)
+                    future = pool.submit(run, cfg.model_dump(), str(cells_dir / cfg.name))
                     running[future] = (key, cfg)
                 if not running:
                     raise RuntimeError(f"cells wait for cells that never run: {waiting}")
@@ -461,23 +451,6 @@ def _run_cells(
             for future in running:
                 future.cancel()
             raise
-
-
-def _on_a_thread(run: Callable[..., None], *args: Any) -> Future[None]:
-    """``run(*args)`` on a daemon thread of this process, as a future: the study process runs
-    cells too while it waits on the workers (daemon: an interrupted study exits without waiting
-    for the cell, which resumes from its samples)."""
-    future: Future[None] = Future()
-
-    def target() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(run(*args))
-            except BaseException as exc:  # the study raises it from future.result()
-                future.set_exception(exc)
-
-    threading.Thread(target=target, name="study-cell", daemon=True).start()
-    return future
 
 
 def study_run_dir(config: StudyFinetuneConfig) -> Path:
