@@ -89,9 +89,11 @@ def write_study_config(tmp_path: Path, data_dir: Path, **extra: Any) -> Path:
 def timed_cell(raw: dict[str, Any], path: str, log: Any = None) -> None:
     """A stand-in for a study cell (module level, so spawned workers can run it): it sleeps
     ``raw["seed"] / 10`` seconds (0 to 9: 0 to 0.9 s; 30 for 3 s) and writes its start and end
-    times (epoch seconds) to ``<path>.json``."""
+    times (epoch seconds) to ``<path>.json``; a negative seed raises."""
     import time
 
+    if raw["seed"] < 0:
+        raise ValueError(f"cell {path} failed")
     start = time.time()
     time.sleep(raw["seed"] / 10)
     Path(f"{path}.json").write_text(json.dumps({"start": start, "end": time.time()}))

@@ -233,3 +233,17 @@ def test_one_pool_runs_a_later_seed_once_the_cell_whose_pick_it_reuses_is_done(
     assert when[dependent]["start"] >= when[slow]["end"]
     assert when[free]["start"] < when[slow]["end"]  # on the other worker meanwhile
     assert when[dependent]["start"] < when[last]["start"]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_cell_stops_the_study_with_its_error(tmp_path: Path, failing: int) -> None:
+    keys: list[CellKey] = [("base", m, "t", 0) for m in ("a", "b", "c")]
+    seeds = {key: 50 for key in keys} | {keys[failing]: -1}  # timed_cell: 5 s; < 0 raises
+
+    def build(key: CellKey) -> FineTuneRunConfig:
+        return FineTuneRunConfig(name=cell_name(*key), output_dir="", seed=seeds[key])
+
+    cells = _run_cells(keys, lambda _: None, build, tmp_path, 2, print, run=timed_cell)
+    with pytest.raises(ValueError, match=f"cell .*{cell_name(*keys[failing])} failed"):
+        list(cells)
+    assert not (tmp_path / f"{cell_name(*keys[2])}.json").exists()  # never started
