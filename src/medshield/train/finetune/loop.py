@@ -281,7 +281,6 @@ def finetune(
             method.start_epoch(epoch, math.ceil(n_steps / per_pass))
             batches = _batches(len(train.images), config.batch_size, generator)
         idx = batches.pop(0)
-        method.start_step(step, n_steps)
         set_train_modes(classifier, frozen)
         if train.questions is not None:
             classifier.set_questions([train.questions[i] for i in idx])

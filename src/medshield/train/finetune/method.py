@@ -76,10 +76,6 @@ class FineTuneMethod(ABC):
         budget), before its first step; a method that cannot use that many passes raises a
         :class:`ConfigError` at pass 0, before the first step."""
 
-    def start_step(self, step: int, steps: int) -> None:  # noqa: B027
-        """Hook run before every optimiser step (0-based ``step`` of the budget's ``steps``),
-        for a loss whose weights follow the training's progress."""
-
     def training_attack(self, classifier: nn.Module) -> Attack | None:
         """The method's own training adversary as a cross-entropy PGD against ``classifier``
         (None for a clean method): it scores robust validation accuracy when the learning rate

@@ -52,7 +52,6 @@ run's history):
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -117,9 +116,6 @@ class RANOptions(TradesOptions):
     svd: float = 0.01
     contrastive: float = 0.05
     ema_momentum: float = 0.9
-    # the re-alignment weights (keep, align) over training: constant, or a half cosine from
-    # full weight at the first step to 0 at the last
-    realignment_schedule: Literal["constant", "cosine"] = "constant"
     svd_top_k: int | None = None
 
     @model_validator(mode="after")
@@ -403,7 +399,6 @@ class RAN(FineTuneMethod):
     def prepare(self, classifier: nn.Module, train: TrainData) -> None:
         """Keep the frozen copy of the starting model (in inference form: it only embeds
         images) and start the EMA teacher from it."""
-        self.realignment_factor = 1.0
         self.pretrained = evaluation_copy(classifier, text_tower=False)
         self.teacher = _frozen_copy(classifier)
         self.ema_pairs = [
@@ -411,11 +406,6 @@ class RAN(FineTuneMethod):
             for t, s in zip(self.teacher.parameters(), classifier.parameters(), strict=True)
             if s.requires_grad
         ]
-
-    def start_step(self, step: int, steps: int) -> None:
-        """Set the re-alignment terms' factor for this step (``realignment_schedule``)."""
-        if self.options.realignment_schedule == "cosine":
-            self.realignment_factor = 0.5 * (1 + math.cos(math.pi * step / steps))
 
     @torch.no_grad()
     def update_teacher(self) -> None:
@@ -457,11 +447,7 @@ class RAN(FineTuneMethod):
             captions = [str(int(y)) for y in labels]
             scale = classifier.model.logit_scale.exp()
             terms["contrastive"] = contrastive_loss(clean, text, scale, captions)
-        weights = {name: getattr(o, name) for name in terms}
-        for name in RAN_PARTS["realignment"]:
-            if name in weights:
-                weights[name] *= self.realignment_factor
-        total = sum(weights[name] * value for name, value in terms.items())
+        total = sum(getattr(o, name) * value for name, value in terms.items())
         return total, {_LOG_NAME.get(k, k): float(v.detach()) for k, v in terms.items()}
 
     def finalize(self, classifier: nn.Module) -> nn.Module:
