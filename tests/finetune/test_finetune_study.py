@@ -22,6 +22,7 @@ from medshield.commands.studies.finetune import (
 )
 from medshield.errors import ConfigError
 from medshield.runs import Run
+from medshield.train.finetune.ran import RANOptions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -56,6 +57,30 @@ def test_the_shipped_studies_train_tecoa_with_frozen_batchnorm_statistics() -> N
         modes = {s.name: _finetune_config(config, s).batchnorm for s in config.expanded_methods()}
         assert modes.pop("tecoa") == "frozen"
         assert set(modes.values()) == {"train"}
+
+
+def test_the_budget_study_is_the_headline_at_four_times_the_steps() -> None:
+    """``study_finetune_budget.yaml`` (why RAN's lead fades with the budget) trains on the
+    headline's settings at 320 steps, every variant at the headline's 3e-3; ``ran-trades`` is
+    RAN with both its re-alignment and its disentanglement off."""
+    budget = load_study_config(CONFIGS / "study_finetune_budget.yaml")
+    headline = load_study_config(CONFIGS / "study_finetune_headline.yaml")
+    assert budget.finetune == {**headline.finetune, "steps": 320}
+    assert budget.robust == headline.robust and budget.modalities == headline.modalities
+    specs = {s.name: s for s in budget.expanded_methods()}
+    assert list(specs) == [
+        "adv-lora",
+        "ran",
+        "ran-no_realignment",
+        "ran-no_disentanglement",
+        "ran-trades",
+        "ran-rank13",
+    ]
+    assert {_finetune_config(budget, s).lr for s in specs.values()} == {0.003}
+    both_off = {**specs["ran-no_realignment"].kwargs, **specs["ran-no_disentanglement"].kwargs}
+    assert RANOptions().keep == 0  # so ran-trades need not set it
+    assert specs["ran-trades"].kwargs == {k: v for k, v in both_off.items() if k != "keep"}
+    assert specs["ran-rank13"].kwargs == {"rank": 13}
 
 
 def test_ran_parts_are_ablated_together_and_unknown_names_refused() -> None:
