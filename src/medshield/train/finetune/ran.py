@@ -108,8 +108,9 @@ class RANOptions(TradesOptions):
     # (chest X-ray, seed 0, 80 steps; configs/study_finetune_realignment.yaml); the EMA
     # teacher at 0.9 gained 8.0 over no re-alignment at lr 1e-2 (momentum 0 collapsed)
     keep: float = 0.0
-    # at 320 steps (4x the headline) align costs 2.5 points at 2/255 and disentanglement 1.8
-    # (chest X-ray, 3 seeds; a cosine fade of align did not help): docs/studies/finetune.md
+    # at 320 steps (4x the headline) align costs 2.5 points at 2/255 and disentanglement 1.8 on
+    # chest X-ray, while align gains 3.0 on blood cells (3 seeds each; a cosine fade of align
+    # did not help): docs/studies/finetune.md
     align: float = 1.0
     # disentanglement at a tenth of its first weights (1.0 / 0.1 / 0.5): at full weight the three
     # terms together cost 8.7 points at 2/255 (3 seeds); at a tenth they cost nothing (seed 0:
