@@ -258,9 +258,11 @@ def test_one_pool_runs_a_later_seed_once_the_cell_whose_pick_it_reuses_is_done(
     assert when[dependent]["start"] >= when[slow]["end"]
     assert when[free]["start"] < when[slow]["end"]  # on the other worker meanwhile
     assert when[dependent]["start"] < when[last]["start"]
+    for w in when.values():  # 2 workers: at most 2 cells at once
+        assert sum(v["start"] <= w["start"] < v["end"] for v in when.values()) <= 2
 
 
-@pytest.mark.parametrize("failing", [0, 1])
+@pytest.mark.parametrize("failing", [0, 1])  # the first cell, or the one started beside it
 def test_a_failing_cell_stops_the_study_with_its_error(tmp_path: Path, failing: int) -> None:
     keys: list[CellKey] = [("base", m, "t", 0) for m in ("a", "b", "c")]
     seeds = {key: 50 for key in keys} | {keys[failing]: -1}  # timed_cell: 5 s; < 0 raises

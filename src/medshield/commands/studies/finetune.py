@@ -429,8 +429,8 @@ def _run_cells(
         return
     waiting, needs = list(todo), {key: waits_for(key) for key in todo}
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    threads = (worker_threads(workers),)  # the workers share the thread budget (threads.py)
-    with ProcessPoolExecutor(workers, context, set_threads, threads) as pool:
+    threads = worker_threads(workers)  # the workers share the thread budget (threads.py)
+    with ProcessPoolExecutor(workers, context, set_threads, (threads,)) as pool:
         running: dict[Future[None], tuple[CellKey, FineTuneRunConfig]] = {}
         try:
             while waiting or running:
