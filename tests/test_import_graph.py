@@ -19,7 +19,7 @@ PACKAGE = "medshield"
 # medshield imports only from its own layer and the layers below it.
 LAYERS = (
     ("errors",),
-    ("config", "data", "device", "registry", "threads"),
+    ("config", "data", "device", "registry", "threads", "workers"),
     ("models", "runs"),
     ("attacks",),
     ("defense", "eval", "noise"),

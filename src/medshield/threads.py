@@ -8,8 +8,9 @@ cores this process may run on (at least 1: one thread on a 2-core machine). A co
 whole budget; a study's ``workers`` processes share it, ``budget // workers`` threads each (at
 least 1).
 
-:func:`configure_threads` runs when the ``medshield`` command starts; studies pass
-:func:`worker_threads` to :func:`set_threads` in each worker process.
+:func:`configure_threads` runs when the ``medshield`` command starts; a study's worker pool
+(:func:`medshield.workers.worker_pool`) gives each worker :func:`worker_threads` threads with
+:func:`set_threads`.
 """
 
 from __future__ import annotations

@@ -33,9 +33,8 @@ RAN's per-term log.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -62,10 +61,11 @@ from medshield.device import DeviceName, Precision, resolve_device
 from medshield.errors import ConfigError, DataError
 from medshield.models.io import META_FILE as MODEL_META_FILE
 from medshield.runs import RESULTS_FILE, Log, Run, has_results, read_results
-from medshield.threads import set_threads, usable_cores, worker_threads
+from medshield.threads import usable_cores
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import VQA_TASK
 from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms
+from medshield.workers import worker_pool
 
 
 class MethodSpec(StrictModel):
@@ -428,9 +428,7 @@ def _run_cells(
             yield cfg
         return
     waiting, needs = list(todo), {key: waits_for(key) for key in todo}
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    threads = worker_threads(workers)  # the workers share the thread budget (threads.py)
-    with ProcessPoolExecutor(workers, context, set_threads, (threads,)) as pool:
+    with worker_pool(workers) as pool:  # they share the thread budget (medshield.threads)
         running: dict[Future[None], tuple[CellKey, FineTuneRunConfig]] = {}
         try:
             while waiting or running:

@@ -39,8 +39,7 @@ Decision rules (also in ``docs/studies/defense.md``):
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ from medshield.commands.studies.defense.config import (
 from medshield.commands.studies.defense.grid import Cell, _check_defenses, cell_config, plan_cells
 from medshield.commands.studies.defense.outputs import plot, write_table
 from medshield.runs import Log, Run, read_results, read_samples
-from medshield.threads import set_threads, worker_threads
+from medshield.workers import worker_pool
 
 __all__ = [
     "METRICS",
@@ -173,8 +172,7 @@ _WORKER: dict[str, Any] = {}
 """A worker process's study config, model, judges and attacked conversations."""
 
 
-def _init_worker(raw: dict[str, Any], threads: int) -> None:
-    set_threads(threads)
+def _init_worker(raw: dict[str, Any]) -> None:
     config = DefenseStudyConfig.model_validate(raw)
     _WORKER.update(
         config=config,
@@ -206,9 +204,7 @@ def _run_cells_in_workers(config: DefenseStudyConfig, run: Run, todo: list[Cell]
     The first failure stops the study."""
     workers = min(config.workers, len(todo))
     log(f"{len(todo)} cells to run, {workers} at a time (one model per worker)")
-    context = multiprocessing.get_context("spawn")
-    init = (config.model_dump(), worker_threads(workers))
-    with ProcessPoolExecutor(workers, context, _init_worker, init) as pool:
+    with worker_pool(workers, _init_worker, (config.model_dump(),)) as pool:
         futures = [pool.submit(_run_in_worker, str(run.path), cell) for cell in todo]
         try:
             for count, future in enumerate(as_completed(futures), 1):
