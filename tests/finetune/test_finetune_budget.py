@@ -24,12 +24,8 @@ from medshield.train.finetune.data import (
     split_validation,
     validation_accuracy,
 )
-from medshield.train.finetune.loop import lr_factor
-from medshield.train.finetune.select import (
-    finetune_lr_grid,
-    is_degenerate,
-    robust_validation_accuracy,
-)
+from medshield.train.finetune.loop import lr_factor, robust_validation_accuracy
+from medshield.train.finetune.select import finetune_lr_grid, is_degenerate
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +134,57 @@ def test_adversarial_methods_pick_by_robust_validation_accuracy(
     monkeypatch.setattr(
         PGD, "perturb", lambda self, *a, **k: attacked.append(self.model) or perturb(self, *a, **k)
     )
-    robust = robust_validation_accuracy(result, result.val, 4)  # type: ignore[arg-type]
+    robust = robust_validation_accuracy(result.classifier, result.config, result.val, 4, 0)  # type: ignore[arg-type]
     assert robust == pytest.approx(max(selection["scores"]))
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     # scored on the evaluation copy (BatchNorm folded), as every evaluation
     assert attacked and all(m is not result.classifier for m in attacked)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in attacked[0].modules())
+
+
+def test_val_robust_logs_robust_validation_accuracy_and_leaves_training_as_it_was(
+    base: MiniClip, train16: TrainData
+) -> None:
+    config = {
+        "epochs": None,
+        "steps": 4,
+        "batch_size": 4,
+        "log_every": 2,
+        "max_train_items": None,
+        "val_fraction": 0.25,
+        "kwargs": {"pgd_steps": 1},
+    }
+    _, plain = run_method(base, train16, "adv-linear-probe", **config)
+    _, scored = run_method(base, train16, "adv-linear-probe", val_robust=True, **config)
+    history = scored.report["history"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert all(0 <= h["val_robust_accuracy"] <= h["val_accuracy"] + 0.25 for h in history)
+    assert all("val_robust_accuracy" not in h for h in plain.report["history"])
+    # the last entry's score is the one the learning-rate selection gives the final model
+    final = robust_validation_accuracy(scored.classifier, scored.config, scored.val, 4, 0)  # type: ignore[arg-type]
+    assert history[-1]["val_robust_accuracy"] == pytest.approx(final)
+    # the attacks draw from a forked random state: the same losses, weights and compute
+    strip = [{k: v for k, v in h.items() if k != "val_robust_accuracy"} for h in history]
+    assert strip == plain.report["history"]
+    assert scored.report["compute"]["image_forward"] == plain.report["compute"]["image_forward"]
+    for (name, a), (_, b) in zip(
+        plain.classifier.state_dict().items(), scored.classifier.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"method": "adv-lora", "val_fraction": 0.0}, "set val_fraction above 0"),
+        ({"method": "lora", "val_fraction": 0.2}, "lora is a clean method"),
+    ],
+)
+def test_val_robust_needs_a_validation_split_and_an_adversarial_method(
+    extra: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_finetune_config({**extra, "val_robust": True})
 
 
 def select_with_scores(

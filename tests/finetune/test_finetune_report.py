@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medshield.commands.finetune.config import RobustEvalConfig
-from medshield.commands.studies.finetune_outputs import aggregate
+from medshield.commands.studies.finetune_outputs import aggregate, curves_md, plot_curves
 from medshield.commands.studies.finetune_report import (
     ablation,
     curves,
@@ -247,3 +247,33 @@ def test_a_flat_curve_is_flat_and_a_single_point_has_no_verdict() -> None:
     assert found["tecoa"]["flat"] is True and found["tecoa"]["tail_change"] == 0
     assert found["ran"]["flat"] is None
     assert ran_terms(cells)["inert"] is None  # one point: nothing can move
+
+
+def test_robust_validation_accuracy_curves_say_whether_it_stopped_rising(tmp_path: Path) -> None:
+    def history(robust: list[float]) -> list[dict[str, Any]]:
+        return [
+            {"step": 10 * (i + 1), "loss": 1.0, "val_accuracy": 0.9, "val_robust_accuracy": r}
+            for i, r in enumerate(robust)
+        ]
+
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]  # last quarter 0.75, before 0.55
+    level = [0.1, 0.5, 0.6, 0.6, 0.6, 0.61, 0.6, 0.6]  # 0.60 against 0.605: stopped
+    cells = [
+        cell("adv-lora", "chest_xray", seed, hits(0.5, 0), {}, history=history(rising))
+        for seed in (0, 1)
+    ] + [
+        cell("ran", "chest_xray", 0, hits(0.5, 0), {}, history=history(level)),
+        cell("ran", "chest_xray", 1, hits(0.5, 0), {}, history=history([0.2] + level[1:])),
+        cell("lora", "chest_xray", 0, hits(0.5, 0), {}, history=[{"step": 10, "loss": 1.0}]),
+    ]
+    found = {c["method"]: c for c in curves(cells)}
+    assert found["adv-lora"]["val_robust"] == pytest.approx(rising)
+    assert found["adv-lora"]["val_robust_gain"] == pytest.approx(0.2)
+    assert found["adv-lora"]["val_robust_stopped"] is False
+    assert found["ran"]["val_robust"][0] == pytest.approx(0.15)  # the seed mean
+    assert found["ran"]["val_robust_gain"] == pytest.approx(-0.005)
+    assert found["ran"]["val_robust_stopped"] is True
+    assert "val_robust" not in found["lora"]  # a clean method logs none
+    table = curves_md(list(found.values()))
+    assert "| last val robust | val robust gain | stopped rising |" in table
+    assert plot_curves(list(found.values()), tmp_path / "curves.png").is_file()

@@ -289,22 +289,34 @@ def ablation_md(rows: list[dict[str, Any]], eps: list[float]) -> str:
 
 
 def curves_md(curves: list[dict[str, Any]]) -> str:
-    """``curves.md``: each training curve's first and last loss and its tail change."""
+    """``curves.md``: each training curve's first and last loss and its tail change, and where
+    logged, the last robust validation accuracy and its tail gain."""
     header = ["checkpoint", "task", "method", "points", "first loss", "last loss"]
     header += ["tail change", "flat"]
-    body = [
-        [c["checkpoint"], c["task"], c["method"], f"{len(c['loss'])} {c['x']}s"]
-        + [c["loss"][0], c["loss"][-1], c["tail_change"], c["flat"]]
-        for c in curves
-    ]
+    robust = any("val_robust" in c for c in curves)
+    if robust:
+        header += ["last val robust", "val robust gain", "stopped rising"]
+    body = []
+    for c in curves:
+        row = [c["checkpoint"], c["task"], c["method"], f"{len(c['loss'])} {c['x']}s"]
+        row += [c["loss"][0], c["loss"][-1], c["tail_change"], c["flat"]]
+        if robust:
+            last = c["val_robust"][-1] if "val_robust" in c else None
+            row += [last, c.get("val_robust_gain"), c.get("val_robust_stopped")]
+        body.append(row)
     intro = [
         "# Training curves",
         "",
         "Seed-mean training loss; `tail change`: relative change of the mean loss over the last "
         "quarter of the logged points from the quarter before; `flat`: within 5%.",
-        "",
     ]
-    return "\n".join(intro + _md(header, body)) + "\n"
+    if robust:
+        intro += [
+            "Seed-mean robust accuracy on the held-out items under the method's training "
+            "adversary (`finetune.val_robust`); `val robust gain`: the mean of its last quarter "
+            "minus the quarter before; `stopped rising`: a gain of at most 1 point.",
+        ]
+    return "\n".join([*intro, "", *_md(header, body)]) + "\n"
 
 
 def ran_terms_md(terms: dict[str, Any]) -> str:
@@ -326,21 +338,29 @@ def ran_terms_md(terms: dict[str, Any]) -> str:
 
 
 def plot_curves(curves: list[dict[str, Any]], path: Path) -> Path | None:
-    """``curves.png``: one panel per checkpoint and task, the training loss of each method."""
-    panels = list(dict.fromkeys((c["checkpoint"], c["task"]) for c in curves))
+    """``curves.png``: one panel per checkpoint and task, the training loss of each method, and
+    where logged, a panel below with its robust validation accuracy."""
+    panels = [
+        (checkpoint, task, series)
+        for checkpoint, task in dict.fromkeys((c["checkpoint"], c["task"]) for c in curves)
+        for series in ("loss", "val_robust")
+        if any(c.get(series) for c in curves if (c["checkpoint"], c["task"]) == (checkpoint, task))
+    ]
     if not panels:
         return None
     plt = plots.pyplot()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    for ax, (checkpoint, task) in zip(axes.flat, panels, strict=False):
+    label = {"loss": "training loss", "val_robust": "val. robust accuracy"}
+    for ax, (checkpoint, task, series) in zip(axes.flat, panels, strict=False):
         shown = [c for c in curves if (c["checkpoint"], c["task"]) == (checkpoint, task)]
         for c in shown:
-            ax.plot(c["steps"], c["loss"], marker=".", label=c["method"])
+            if c.get(series):
+                ax.plot(c["steps"], c[series], marker=".", label=c["method"])
         ax.set_title(f"{checkpoint}: {task}", fontsize=9)
         ax.set_xlabel(" / ".join(dict.fromkeys(c["x"] for c in shown)), fontsize=8)
-        ax.set_ylabel("training loss (seed mean)", fontsize=8)
+        ax.set_ylabel(f"{label[series]} (seed mean)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels) :]:

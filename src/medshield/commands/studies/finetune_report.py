@@ -18,7 +18,9 @@ Written to the study directory by :func:`write_report` (and returned for ``resul
 - ``ablation.md``: every ``ran-no_<term>`` against ``ran`` (same checkpoint and task), the
   effect of switching the term off on clean and worst-case accuracy, with its paired CI.
 - ``curves.png`` / ``curves.md``: training loss against step (epoch where the runs logged no
-  steps) per method, the seed mean, and how much it still moved over the last quarter.
+  steps) per method, the seed mean, and how much it still moved over the last quarter; with
+  ``finetune.val_robust``, robust accuracy on the held-out items likewise, and whether it
+  stopped rising.
 - ``ran_terms.png`` / ``ran_terms.md``: the per-term loss log of one ``ran`` run and the terms
   that never moved (inert).
 """
@@ -43,6 +45,10 @@ CHEST, BLOOD = "chest_xray", "blood_cell"
 FLAT_TOLERANCE = 0.05
 """A curve has flattened when its mean over the last quarter of the logged points moved at
 most this share from the quarter before."""
+VAL_ROBUST_GAIN = 0.01
+"""Robust accuracy on the held-out items (``finetune.val_robust``) has stopped rising when its
+mean over the last quarter of the logged points is at most this much (1 point) above the
+quarter before; a fall counts as stopped too (robust overfitting)."""
 _NOT = "NOT MEASURED"
 
 Cell = dict[str, Any]
@@ -329,7 +335,10 @@ def task_means(tables: list[dict[str, Any]], eps: list[float]) -> list[dict[str,
 
 def curves(cells: list[Cell]) -> list[dict[str, Any]]:
     """Per (checkpoint, method, task): the seed-mean training loss against step (per-step
-    history entries) or epoch, and whether it flattened (:data:`FLAT_TOLERANCE`)."""
+    history entries) or epoch, and whether it flattened (:data:`FLAT_TOLERANCE`); where every
+    seed logged ``val_robust_accuracy`` (``finetune.val_robust``), its seed mean too
+    (``val_robust``), the gain of its last quarter over the quarter before and whether it
+    stopped rising (:data:`VAL_ROBUST_GAIN`)."""
     out = []
     for (ck, method, task), group in _group(cells).items():
         series = [_loss_series(c["result"]["report"].get("history", [])) for c in group]
@@ -341,19 +350,35 @@ def curves(cells: list[Cell]) -> list[dict[str, Any]]:
         xs = [x for x, _ in series[0][1][:length]]
         loss = np.mean([[y for _, y in s[1][:length]] for s in series if s[0] == unit], axis=0)
         change = _tail_change(loss)
-        out.append(
-            {
-                "checkpoint": ck,
-                "method": method,
-                "task": task,
-                "x": unit,
-                "steps": xs,
-                "loss": [float(v) for v in loss],
-                "tail_change": change,
-                "flat": None if change is None else abs(change) <= FLAT_TOLERANCE,
+        curve = {
+            "checkpoint": ck,
+            "method": method,
+            "task": task,
+            "x": unit,
+            "steps": xs,
+            "loss": [float(v) for v in loss],
+            "tail_change": change,
+            "flat": None if change is None else abs(change) <= FLAT_TOLERANCE,
+        }
+        robust = [_val_robust_series(c["result"]["report"].get("history", [])) for c in group]
+        if unit == "step" and all(len(r) >= length for r in robust):
+            mean = np.mean([r[:length] for r in robust], axis=0)
+            gain = _tail_gain(mean)
+            curve |= {
+                "val_robust": [float(v) for v in mean],
+                "val_robust_gain": gain,
+                "val_robust_stopped": None if gain is None else gain <= VAL_ROBUST_GAIN,
             }
-        )
+        out.append(curve)
     return out
+
+
+def _val_robust_series(history: list[dict[str, Any]]) -> list[float]:
+    """The robust validation accuracy of the per-step entries, as long as every one has it."""
+    steps = [h for h in history if "step" in h and "loss" in h]
+    if not all("val_robust_accuracy" in h for h in steps):
+        return []
+    return [h["val_robust_accuracy"] for h in steps]
 
 
 def _loss_series(history: list[dict[str, Any]]) -> tuple[str, list[tuple[float, float]]]:
@@ -371,6 +396,15 @@ def _tail_change(values: np.ndarray) -> float | None:
     k = max(1, len(values) // 4)
     last, before = float(np.mean(values[-k:])), float(np.mean(values[-2 * k : -k]))
     return (last - before) / max(abs(before), 1e-12)
+
+
+def _tail_gain(values: np.ndarray) -> float | None:
+    """Mean of the last quarter of ``values`` minus that of the quarter before (None with
+    fewer than 2 values)."""
+    if len(values) < 2:
+        return None
+    k = max(1, len(values) // 4)
+    return float(np.mean(values[-k:])) - float(np.mean(values[-2 * k : -k]))
 
 
 def ran_terms(cells: list[Cell]) -> dict[str, Any] | None:

@@ -65,6 +65,12 @@ class FineTuneConfig(StrictModel):
             scored at every history entry (``val_accuracy``); 0 holds out nothing.
         keep_best: end with the weights of the history entry of highest validation accuracy
             (the earliest on a tie) instead of the last step's; needs ``val_fraction`` above 0.
+        val_robust: also score the held-out items under the method's own training adversary
+            at every history entry (``val_robust_accuracy``, as the learning-rate selection
+            scores a run), so a study can tell whether more steps still make the model more
+            robust on held-out items; adversarial methods only, needs ``val_fraction`` above 0.
+            It leaves training as it is (the attack's random start draws from a forked random
+            state) and adds one attack on the held-out items per entry.
         kwargs: method-specific options, validated by the method (unknown keys are refused;
             RAN's loss weights are among its options).
         adversary: PGD used to craft training examples on the fly (TeCoA, FARE; RAN and the
@@ -92,6 +98,7 @@ class FineTuneConfig(StrictModel):
     max_train_items: int | None = Field(512, ge=2)
     val_fraction: float = Field(0.0, ge=0, le=0.5)
     keep_best: bool = False
+    val_robust: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
     adversary: AdversaryConfig | None = Field(default_factory=AdversaryConfig)
     batchnorm: BatchNormMode = "train"
@@ -114,6 +121,15 @@ class FineTuneConfig(StrictModel):
             raise ValueError(
                 "keep_best picks the best history entry by validation accuracy: set "
                 "val_fraction above 0"
+            )
+        if self.val_robust and self.val_fraction == 0:
+            raise ValueError(
+                "val_robust scores the held-out items under attack: set val_fraction above 0"
+            )
+        if self.val_robust and not method.adversarial:
+            raise ValueError(
+                f"val_robust scores the held-out items under the method's training adversary, "
+                f"and {self.method} is a clean method with none: leave val_robust off"
             )
         if self.lr_grid is not None:
             if not self.lr_grid:

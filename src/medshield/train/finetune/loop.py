@@ -34,10 +34,13 @@ from medshield.train.finetune.classifier import QUESTION_FIELD, FineTunedClassif
 from medshield.train.finetune.config import FineTuneConfig, parse_finetune_config
 from medshield.train.finetune.data import (
     TrainData,
+    item_slices,
     load_train_data,
+    predict_classes,
     split_validation,
     validation_accuracy,
 )
+from medshield.train.finetune.deploy import evaluation_copy
 from medshield.train.finetune.method import (
     count_parameters,
     eval_roots,
@@ -66,7 +69,8 @@ class FineTuneResult:
             :func:`measure_overhead`), ``history`` (one entry every ``log_every`` steps and
             after the last: ``step`` (steps done), ``epoch`` (the pass it ended in), ``lr``
             (of the entry's last step, first parameter group), the mean loss and every loss
-            part over the entry's steps, and ``val_accuracy`` with a validation set), and with
+            part over the entry's steps, ``val_accuracy`` with a validation set and
+            ``val_robust_accuracy`` with ``val_robust``), and with
             a validation set ``val_items``, with ``keep_best`` ``best_step``.
         config: the fine-tuning config.
         modality: the downstream modality.
@@ -173,6 +177,37 @@ class ImageTowerCounter:
         self.active = False
         for handle in self.handles:
             handle.remove()
+
+
+def robust_validation_accuracy(
+    classifier: nn.Module, config: FineTuneConfig, val: TrainData, batch_size: int, seed: int
+) -> float:
+    """Accuracy on the held-out items under the method's own training adversary (eval mode;
+    on the VQA task each batch with its own questions), on the classifier's evaluation copy as
+    every evaluation (:func:`~medshield.train.finetune.deploy.evaluation_copy`; a live head's
+    class embeddings are refreshed first). The adversary's random start is seeded with
+    ``seed`` inside a forked random state, so the caller's draws are untouched.
+
+    Raises:
+        ConfigError: a clean method (it has no training adversary).
+    """
+    if isinstance(classifier, FineTunedClassifier):
+        classifier.refresh_class_embeddings()
+    copied = evaluation_copy(classifier)
+    attack = method_for(config).training_attack(copied)
+    if attack is None:
+        raise ConfigError(f"{config.method} is a clean method: it has no training adversary")
+    device = next(copied.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        adv = torch.cat(
+            [
+                attack(val.images[part].to(device), val.labels[part].to(device)).cpu()
+                for part in item_slices(copied, val, batch_size)
+            ]
+        )
+    pred = predict_classes(copied, val, adv, batch_size)
+    return float((pred == val.labels).float().mean())
 
 
 def finetune(
@@ -307,8 +342,12 @@ def finetune(
         if val is not None:
             counter.active, val_start = False, time.perf_counter()
             accuracy = validation_accuracy(classifier, val, config.batch_size)
-            counter.active, val_wall = True, val_wall + time.perf_counter() - val_start
             history[-1]["val_accuracy"] = accuracy
+            if config.val_robust:
+                history[-1]["val_robust_accuracy"] = robust_validation_accuracy(
+                    classifier, config, val, config.batch_size, seed
+                )
+            counter.active, val_wall = True, val_wall + time.perf_counter() - val_start
             if config.keep_best and (best is None or accuracy > best[0]):
                 state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
                 best = (accuracy, step + 1, state)

@@ -53,36 +53,12 @@ from medshield.models.base import DualEncoder
 from medshield.train.finetune.config import FineTuneConfig, parse_finetune_config
 from medshield.train.finetune.data import (
     TrainData,
-    item_slices,
     load_train_data,
     predict_classes,
     validation_accuracy,
 )
-from medshield.train.finetune.deploy import evaluation_copy
-from medshield.train.finetune.loop import FineTuneResult, finetune
+from medshield.train.finetune.loop import FineTuneResult, finetune, robust_validation_accuracy
 from medshield.train.finetune.method import method_for
-
-
-def robust_validation_accuracy(result: FineTuneResult, val: TrainData, batch_size: int) -> float:
-    """Accuracy on the held-out items under the method's own training adversary (eval mode;
-    on the VQA task each batch with its own questions), on the classifier's evaluation copy as
-    every evaluation (:func:`~medshield.train.finetune.deploy.evaluation_copy`)."""
-    classifier = evaluation_copy(result.classifier)
-    attack = method_for(result.config).training_attack(classifier)
-    if attack is None:
-        raise ConfigError(f"{result.config.method} is a clean method: it has no training adversary")
-    device = next(classifier.parameters()).device
-    # the adversary's random start, seeded without moving the caller's global RNG
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(result.seed)
-        adv = torch.cat(
-            [
-                attack(val.images[part].to(device), val.labels[part].to(device)).cpu()
-                for part in item_slices(classifier, val, batch_size)
-            ]
-        )
-    pred = predict_classes(classifier, val, adv, batch_size)
-    return float((pred == val.labels).float().mean())
 
 
 def majority_share(labels: torch.Tensor) -> float:
@@ -141,7 +117,11 @@ def finetune_lr_grid(
         predicted.append(classes_predicted(result.classifier, result.val, config.batch_size))
         degenerate.append(is_degenerate(clean[-1], result.val.labels, predicted[-1]))
         if method.adversarial:
-            robust.append(robust_validation_accuracy(result, result.val, config.batch_size))
+            robust.append(
+                robust_validation_accuracy(
+                    result.classifier, cfg, result.val, config.batch_size, seed
+                )
+            )
         for key in totals:
             totals[key] += result.report["compute"][key]
         # the key of the kept run: not degenerate, its score, then (adversarial methods) its
