@@ -19,6 +19,7 @@ from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import (
+    VQA_TASK,
     TrainData,
     load_train_data,
     split_validation,
@@ -185,6 +186,41 @@ def test_val_robust_needs_a_validation_split_and_an_adversarial_method(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_finetune_config({**extra, "val_robust": True})
+
+
+def test_val_items_draws_the_validation_set_beside_the_training_items(
+    base: MiniClip, train16: TrainData, data_dir: Path
+) -> None:
+    config = {"epochs": None, "steps": 1, "max_train_items": None, "val_items": 12}
+    _, result = run_method(base, train16, "linear-probe", **config)
+    val = result.val
+    assert val is not None and len(val.labels) == 12
+    assert torch.bincount(val.labels).tolist() == [6, 6]  # class-balanced
+    assert not set(val.ids) & set(train16.ids)  # none of them is trained on
+    assert result.report["train_items"] == 16  # and every training item still is
+    assert "val_accuracy" in result.report["history"][-1]
+    # the validation items are the split's own rows, as a draw without exclusions gives them
+    split = load_train_data("chest_xray", None, 0, data_dir)
+    rows = [split.ids.index(i) for i in val.ids]
+    assert torch.equal(val.images, split.images[rows])
+    # on the VQA task the question ids are left out
+    vqa = load_train_data(VQA_TASK, 8, 0, data_dir)
+    rest = load_train_data(VQA_TASK, 8, 0, data_dir, exclude=vqa.ids)
+    assert rest.ids and not set(rest.ids) & set(vqa.ids)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"val_items": 100, "val_fraction": 0.2}, "both make a validation set"),
+        ({"val_items": 1}, "greater than or equal to 2"),
+    ],
+)
+def test_val_items_is_one_validation_set(extra: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_finetune_config({"method": "ran", **extra})
+    grid = parse_finetune_config({"method": "ran", "val_items": 100, "lr_grid": [1e-3]})
+    assert grid.validates and grid.val_fraction == 0
 
 
 def select_with_scores(

@@ -51,9 +51,9 @@ class FineTuneConfig(StrictModel):
             from converged, see docs/studies/finetune.md). Setting both is an error.
         batch_size: items per step.
         lr: AdamW learning rate (the peak of the schedule).
-        lr_grid: learning rates to choose from on the validation split (needs
-            ``val_fraction`` above 0): one model is trained per value with the same seed and
-            budget, and the best on validation is kept (see
+        lr_grid: learning rates to choose from on the validation split (needs a validation
+            set): one model is trained per value with the same seed and budget, and the best on
+            validation is kept (see
             :func:`medshield.train.finetune.select.finetune_lr_grid`); None trains at ``lr``.
         schedule: ``constant`` or ``cosine`` (decay to 0 at the last step), after the warm-up.
         warmup_fraction: share of the steps over which the learning rate rises linearly from
@@ -63,12 +63,16 @@ class FineTuneConfig(StrictModel):
         max_train_items: class-balanced subsample of the train split (None: all).
         val_fraction: share of those items held out (stratified by class) as a validation set,
             scored at every history entry (``val_accuracy``); 0 holds out nothing.
+        val_items: a validation set of about this many class-balanced items of the train
+            split *beside* the training items (none of them is trained on, and the training
+            items stay ``max_train_items``), instead of carving ``val_fraction`` out of them;
+            a larger set tells learning rates apart that a few dozen held-out items cannot.
         keep_best: end with the weights of the history entry of highest validation accuracy
-            (the earliest on a tie) instead of the last step's; needs ``val_fraction`` above 0.
+            (the earliest on a tie) instead of the last step's; needs a validation set.
         val_robust: also score the held-out items under the method's own training adversary
             at every history entry (``val_robust_accuracy``, as the learning-rate selection
             scores a run), so a study can tell whether more steps still make the model more
-            robust on held-out items; adversarial methods only, needs ``val_fraction`` above 0.
+            robust on held-out items; adversarial methods only, needs a validation set.
             It leaves training as it is (the attack's random start draws from a forked random
             state) and adds one attack on the held-out items per entry.
         kwargs: method-specific options, validated by the method (unknown keys are refused;
@@ -97,6 +101,7 @@ class FineTuneConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     max_train_items: int | None = Field(512, ge=2)
     val_fraction: float = Field(0.0, ge=0, le=0.5)
+    val_items: int | None = Field(None, ge=2)
     keep_best: bool = False
     val_robust: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -117,14 +122,20 @@ class FineTuneConfig(StrictModel):
             )
         if self.steps is None and self.epochs is None:
             self.epochs = DEFAULT_EPOCHS
-        if self.keep_best and self.val_fraction == 0:
+        if self.val_items is not None and self.val_fraction > 0:
+            raise ValueError(
+                f"val_items ({self.val_items}) and val_fraction ({self.val_fraction}) both make "
+                "a validation set: keep one"
+            )
+        if self.keep_best and not self.validates:
             raise ValueError(
                 "keep_best picks the best history entry by validation accuracy: set "
-                "val_fraction above 0"
+                "val_fraction above 0 or val_items"
             )
-        if self.val_robust and self.val_fraction == 0:
+        if self.val_robust and not self.validates:
             raise ValueError(
-                "val_robust scores the held-out items under attack: set val_fraction above 0"
+                "val_robust scores the held-out items under attack: set val_fraction above 0 "
+                "or val_items"
             )
         if self.val_robust and not method.adversarial:
             raise ValueError(
@@ -139,10 +150,10 @@ class FineTuneConfig(StrictModel):
                 )
             if any(lr <= 0 for lr in self.lr_grid):
                 raise ValueError(f"every learning rate in lr_grid must be > 0, got {self.lr_grid}")
-            if self.val_fraction == 0:
+            if not self.validates:
                 raise ValueError(
                     "lr_grid picks the learning rate on a validation split: set val_fraction "
-                    "above 0 (e.g. 0.2)"
+                    "above 0 (e.g. 0.2) or val_items"
                 )
         if method.adversarial and self.adversary is None:
             raise ValueError(
@@ -151,6 +162,11 @@ class FineTuneConfig(StrictModel):
                 "method"
             )
         return self
+
+    @property
+    def validates(self) -> bool:
+        """Whether training holds out a validation set (``val_fraction`` or ``val_items``)."""
+        return self.val_fraction > 0 or self.val_items is not None
 
     @property
     def options(self) -> BaseModel:

@@ -6,7 +6,7 @@ predictions over them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +65,11 @@ def load_train_data(
     seed: int,
     data_dir: str | Path | None = None,
     split: str = "train",
+    exclude: Collection[int] = (),
 ) -> TrainData:
-    """A class-balanced subsample of about ``max_items`` items of one task's split.
+    """A class-balanced subsample of about ``max_items`` items of one task's split, drawn from
+    the items whose id (:attr:`TrainData.ids`: the row, or the VQA question id) is not in
+    ``exclude``.
 
     ``modality`` is a modality (its MedMNIST split) or :data:`VQA_TASK` (the closed VQA-RAD
     questions whose answer is "yes" or "no", images loaded at :data:`VQA_IMAGE_SIZE`).
@@ -74,13 +77,15 @@ def load_train_data(
     if modality != VQA_TASK:
         samples = data.load_split(modality, split, data_dir)
         mod = samples.modality
-        idx = balanced_subset(samples.labels, mod.num_classes, max_items, seed)
+        pool = np.setdiff1d(np.arange(len(samples.labels)), np.asarray(list(exclude), dtype=int))
+        idx = pool[balanced_subset(samples.labels[pool], mod.num_classes, max_items, seed)]
         labels = torch.as_tensor(samples.labels[idx], dtype=torch.long)
         return TrainData(samples.tensor(idx), labels, mod.name, mod.prompts(), ids=idx.tolist())
+    excluded = set(exclude)
     items = [
         item
         for item in data.load_vqa_rad(split, data_dir, answer_type="closed")
-        if item.answer in VQA_ANSWERS
+        if item.answer in VQA_ANSWERS and item.qid not in excluded
     ]
     if not items:
         raise DataError(f"VQA-RAD has no closed yes/no questions in its {split} split")

@@ -3,7 +3,8 @@
 :func:`finetune` runs AdamW for a budget of optimiser steps, ``steps`` or ``epochs`` passes,
 over successive seeded reshuffles of one task's train items, a constant or cosine schedule after
 a linear warm-up, tqdm progress; a history entry every ``log_every`` steps; with
-``val_fraction`` a class-stratified part of the items is held out and scored at every entry, and
+``val_fraction`` a class-stratified part of the items is held out (with ``val_items``, a
+validation set is drawn beside them) and scored at every entry, and
 ``keep_best`` keeps the best entry's weights. It counts the images through the image tower
 (:class:`ImageTowerCounter`), then measures the inference overhead against the base model's
 zero-shot classifier in the same process (:func:`measure_overhead`). ``lr_grid`` selection is
@@ -262,7 +263,11 @@ def finetune(
         train = load_train_data(modality, config.max_train_items, seed, data_dir)
     check_images(train.images)
     val = None
-    if config.val_fraction > 0:
+    if config.val_items is not None:
+        if not train.ids:
+            raise DataError("val_items draws beside the training items: they need their ids")
+        val = load_train_data(train.modality, config.val_items, seed, data_dir, exclude=train.ids)
+    elif config.val_fraction > 0:
         train, val = split_validation(train, config.val_fraction, seed)
     if len(train.images) < 2:
         raise DataError(f"fine-tuning needs at least 2 training items, got {len(train.images)}")

@@ -112,7 +112,7 @@ def finetune_lr_grid(
     for lr in config.lr_grid:
         cfg = config.model_copy(update={"lr": lr, "lr_grid": None})
         result = finetune(copy.deepcopy(model), cfg, modality, seed, data_dir, train, **kwargs)
-        assert result.val is not None  # the config asks for val_fraction > 0 with a grid
+        assert result.val is not None  # the config asks for a validation set with a grid
         clean.append(validation_accuracy(result.classifier, result.val, config.batch_size))
         predicted.append(classes_predicted(result.classifier, result.val, config.batch_size))
         degenerate.append(is_degenerate(clean[-1], result.val.labels, predicted[-1]))
