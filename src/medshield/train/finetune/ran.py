@@ -109,9 +109,9 @@ class RANOptions(TradesOptions):
     # teacher at 0.9 gained 8.0 over no re-alignment at lr 1e-2 (momentum 0 collapsed)
     keep: float = 0.0
     # at 320 steps (4x the headline) on chest X-ray align and disentanglement are neutral at
-    # the rate RAN picks there (1e-3: each within a point) and cost 2.5 and 1.8 points at 2/255
-    # at 3e-3; align gains 3.0 on blood cells (3 seeds each; a cosine fade of align did not
-    # help): kept at fixed weights, docs/studies/finetune.md
+    # 1e-3 (each within a point) and cost 2.5 and 1.8 points at 2/255 at 3e-3, the rate a
+    # 600-item validation set picks; align gains 3.0 on blood cells (3 seeds each; a cosine
+    # fade of align did not help): docs/studies/finetune.md
     align: float = 1.0
     # disentanglement at a tenth of its first weights (1.0 / 0.1 / 0.5): at full weight the three
     # terms together cost 8.7 points at 2/255 (3 seeds); at a tenth they cost nothing (seed 0:
