@@ -54,7 +54,8 @@ def _start_worker(
 
 def _exit_without(parent: int) -> None:
     """End this process once ``parent`` is no longer its parent (it ended, and the OS gave
-    this process to another one)."""
+    this process to another one). On Windows ``os.getppid`` keeps a dead parent's id, so there
+    the watch never fires."""
     while os.getppid() == parent:
         time.sleep(WATCH_SECONDS)
     os._exit(1)  # no clean-up: the study that would use this worker's results is gone
