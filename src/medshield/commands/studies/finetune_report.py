@@ -373,38 +373,45 @@ def curves(cells: list[Cell]) -> list[dict[str, Any]]:
     return out
 
 
+def _step_entries(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history entries logged per step (with their loss)."""
+    return [h for h in history if "step" in h and "loss" in h]
+
+
 def _val_robust_series(history: list[dict[str, Any]]) -> list[float]:
     """The robust validation accuracy of the per-step entries, as long as every one has it."""
-    steps = [h for h in history if "step" in h and "loss" in h]
+    steps = _step_entries(history)
     if not all("val_robust_accuracy" in h for h in steps):
         return []
     return [h["val_robust_accuracy"] for h in steps]
 
 
 def _loss_series(history: list[dict[str, Any]]) -> tuple[str, list[tuple[float, float]]]:
-    steps = [h for h in history if "step" in h and "loss" in h]
+    steps = _step_entries(history)
     if steps:
         return "step", [(h["step"], h["loss"]) for h in steps]
     return "epoch", [(h["epoch"] + 1, h["loss"]) for h in history if "epoch" in h and "loss" in h]
 
 
-def _tail_change(values: np.ndarray) -> float | None:
-    """Relative change of the mean over the last quarter of ``values`` from the quarter
-    before (None with fewer than 2 values)."""
-    if len(values) < 2:
-        return None
-    k = max(1, len(values) // 4)
-    last, before = float(np.mean(values[-k:])), float(np.mean(values[-2 * k : -k]))
-    return (last - before) / max(abs(before), 1e-12)
-
-
-def _tail_gain(values: np.ndarray) -> float | None:
-    """Mean of the last quarter of ``values`` minus that of the quarter before (None with
+def _tail_means(values: np.ndarray) -> tuple[float, float] | None:
+    """The mean over the last quarter of ``values`` and over the quarter before (None with
     fewer than 2 values)."""
     if len(values) < 2:
         return None
     k = max(1, len(values) // 4)
-    return float(np.mean(values[-k:])) - float(np.mean(values[-2 * k : -k]))
+    return float(np.mean(values[-k:])), float(np.mean(values[-2 * k : -k]))
+
+
+def _tail_change(values: np.ndarray) -> float | None:
+    """Relative change of the last quarter's mean from the quarter before's."""
+    means = _tail_means(values)
+    return None if means is None else (means[0] - means[1]) / max(abs(means[1]), 1e-12)
+
+
+def _tail_gain(values: np.ndarray) -> float | None:
+    """The last quarter's mean minus the quarter before's."""
+    means = _tail_means(values)
+    return None if means is None else means[0] - means[1]
 
 
 def ran_terms(cells: list[Cell]) -> dict[str, Any] | None:
