@@ -26,7 +26,7 @@ from medshield.train.finetune.data import (
     validation_accuracy,
 )
 from medshield.train.finetune.loop import lr_factor, robust_validation_accuracy
-from medshield.train.finetune.select import finetune_lr_grid, is_degenerate
+from medshield.train.finetune.select import finetune_grid, is_degenerate
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_lr_grid_keeps_the_best_validation_score_and_records_the_grid(
         "lr_grid": grid,
     }
     kept = copy.deepcopy(base)
-    result = finetune_lr_grid(
+    result = finetune_grid(
         kept, config, "chest_xray", train=train16, progress=False, latency_repeats=1
     )
     assert all(
@@ -122,9 +122,7 @@ def test_adversarial_methods_pick_by_robust_validation_accuracy(
         "lr_grid": [1e-3, 1e-2],
         "kwargs": {"pgd_steps": 1},
     }
-    result = finetune_lr_grid(
-        copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
-    )
+    result = finetune_grid(copy.deepcopy(base), config, "chest_xray", train=train16, progress=False)
     selection = result.report["lr_selection"]
     assert selection["select_by"] == "val_robust_accuracy"
     assert selection["scores"] == selection["val_robust_accuracy"]
@@ -250,9 +248,7 @@ def select_with_scores(
         "lr_grid": [1e-3, 2e-3, 3e-3],
         "kwargs": {"pgd_steps": 1},
     }
-    result = finetune_lr_grid(
-        copy.deepcopy(base), config, "chest_xray", train=train16, progress=False
-    )
+    result = finetune_grid(copy.deepcopy(base), config, "chest_xray", train=train16, progress=False)
     return result.report["lr_selection"]
 
 

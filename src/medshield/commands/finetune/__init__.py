@@ -32,8 +32,9 @@ Evaluation on a class-balanced test subsample:
   (Co-Attack at eps 2/255 by default), rows from :mod:`medshield.eval.retrieval`; metrics
   ``retrieval_{i2t,t2i}[_adv]/R@{1,5,10}`` and an ``retrieval adv<=clean`` flag on R@1.
 
-With ``finetune.lr_grid`` the model is the best of one training per learning rate on the
-validation split (:mod:`medshield.train.finetune.select`); ``lr_selection`` in the config
+With ``finetune.lr_grid`` (and / or ``finetune.kwargs_grid``, alternative method options) the
+model is the best of one training per learning rate (and alternative) on the validation split
+(:mod:`medshield.train.finetune.select`); ``lr_selection`` in the config
 instead trains once at a pick made elsewhere (a study's first seed). Either way the report
 carries ``lr_selection``, and always ``compute`` (the counted training passes).
 
@@ -79,7 +80,7 @@ from medshield.train.finetune.data import (
 from medshield.train.finetune.deploy import evaluation_copy
 from medshield.train.finetune.io import META_FILE, build_base, load_finetuned, save_finetuned
 from medshield.train.finetune.loop import finetune
-from medshield.train.finetune.select import finetune_lr_grid
+from medshield.train.finetune.select import apply_selection, finetune_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
@@ -266,8 +267,8 @@ def run_finetune(
     else:
         ft = config.finetune
         if config.lr_selection is not None:
-            ft = ft.model_copy(update={"lr": config.lr_selection["pick"], "lr_grid": None})
-        train = finetune_lr_grid if ft.lr_grid is not None else finetune
+            ft = apply_selection(ft, config.lr_selection)
+        train = finetune_grid if ft.selects else finetune
         result = train(
             base,
             ft,

@@ -20,7 +20,9 @@ from medshield.config import (
 )
 from medshield.device import DeviceName, Precision
 from medshield.errors import ConfigError, UnknownNameError
+from medshield.registry import METHODS
 from medshield.train.finetune.config import FineTuneConfig
+from medshield.train.finetune.select import apply_selection
 
 CUDA_BATCH = 512
 """Images per attack call at least, on a CUDA device (``robust.batch_size`` on the CPU)."""
@@ -115,9 +117,10 @@ class FineTuneRunConfig(StrictModel):
     ``cuda`` or ``cuda:N``. Saved models are device-independent, and the device is not part of
     the run's saved config, so a run started on a GPU resumes on a CPU and vice versa."""
     lr_selection: dict[str, Any] | None = None
-    """A learning-rate selection made by another run (a study's first seed, with
-    ``from_seed``): train once at its ``pick`` instead of searching ``finetune.lr_grid``, and
-    record it as this run's ``lr_selection``."""
+    """A selection made by another run (a study's first seed, with ``from_seed``): train once
+    at its ``pick`` (and its ``kwargs_pick`` merged over ``finetune.kwargs``, where the
+    selection had a ``kwargs_grid``) instead of searching ``finetune.lr_grid`` /
+    ``finetune.kwargs_grid``, and record it as this run's ``lr_selection``."""
     precision: Precision = "fp32"
     """The arithmetic of training and attacks: ``fp32``, or ``bf16`` (autocast to bfloat16;
     a GPU without native bfloat16 is a ConfigError, see
@@ -131,4 +134,9 @@ class FineTuneRunConfig(StrictModel):
             self.lr_selection.get("pick"), int | float
         ):
             raise ValueError("lr_selection needs the picked learning rate as `pick` (a number)")
+        if self.lr_selection is not None:
+            if not isinstance(self.lr_selection.get("kwargs_pick", {}), dict):
+                raise ValueError("lr_selection's `kwargs_pick` must be a mapping of options")
+            picked = apply_selection(self.finetune, self.lr_selection)
+            METHODS.get(picked.method).Options.model_validate(picked.kwargs)  # fits the method
         return self

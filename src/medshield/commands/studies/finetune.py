@@ -3,8 +3,9 @@
 Every cell (checkpoint x method x task x seed) is one ``medshield finetune`` run (see
 :mod:`medshield.commands.finetune`) in ``<study>/cells/<cell>/``, with the same optimiser
 steps, schedule, data and adversary for every method (matched budgets); a method with an
-``lr_grid`` picks its learning rate on the first seed's validation split, and its other seeds
-reuse that pick (:func:`run_study_finetune`). The tasks are the modalities and, with
+``lr_grid`` (or a ``kwargs_grid`` of alternative options) picks its learning rate (and options)
+on the first seed's validation split, and its other seeds reuse that pick
+(:func:`run_study_finetune`). The tasks are the modalities and, with
 ``vqa_closed`` (default on), the pseudo-modality ``vqa_rad_closed``: the VQA-RAD closed
 questions answered "yes" or "no", each method fine-tuned as a yes/no classifier whose class
 prompts are the item's own question followed by each answer (``"<question> yes"``,
@@ -100,7 +101,10 @@ class StudyFinetuneConfig(StrictModel):
         seeds: one cell per seed.
         finetune: shared fine-tuning settings (step budget, schedule, batch size, lr or
             ``lr_grid``, items, adversary, ...). With an ``lr_grid`` a method's learning rate
-            is picked on the first seed and reused by the others (:func:`run_study_finetune`).
+            (with a ``kwargs_grid``, its options) is picked on the first seed and reused by the
+            others (:func:`run_study_finetune`). A ``kwargs_grid`` belongs in a method's own
+            ``finetune`` overrides (alternatives are method options); ``ran-no_<part>``
+            ablations zero their terms in each alternative too.
         robust: clean / robust evaluation settings.
         device: where every cell trains and is attacked (``auto``, ``cpu``, ``cuda[:N]``).
         workers: cells run at once, each in its own process with ``budget // workers``
@@ -183,22 +187,34 @@ class StudyFinetuneConfig(StrictModel):
         for spec in self.methods:
             specs.append(spec)
             if spec is base:
-                specs.extend(_ablations(spec, ablations))
+                specs.extend(_ablations(spec, ablations, self.finetune))
         if base is None:
-            specs.extend(_ablations(MethodSpec(method="ran"), ablations))
+            specs.extend(_ablations(MethodSpec(method="ran"), ablations, self.finetune))
         return specs
 
 
-def _ablations(ran: MethodSpec, names: Sequence[str]) -> list[MethodSpec]:
-    return [
-        MethodSpec(
-            method="ran",
-            label=f"{ran.name}-no_{name}",
-            kwargs={**ran.kwargs, **dict.fromkeys(ablation_terms(name), 0.0)},
-            finetune=ran.finetune,
+def _ablations(ran: MethodSpec, names: Sequence[str], shared: dict[str, Any]) -> list[MethodSpec]:
+    """RAN with each of ``names`` switched off: its terms zeroed in ``kwargs`` and in every
+    alternative of a ``kwargs_grid`` (the spec's, else the shared ``finetune``'s), so no
+    alternative turns an ablated term back on; alternatives that become the same are kept
+    once."""
+    specs = []
+    for name in names:
+        off = dict.fromkeys(ablation_terms(name), 0.0)
+        finetune = dict(ran.finetune)
+        grid = finetune.get("kwargs_grid", shared.get("kwargs_grid"))
+        if grid is not None:
+            merged = [{**entry, **off} for entry in grid]
+            finetune["kwargs_grid"] = [e for i, e in enumerate(merged) if e not in merged[:i]]
+        specs.append(
+            MethodSpec(
+                method="ran",
+                label=f"{ran.name}-no_{name}",
+                kwargs={**ran.kwargs, **off},
+                finetune=finetune,
+            )
         )
-        for name in names
-    ]
+    return specs
 
 
 def load_study_config(
@@ -282,7 +298,7 @@ def cell_config(
     lr_selection: dict[str, Any] | None = None,
 ) -> FineTuneRunConfig:
     """The ``medshield finetune`` config of one cell (``lr_selection``: the first seed's
-    learning-rate pick, for a later seed of a method with an ``lr_grid``)."""
+    pick, for a later seed of a method with an ``lr_grid`` or ``kwargs_grid``)."""
     model = config.model.model_copy(update={"checkpoint": config.checkpoints[checkpoint]})
     return FineTuneRunConfig(
         name=cell_name(checkpoint, spec.name, modality, seed),
@@ -304,8 +320,8 @@ def first_seed_selection(
 ) -> dict[str, Any] | None:
     """The learning-rate selection of the first seed's cell of (checkpoint, method, task),
     with ``from_seed``, for the other seeds to reuse (None when the method has no
-    ``lr_grid``)."""
-    if _finetune_config(config, spec).lr_grid is None:
+    ``lr_grid`` or ``kwargs_grid``)."""
+    if not _finetune_config(config, spec).selects:
         return None
     result = read_results(cells_dir / cell_name(checkpoint, spec.name, modality, config.seeds[0]))
     return {**result["report"]["lr_selection"], "from_seed": config.seeds[0]}
@@ -316,7 +332,7 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
 
     Cells run one at a time or, with ``workers`` > 1, in that many processes at once, the first
     seed's cells first; each finished cell is recorded in the study's ``samples.jsonl`` as it
-    completes. A method with an ``lr_grid`` picks its learning rate on the first seed, and its
+    completes. A method with an ``lr_grid`` or ``kwargs_grid`` picks on the first seed, and its
     cells of the other seeds train once at that pick (``lr_selection`` with ``from_seed`` in
     their results): such a cell starts as soon as its first-seed cell has finished, the other
     cells need not wait.
@@ -348,7 +364,7 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
 
     def waits_for(key: CellKey) -> CellKey | None:
         checkpoint, name, modality, seed = key
-        if seed == first or _finetune_config(config, specs[name]).lr_grid is None:
+        if seed == first or not _finetune_config(config, specs[name]).selects:
             return None
         return (checkpoint, name, modality, first)
 

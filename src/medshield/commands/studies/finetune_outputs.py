@@ -187,6 +187,17 @@ def _md(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
 
 
+def _options(picks: list[dict[str, Any]]) -> str:
+    """The ``kwargs_grid`` alternatives a method's selection picked (``{}``: its options as
+    configured), ``-`` for a method without that grid."""
+    texts = [
+        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.items())
+        or "as configured"
+        for o in picks
+    ]
+    return "; ".join(texts) or "-"
+
+
 def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: list[float]) -> str:
     """``tables.md``: one table per checkpoint and task, then the means over tasks with the
     same number of classes."""
@@ -196,7 +207,8 @@ def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: li
     out = ["# Per-task results", ""]
     out += [
         "Accuracy with 95% bootstrap CIs pooled over seeds; `worst@e`: robust under every attack "
-        "at e/255; `chance` = 1 / classes; `lr` marked * was picked by the run's lr selection.",
+        "at e/255; `chance` = 1 / classes; `lr` marked * was picked by the run's lr selection; "
+        "`options`, where a method had a `kwargs_grid`: the alternative its selection picked.",
         "",
     ]
     for t in tables:
@@ -208,11 +220,13 @@ def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: li
                 "is in no mean over tasks.",
                 "",
             ]
+        picked = any(r.get("options_picked") for r in t["rows"])
         rows = []
         for r in t["rows"]:
             lr = _cell(r["lr"]) + ("*" if r["lr_selected"] else "")
-            rows.append([r["method"], *(r[c] for c in columns[:-1]), lr])
-        out += _md(["method", *columns], rows) + [""]
+            row = [r["method"], *(r[c] for c in columns[:-1]), lr]
+            rows.append(row + [_options(r.get("options_picked", []))] if picked else row)
+        out += _md(["method", *columns, *(["options"] if picked else [])], rows) + [""]
     if means:
         out += ["## Means over tasks with the same number of classes (VQA-RAD closed excluded)"]
         out.append("")

@@ -271,6 +271,8 @@ def task_tables(
         computes = [r["compute"] for r in reports if "compute" in r]
         picks = [r["lr_selection"]["pick"] for r in reports if "lr_selection" in r]
         lrs = picks or [c["lr"] for c in groups[(ck, method, task)] if "lr" in c]
+        options = [r["lr_selection"].get("kwargs_pick") for r in reports if "lr_selection" in r]
+        options = [o for i, o in enumerate(options) if o is not None and o not in options[:i]]
         row = {
             "method": method,
             "clean": entry["clean_accuracy"],
@@ -285,6 +287,7 @@ def task_tables(
             "flops_ratio": entry["flops_ratio"],
             "lr": sorted(set(lrs)),
             "lr_selected": bool(picks),
+            "options_picked": options,
         }
         section = out.setdefault(
             (ck, task),

@@ -54,7 +54,11 @@ class FineTuneConfig(StrictModel):
         lr_grid: learning rates to choose from on the validation split (needs a validation
             set): one model is trained per value with the same seed and budget, and the best on
             validation is kept (see
-            :func:`medshield.train.finetune.select.finetune_lr_grid`); None trains at ``lr``.
+            :func:`medshield.train.finetune.select.finetune_grid`); None trains at ``lr``.
+        kwargs_grid: alternative method options to choose from on the validation split, each
+            merged over ``kwargs`` (e.g. ``[{}, {align: 0}]``: RAN as configured, and without
+            re-alignment), selected jointly with ``lr_grid``: one model per (learning rate,
+            alternative), the best on validation kept; None trains with ``kwargs``.
         schedule: ``constant`` or ``cosine`` (decay to 0 at the last step), after the warm-up.
         warmup_fraction: share of the steps over which the learning rate rises linearly from
             ``lr / warm-up steps`` to ``lr`` (0: no warm-up), so it scales with the budget.
@@ -95,6 +99,7 @@ class FineTuneConfig(StrictModel):
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     lr_grid: list[float] | None = None
+    kwargs_grid: list[dict[str, Any]] | None = None
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
     log_every: int | None = Field(None, ge=1)
@@ -155,6 +160,8 @@ class FineTuneConfig(StrictModel):
                     "lr_grid picks the learning rate on a validation split: set val_fraction "
                     "above 0 (e.g. 0.2) or val_items"
                 )
+        if self.kwargs_grid is not None:
+            self._check_kwargs_grid(method.Options)
         if method.adversarial and self.adversary is None:
             raise ValueError(
                 f"{self.method} trains against an adversary, but adversary is null: give "
@@ -162,6 +169,53 @@ class FineTuneConfig(StrictModel):
                 "method"
             )
         return self
+
+    def _check_kwargs_grid(self, options: type[BaseModel]) -> None:
+        assert self.kwargs_grid is not None
+        if not self.kwargs_grid:
+            raise ValueError(
+                "kwargs_grid is empty: give at least one alternative (an empty one, {}, trains "
+                "with kwargs as they are), or leave kwargs_grid out (null)"
+            )
+        if not self.validates:
+            raise ValueError(
+                "kwargs_grid picks the method's options on a validation split: set "
+                "val_fraction above 0 (e.g. 0.2) or val_items"
+            )
+        merged: list[dict[str, Any]] = []
+        for entry in self.kwargs_grid:
+            try:
+                options.model_validate({**self.kwargs, **entry})
+            except ValidationError as exc:
+                raise ValueError(
+                    f"kwargs_grid entry {entry} does not fit {self.method}: {exc}"
+                ) from None
+            if {**self.kwargs, **entry} in merged:
+                raise ValueError(
+                    f"kwargs_grid entry {entry} trains the same options as an earlier one "
+                    f"(merged over kwargs {self.kwargs}): drop it"
+                )
+            merged.append({**self.kwargs, **entry})
+
+    @property
+    def candidates(self) -> list[tuple[float, dict[str, Any]]]:
+        """The (learning rate, ``kwargs_grid`` alternative) pairs a selection trains, learning
+        rate by learning rate: ``lr_grid`` (or ``lr``) times ``kwargs_grid`` (or ``[{}]``)."""
+        return [
+            (lr, entry) for lr in self.lr_grid or [self.lr] for entry in self.kwargs_grid or [{}]
+        ]
+
+    @property
+    def selects(self) -> bool:
+        """Whether training picks among candidates on validation (``lr_grid`` or
+        ``kwargs_grid``)."""
+        return self.lr_grid is not None or self.kwargs_grid is not None
+
+    def candidate(self, lr: float, entry: dict[str, Any]) -> FineTuneConfig:
+        """This config for one candidate: at ``lr``, with ``entry`` merged over ``kwargs`` and
+        no grid left."""
+        update = {"lr": lr, "kwargs": {**self.kwargs, **entry}, "lr_grid": None}
+        return self.model_copy(update={**update, "kwargs_grid": None})
 
     @property
     def validates(self) -> bool:

@@ -1,7 +1,9 @@
-"""Learning-rate selection on a validation split (``FineTuneConfig.lr_grid``).
+"""Learning-rate and option selection on a validation split (``FineTuneConfig.lr_grid`` and
+``kwargs_grid``).
 
-:func:`finetune_lr_grid` trains one model per learning rate of the grid, each from a fresh copy
-of the base model with the same seed, data, validation split and step budget, and scores it on
+:func:`finetune_grid` trains one model per candidate, each learning rate of the grid with each
+alternative of the options' grid (one of them when the config has one grid), each from a fresh
+copy of the base model with the same seed, data, validation split and step budget, and scores it on
 the held-out items: clean accuracy for a clean method, and for an adversarial one
 (:attr:`~medshield.train.finetune.method.FineTuneMethod.adversarial`: tecoa, fare, fare-probe,
 ran, adv-*) robust accuracy under the method's own training adversary
@@ -22,13 +24,17 @@ missing classes, and stood). On a binary task that is the one-class collapse. It
 ``lr_selection``:
 
 - ``grid``: the learning rates, in config order;
+- with a ``kwargs_grid``: ``kwargs_grid`` (the alternatives), ``candidates`` (``lr`` and
+  ``kwargs`` alternative, in training order: each learning rate with every alternative) and
+  ``kwargs_pick`` (the chosen alternative); the per-run lists below follow ``candidates``, and
+  without it the learning rates;
 - ``select_by``: ``val_clean_accuracy`` or ``val_robust_accuracy``;
-- ``scores``: the selection score per learning rate;
-- ``val_clean_accuracy`` per learning rate, and ``val_robust_accuracy`` for an adversarial
+- ``scores``: the selection score per run;
+- ``val_clean_accuracy`` per run, and ``val_robust_accuracy`` for an adversarial
   method;
 - ``val_majority_accuracy``: the majority class's share of the validation items,
-  ``val_classes_predicted``: per learning rate, how many classes the run predicts on them (of
-  ``val_classes``, the classes they hold), and ``degenerate``: per learning rate, whether the
+  ``val_classes_predicted``: per run, how many classes the run predicts on them (of
+  ``val_classes``, the classes they hold), and ``degenerate``: per run, whether the
   run did no better than the majority share or predicted at most half of the classes;
 - ``pick``: the chosen learning rate; ``val_items``: the validation items;
 - ``compute``: ``image_forward``, ``image_backward`` and ``train_wall_s`` summed over the grid's
@@ -82,7 +88,7 @@ def is_degenerate(accuracy: float, labels: torch.Tensor, predicted: int | None =
     return predicted is not None and 2 * predicted <= labels.unique().numel()
 
 
-def finetune_lr_grid(
+def finetune_grid(
     model: DualEncoder,
     config: FineTuneConfig | dict[str, Any],
     modality: str,
@@ -91,26 +97,32 @@ def finetune_lr_grid(
     train: TrainData | None = None,
     **kwargs: Any,
 ) -> FineTuneResult:
-    """Fine-tune a copy of ``model`` at every learning rate of ``config.lr_grid`` and return the
-    result scored best on validation, its report with ``lr_selection`` (see the module
-    docstring) and its config at the picked ``lr`` (``lr_grid`` cleared). ``model`` itself is
-    left as it was; ``kwargs`` go to :func:`~medshield.train.finetune.loop.finetune`."""
+    """Fine-tune a copy of ``model`` for every candidate of the config (each learning rate of
+    ``lr_grid`` with each alternative of ``kwargs_grid``, see
+    :attr:`~medshield.train.finetune.config.FineTuneConfig.candidates`) and return the result
+    scored best on validation, its report with ``lr_selection`` (see the module docstring) and
+    its config at the picked ``lr`` and options (grids cleared). ``model`` itself is left as it
+    was; ``kwargs`` go to :func:`~medshield.train.finetune.loop.finetune`."""
     config = parse_finetune_config(config)
-    if config.lr_grid is None:
-        raise ConfigError("finetune_lr_grid needs finetune.lr_grid (a list of learning rates)")
+    if not config.selects:
+        raise ConfigError(
+            "finetune_grid needs finetune.lr_grid (learning rates) or finetune.kwargs_grid "
+            "(alternative method options) to choose from"
+        )
     method = method_for(config)
     method.check(model)  # a model the method cannot adapt fails before the first training
     if train is None:
         train = load_train_data(modality, config.max_train_items, seed, data_dir)
     select_by = "val_robust_accuracy" if method.adversarial else "val_clean_accuracy"
     best: FineTuneResult | None = None
+    best_entry: dict[str, Any] = {}
     degenerate: list[bool] = []
     predicted: list[int] = []
     clean: list[float] = []
     robust: list[float] = []
     totals = {"image_forward": 0, "image_backward": 0, "train_wall_s": 0.0}
-    for lr in config.lr_grid:
-        cfg = config.model_copy(update={"lr": lr, "lr_grid": None})
+    for lr, entry in config.candidates:
+        cfg = config.candidate(lr, entry)
         result = finetune(copy.deepcopy(model), cfg, modality, seed, data_dir, train, **kwargs)
         assert result.val is not None  # the config asks for a validation set with a grid
         clean.append(validation_accuracy(result.classifier, result.val, config.batch_size))
@@ -130,11 +142,11 @@ def finetune_lr_grid(
         scores = robust if method.adversarial else clean
         keys = [(not d, s, c) for d, s, c in zip(degenerate, scores, clean, strict=True)]
         if best is None or keys[-1] > max(keys[:-1]):
-            best = result
+            best, best_entry = result, entry
     assert best is not None and best.val is not None  # every run of a grid holds one out
     scores = robust if method.adversarial else clean
     selection: dict[str, Any] = {
-        "grid": list(config.lr_grid),
+        "grid": list(config.lr_grid or [config.lr]),
         "select_by": select_by,
         "scores": scores,
         "val_clean_accuracy": clean,
@@ -146,7 +158,17 @@ def finetune_lr_grid(
         "val_items": len(best.val.images),
         "compute": {**totals, "train_wall_s": round(totals["train_wall_s"], 3)},
     }
+    if config.kwargs_grid is not None:
+        selection["kwargs_grid"] = config.kwargs_grid
+        selection["candidates"] = [{"lr": lr, "kwargs": e} for lr, e in config.candidates]
+        selection["kwargs_pick"] = best_entry
     if method.adversarial:
         selection["val_robust_accuracy"] = robust
     best.report["lr_selection"] = selection
     return best
+
+
+def apply_selection(config: FineTuneConfig, selection: dict[str, Any]) -> FineTuneConfig:
+    """``config`` at a recorded selection's pick (another seed's ``lr_selection``): its learning
+    rate and, with a ``kwargs_pick``, those options merged over ``kwargs``; no grid left."""
+    return config.candidate(selection["pick"], selection.get("kwargs_pick", {}))
