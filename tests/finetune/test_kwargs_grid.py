@@ -21,7 +21,7 @@ from medshield.models.mini_clip import MiniClip
 from medshield.runs import Run
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import TrainData, load_train_data
-from medshield.train.finetune.select import apply_selection, finetune_grid
+from medshield.train.finetune.select import finetune_grid
 
 PROBE = {  # an adversarial linear probe on 16 items, 4 held out
     "method": "adv-linear-probe",
@@ -106,7 +106,7 @@ def test_the_grid_keeps_the_best_learning_rate_and_options_together(
     # PGD-1 steps cost 1 + 3 passes an image, PGD-2 steps 2 + 3: 2 x (4 + 5) x 4 images
     assert selection["compute"]["image_forward"] == 2 * (4 + 5) * 4
     # another seed's run at this pick trains the same candidate
-    again = apply_selection(parse_finetune_config(config), selection)
+    again = parse_finetune_config(config).at_pick(selection)
     assert (again.lr, again.kwargs, again.selects) == (2e-3, result.config.kwargs, False)
 
 

@@ -80,7 +80,7 @@ from medshield.train.finetune.data import (
 from medshield.train.finetune.deploy import evaluation_copy
 from medshield.train.finetune.io import META_FILE, build_base, load_finetuned, save_finetuned
 from medshield.train.finetune.loop import finetune
-from medshield.train.finetune.select import apply_selection, finetune_grid
+from medshield.train.finetune.select import finetune_grid
 
 RETRIEVAL_GROUPS = ("retrieval", "retrieval_adv")
 
@@ -267,7 +267,7 @@ def run_finetune(
     else:
         ft = config.finetune
         if config.lr_selection is not None:
-            ft = apply_selection(ft, config.lr_selection)
+            ft = ft.at_pick(config.lr_selection)
         train = finetune_grid if ft.selects else finetune
         result = train(
             base,

@@ -22,7 +22,6 @@ from medshield.device import DeviceName, Precision
 from medshield.errors import ConfigError, UnknownNameError
 from medshield.registry import METHODS
 from medshield.train.finetune.config import FineTuneConfig
-from medshield.train.finetune.select import apply_selection
 
 CUDA_BATCH = 512
 """Images per attack call at least, on a CUDA device (``robust.batch_size`` on the CPU)."""
@@ -137,6 +136,6 @@ class FineTuneRunConfig(StrictModel):
         if self.lr_selection is not None:
             if not isinstance(self.lr_selection.get("kwargs_pick", {}), dict):
                 raise ValueError("lr_selection's `kwargs_pick` must be a mapping of options")
-            picked = apply_selection(self.finetune, self.lr_selection)
+            picked = self.finetune.at_pick(self.lr_selection)
             METHODS.get(picked.method).Options.model_validate(picked.kwargs)  # fits the method
         return self

@@ -217,6 +217,12 @@ class FineTuneConfig(StrictModel):
         update = {"lr": lr, "kwargs": {**self.kwargs, **entry}, "lr_grid": None}
         return self.model_copy(update={**update, "kwargs_grid": None})
 
+    def at_pick(self, selection: dict[str, Any]) -> FineTuneConfig:
+        """This config at a recorded selection's pick (another seed's ``lr_selection``): its
+        ``pick`` learning rate and, where it has one, its ``kwargs_pick`` merged over
+        ``kwargs``; no grid left."""
+        return self.candidate(selection["pick"], selection.get("kwargs_pick", {}))
+
     @property
     def validates(self) -> bool:
         """Whether training holds out a validation set (``val_fraction`` or ``val_items``)."""

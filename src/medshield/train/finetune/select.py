@@ -166,9 +166,3 @@ def finetune_grid(
         selection["val_robust_accuracy"] = robust
     best.report["lr_selection"] = selection
     return best
-
-
-def apply_selection(config: FineTuneConfig, selection: dict[str, Any]) -> FineTuneConfig:
-    """``config`` at a recorded selection's pick (another seed's ``lr_selection``): its learning
-    rate and, with a ``kwargs_pick``, those options merged over ``kwargs``; no grid left."""
-    return config.candidate(selection["pick"], selection.get("kwargs_pick", {}))
