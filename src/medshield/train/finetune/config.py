@@ -182,20 +182,21 @@ class FineTuneConfig(StrictModel):
                 "kwargs_grid picks the method's options on a validation split: set "
                 "val_fraction above 0 (e.g. 0.2) or val_items"
             )
-        merged: list[dict[str, Any]] = []
+        trained: list[dict[str, Any]] = []
         for entry in self.kwargs_grid:
+            merged = {**self.kwargs, **entry}
             try:
-                options.model_validate({**self.kwargs, **entry})
+                options.model_validate(merged)
             except ValidationError as exc:
                 raise ValueError(
                     f"kwargs_grid entry {entry} does not fit {self.method}: {exc}"
                 ) from None
-            if {**self.kwargs, **entry} in merged:
+            if merged in trained:
                 raise ValueError(
                     f"kwargs_grid entry {entry} trains the same options as an earlier one "
                     f"(merged over kwargs {self.kwargs}): drop it"
                 )
-            merged.append({**self.kwargs, **entry})
+            trained.append(merged)
 
     @property
     def candidates(self) -> list[tuple[float, dict[str, Any]]]:
