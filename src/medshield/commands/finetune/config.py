@@ -20,7 +20,6 @@ from medshield.config import (
 )
 from medshield.device import DeviceName, Precision
 from medshield.errors import ConfigError, UnknownNameError
-from medshield.registry import METHODS
 from medshield.train.finetune.config import FineTuneConfig
 
 CUDA_BATCH = 512
@@ -136,6 +135,5 @@ class FineTuneRunConfig(StrictModel):
         if self.lr_selection is not None:
             if not isinstance(self.lr_selection.get("kwargs_pick", {}), dict):
                 raise ValueError("lr_selection's `kwargs_pick` must be a mapping of options")
-            picked = self.finetune.at_pick(self.lr_selection)
-            METHODS.get(picked.method).Options.model_validate(picked.kwargs)  # fits the method
+            self.finetune.at_pick(self.lr_selection).options  # noqa: B018 (fits the method)
         return self
