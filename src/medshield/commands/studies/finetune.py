@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -96,6 +97,10 @@ class StudyFinetuneConfig(StrictModel):
         ran_ablations: RAN loss terms or parts (:data:`RAN_PARTS`: ``noise_aware``,
             ``realignment``, ``disentanglement``) to switch off one at a time (``all`` = every
             term, ``parts`` = every part).
+        ablation_selection: where ``ran`` selects its learning rate (and options), ``own``
+            has each ``ran-no_<part>`` variant pick its own from ``ran``'s grids; ``ran`` trains
+            it once per seed at ``ran``'s first-seed pick (a controlled ablation, and 3
+            trainings instead of 5 a variant with 3 seeds and an lr grid of 3).
         modalities: modality names or ``available``.
         vqa_closed: add the VQA-RAD closed yes/no task (``vqa_rad_closed``) to the modalities.
         seeds: one cell per seed.
@@ -140,6 +145,7 @@ class StudyFinetuneConfig(StrictModel):
         ]
     )
     ran_ablations: list[str] | Literal["all", "parts"] = Field(default_factory=list)
+    ablation_selection: Literal["own", "ran"] = "own"
     modalities: list[str] | Literal["available"] = "available"
     vqa_closed: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -163,6 +169,8 @@ class StudyFinetuneConfig(StrictModel):
                 f"unknown RAN terms or parts {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}; "
                 f"parts: {', '.join(RAN_PARTS)}"
             )
+        if self.ablation_selection == "ran" and not any(m.method == "ran" for m in self.methods):
+            raise ValueError("ablation_selection: ran needs a `ran` method among `methods`")
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
             raise ValueError(f"method labels must be unique, got {names}")
@@ -177,6 +185,14 @@ class StudyFinetuneConfig(StrictModel):
         if self.ran_ablations == "parts":
             return tuple(RAN_PARTS)
         return self.ran_ablations
+
+    def ablation_base(self, name: str) -> tuple[str, dict[str, float]] | None:
+        """A ``<ran>-no_<part>`` variant's ``ran`` label and zeroed terms (else None)."""
+        base = next((m for m in self.methods if m.method == "ran"), MethodSpec(method="ran"))
+        for part in self.ablated():
+            if name == f"{base.name}-no_{part}":
+                return base.name, dict.fromkeys(ablation_terms(part), 0.0)
+        return None
 
     def expanded_methods(self) -> list[MethodSpec]:
         """The methods, with one RAN variant per ablated term right after the first ``ran``
@@ -297,8 +313,8 @@ def cell_config(
     seed: int,
     lr_selection: dict[str, Any] | None = None,
 ) -> FineTuneRunConfig:
-    """The ``medshield finetune`` config of one cell (``lr_selection``: the first seed's
-    pick, for a later seed of a method with an ``lr_grid`` or ``kwargs_grid``)."""
+    """The ``medshield finetune`` config of one cell (``lr_selection``: another cell's pick,
+    see :func:`reused_selection`)."""
     model = config.model.model_copy(update={"checkpoint": config.checkpoints[checkpoint]})
     return FineTuneRunConfig(
         name=cell_name(checkpoint, spec.name, modality, seed),
@@ -315,16 +331,36 @@ def cell_config(
     )
 
 
-def first_seed_selection(
-    config: StudyFinetuneConfig, cells_dir: Path, checkpoint: str, spec: MethodSpec, modality: str
-) -> dict[str, Any] | None:
-    """The learning-rate selection of the first seed's cell of (checkpoint, method, task),
-    with ``from_seed``, for the other seeds to reuse (None when the method has no
-    ``lr_grid`` or ``kwargs_grid``)."""
-    if not _finetune_config(config, spec).selects:
+def pick_source(config: StudyFinetuneConfig, key: CellKey) -> CellKey | None:
+    """The cell whose selection ``key`` trains at: its method's first-seed cell for a later
+    seed of a method with an ``lr_grid`` or ``kwargs_grid``, ``ran``'s for a ``ran-no_<part>``
+    on any seed with ``ablation_selection: ran``; None where it selects itself or nothing."""
+    checkpoint, name, modality, seed = key
+    specs = {spec.name: spec for spec in config.expanded_methods()}
+    base = config.ablation_base(name) if config.ablation_selection == "ran" else None
+    if base is not None and _finetune_config(config, specs[base[0]]).selects:
+        return checkpoint, base[0], modality, config.seeds[0]
+    if seed == config.seeds[0] or not _finetune_config(config, specs[name]).selects:
         return None
-    result = read_results(cells_dir / cell_name(checkpoint, spec.name, modality, config.seeds[0]))
-    return {**result["report"]["lr_selection"], "from_seed": config.seeds[0]}
+    return checkpoint, name, modality, config.seeds[0]
+
+
+def reused_selection(
+    config: StudyFinetuneConfig, cells_dir: Path, key: CellKey
+) -> dict[str, Any] | None:
+    """The ``lr_selection`` that ``key`` trains at (:func:`pick_source`), with ``from_seed``
+    (and ``from_method`` for ``ran``'s, its options with the variant's terms zeroed)."""
+    source = pick_source(config, key)
+    if source is None:
+        return None
+    result = read_results(cells_dir / cell_name(*source))
+    selection = {**result["report"]["lr_selection"], "from_seed": source[3]}
+    base = config.ablation_base(key[1])
+    if source[1] != key[1] and base is not None:
+        selection["from_method"] = source[1]
+        if "kwargs_pick" in selection:
+            selection["kwargs_pick"] = {**selection["kwargs_pick"], **base[1]}
+    return selection
 
 
 def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) -> dict[str, Any]:
@@ -334,15 +370,15 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
     seed's cells first; each finished cell is recorded in the study's ``samples.jsonl`` as it
     completes. A method with an ``lr_grid`` or ``kwargs_grid`` picks on the first seed, and its
     cells of the other seeds train once at that pick (``lr_selection`` with ``from_seed`` in
-    their results): such a cell starts as soon as its first-seed cell has finished, the other
-    cells need not wait.
+    their results; with ``ablation_selection: ran``, RAN's ablations train at ``ran``'s, see
+    :func:`pick_source`): such a cell starts as soon as the cell it reads has finished, the
+    other cells need not wait.
     """
     _check_checkpoints(config)
     modalities = _modalities(config)
     specs = {spec.name: spec for spec in config.expanded_methods()}
     cells_dir = run.path / "cells"
     done = {r["cell"] for r in run.load_samples() if "cell" in r}
-    first = config.seeds[0]
     grid = [
         (checkpoint, name, modality, seed)
         for checkpoint in config.checkpoints
@@ -353,25 +389,18 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
 
     configs: dict[CellKey, FineTuneRunConfig] = {}
 
-    def build(key: CellKey) -> FineTuneRunConfig:  # once per cell: a later seed reads its pick
+    def build(key: CellKey) -> FineTuneRunConfig:  # once per cell: it may read another's pick
         if key not in configs:
             checkpoint, name, modality, seed = key
-            reused = None
-            if seed != first:
-                reused = first_seed_selection(config, cells_dir, checkpoint, specs[name], modality)
+            reused = reused_selection(config, cells_dir, key)
             configs[key] = cell_config(config, checkpoint, specs[name], modality, seed, reused)
         return configs[key]
-
-    def waits_for(key: CellKey) -> CellKey | None:
-        checkpoint, name, modality, seed = key
-        if seed == first or not _finetune_config(config, specs[name]).selects:
-            return None
-        return (checkpoint, name, modality, first)
 
     seed_major = sorted(grid, key=lambda key: config.seeds.index(key[3]))
     todo = [key for key in seed_major if not _finished(cells_dir, cell_name(*key), done)]
     if todo:
         log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
+    waits_for = partial(pick_source, config)
     cells_run = _run_cells(todo, waits_for, build, cells_dir, config.workers, log)
     for count, cfg in enumerate(cells_run, 1):
         log(f"[{count}/{len(todo)}] {cfg.name} done")

@@ -207,8 +207,9 @@ def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: li
     out = ["# Per-task results", ""]
     out += [
         "Accuracy with 95% bootstrap CIs pooled over seeds; `worst@e`: robust under every attack "
-        "at e/255; `chance` = 1 / classes; `lr` marked * was picked by the run's lr selection; "
-        "`options`, where a method had a `kwargs_grid`: the alternative its selection picked.",
+        "at e/255; `chance` = 1 / classes; `lr` marked * was picked by the run's lr selection "
+        "(another method's, where named: a RAN ablation at `ran`'s pick); `options`, where a "
+        "method had a `kwargs_grid`: the alternative its selection picked.",
         "",
     ]
     for t in tables:
@@ -224,6 +225,7 @@ def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: li
         rows = []
         for r in t["rows"]:
             lr = _cell(r["lr"]) + ("*" if r["lr_selected"] else "")
+            lr += "".join(f" ({m}'s)" for m in r.get("lr_from", []))
             row = [r["method"], *(r[c] for c in columns[:-1]), lr]
             rows.append(row + [_options(r.get("options_picked", []))] if picked else row)
         out += _md(["method", *columns, *(["options"] if picked else [])], rows) + [""]

@@ -272,6 +272,7 @@ def task_tables(
         picks = [r["lr_selection"]["pick"] for r in reports if "lr_selection" in r]
         lrs = picks or [c["lr"] for c in groups[(ck, method, task)] if "lr" in c]
         options = [r["lr_selection"].get("kwargs_pick") for r in reports if "lr_selection" in r]
+        sources = {r["lr_selection"].get("from_method") for r in reports if "lr_selection" in r}
         options = [o for i, o in enumerate(options) if o is not None and o not in options[:i]]
         row = {
             "method": method,
@@ -287,6 +288,7 @@ def task_tables(
             "flops_ratio": entry["flops_ratio"],
             "lr": sorted(set(lrs)),
             "lr_selected": bool(picks),
+            "lr_from": sorted(m for m in sources if m is not None),
             "options_picked": options,
         }
         section = out.setdefault(
