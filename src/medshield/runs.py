@@ -134,6 +134,15 @@ def _same_config(saved: str, config: BaseModel, text: str) -> bool:
     return dump_config(previous) == text
 
 
+def holds_finished_run(directory: str | Path, config: BaseModel) -> bool:
+    """Whether ``directory`` holds a finished run of ``config``: its ``results.json``, and a
+    ``config.yaml`` that describes ``config`` (as :class:`Run` compares them on resuming)."""
+    saved = Path(directory) / "config.yaml"
+    if not has_results(directory) or not saved.is_file():
+        return False
+    return _same_config(saved.read_text(), config, dump_config(config))
+
+
 class Run:
     """A run directory.
 

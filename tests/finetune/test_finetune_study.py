@@ -11,10 +11,9 @@ import pytest
 from finetune_support import timed_cell, write_study_config
 
 from medshield.commands.finetune.config import FineTuneRunConfig
+from medshield.commands.studies.cells import CellKey, run_cells
 from medshield.commands.studies.finetune import (
-    CellKey,
     _finetune_config,
-    _run_cells,
     cell_config,
     cell_name,
     load_study_config,
@@ -251,7 +250,7 @@ def test_one_pool_runs_a_later_seed_once_the_cell_whose_pick_it_reuses_is_done(
         return slow if key == dependent else None
 
     order = [slow, quick, dependent, free, last]
-    finished = list(_run_cells(order, waits_for, build, tmp_path, 2, print, run=timed_cell))
+    finished = list(run_cells(order, waits_for, build, tmp_path, 2, print, run=timed_cell))
     assert sorted(cfg.name for cfg in finished) == sorted(cell_name(*k) for k in order)
     when = {key: json.loads(path.read_text()) for key, path in times.items()}
     assert built_after_slow[dependent] and not built_after_slow[free]
@@ -270,7 +269,7 @@ def test_a_failing_cell_stops_the_study_with_its_error(tmp_path: Path, failing: 
     def build(key: CellKey) -> FineTuneRunConfig:
         return FineTuneRunConfig(name=cell_name(*key), output_dir="", seed=seeds[key])
 
-    cells = _run_cells(keys, lambda _: None, build, tmp_path, 2, print, run=timed_cell)
+    cells = run_cells(keys, lambda _: None, build, tmp_path, 2, print, run=timed_cell)
     with pytest.raises(ValueError, match=f"cell .*{cell_name(*keys[failing])} failed"):
         list(cells)
     assert not (tmp_path / f"{cell_name(*keys[2])}.json").exists()  # never started

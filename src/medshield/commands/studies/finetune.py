@@ -34,8 +34,7 @@ RAN's per-term log.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -43,8 +42,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from medshield import data
-from medshield.commands.finetune import run_finetune
 from medshield.commands.finetune.config import FineTuneRunConfig, RobustEvalConfig
+from medshield.commands.studies.cells import CellKey, reuse_cells, run_cells
 from medshield.commands.studies.finetune_outputs import (
     aggregate,
     plot_retrieval,
@@ -67,7 +66,6 @@ from medshield.threads import usable_cores
 from medshield.train.finetune.config import parse_finetune_config
 from medshield.train.finetune.data import VQA_TASK
 from medshield.train.finetune.ran import RAN_PARTS, RAN_TERMS, ablation_terms
-from medshield.workers import worker_pool
 
 
 class MethodSpec(StrictModel):
@@ -119,6 +117,8 @@ class StudyFinetuneConfig(StrictModel):
         precision: ``fp32`` or ``bf16`` for every cell (see
             :attr:`~medshield.commands.finetune.config.FineTuneRunConfig.precision`); a run-time
             field like ``device``.
+        reuse_from: other studies' folders whose finished cells of the same config this study
+            copies instead of running (:mod:`medshield.commands.studies.reuse`); run-time.
     """
 
     name: FolderName = "study_finetune"
@@ -154,7 +154,10 @@ class StudyFinetuneConfig(StrictModel):
     device: DeviceName = "auto"
     workers: int = Field(1, ge=1)
     precision: Precision = "fp32"
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "workers", "precision"})
+    reuse_from: list[str] = Field(default_factory=list)
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"device", "workers", "precision", "reuse_from"}
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudyFinetuneConfig:
@@ -176,6 +179,9 @@ class StudyFinetuneConfig(StrictModel):
             raise ValueError(f"method labels must be unique, got {names}")
         for label in self.checkpoints:  # names its cells' run directories
             check_folder_name(label)
+        for folder in self.reuse_from:
+            if not (Path(folder) / "cells").is_dir():
+                raise ValueError(f"reuse_from: {folder} is not a study folder (no cells/ in it)")
         return self
 
     def ablated(self) -> Sequence[str]:
@@ -291,10 +297,6 @@ def _modalities(config: StudyFinetuneConfig) -> list[str]:
     return tasks
 
 
-CellKey = tuple[str, str, str, int]
-"""A cell: (checkpoint label, method label, task, seed)."""
-
-
 def cell_name(checkpoint: str, method: str, task: str, seed: int) -> str:
     """The cell's run directory name under ``<study>/cells``."""
     return f"{checkpoint}__{method}__{task}__seed{seed}"
@@ -398,10 +400,11 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
 
     seed_major = sorted(grid, key=lambda key: config.seeds.index(key[3]))
     todo = [key for key in seed_major if not _finished(cells_dir, cell_name(*key), done)]
+    waits_for = partial(pick_source, config)
+    todo = reuse_cells(config.reuse_from, todo, waits_for, build, run, log)
     if todo:
         log(f"{len(todo)} of {len(grid)} cells to run, {config.workers} at a time")
-    waits_for = partial(pick_source, config)
-    cells_run = _run_cells(todo, waits_for, build, cells_dir, config.workers, log)
+    cells_run = run_cells(todo, waits_for, build, cells_dir, config.workers, log)
     for count, cfg in enumerate(cells_run, 1):
         log(f"[{count}/{len(todo)}] {cfg.name} done")
         run.append_samples(
@@ -438,62 +441,6 @@ def run_study_finetune(config: StudyFinetuneConfig, run: Run, log: Log = print) 
         "plots": [str(p) for p in plots],
         **report,
     }
-
-
-def run_cell(raw: dict[str, Any], path: str, log: Log | None = None) -> None:
-    """Run (or resume) one cell: a ``medshield finetune`` run in ``path``. Without ``log``
-    (in a worker process) it is silent: the study reports each cell as it finishes."""
-    cfg = FineTuneRunConfig.model_validate(raw)
-    cell_run = Run(Path(path), cfg)
-    result = run_finetune(cfg, cell_run, log=log or (lambda _: None), progress=log is not None)
-    cell_run.finish(result, kind="finetune", seed=cfg.seed)
-
-
-def _run_cells(
-    todo: list[CellKey],
-    waits_for: Callable[[CellKey], CellKey | None],
-    build: Callable[[CellKey], FineTuneRunConfig],
-    cells_dir: Path,
-    workers: int,
-    log: Log,
-    run: Callable[..., None] = run_cell,
-) -> Iterator[FineTuneRunConfig]:
-    """Run the cells ``todo`` in their order with ``run`` (:func:`run_cell`; a module-level
-    function, for the worker processes), yielding each as it finishes; the first failure stops
-    the study. A cell starts once the cell it ``waits_for`` (if that one is in ``todo``) has
-    finished, and its config is built only then (it may read that cell's results). With
-    several workers, one pool of processes runs every cell of the study: a freed worker takes
-    the first cell of ``todo`` that waits for nothing unfinished, so cells start in their order
-    as far as their waits allow (a study cut short has the earliest seeds done)."""
-    if workers == 1 or len(todo) <= 1:
-        for key in todo:  # the order puts every cell after the one it waits for
-            cfg = build(key)
-            log(f"{cfg.name} ...")
-            run(cfg.model_dump(), str(cells_dir / cfg.name), log)
-            yield cfg
-        return
-    waiting, needs = list(todo), {key: waits_for(key) for key in todo}
-    with worker_pool(workers) as pool:  # they share the thread budget (medshield.threads)
-        running: dict[Future[None], tuple[CellKey, FineTuneRunConfig]] = {}
-        try:
-            while waiting or running:
-                unfinished = set(waiting) | {key for key, _ in running.values()}
-                ready = [k for k in waiting if needs[k] not in unfinished]
-                for key in ready[: workers - len(running)]:  # the earliest first, as they free
-                    waiting.remove(key)
-                    cfg = build(key)
-                    future = pool.submit(run, cfg.model_dump(), str(cells_dir / cfg.name))
-                    running[future] = (key, cfg)
-                if not running:
-                    raise RuntimeError(f"cells wait for cells that never run: {waiting}")
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    future.result()
-                    yield running.pop(future)[1]
-        except BaseException:
-            for future in running:
-                future.cancel()
-            raise
 
 
 def study_run_dir(config: StudyFinetuneConfig) -> Path:
