@@ -60,11 +60,12 @@ def test_the_shipped_studies_train_tecoa_with_frozen_batchnorm_statistics() -> N
 
 def test_the_budget_study_is_the_headline_at_four_times_the_steps() -> None:
     """``study_finetune_budget.yaml`` (why RAN's lead fades with the budget) trains on the
-    headline's settings at 320 steps, every variant at the headline's 3e-3; ``ran-trades`` is
-    RAN with both its re-alignment and its disentanglement off."""
+    headline's settings at 320 steps (logged every 10), every variant at the 80-step
+    headline's pick of 3e-3; ``ran-trades`` is RAN with both its re-alignment and its
+    disentanglement off."""
     budget = load_study_config(CONFIGS / "study_finetune_budget.yaml")
     headline = load_study_config(CONFIGS / "study_finetune_headline.yaml")
-    assert budget.finetune == {**headline.finetune, "steps": 320}
+    assert budget.finetune == {**headline.finetune, "steps": 320, "log_every": 10}
     assert budget.robust == headline.robust and budget.modalities == headline.modalities
     specs = {s.name: s for s in budget.expanded_methods()}
     assert list(specs) == [
@@ -80,6 +81,24 @@ def test_the_budget_study_is_the_headline_at_four_times_the_steps() -> None:
     assert RANOptions().keep == 0  # so ran-trades need not set it
     assert specs["ran-trades"].kwargs == {k: v for k, v in both_off.items() if k != "keep"}
     assert specs["ran-rank13"].kwargs == {"rank": 13}
+
+
+def test_the_headline_trains_every_method_at_one_flat_budget() -> None:
+    """The CPU headline: one step budget for every method (480, where robust validation
+    stopped rising at 640), each adversarial method logging its robust validation curve, RAN's
+    three parts ablated at RAN's pick."""
+    config = load_study_config(CONFIGS / "study_finetune_headline.yaml")
+    specs = config.expanded_methods()
+    finetunes = {s.name: _finetune_config(config, s) for s in specs}
+    assert {ft.steps for ft in finetunes.values()} == {480}
+    robust = {name for name, ft in finetunes.items() if ft.val_robust}
+    assert robust == {name for name in finetunes if name not in ("linear-probe", "lora")}
+    assert config.ablation_selection == "ran"
+    assert [s.name for s in specs if "-no_" in s.name] == [
+        "ran-no_noise_aware",
+        "ran-no_realignment",
+        "ran-no_disentanglement",
+    ]
 
 
 def test_ran_parts_are_ablated_together_and_unknown_names_refused() -> None:
