@@ -26,7 +26,7 @@ from medshield.train.finetune.data import (
     validation_accuracy,
 )
 from medshield.train.finetune.loop import lr_factor, robust_validation_accuracy
-from medshield.train.finetune.select import finetune_grid, is_degenerate
+from medshield.train.finetune.select import finetune_grid, is_degenerate, pick_at_edge
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,15 @@ def test_lr_grid_keeps_the_best_validation_score_and_records_the_grid(
         "lr_grid": grid,
     }
     kept = copy.deepcopy(base)
+    logged: list[str] = []
     result = finetune_grid(
-        kept, config, "chest_xray", train=train16, progress=False, latency_repeats=1
+        kept,
+        config,
+        "chest_xray",
+        train=train16,
+        progress=False,
+        latency_repeats=1,
+        log=logged.append,
     )
     assert all(
         (a == b).all() for a, b in zip(kept.parameters(), base.parameters(), strict=True)
@@ -108,6 +115,25 @@ def test_lr_grid_keeps_the_best_validation_score_and_records_the_grid(
     assert validation_accuracy(result.classifier, val, 4) == pytest.approx(max(scores))
     # the grid's compute adds up its three trainings of 4 steps of 4 images each
     assert selection["compute"]["image_forward"] == 3 * 16
+    # a pick at the grid's top or bottom is logged (a better rate may lie beyond it)
+    edge = pick_at_edge(selection)
+    assert any("extend finetune.lr_grid" in line for line in logged) == (edge is not None)
+
+
+@pytest.mark.parametrize(
+    ("grid", "pick", "edge"),
+    [
+        ([0.001, 0.003, 0.01], 0.01, "top"),
+        ([0.01, 0.001, 0.003], 0.001, "bottom"),  # the grid's order does not matter
+        ([0.001, 0.003, 0.01], 0.003, None),
+        ([0.003], 0.003, None),  # one rate: no grid to extend
+        ([0.003, 0.003], 0.003, None),
+    ],
+)
+def test_a_pick_at_the_edge_of_the_grid_is_flagged(
+    grid: list[float], pick: float, edge: str | None
+) -> None:
+    assert pick_at_edge({"grid": grid, "pick": pick}) == edge
 
 
 def test_adversarial_methods_pick_by_robust_validation_accuracy(

@@ -208,8 +208,10 @@ def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: li
     out += [
         "Accuracy with 95% bootstrap CIs pooled over seeds; `worst@e`: robust under every attack "
         "at e/255; `chance` = 1 / classes; `lr` marked * was picked by the run's lr selection "
-        "(another method's, where named: a RAN ablation at `ran`'s pick); `options`, where a "
-        "method had a `kwargs_grid`: the alternative its selection picked.",
+        "(another method's, where named: a RAN ablation at `ran`'s pick; `top of grid` / "
+        "`bottom of grid`: the largest or smallest rate of its grid, where a rate beyond it "
+        "may score better); `options`, where a method had a `kwargs_grid`: the alternative its "
+        "selection picked.",
         "",
     ]
     for t in tables:
@@ -226,6 +228,7 @@ def tables_md(tables: list[dict[str, Any]], means: list[dict[str, Any]], eps: li
         for r in t["rows"]:
             lr = _cell(r["lr"]) + ("*" if r["lr_selected"] else "")
             lr += "".join(f" ({m}'s)" for m in r.get("lr_from", []))
+            lr += "".join(f" ({e} of grid)" for e in r.get("lr_at_edge", []))
             row = [r["method"], *(r[c] for c in columns[:-1]), lr]
             rows.append(row + [_options(r.get("options_picked", []))] if picked else row)
         out += _md(["method", *columns, *(["options"] if picked else [])], rows) + [""]

@@ -40,6 +40,7 @@ from medshield.eval.metrics import paired_difference_ci
 from medshield.eval.robust import per_image
 from medshield.train.finetune.data import VQA_TASK, task_prompts
 from medshield.train.finetune.ran import RAN_LOG_TERMS, RAN_PARTS, RAN_TERMS
+from medshield.train.finetune.select import pick_at_edge
 
 CHEST, BLOOD = "chest_xray", "blood_cell"
 FLAT_TOLERANCE = 0.05
@@ -269,11 +270,12 @@ def task_tables(
         ck, method, task = entry["checkpoint"], entry["method"], entry["modality"]
         reports = [c["result"]["report"] for c in groups[(ck, method, task)]]
         computes = [r["compute"] for r in reports if "compute" in r]
-        picks = [r["lr_selection"]["pick"] for r in reports if "lr_selection" in r]
+        selections = [r["lr_selection"] for r in reports if "lr_selection" in r]
+        picks = [selection["pick"] for selection in selections]
         lrs = picks or [c["lr"] for c in groups[(ck, method, task)] if "lr" in c]
-        options = [r["lr_selection"].get("kwargs_pick") for r in reports if "lr_selection" in r]
-        sources = {r["lr_selection"].get("from_method") for r in reports if "lr_selection" in r}
+        options = [selection.get("kwargs_pick") for selection in selections]
         options = [o for i, o in enumerate(options) if o is not None and o not in options[:i]]
+        sources = {selection.get("from_method") for selection in selections}
         row = {
             "method": method,
             "clean": entry["clean_accuracy"],
@@ -288,6 +290,7 @@ def task_tables(
             "flops_ratio": entry["flops_ratio"],
             "lr": sorted(set(lrs)),
             "lr_selected": bool(picks),
+            "lr_at_edge": sorted({e for r in selections if (e := pick_at_edge(r)) is not None}),
             "lr_from": sorted(m for m in sources if m is not None),
             "options_picked": options,
         }

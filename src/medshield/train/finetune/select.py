@@ -40,6 +40,10 @@ missing classes, and stood). On a binary task that is the one-class collapse. It
 - ``compute``: ``image_forward``, ``image_backward`` and ``train_wall_s`` summed over the grid's
   trainings (the kept run's own are its report's ``compute``).
 
+A pick at the top or bottom of a grid of several learning rates (:func:`pick_at_edge`) may
+have a better rate beyond it: the run logs it, and a study's ``tables.md`` marks it, so the
+grid can be extended (a baseline starved by its grid is no fair comparison).
+
 A study reuses the first seed's pick for its other seeds (see
 :mod:`medshield.commands.studies.finetune`); their reports carry the first seed's
 ``lr_selection`` with ``from_seed``.
@@ -165,4 +169,21 @@ def finetune_grid(
     if method.adversarial:
         selection["val_robust_accuracy"] = robust
     best.report["lr_selection"] = selection
+    edge = pick_at_edge(selection)
+    if edge is not None and kwargs.get("log") is not None:
+        kwargs["log"](
+            f"{config.method}: the picked lr {best.config.lr:g} is the {edge} of the grid "
+            f"{selection['grid']}: a rate beyond it may score better; extend finetune.lr_grid"
+        )
     return best
+
+
+def pick_at_edge(selection: dict[str, Any]) -> str | None:
+    """``"top"`` or ``"bottom"`` where a selection (``lr_selection``) picked the largest or
+    the smallest learning rate of a grid of several, else None."""
+    grid = selection.get("grid") or []
+    if len(set(grid)) < 2:
+        return None
+    if selection["pick"] == max(grid):
+        return "top"
+    return "bottom" if selection["pick"] == min(grid) else None
