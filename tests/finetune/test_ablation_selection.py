@@ -42,6 +42,11 @@ def test_ablation_selection_ran_needs_a_ran_method(tmp_path: Path, data_dir: Pat
     path = _study(tmp_path, data_dir, methods=[{"method": "lora"}], ablation_selection="ran")
     with pytest.raises(ConfigError, match="ablation_selection: ran needs a `ran` method"):
         load_study_config(path)
+    # without ablations the setting has nothing to apply to (a config's other methods alone)
+    path = _study(
+        tmp_path, data_dir, methods=[{"method": "lora"}], ablation_selection="ran", ran_ablations=[]
+    )
+    assert load_study_config(path).ablation_selection == "ran"
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,8 @@ class StudyFinetuneConfig(StrictModel):
                 f"unknown RAN terms or parts {sorted(unknown)}; terms: {', '.join(RAN_TERMS)}; "
                 f"parts: {', '.join(RAN_PARTS)}"
             )
-        if self.ablation_selection == "ran" and not any(m.method == "ran" for m in self.methods):
+        has_ran = any(m.method == "ran" for m in self.methods)
+        if self.ablation_selection == "ran" and self.ablated() and not has_ran:
             raise ValueError("ablation_selection: ran needs a `ran` method among `methods`")
         names = [m.name for m in self.expanded_methods()]
         if len(set(names)) != len(names):
