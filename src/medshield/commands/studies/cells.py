@@ -96,6 +96,8 @@ def reuse_cells(
     the cells left to run, in order. A cell whose config reads another cell's pick
     (``waits_for``) is built only once that cell is finished here, copied or not, and is left
     to run when that cell is."""
+    if not sources:  # nothing to copy: build no config ahead of its run
+        return todo
     cells_dir = run.path / "cells"
     left: list[CellKey] = []
     for key in todo:
